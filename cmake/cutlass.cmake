@@ -2,9 +2,10 @@
 # into .deps/python); its wheel carries them under cutlass_library/source/include.
 set(MSA_CUTLASS_INCLUDE_DIR "" CACHE PATH "Directory holding cute/ and cutlass/ headers")
 if(NOT MSA_CUTLASS_INCLUDE_DIR)
-  find_path(MSA_CUTLASS_INCLUDE_DIR cute/tensor.hpp
-    PATHS ${PROJECT_SOURCE_DIR}/.deps/python/cutlass_library/source/include
-    NO_DEFAULT_PATH)
+  if(EXISTS "${PROJECT_SOURCE_DIR}/.deps/python/cutlass_library/source/include/cute/tensor.hpp")
+    set(MSA_CUTLASS_INCLUDE_DIR "${PROJECT_SOURCE_DIR}/.deps/python/cutlass_library/source/include"
+        CACHE PATH "" FORCE)
+  endif()
 endif()
 if(NOT MSA_CUTLASS_INCLUDE_DIR)
   find_package(Python3 COMPONENTS Interpreter)

@@ -1,0 +1,10 @@
+// PLACEHOLDER: replaced by the real implementation before it is committed.
+#include "core/backend.h"
+#include "cpu/cpu_ops.h"
+#include "msa/error.h"
+namespace msa { namespace detail { namespace cpu {
+std::size_t index_topk_workspace_bytes(const Problem&, int) { return 0; }
+} } }
+namespace msa { namespace detail { namespace cpu {
+void index_topk(const Problem&, const TensorView&, const TensorView&, const TensorView&, const TensorView&, float, const Context&) { throw NotSupportedError("todo"); }
+} } }
