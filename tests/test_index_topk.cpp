@@ -1,0 +1,217 @@
+// CPU index branch (msa::index_topk) against the float64 oracle: selection as sets per (group, query)
+// with the local block in its slot and -1 padding, near-tie tolerance, exact ties to the smaller id,
+// the selected LSE (with temperature) and caller-provided workspace.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "msa/error.h"
+#include "msa/ops.h"
+#include "msa/rules.h"
+#include "problem_fixture.h"
+
+namespace msa {
+namespace {
+
+using testing::TestProblem;
+
+struct IndexResult {
+  HostTensor topk, slse;
+};
+
+IndexResult run_index(TestProblem& p, float temperature, bool with_lse = true, Context ctx = {}) {
+  const int64_t tq = p.total_q();
+  IndexResult r{HostTensor(DType::i32, {p.cfg.num_kv_heads, tq, p.cfg.topk}),
+                HostTensor(p.dtype == DType::f64 ? DType::f64 : DType::f32, {p.cfg.num_kv_heads, tq})};
+  r.topk.poison();
+  r.slse.poison();
+  index_topk(p.cfg, p.varlen, p.qi.view(), p.ki.view(), r.topk.view(),
+             with_lse ? r.slse.view() : TensorView{}, temperature, ctx);
+  return r;
+}
+
+// Scores of the oracle differ from the backend's only by f32 accumulation: near-ties within this
+// tolerance may swap.
+double score_tolerance(DType dt) { return dt == DType::f64 ? 1e-9 : 1e-4; }
+
+// Checks every row; counts in `same` the rows whose selected set equals the oracle's.
+void check_selection(TestProblem& p, const IndexResult& got, float temperature, bool check_lse,
+                     int64_t& same) {
+  const Config& cfg = p.cfg;
+  const int64_t tq = p.total_q();
+  const int K = cfg.topk;
+  const std::vector<double> qi = p.qi.to_double(), ki = p.ki.to_double();
+  const double tol = score_tolerance(p.dtype);
+  same = 0;
+  std::vector<double> lse_got, lse_ref;
+  for (int g = 0; g < cfg.num_kv_heads; ++g)
+    for (int64_t row = 0; row < tq; ++row) {
+      const reference::IndexRow ref =
+          reference::index_row(cfg, p.lens, qi.data(), ki.data(), row, g, temperature);
+      const int64_t local = int64_t(ref.block_scores.size()) - 1;
+      const int n = rules::num_nonlocal_selected(local, K);
+      std::vector<int32_t> ids(K);
+      for (int s = 0; s < K; ++s) ids[s] = int32_t(got.topk.get((int64_t(g) * tq + row) * K + s));
+      SCOPED_TRACE("group " + std::to_string(g) + " row " + std::to_string(row));
+      ASSERT_EQ(ids[n], local) << "local block must sit in slot n";
+      for (int s = n + 1; s < K; ++s) ASSERT_EQ(ids[s], -1);
+      std::set<int32_t> chosen(ids.begin(), ids.begin() + n);
+      ASSERT_EQ(int(chosen.size()), n) << "duplicate ids";
+      // Each chosen block ranks within tolerance of the oracle's n-th best (the last one it keeps).
+      const double nth = n > 0 ? ref.block_scores[ref.topk[n - 1]] : 0;
+      for (int32_t j : chosen) {
+        ASSERT_GE(j, 0);
+        ASSERT_LT(j, local);
+        ASSERT_GE(ref.block_scores[j], nth - tol * (1 + std::fabs(nth)));
+      }
+      const std::set<int32_t> want(ref.topk.begin(), ref.topk.begin() + n);
+      if (chosen != want) continue;
+      ++same;
+      if (check_lse) {
+        lse_got.push_back(got.slse.get(int64_t(g) * tq + row));
+        lse_ref.push_back(ref.selected_lse);
+      }
+    }
+  if (check_lse) {
+    const double bound = p.dtype == DType::f64 ? 1e-12 : (p.dtype == DType::f32 ? 1e-5 : 1e-5);
+    EXPECT_LT(relative_error(lse_got, lse_ref), bound);
+  }
+}
+
+struct Case {
+  int hkv, di, block, topk;
+  std::vector<int32_t> lq, lk;
+};
+
+void run_case(const Case& c, DType dt, uint64_t seed, float temperature = 1.f) {
+  Config cfg{c.hkv * 4, c.hkv, 16, c.di, c.block, c.topk};
+  TestProblem p(cfg, c.lq, c.lk, dt, seed);
+  IndexResult r = run_index(p, temperature);
+  const int64_t rows = p.total_q() * c.hkv;
+  int64_t same = 0;
+  check_selection(p, r, temperature, true, same);
+  // Random normal data has essentially no near-ties: nearly every set must match exactly.
+  EXPECT_GE(same, rows - std::max<int64_t>(1, rows / 100));
+}
+
+const std::vector<int32_t> kRagged = {1, 7, 8, 9, 20, 100};
+
+TEST(IndexTopk, RaggedPrefillAllDtypes) {
+  for (DType dt : {DType::f32, DType::bf16, DType::f16, DType::f64}) {
+    SCOPED_TRACE(dtype_name(dt));
+    run_case({2, 32, 8, 4, kRagged, kRagged}, dt, 11);
+  }
+}
+
+TEST(IndexTopk, GroupCounts) {
+  for (int hkv : {1, 2, 4}) {
+    SCOPED_TRACE("Hkv " + std::to_string(hkv));
+    run_case({hkv, 24, 16, 3, {130, 17}, {130, 17}}, DType::f32, 20 + hkv);
+  }
+}
+
+TEST(IndexTopk, ChunkedPrefillAndDecode) {
+  // Suffix queries over cached prefixes: chunked prefill and decode with 1..16 queries.
+  run_case({2, 32, 8, 5, {3, 16, 1, 5, 40}, {100, 77, 64, 9, 200}}, DType::f32, 31);
+  run_case({4, 32, 16, 4, {1, 2, 16}, {300, 161, 257}}, DType::bf16, 32);
+}
+
+TEST(IndexTopk, SelectedLseWithTemperature) {
+  for (float t : {0.5f, 2.f}) {
+    SCOPED_TRACE("T " + std::to_string(t));
+    run_case({2, 32, 8, 4, kRagged, kRagged}, DType::f32, 41, t);
+    run_case({2, 32, 8, 4, {5, 33}, {70, 33}}, DType::f64, 42, t);
+  }
+}
+
+TEST(IndexTopk, TopkCoversEveryBlock) {
+  // k larger than the number of blocks: every earlier block is selected.
+  run_case({2, 16, 8, 64, {50, 3}, {50, 120}}, DType::f32, 51);
+}
+
+TEST(IndexTopk, ExactTiesGoToSmallerBlockId) {
+  // ki periodic with period B: every full block has the same score, so ids 0..n-1 win.
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Config cfg{4, 2, 16, 32, 8, 4};
+    TestProblem p(cfg, {60, 9}, {60, 9}, dt, 61);
+    const int64_t tk = p.total_k();
+    for (int64_t t = 0; t < tk; ++t)
+      for (int d = 0; d < 32; ++d) p.ki.set(t * 32 + d, p.ki.get((t % 8) * 32 + d));
+    IndexResult r = run_index(p, 1.f);
+    const int64_t tq = p.total_q();
+    for (int g = 0; g < 2; ++g)
+      for (int64_t row = 0; row < tq; ++row) {
+        const reference::QueryRow qr = reference::locate_query(p.lens, row);
+        const int64_t local = qr.position / 8;
+        const int n = rules::num_nonlocal_selected(local, 4);
+        std::vector<int32_t> ids;
+        for (int s = 0; s < n; ++s) ids.push_back(int32_t(r.topk.get((int64_t(g) * tq + row) * 4 + s)));
+        std::sort(ids.begin(), ids.end());
+        for (int s = 0; s < n; ++s) ASSERT_EQ(ids[s], s) << "row " << row;
+        ASSERT_EQ(r.topk.get((int64_t(g) * tq + row) * 4 + n), local);
+      }
+    int64_t same = 0;
+    check_selection(p, r, 1.f, true, same);
+  }
+}
+
+TEST(IndexTopk, WorkspaceAndThreadCountsGiveIdenticalResults) {
+  Config cfg{8, 2, 16, 32, 8, 4};
+  TestProblem p(cfg, {100, 7}, {150, 90}, DType::bf16, 71);
+  IndexResult base = run_index(p, 1.f, true, Context{});
+  for (int threads : {1, 2, 3}) {
+    const std::size_t bytes = workspace_bytes(Op::index_topk, cfg, p.varlen, p.total_q(),
+                                              p.total_k(), Device::cpu(), threads);
+    std::vector<unsigned char> ws(bytes + 1, 0xff);
+    Context ctx;
+    ctx.num_threads = threads;
+    ctx.workspace = {ws.data() + 1, bytes};  // deliberately misaligned
+    IndexResult r = run_index(p, 1.f, true, ctx);
+    ASSERT_EQ(std::memcmp(r.topk.data(), base.topk.data(), size_t(base.topk.numel()) * 4), 0);
+    ASSERT_EQ(std::memcmp(r.slse.data(), base.slse.data(), size_t(base.slse.numel()) * 4), 0);
+    ctx.workspace.bytes = bytes - 1;
+    EXPECT_THROW(run_index(p, 1.f, true, ctx), ArgumentError);
+  }
+}
+
+TEST(IndexTopk, SelectedLseIsOptional) {
+  Config cfg{4, 2, 16, 32, 8, 4};
+  TestProblem p(cfg, kRagged, kRagged, DType::f32, 81);
+  IndexResult with = run_index(p, 1.f, true), without = run_index(p, 1.f, false);
+  ASSERT_EQ(std::memcmp(with.topk.data(), without.topk.data(), size_t(with.topk.numel()) * 4), 0);
+  for (int64_t i = 0; i < without.slse.numel(); ++i) ASSERT_TRUE(std::isnan(without.slse.get(i)));
+}
+
+TEST(IndexTopk, StridedInputs) {
+  // qi and ki as column slices of wider buffers (innermost contiguous, outer strides free).
+  Config cfg{4, 2, 16, 16, 8, 3};
+  TestProblem p(cfg, {40, 3}, {40, 30}, DType::f32, 91);
+  const int64_t tq = p.total_q(), tk = p.total_k();
+  HostTensor qwide(DType::f32, {tq, 2, 24}), kwide(DType::f32, {tk, 40});
+  qwide.poison();
+  kwide.poison();
+  for (int64_t r = 0; r < tq; ++r)
+    for (int g = 0; g < 2; ++g)
+      for (int d = 0; d < 16; ++d) qwide.set((r * 2 + g) * 24 + d, p.qi.get((r * 2 + g) * 16 + d));
+  for (int64_t t = 0; t < tk; ++t)
+    for (int d = 0; d < 16; ++d) kwide.set(t * 40 + 3 + d, p.ki.get(t * 16 + d));
+  TensorView qv = qwide.view(), kv = kwide.view();
+  qv.shape[2] = 16;
+  kv.data = static_cast<float*>(kv.data) + 3;
+  kv.shape[1] = 16;
+  IndexResult want = run_index(p, 1.f);
+  HostTensor topk(DType::i32, {2, tq, 3}), slse(DType::f32, {2, tq});
+  topk.poison();
+  slse.poison();
+  index_topk(cfg, p.varlen, qv, kv, topk.view(), slse.view());
+  ASSERT_EQ(std::memcmp(topk.data(), want.topk.data(), size_t(topk.numel()) * 4), 0);
+  ASSERT_EQ(std::memcmp(slse.data(), want.slse.data(), size_t(slse.numel()) * 4), 0);
+}
+
+}  // namespace
+}  // namespace msa
