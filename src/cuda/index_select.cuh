@@ -1,0 +1,190 @@
+// Stage 2 of the CUDA index branch: exp-free top-k per (group, query) row over the block scores of
+// stage 1, the local block forced into its slot, and the selected LSE from the per-block LSEs.
+//
+// One warp per row. For k - 1 <= 32 the warp keeps the best k - 1 (score, id) pairs as a sorted list
+// spread over its lanes (lane i holds rank i). Candidates stream in 128 at a time (one float4 per
+// lane); a ballot against the list's last entry filters them, so on typical data only a few dozen
+// candidates per row pay for an insertion (a compare, a ballot and a shift by one lane). Larger k
+// falls back to k - 1 rounds of a warp-wide arg-best, each over the candidates ranking after the
+// previous pick.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+namespace index {
+
+constexpr int kSelectWarps = 8;
+constexpr int kListLanes = 32;  // k - 1 up to this many takes the ballot path
+
+struct SelectArgs {
+  const float* scores;  // [Hkv, total_q, ld] from stage 1
+  const float* lses;    // same layout, or null when no selected LSE is asked for
+  int64_t ld;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int batch;
+  int num_kv_heads;
+  int block_size;
+  int k;
+  int64_t total_q;
+  int32_t* topk;  // [Hkv, total_q, k]
+  int64_t topk_s0, topk_s1;
+  float* selected_lse;  // [Hkv, total_q] or null
+  int64_t lse_s0, lse_s1;
+};
+
+// Sorted insertion of (s, id) into the lane-distributed list of `len` lanes holding `filled` entries.
+__device__ __forceinline__ void list_insert(float s, int id, float& my_s, int& my_id, int lane,
+                                            int len, int filled) {
+  const bool before =
+      lane < len && (lane >= filled || rules::ranks_before(s, int64_t(id), my_s, int64_t(my_id)));
+  const float up_s = __shfl_up_sync(0xffffffffu, my_s, 1);
+  const int up_id = __shfl_up_sync(0xffffffffu, my_id, 1);
+  // `before` holds on a suffix of the list: the new entry lands at its first lane, the rest shift.
+  const unsigned at = __ballot_sync(0xffffffffu, before);
+  const int first = __ffs(at) - 1;
+  if (before) {
+    my_s = lane == first ? s : up_s;
+    my_id = lane == first ? id : up_id;
+  }
+}
+
+// The best `len` (<= 32) of candidates 0..count-1 (count > len): lane i < len ends with rank i.
+__device__ __forceinline__ void select_ballot(const float* row, int64_t count, int len, int lane,
+                                              float& my_s, int& my_id) {
+  my_s = -INFINITY;
+  my_id = 0x7fffffff;
+  int filled = 0;
+  float th_s = -INFINITY;
+  int th_id = 0x7fffffff;
+  for (int64_t base = 0; base < count; base += 128) {
+    const int64_t first_id = base + lane * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (first_id < count) v = *reinterpret_cast<const float4*>(row + first_id);
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t id = first_id + e;
+      const bool pass = id < count && (filled < len ||
+                                       rules::ranks_before(vals[e], id, th_s, int64_t(th_id)));
+      unsigned todo = __ballot_sync(0xffffffffu, pass);
+      while (todo) {
+        const int src = __ffs(todo) - 1;
+        todo &= todo - 1;
+        const float s = __shfl_sync(0xffffffffu, vals[e], src);
+        const int cid = int(base) + src * 4 + e;
+        // The threshold may have risen since the ballot.
+        if (filled == len && !rules::ranks_before(s, int64_t(cid), th_s, int64_t(th_id))) continue;
+        list_insert(s, cid, my_s, my_id, lane, len, filled);
+        filled = filled < len ? filled + 1 : len;
+        th_s = __shfl_sync(0xffffffffu, my_s, len - 1);
+        th_id = __shfl_sync(0xffffffffu, my_id, len - 1);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_logsumexp_add(float x, float& m, float& s) {
+  // Combines this lane's (m, s) with value x (x may be -inf for "nothing").
+  const float m_new = fmaxf(m, x);
+  if (m_new == -INFINITY) return;
+  s = s * __expf(m - m_new) + __expf(x - m_new);
+  m = m_new;
+}
+
+__device__ __forceinline__ float warp_logsumexp(float m, float s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float mo = __shfl_xor_sync(0xffffffffu, m, off);
+    const float so = __shfl_xor_sync(0xffffffffu, s, off);
+    const float m_new = fmaxf(m, mo);
+    if (m_new != -INFINITY) {
+      s = s * __expf(m - m_new) + so * __expf(mo - m_new);
+      m = m_new;
+    }
+  }
+  return m + logf(s);
+}
+
+__global__ void __launch_bounds__(kSelectWarps * 32) select_topk_kernel(const SelectArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
+  if (row >= int64_t(a.num_kv_heads) * a.total_q) return;
+  const int g = int(row / a.total_q);
+  const int64_t q = row - int64_t(g) * a.total_q;
+
+  // Sequence of packed query q: the last b with cu_q[b] <= q.
+  int lo = 0, hi = a.batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.cu_q[mid] <= q) lo = mid; else hi = mid - 1;
+  }
+  const int64_t lq = a.cu_q[lo + 1] - a.cu_q[lo], lk = a.cu_k[lo + 1] - a.cu_k[lo];
+  const int64_t p = rules::query_position(lq, lk, q - a.cu_q[lo]);
+  int64_t local = rules::local_block(p, a.block_size);
+  if (local >= a.ld) local = a.ld - 1;  // only with a wrong max_seqlen_k hint: stay in bounds
+  const int n = rules::num_nonlocal_selected(local, a.k);
+  const float* srow = a.scores + row * a.ld;
+  const float* lrow = a.lses ? a.lses + row * a.ld : nullptr;
+  int32_t* out = a.topk + int64_t(g) * a.topk_s0 + q * a.topk_s1;
+
+  float lse_m = -INFINITY, lse_s = 0.f;
+  if (n <= kListLanes) {
+    float my_s = -INFINITY;
+    int my_id = lane;  // n == local: every candidate is chosen, lane i takes block i
+    if (n < local) select_ballot(srow, local, n, lane, my_s, my_id);
+    for (int slot = lane; slot < a.k; slot += 32) {
+      const int32_t id = slot < n ? my_id : slot == n ? int32_t(local) : rules::kUnusedSlot;
+      out[slot] = id;
+    }
+    if (lrow && lane < n) warp_logsumexp_add(lrow[my_id], lse_m, lse_s);
+  } else {
+    // k - 1 > 32: n rounds, each the warp's best among the candidates ranking after the last pick.
+    float prev_s = INFINITY;
+    int64_t prev_id = -1;
+    for (int r = 0; r < n; ++r) {
+      float best_s = -INFINITY;
+      int64_t best_id = -1;
+      for (int64_t j = lane; j < local; j += 32) {
+        const float s = srow[j];
+        const bool after = r == 0 || rules::ranks_before(prev_s, prev_id, s, j);
+        if (after && (best_id < 0 || rules::ranks_before(s, j, best_s, best_id))) {
+          best_s = s;
+          best_id = j;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
+        const int64_t oid = __shfl_xor_sync(0xffffffffu, best_id, off);
+        if (oid >= 0 && (best_id < 0 || rules::ranks_before(os, oid, best_s, best_id))) {
+          best_s = os;
+          best_id = oid;
+        }
+      }
+      if (lane == 0) out[r] = int32_t(best_id);
+      if (lrow && lane == 0) warp_logsumexp_add(lrow[best_id], lse_m, lse_s);
+      prev_s = best_s;
+      prev_id = best_id;
+    }
+    for (int slot = n + lane; slot < a.k; slot += 32)
+      out[slot] = slot == n ? int32_t(local) : rules::kUnusedSlot;
+  }
+  if (lrow) {
+    if (lane == 0) warp_logsumexp_add(lrow[local], lse_m, lse_s);
+    const float lse = warp_logsumexp(lse_m, lse_s);
+    if (lane == 0) a.selected_lse[int64_t(g) * a.lse_s0 + q * a.lse_s1] = lse;
+  }
+}
+
+}  // namespace index
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
