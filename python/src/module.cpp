@@ -80,9 +80,9 @@ msa::Context make_context(std::uintptr_t stream, const OptOut& workspace, int nu
   ctx.num_threads = num_threads;
   ctx.deterministic = deterministic;
   if (workspace) {
-    const msa::TensorView w = to_view(*workspace, "workspace");
-    ctx.workspace.data = w.data;
-    ctx.workspace.bytes = std::size_t(w.numel()) * msa::dtype_size(w.dtype);
+    // Any dtype will do (uint8 is usual): the workspace is raw bytes.
+    ctx.workspace.data = workspace->data();
+    ctx.workspace.bytes = workspace->nbytes();
   }
   return ctx;
 }
