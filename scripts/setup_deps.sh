@@ -9,3 +9,4 @@ if ! [ -f .deps/python/cutlass_library/source/include/cute/tensor.hpp ]; then
   python3 -m pip install -q --disable-pip-version-check --no-deps --target .deps/python \
     nvidia-cutlass==4.2.0.0
 fi
+[ -f .deps/python/nanobind/__init__.py ] || python3 -m pip install -q --disable-pip-version-check --target .deps/python nanobind==2.9.2
