@@ -1,0 +1,131 @@
+// Times the CUDA attention forward (sparse and dense causal) on one long sequence, Hq=64, Hkv=4,
+// D=128, B=128, k=16, bf16, with cudaEvents (warm-up, median of repeats). TFLOP/s counts 4*D FLOPs per
+// selected visible key per query head.
+//
+// Two topk patterns: "shared" (the 4 queries of a CTA tile pick the same 15 earlier blocks, as
+// neighbouring queries mostly do with a trained index) and "random" (every query picks its own
+// random blocks: the worst case for the union of a tile).
+//
+// Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Iinclude -Isrc \
+//          bench/attention_forward_cuda_bench.cu build-cudaattn/libmsa.a -Xcompiler -fopenmp -o afb
+// Run:   ./afb 32768 131072
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "msa/ops.h"
+#include "msa/rules.h"
+
+#define CK(x)                                                                      \
+  do {                                                                             \
+    cudaError_t e_ = (x);                                                          \
+    if (e_ != cudaSuccess) {                                                       \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+using namespace msa;
+
+template <class F>
+float median_ms(F&& f, int reps = 10) {
+  for (int i = 0; i < 3; ++i) f();
+  CK(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(a));
+    f();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms);
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  Config cfg;  // defaults: Hq 64, Hkv 4, D 128, B 128, k 16
+  std::vector<int> lengths;
+  for (int i = 1; i < argc; ++i) lengths.push_back(std::atoi(argv[i]));
+  if (lengths.empty()) lengths = {32768, 131072};
+  std::printf("%-8s %-14s %10s %10s\n", "L", "variant", "ms", "TFLOP/s");
+  for (int L : lengths) {
+    const int64_t Hq = cfg.num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim, B = cfg.block_size;
+    const int K = cfg.topk;
+    std::mt19937_64 rng(1);
+    std::vector<uint16_t> hq(size_t(L) * Hq * D), hkv(size_t(L) * Hkv * D);
+    std::normal_distribution<float> nd;
+    auto bf = [](float x) { __nv_bfloat16 b = __float2bfloat16(x); return *reinterpret_cast<uint16_t*>(&b); };
+    for (auto& x : hq) x = bf(nd(rng));
+    for (auto& x : hkv) x = bf(nd(rng));
+    void *q, *k, *v, *out, *lse, *topk, *cu;
+    CK(cudaMalloc(&q, hq.size() * 2));
+    CK(cudaMalloc(&k, hkv.size() * 2));
+    CK(cudaMalloc(&v, hkv.size() * 2));
+    CK(cudaMalloc(&out, hq.size() * 2));
+    CK(cudaMalloc(&lse, size_t(L) * Hq * 4));
+    CK(cudaMalloc(&topk, size_t(Hkv) * L * K * 4));
+    CK(cudaMalloc(&cu, 8));
+    CK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(k, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
+    for (auto& x : hkv) x = bf(nd(rng));
+    CK(cudaMemcpy(v, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
+    const int32_t hcu[2] = {0, L};
+    CK(cudaMemcpy(cu, hcu, 8, cudaMemcpyHostToDevice));
+    Varlen vl;
+    vl.cu_seqlens_q = TensorView::contiguous(cu, DType::i32, {2}, Device::cuda());
+    vl.cu_seqlens_k = vl.cu_seqlens_q;
+    vl.max_seqlen_q = vl.max_seqlen_k = L;
+    auto view = [](void* p, DType t, std::initializer_list<int64_t> s) {
+      return TensorView::contiguous(p, t, s, Device::cuda());
+    };
+    TensorView tq = view(q, DType::bf16, {L, Hq, D}), tk = view(k, DType::bf16, {L, Hkv, D}),
+               tv = view(v, DType::bf16, {L, Hkv, D}), to = view(out, DType::bf16, {L, Hq, D}),
+               tl = view(lse, DType::f32, {L, Hq}), tt = view(topk, DType::i32, {Hkv, L, K});
+
+    for (int shared = 1; shared >= 0; --shared) {
+      std::vector<int32_t> ht(size_t(Hkv) * L * K, -1);
+      double keys = 0;
+      std::vector<int32_t> pick;
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t local = rules::local_block(i, int(B));
+          const int n = rules::num_nonlocal_selected(local, K);
+          const int tile_q = int(64 / (Hq / Hkv));
+          if (!shared || i % tile_q == 0 || int(pick.size()) > n) {
+            pick.clear();  // n distinct ids below local, by rejection (n <= 15)
+            while (int(pick.size()) < n) {
+              const int32_t id = int32_t(rng() % uint64_t(local));
+              if (std::find(pick.begin(), pick.end(), id) == pick.end()) pick.push_back(id);
+            }
+          }
+          int32_t* row = ht.data() + (g * L + i) * K;
+          int s = 0;
+          for (int32_t id : pick) if (id < local && s < n) row[s++] = id;
+          row[s] = int32_t(local);
+          keys += double(s) * B + double(i - local * B + 1);
+        }
+      CK(cudaMemcpy(topk, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+      const double flops = keys / double(Hkv) * double(Hq) * 4.0 * double(D);
+      const float ms = median_ms([&] { sparse_attention_forward(cfg, vl, tq, tk, tv, tt, to, tl); });
+      std::printf("%-8d %-14s %10.3f %10.1f\n", L, shared ? "sparse-shared" : "sparse-random", ms,
+                  flops / (ms * 1e-3) / 1e12);
+    }
+    const double dflops = double(L) * (double(L) + 1) / 2 * double(Hq) * 4.0 * double(D);
+    const float ms = median_ms([&] { dense_attention_forward(cfg, vl, tq, tk, tv, to, tl); }, 5);
+    std::printf("%-8d %-14s %10.3f %10.1f\n", L, "dense", ms, dflops / (ms * 1e-3) / 1e12);
+    CK(cudaGetLastError());
+    for (void* p : {q, k, v, out, lse, topk, cu}) CK(cudaFree(p));
+  }
+  return 0;
+}
