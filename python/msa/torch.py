@@ -63,9 +63,9 @@ def _common(anchor: Tensor, max_seqlen_q: int, max_seqlen_k: int, op: str, cfg, 
             total_q: int, total_k: int) -> dict:
     kw = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if anchor.is_cuda:
-        kw["stream"] = torch.cuda.current_stream(anchor.device).cuda_stream
         # Scratch from PyTorch's caching allocator: stream-ordered and capturable in CUDA graphs.
         n = _C.workspace_bytes(op, cfg, _dl(cu_q), _dl(cu_k), total_q, total_k, **kw)
+        kw["stream"] = torch.cuda.current_stream(anchor.device).cuda_stream
         if n > 0:
             kw["workspace"] = _dl(torch.empty(n, dtype=torch.uint8, device=anchor.device))
     return kw
