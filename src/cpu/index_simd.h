@@ -49,10 +49,9 @@ template <class A>
 inline void store(A* p, vec_t<A> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <class A>
-inline vec_t<A> broadcast(A x) {
-  return vec_t<A>{} + x;
-}
+// Written out lane by lane: `vec{} + x` would cost an add (0 + x is not x for x = -0).
+inline vec_t<float> broadcast(float x) { return vec_t<float>{x, x, x, x, x, x, x, x}; }
+inline vec_t<double> broadcast(double x) { return vec_t<double>{x, x, x, x}; }
 template <class A>
 inline vec_t<A> vmax(vec_t<A> a, vec_t<A> b) {
   return a > b ? a : b;

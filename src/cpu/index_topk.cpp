@@ -161,13 +161,14 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
         for (int d = 0; d < di && nk < ncols; ++d)
           std::fill(keys_t + d * kKeyChunk + nk, keys_t + d * kKeyChunk + ncols, A(0));
 
-        // Rows are ordered by position, so panels whose first row cannot see c0 are skipped.
-        for (int64_t pn = 0; pn < panels; ++pn) {
-          if (position[std::min(rows - 1, pn * simd::kMR + simd::kMR - 1)] < c0) continue;
-          for (int n0 = 0; n0 < ncols; n0 += NR)
+        // Rows are ordered by position: panels whose last row cannot see c0 are skipped. A column
+        // strip of keys (di x kNR) stays in L1 while the query panels stream past it.
+        int64_t first_panel = 0;
+        while (position[std::min(rows - 1, first_panel * simd::kMR + simd::kMR - 1)] < c0) ++first_panel;
+        for (int n0 = 0; n0 < ncols; n0 += NR)
+          for (int64_t pn = first_panel; pn < panels; ++pn)
             simd::score_micro_kernel<A>(qpanel + pn * di * simd::kMR, keys_t + n0, kKeyChunk, di,
                                         scores + pn * simd::kMR * kKeyChunk + n0, kKeyChunk);
-        }
 
         // Max-pool (and sum-exp) each row's visible keys of the chunk into their blocks.
         for (int64_t r = 0; r < rows; ++r) {
