@@ -115,6 +115,13 @@ TEST(IndexTopk, GroupCounts) {
   }
 }
 
+TEST(IndexTopk, BlocksSpanningKeyChunks) {
+  // Blocks of 24 and 96 keys straddle the backend's key chunks: pooling and the per-block sum of
+  // exp must combine across chunks. 300 queries also span several query tiles.
+  run_case({1, 32, 24, 4, {300, 31}, {300, 70}}, DType::f32, 25);
+  run_case({2, 32, 96, 2, {300}, {300}}, DType::bf16, 26, 0.8f);
+}
+
 TEST(IndexTopk, ChunkedPrefillAndDecode) {
   // Suffix queries over cached prefixes: chunked prefill and decode with 1..16 queries.
   run_case({2, 32, 8, 5, {3, 16, 1, 5, 40}, {100, 77, 64, 9, 200}}, DType::f32, 31);
