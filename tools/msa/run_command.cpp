@@ -1,5 +1,6 @@
 #include "run_command.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -109,16 +110,23 @@ int run_command(int argc, char** argv) {
   Context ctx;
   ctx.num_threads = o.threads;
 
-  // Runs `op` over the launcher's chunks, with a progress line, and times the whole stage.
-  auto run_stage = [&](const char* name, const std::function<void(const Call&)>& op) {
+  // Runs `op` over the launcher's chunks, with a progress line, and times the whole stage. Progress
+  // counts the keys each chunk's queries see (all visible keys, or at most k*B with `sparse`).
+  auto run_stage = [&](const char* name, bool sparse, const std::function<void(const Call&)>& op) {
+    const double cap = sparse ? double(K) * cfg.block_size : 1e300;
+    auto work = [&](const Call& c) {
+      return double(c.nq) * std::min(cap, double(c.nk) - double(c.nq) / 2);
+    };
+    double all = 0;
+    for (const Call& c : launch.chunks()) all += work(c);
     Progress progress(name);
     Stage s;
     s.ms = time_ms(device, warmup, repeat, [&] {
-      int64_t done = 0;
+      double done = 0;
       for (const Call& c : launch.chunks()) {
         op(c);
-        done += c.nq;
-        progress.set_fraction(double(done) / double(tq));
+        done += work(c);
+        progress.set_fraction(done / all);
       }
     });
     s.ran = true;
@@ -138,12 +146,13 @@ int run_command(int argc, char** argv) {
 
   // ---- MSA forward -------------------------------------------------------------------------
   std::printf("MSA forward\n");
-  const Stage index = run_stage("index top-k", [&](const Call& c) {
+  std::fflush(stdout);
+  const Stage index = run_stage("index top-k", false, [&](const Call& c) {
     index_topk(cfg, c.varlen, slice(qi.view(), 0, c.q0, c.nq), slice(ki.view(), 0, c.k0, c.nk),
                slice(topk->view(), 1, c.q0, c.nq), TensorView{}, 1.f, ctx);
   });
   print_stage("index top-k", index);
-  const Stage main_branch = run_stage("sparse attention", [&](const Call& c) {
+  const Stage main_branch = run_stage("sparse attention", true, [&](const Call& c) {
     sparse_attention_forward(cfg, c.varlen, slice(q.view(), 0, c.q0, c.nq),
                              slice(k.view(), 0, c.k0, c.nk), slice(v.view(), 0, c.k0, c.nk),
                              slice(topk->view(), 1, c.q0, c.nq), slice(out->view(), 0, c.q0, c.nq),
@@ -165,7 +174,8 @@ int run_command(int argc, char** argv) {
     dense_out->poison();
     dense_lse->poison();
     std::printf("Dense causal attention (the library's, same backend)\n");
-    dense = run_stage("dense attention", [&](const Call& c) {
+    std::fflush(stdout);
+    dense = run_stage("dense attention", false, [&](const Call& c) {
       dense_attention_forward(cfg, c.varlen, slice(q.view(), 0, c.q0, c.nq),
                               slice(k.view(), 0, c.k0, c.nk), slice(v.view(), 0, c.k0, c.nk),
                               slice(dense_out->view(), 0, c.q0, c.nq),
@@ -184,6 +194,7 @@ int run_command(int argc, char** argv) {
   double kl_loss = NAN;
   if (o.backward) {
     std::printf("Training passes (one call each over the whole batch)\n");
+    std::fflush(stdout);
     HostTensor dout_host(p.dtype, {tq, Hq, D});
     fill_normal(dout_host, o.seed, 5);
     Buffer dout(std::move(dout_host), device);
