@@ -238,17 +238,18 @@ __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const Bl
       // Online logsumexp (relative to the running max) so a block spanning chunks stays exact.
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        // No early exit for rows that see nothing yet: every lane must reach the shuffles.
         const float m_new = fmaxf(run_max[h], cmax[h]);
-        if (m_new == -INFINITY) continue;
+        const float m_ref = m_new == -INFINITY ? 0.f : m_new;
         float s = 0.f;
 #pragma unroll
         for (int n = 0; n < 16; ++n) {
-          s += exp2f((acc[n][2 * h] - m_new) * lse_log2);
-          s += exp2f((acc[n][2 * h + 1] - m_new) * lse_log2);
+          s += exp2f((acc[n][2 * h] - m_ref) * lse_log2);
+          s += exp2f((acc[n][2 * h + 1] - m_ref) * lse_log2);
         }
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
-        run_sum[h] = run_sum[h] * exp2f((run_max[h] - m_new) * lse_log2) + s;
+        run_sum[h] = run_sum[h] * exp2f((run_max[h] - m_ref) * lse_log2) + s;
         run_max[h] = m_new;
       }
     } else {
