@@ -278,13 +278,16 @@ def test_torch_op_errors_are_msa_errors():
 
 # ---- CUDA --------------------------------------------------------------------------------------
 
+# The CUDA attention forward takes bfloat16/float16, head_dim 64 or 128, block_size % 64 == 0.
+CUDA_LENGTHS = [(1, 1), (65, 65), (130, 130), (3, 200), (16, 300)]
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (16, 4), (16, 1)])
-def test_cuda_matches_cpu(dtype, hq, hkv):
-    cfg = make_cfg(hq, hkv, d=64, di=64, block=16, topk=3)
-    lengths = [(1, 1), (17, 17), (40, 40), (3, 70), (16, 100)]
-    t = tensors(cfg, lengths, dtype, seed=9)
+def test_cuda_index_topk_matches_cpu(dtype, hq, hkv):
+    cfg = make_cfg(hq, hkv, d=64, di=64, block=64, topk=3)
+    t = tensors(cfg, CUDA_LENGTHS, dtype, seed=9)
     g = {n: x.cuda() for n, x in t.items()}
     topk_c, lse_c = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg)
     topk_g, lse_g = mt.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], cfg)
@@ -293,20 +296,34 @@ def test_cuda_matches_cpu(dtype, hq, hkv):
     same = (topk_c.sort(-1).values == topk_g.cpu().sort(-1).values).all(-1).float().mean().item()
     assert same >= (1.0 if dtype == torch.float32 else 0.97), same
     assert rel(lse_g, lse_c) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (16, 4, 128), (16, 1, 64)])
+def test_cuda_forward_matches_cpu(dtype, hq, hkv, d):
+    cfg = make_cfg(hq, hkv, d=d, di=64, block=64, topk=3)
+    t = tensors(cfg, CUDA_LENGTHS, dtype, seed=10)
+    g = {n: x.cuda() for n, x in t.items()}
     c, s = mt.config_args(cfg)
-    out_c, l_c = torch.ops.msa.sparse_attention_fwd(t["q"], t["k"], t["v"], topk_c, t["cu_q"], t["cu_k"], c, s, 0, 0)
-    out_g, l_g = torch.ops.msa.sparse_attention_fwd(g["q"], g["k"], g["v"], topk_c.cuda(), g["cu_q"], g["cu_k"], c, s, 0, 0)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel(out_g, out_c) < tol and rel(l_g, l_c) < tol
+    topk, _ = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg)
+    for sparse in (True, False):
+        if sparse:
+            out_c, l_c = torch.ops.msa.sparse_attention_fwd(t["q"], t["k"], t["v"], topk, t["cu_q"], t["cu_k"], c, s, 0, 0)
+            out_g, l_g = torch.ops.msa.sparse_attention_fwd(g["q"], g["k"], g["v"], topk.cuda(), g["cu_q"], g["cu_k"], c, s, 0, 0)
+        else:
+            out_c, l_c = torch.ops.msa.dense_attention_fwd(t["q"], t["k"], t["v"], t["cu_q"], t["cu_k"], c, s, 0, 0)
+            out_g, l_g = torch.ops.msa.dense_attention_fwd(g["q"], g["k"], g["v"], g["cu_q"], g["cu_k"], c, s, 0, 0)
+        assert rel(out_g, out_c) < 1e-2 and rel(l_g, l_c) < 1e-3, sparse
 
 
 @needs_cuda
 def test_cuda_graph_capture_of_forward():
-    cfg = make_cfg(16, 4, d=64, di=64, block=16, topk=3)
-    lengths = [(8, 40), (16, 16)]
+    cfg = make_cfg(16, 4, d=64, di=64, block=64, topk=3)
+    lengths = [(8, 200), (16, 16)]
     g = {n: x.cuda() for n, x in tensors(cfg, lengths, torch.bfloat16, seed=10).items()}
     c, s = mt.config_args(cfg)
-    maxq, maxk = 16, 40  # host-side bounds: no device-to-host copy inside the graph
+    maxq, maxk = 16, 200  # host-side bounds: no device-to-host copy inside the graph
 
     def step():
         topk, _ = torch.ops.msa.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], c, s, maxq, maxk, 1.0)
@@ -328,7 +345,7 @@ def test_cuda_graph_capture_of_forward():
 @needs_cuda
 def test_cuda_backward_and_kl_not_supported_yet():
     """Training kernels are not on CUDA yet: the ops must say so with NotSupportedError."""
-    cfg = make_cfg(4, 2, d=64, di=64, block=16, topk=3)
+    cfg = make_cfg(4, 2, d=64, di=64, block=64, topk=3)
     g = {n: x.cuda() for n, x in tensors(cfg, [(20, 20)], torch.bfloat16, seed=11).items()}
     c, s = mt.config_args(cfg)
     out, lse = torch.ops.msa.dense_attention_fwd(g["q"], g["k"], g["v"], g["cu_q"], g["cu_k"], c, s, 0, 0)
