@@ -41,9 +41,11 @@ enum class Op : int {
   dense_backward,
 };
 
-// Bytes of workspace `op` needs for this problem on `device`.
+// Bytes of workspace `op` needs for this problem on `device` with inputs of `dtype` (scratch tiles
+// follow the accumulator width, so f64 inputs need more).
 std::size_t workspace_bytes(Op op, const Config& cfg, const Varlen& varlen, int64_t total_q,
-                            int64_t total_k, Device device, int num_threads = 0);
+                            int64_t total_k, Device device, int num_threads = 0,
+                            DType dtype = DType::f32);
 
 // 1. Index branch: top-k block ids per (group, query), and optionally the selected LSE.
 //    `selected_lse` may be undefined (data == nullptr). `temperature` rescales only selected_lse:

@@ -69,8 +69,8 @@ void check_backward_io(const Problem& p, const TensorView& dout, const TensorVie
 }  // namespace
 
 std::size_t workspace_bytes(Op op, const Config& cfg, const Varlen& varlen, int64_t total_q,
-                            int64_t total_k, Device device, int num_threads) {
-  Problem p = detail::make_problem(cfg, varlen, total_q, total_k, DType::f32, device);
+                            int64_t total_k, Device device, int num_threads, DType dtype) {
+  Problem p = detail::make_problem(cfg, varlen, total_q, total_k, dtype, device);
   return MSA_DISPATCH(p, workspace_bytes, op, p, num_threads);
 }
 
