@@ -2,9 +2,10 @@
 // stage 1, the local block forced into its slot, and the selected LSE from the per-block LSEs.
 //
 // One warp per row. For k - 1 <= 32 the warp keeps the best k - 1 (score, id) pairs as a sorted list
-// spread over its lanes (lane i holds rank i). Candidates stream in 128 at a time (one float4 per
-// lane); a ballot against the list's last entry filters them, so on typical data only a few dozen
-// candidates per row pay for an insertion (a compare, a ballot and a shift by one lane). Larger k
+// spread over its lanes (lane i holds rank i). Candidates stream in 1024 at a time (eight float4
+// loads per lane in flight); a per-segment lower bound and a ballot against the list's last entry
+// filter them, so only a few candidates per row pay for an insertion (a compare, a ballot and a
+// shift by one lane). Larger k
 // falls back to k - 1 rounds of a warp-wide arg-best, each over the candidates ranking after the
 // previous pick.
 #pragma once
@@ -56,7 +57,25 @@ __device__ __forceinline__ void list_insert(float s, int id, float& my_s, int& m
   }
 }
 
+// Descending bitonic sort of one float per lane across the warp.
+__device__ __forceinline__ float warp_sort_descending(float v, int lane) {
+#pragma unroll
+  for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, j);
+      const bool keep_max = ((lane & j) == 0) == ((lane & k) == 0 || k == 32);
+      v = keep_max ? fmaxf(v, o) : fminf(v, o);
+    }
+  return v;
+}
+
+constexpr int kSegmentLoads = 8;  // float4 loads per lane in flight: 1024 candidates a segment
+
 // The best `len` (<= 32) of candidates 0..count-1 (count > len): lane i < len ends with rank i.
+// Candidates come in segments of 1024. Within a segment, the len-th largest of the 32 lane maxima is
+// a lower bound on the segment's len-th best score (len lanes each hold a candidate at least that
+// large), so only candidates at or above it, and ranking before the list's last entry, can enter.
 __device__ __forceinline__ void select_ballot(const float* row, int64_t count, int len, int lane,
                                               float& my_s, int& my_id) {
   my_s = -INFINITY;
@@ -64,30 +83,46 @@ __device__ __forceinline__ void select_ballot(const float* row, int64_t count, i
   int filled = 0;
   float th_s = -INFINITY;
   int th_id = 0x7fffffff;
-  for (int64_t base = 0; base < count; base += 128) {
-    const int64_t first_id = base + lane * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (first_id < count) v = *reinterpret_cast<const float4*>(row + first_id);
-    const float vals[4] = {v.x, v.y, v.z, v.w};
+  for (int64_t base = 0; base < count; base += kSegmentLoads * 128) {
+    float vals[kSegmentLoads][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t id = first_id + e;
-      const bool pass = id < count && (filled < len ||
-                                       rules::ranks_before(vals[e], id, th_s, int64_t(th_id)));
-      unsigned todo = __ballot_sync(0xffffffffu, pass);
-      while (todo) {
-        const int src = __ffs(todo) - 1;
-        todo &= todo - 1;
-        const float s = __shfl_sync(0xffffffffu, vals[e], src);
-        const int cid = int(base) + src * 4 + e;
-        // The threshold may have risen since the ballot.
-        if (filled == len && !rules::ranks_before(s, int64_t(cid), th_s, int64_t(th_id))) continue;
-        list_insert(s, cid, my_s, my_id, lane, len, filled);
-        filled = filled < len ? filled + 1 : len;
-        th_s = __shfl_sync(0xffffffffu, my_s, len - 1);
-        th_id = __shfl_sync(0xffffffffu, my_id, len - 1);
-      }
+    for (int i = 0; i < kSegmentLoads; ++i) {
+      const int64_t first_id = base + i * 128 + lane * 4;
+      float4 v = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      if (first_id < count) v = *reinterpret_cast<const float4*>(row + first_id);
+      vals[i][0] = v.x;
+      vals[i][1] = v.y;
+      vals[i][2] = v.z;
+      vals[i][3] = v.w;
     }
+    float lane_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kSegmentLoads; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (base + i * 128 + lane * 4 + e < count) lane_max = fmaxf(lane_max, vals[i][e]);
+    const float bound = __shfl_sync(0xffffffffu, warp_sort_descending(lane_max, lane), len - 1);
+#pragma unroll
+    for (int i = 0; i < kSegmentLoads; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t id = base + i * 128 + lane * 4 + e;
+        const bool pass = id < count && !(vals[i][e] < bound) &&
+                          (filled < len || rules::ranks_before(vals[i][e], id, th_s, int64_t(th_id)));
+        unsigned todo = __ballot_sync(0xffffffffu, pass);
+        while (todo) {
+          const int src = __ffs(todo) - 1;
+          todo &= todo - 1;
+          const float s = __shfl_sync(0xffffffffu, vals[i][e], src);
+          const int cid = int(base) + i * 128 + src * 4 + e;
+          // The threshold may have risen since the ballot.
+          if (filled == len && !rules::ranks_before(s, int64_t(cid), th_s, int64_t(th_id))) continue;
+          list_insert(s, cid, my_s, my_id, lane, len, filled);
+          filled = filled < len ? filled + 1 : len;
+          th_s = __shfl_sync(0xffffffffu, my_s, len - 1);
+          th_id = __shfl_sync(0xffffffffu, my_id, len - 1);
+        }
+      }
   }
 }
 
@@ -113,7 +148,7 @@ __device__ __forceinline__ float warp_logsumexp(float m, float s) {
   return m + logf(s);
 }
 
-__global__ void __launch_bounds__(kSelectWarps * 32) select_topk_kernel(const SelectArgs a) {
+__global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const SelectArgs a) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
   if (row >= int64_t(a.num_kv_heads) * a.total_q) return;
@@ -139,7 +174,7 @@ __global__ void __launch_bounds__(kSelectWarps * 32) select_topk_kernel(const Se
   if (n <= kListLanes) {
     float my_s = -INFINITY;
     int my_id = lane;  // n == local: every candidate is chosen, lane i takes block i
-    if (n < local) select_ballot(srow, local, n, lane, my_s, my_id);
+    if (n > 0 && n < local) select_ballot(srow, local, n, lane, my_s, my_id);
     for (int slot = lane; slot < a.k; slot += 32) {
       const int32_t id = slot < n ? my_id : slot == n ? int32_t(local) : rules::kUnusedSlot;
       out[slot] = id;
