@@ -76,7 +76,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None or t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 # ---- custom ops ------------------------------------------------------------------------------
