@@ -12,7 +12,7 @@
 
 #include "cpu/element.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MSA_CPU_ATTENTION_AVX2 1
 #endif
