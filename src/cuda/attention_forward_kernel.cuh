@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda/attention_mma.cuh"
+#include "cuda/attention_union.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -114,59 +115,12 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(cons
   });
   mma::cp_async_commit();
 
-  // Union of the selected blocks: a bitmap gives it sorted and deduplicated, a prefix count gives each
-  // block its rank, and each rank gets the bit mask of the tile's queries that selected it. Ids outside
-  // [0, local] of their query (malformed rows) are skipped, never read.
+  // Union of the selected blocks (attention_union.cuh).
   int num_union = int(local_last + 1);
   if (!dense) {
-    const int words = int(local_last / 32 + 1);
-    const int nq = int(i_last - i_first + 1);
-    const int entries = nq * p.topk_k;
-    for (int w = tid; w < words; w += kAttnThreads) s_bits[w] = 0;
-    for (int u = tid; u < p.union_cap; u += kAttnThreads) s_mask[u] = 0;
-    __syncthreads();
-    for (int e = tid; e < entries; e += kAttnThreads) {
-      const int64_t i = i_first + e / p.topk_k;
-      const int id = p.topk[int64_t(g) * p.topk_s0 + (q_begin + i) * p.topk_s1 + e % p.topk_k];
-      if (id >= 0 && id <= rules::local_block(rules::query_position(lq, lk, i), B))
-        atomicOr(&s_bits[id >> 5], 1u << (id & 31));
-    }
-    __syncthreads();
-    if (warp == 0) {
-      int carry = 0;
-      for (int base = 0; base < words; base += 32) {
-        const int w = base + lane;
-        const int c = w < words ? __popc(s_bits[w]) : 0;
-        int incl = c;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int n = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += n;
-        }
-        if (w < words) s_prefix[w] = carry + incl - c;
-        carry += __shfl_sync(0xffffffffu, incl, 31);
-      }
-      if (lane == 0) *s_count = carry;
-    }
-    __syncthreads();
-    num_union = *s_count;
-    for (int w = tid; w < words; w += kAttnThreads) {
-      uint32_t bits = s_bits[w];
-      int r = s_prefix[w];
-      while (bits) {
-        s_union[r++] = w * 32 + __ffs(bits) - 1;
-        bits &= bits - 1;
-      }
-    }
-    for (int e = tid; e < entries; e += kAttnThreads) {
-      const int64_t i = i_first + e / p.topk_k;
-      const int id = p.topk[int64_t(g) * p.topk_s0 + (q_begin + i) * p.topk_s1 + e % p.topk_k];
-      if (id >= 0 && id <= rules::local_block(rules::query_position(lq, lk, i), B)) {
-        const int rank = s_prefix[id >> 5] + __popc(s_bits[id >> 5] & ((1u << (id & 31)) - 1u));
-        atomicOr(&s_mask[rank], 1ull << (i - i_first));
-      }
-    }
-    __syncthreads();
+    num_union = build_tile_union<kAttnThreads>(p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq,
+                                 lk, B, i_first, i_last, local_last,
+                                 TileUnionSmem{s_count, s_mask, s_union, s_bits, s_prefix});
   }
   auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(s_union[u]); };
 

@@ -21,21 +21,11 @@ std::size_t workspace_bytes(Op op, const Problem& p, int /*num_threads*/) {
     case Op::index_topk: return index_topk_workspace_bytes(p);
     case Op::sparse_forward:
     case Op::dense_forward: return attention_forward_workspace_bytes(p);
+    case Op::sparse_backward: return attention_backward_workspace_bytes(p, true);
+    case Op::dense_backward: return attention_backward_workspace_bytes(p, false);
+    case Op::kl_alignment: return kl_alignment_workspace_bytes(p);
     default: return 0;
   }
-}
-
-// Training kernels (issue 4) are not written yet: say so instead of computing anything.
-void attention_backward(const Problem&, const TensorView&, const TensorView&, const TensorView&,
-                        const TensorView&, const TensorView&, const TensorView&, const TensorView&,
-                        const TensorView&, const TensorView&, const TensorView&, const Context&) {
-  throw NotSupportedError("msa: attention backward is not implemented on CUDA yet; use the CPU backend");
-}
-
-void kl_alignment(const Problem&, const TensorView&, const TensorView&, const TensorView&,
-                  const TensorView&, const TensorView&, const TensorView&, float, const TensorView&,
-                  const TensorView&, const TensorView&, const Context&) {
-  throw NotSupportedError("msa: KL alignment is not implemented on CUDA yet; use the CPU backend");
 }
 
 }  // namespace cuda

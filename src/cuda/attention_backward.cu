@@ -1,0 +1,257 @@
+// Host side of the CUDA attention backward (sparse over topk, or dense causal when topk is
+// undefined): checks what the kernels need beyond the common validation, plans the workspace, builds
+// the key -> query-tile lists on the device (entries, CUB radix sort, unique, ranges: no host round
+// trip) and launches the delta, dQ and dK/dV kernels (attention_backward_kernel.cuh).
+//
+// Every launch is deterministic (no floating-point atomics, fixed accumulation orders), so results
+// are bitwise identical run to run whatever Context::deterministic says.
+// Known limitation, as in the forward: ids outside [0, local block of their query] (other than -1)
+// are skipped, never read out of bounds and never reported; a duplicated id counts once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_select.cuh>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "cuda/attention_backward_kernel.cuh"
+#include "cuda/cuda_check.cuh"
+#include "cuda/cuda_ops.h"
+#include "cuda/workspace.cuh"
+#include "msa/error.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+namespace {
+
+using u64 = unsigned long long;
+
+void check_aligned_rows(const TensorView& t, const char* name) {
+  const bool ok = reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.stride[0] % 8 == 0 &&
+                  t.stride[1] % 8 == 0;
+  MSA_CHECK_ARG(ok, name, "the CUDA attention backward needs 16-byte aligned rows (data pointer and "
+                          "outer strides multiples of 8 elements)");
+}
+
+void check_aligned_pairs(const TensorView& t, const char* name) {
+  MSA_CHECK_ARG(t.stride[0] % 2 == 0 && t.stride[1] % 2 == 0 &&
+                    reinterpret_cast<uintptr_t>(t.data) % 4 == 0,
+                name, "the CUDA attention backward needs 4-byte aligned element pairs");
+}
+
+// Longest sequence (queries or keys): the caller's bound, or one host copy of the prefix sums.
+int max_length(const Problem& p, int given, const TensorView& cu_dev, const int32_t* cu_host,
+               cudaStream_t stream) {
+  if (given > 0) return given;
+  std::vector<int32_t> cu(size_t(p.batch) + 1);
+  if (cu_host) {
+    std::copy(cu_host, cu_host + p.batch + 1, cu.begin());
+  } else {
+    MSA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), cu_dev.data, cu.size() * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream));
+    MSA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  int m = 0;
+  for (int b = 0; b < p.batch; ++b) m = std::max(m, cu[b + 1] - cu[b]);
+  return m;
+}
+
+// Workspace plan: delta, then (sparse) the list entries twice (unsorted, sorted), the unique count,
+// CUB's temporary storage and the list ranges.
+struct BackwardLayout {
+  int64_t num_entries = 0;    // list entries (sparse)
+  int64_t num_list_blocks = 0;
+  std::size_t cub_bytes = 0;
+  std::size_t total = 0;
+
+  BackwardLayout(const Problem& p, bool sparse) {
+    total = align_up(std::size_t(p.total_q) * p.cfg.num_q_heads * sizeof(float));
+    if (!sparse) return;
+    num_entries = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk *
+                  tiles_per_query_span(p.cfg.group_size());
+    num_list_blocks = p.total_k / p.cfg.block_size + p.batch + 1;
+    std::size_t sort_bytes = 0, unique_bytes = 0;
+    const int n = int(num_entries);
+    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, static_cast<const u64*>(nullptr),
+                                                  static_cast<u64*>(nullptr), n));
+    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(nullptr, unique_bytes, static_cast<const u64*>(nullptr),
+                                             static_cast<u64*>(nullptr), static_cast<int*>(nullptr), n));
+    cub_bytes = std::max(sort_bytes, unique_bytes);
+    const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(num_list_blocks);
+    total += 2 * align_up(std::size_t(num_entries) * sizeof(u64)) + align_up(sizeof(int)) +
+             align_up(cub_bytes) + 2 * align_up(lists * sizeof(int));
+  }
+};
+
+template <class T, int D>
+void set_smem(const void* kernel, std::size_t smem) {
+  int dev = 0, optin = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (smem > std::size_t(optin))
+    throw NotSupportedError("msa: CUDA attention backward needs " + std::to_string(smem) +
+                            " bytes of shared memory for this topk / sequence length (device has " +
+                            std::to_string(optin) + ")");
+  MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+template <class T, int D>
+void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cudaStream_t stream) {
+  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention backward takes at most 65535 sequences");
+  const int64_t rows = p.total_q * p.cfg.num_q_heads;
+  if (rows > 0) {
+  attention_backward_delta_kernel<T, D><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, rows);
+  MSA_CUDA_CHECK_LAUNCH();
+  }
+
+  const int64_t q_tiles = (int64_t(max_q) * a.group_size + kAttnRows - 1) / kAttnRows;
+  MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
+  if (q_tiles > 0) {
+  const std::size_t dq_smem = BackwardSmem<D>::dq_bytes(a.bitmap_words, a.union_cap);
+  set_smem<T, D>(reinterpret_cast<const void*>(attention_backward_dq_kernel<T, D>), dq_smem);
+  attention_backward_dq_kernel<T, D>
+      <<<dim3(unsigned(q_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch)), kAttnThreads, dq_smem,
+         stream>>>(a);
+  MSA_CUDA_CHECK_LAUNCH();
+  }
+
+  const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
+  if (k_tiles == 0) return;
+  const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes();
+  set_smem<T, D>(reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D>), kv_smem);
+  attention_backward_dkdv_kernel<T, D>
+      <<<dim3(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch)), kAttnThreads, kv_smem,
+         stream>>>(a);
+  MSA_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+std::size_t attention_backward_workspace_bytes(const Problem& p, bool sparse) {
+  return BackwardLayout(p, sparse).total;
+}
+
+void attention_backward(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& topk, const TensorView& out, const TensorView& lse,
+                        const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                        const TensorView& dv, const Context& ctx) {
+  MSA_CHECK_ARG(p.dtype == DType::bf16 || p.dtype == DType::f16, "q",
+                std::string("dtype ") + dtype_name(p.dtype) +
+                    " is not supported by the CUDA attention backward (bfloat16, float16)");
+  MSA_CHECK_ARG(p.cfg.head_dim == 128 || p.cfg.head_dim == 64, "head_dim",
+                "the CUDA attention backward supports 64 and 128, got " + std::to_string(p.cfg.head_dim));
+  MSA_CHECK_ARG(p.cfg.block_size % kAttnKeys == 0, "block_size",
+                "the CUDA attention backward needs a multiple of 64, got " +
+                    std::to_string(p.cfg.block_size));
+  check_aligned_rows(q, "q");
+  check_aligned_rows(k, "k");
+  check_aligned_rows(v, "v");
+  check_aligned_rows(dout, "dout");
+  check_aligned_pairs(dq, "dq");
+  check_aligned_pairs(dk, "dk");
+  check_aligned_pairs(dv, "dv");
+  const bool sparse = topk.defined();
+  const cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
+  const int max_q = p.total_q == 0 ? 0
+                                   : max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q,
+                                                p.varlen.host_cu_seqlens_q, stream);
+  const int max_k = p.total_k == 0 ? 0
+                                   : max_length(p, p.varlen.max_seqlen_k, p.varlen.cu_seqlens_k,
+                                                p.varlen.host_cu_seqlens_k, stream);
+  const int64_t D = p.cfg.head_dim;
+  if (max_k == 0) return;  // no key: dq has no row either (Lk >= Lq)
+
+  const BackwardLayout lay(p, sparse);
+  MSA_CHECK_ARG(lay.num_entries < (int64_t(1) << 31), "topk",
+                "too many (group, query, slot) entries for the CUDA attention backward");
+  MSA_CHECK_ARG(uint64_t(p.cfg.num_kv_heads) * uint64_t(lay.num_list_blocks) < 0xffffffffull, "k",
+                "too many key blocks for the CUDA attention backward");
+  ScratchArena arena(ctx, lay.total);
+
+  BackwardParams a{};
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  a.dout = dout.data;
+  a.lse = lse.ptr<float>();
+  a.dq = dq.data;
+  a.dk = dk.data;
+  a.dv = dv.data;
+  a.delta = arena.take<float>(std::size_t(p.total_q) * p.cfg.num_q_heads);
+  a.topk = sparse ? topk.ptr<int32_t>() : nullptr;
+  a.cu_q = p.varlen.cu_seqlens_q.ptr<int32_t>();
+  a.cu_k = p.varlen.cu_seqlens_k.ptr<int32_t>();
+  a.q_s0 = q.stride[0], a.q_s1 = q.stride[1];
+  a.k_s0 = k.stride[0], a.k_s1 = k.stride[1];
+  a.v_s0 = v.stride[0], a.v_s1 = v.stride[1];
+  a.o_s0 = out.stride[0], a.o_s1 = out.stride[1];
+  a.do_s0 = dout.stride[0], a.do_s1 = dout.stride[1];
+  a.lse_s0 = lse.stride[0], a.lse_s1 = lse.stride[1];
+  a.dq_s0 = dq.stride[0], a.dq_s1 = dq.stride[1];
+  a.dk_s0 = dk.stride[0], a.dk_s1 = dk.stride[1];
+  a.dv_s0 = dv.stride[0], a.dv_s1 = dv.stride[1];
+  a.topk_s0 = sparse ? topk.stride[0] : 0;
+  a.topk_s1 = sparse ? topk.stride[1] : 0;
+  a.num_q_heads = p.cfg.num_q_heads;
+  a.topk_k = p.cfg.topk;
+  a.group_size = p.cfg.group_size();
+  a.block_size = p.cfg.block_size;
+  a.scale = p.cfg.softmax_scale();
+  a.scale_log2 = a.scale * kLog2e;
+  a.num_list_blocks = lay.num_list_blocks;
+
+  if (sparse) {
+    // Same union capacities as the forward (attention_forward.cu).
+    const int64_t blocks = (int64_t(max_k) + p.cfg.block_size - 1) / p.cfg.block_size + 1;
+    const int64_t tile_queries = (kAttnRows - 1) / a.group_size + 2;
+    a.bitmap_words = int(blocks / 32 + 1);
+    a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, kAttnRows) * p.cfg.topk, blocks));
+
+    u64* entries = arena.take<u64>(std::size_t(lay.num_entries));
+    u64* sorted = arena.take<u64>(std::size_t(lay.num_entries));
+    int* num_unique = arena.take<int>(1);
+    void* cub_tmp = arena.take<unsigned char>(lay.cub_bytes);
+    const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(lay.num_list_blocks);
+    int* begin = arena.take<int>(lists);
+    int* end = arena.take<int>(lists);
+    const int n = int(lay.num_entries);
+    MSA_CUDA_CHECK(cudaMemsetAsync(begin, 0, lists * sizeof(int), stream));
+    MSA_CUDA_CHECK(cudaMemsetAsync(end, 0, lists * sizeof(int), stream));
+    if (n > 0) {
+    const int64_t slots = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk;
+    const unsigned grid = unsigned(std::min<int64_t>((slots + 255) / 256, 65535));
+    attention_backward_list_entries_kernel<<<grid, 256, 0, stream>>>(a, p.batch, p.total_q,
+                                                                      p.cfg.num_kv_heads, entries);
+    MSA_CUDA_CHECK_LAUNCH();
+    std::size_t tmp = lay.cub_bytes;
+    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(cub_tmp, tmp, entries, sorted, n, 0, 64, stream));
+    tmp = lay.cub_bytes;
+    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(cub_tmp, tmp, sorted, entries, num_unique, n, stream));
+    const unsigned rgrid = unsigned(std::min<int64_t>((lay.num_entries + 255) / 256, 65535));
+    attention_backward_list_ranges_kernel<<<rgrid, 256, 0, stream>>>(entries, num_unique, begin, end);
+    MSA_CUDA_CHECK_LAUNCH();
+    }
+    a.lists = entries;
+    a.list_begin = begin;
+    a.list_end = end;
+  }
+
+  if (p.dtype == DType::bf16) {
+    if (D == 128) return launch<__nv_bfloat16, 128>(p, a, max_q, max_k, stream);
+    return launch<__nv_bfloat16, 64>(p, a, max_q, max_k, stream);
+  }
+  if (D == 128) return launch<__half, 128>(p, a, max_q, max_k, stream);
+  return launch<__half, 64>(p, a, max_q, max_k, stream);
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa

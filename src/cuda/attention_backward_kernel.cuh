@@ -1,0 +1,575 @@
+// Block-sparse (and dense causal) attention backward, deterministic by construction (no atomics on
+// gradients):
+//   1. delta = rowsum(dout * out) per (query, head), fp32.
+//   2. dQ, query-major: the forward's tiles (64 rows = (query, head) pairs of one GQA group) walk the
+//      same union of selected blocks (attention_union.cuh), recompute P = exp(scale QK^T - lse),
+//      dP = dO V^T, dS = P (dP - delta) and keep dQ = scale dS K in registers; written once.
+//   3. dK, dV, key-major: a CTA owns 64 keys of one group and loops, in ascending order, over the
+//      query tiles whose queries selected the keys' block (the key -> query-tile lists, built on the
+//      device by attention_backward.cu), accumulating dV = P^T dO and dK = scale dS^T Q in registers.
+// Fragment layouts mirror the forward (attention_forward_kernel.cuh): A operands from registers or
+// ldmatrix of a swizzled row-major tile, B operands by ldmatrix (non-transposed for a product with
+// the tile's rows as n, transposed for the tile's rows as k).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention_forward_kernel.cuh"
+#include "cuda/attention_mma.cuh"
+#include "cuda/attention_union.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+struct BackwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  const float* lse;
+  void* dq;
+  void* dk;
+  void* dv;
+  float* delta;         // [total_q, Hq] workspace
+  const int32_t* topk;  // nullptr: dense causal
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  // Key -> query-tile lists (sparse only): sorted unique keys (list id << 32 | query tile) and, per
+  // list id = g * num_list_blocks + global block, the range [begin, end) of its entries.
+  const unsigned long long* lists;
+  const int* list_begin;
+  const int* list_end;
+  int64_t num_list_blocks;
+  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1, o_s0, o_s1, do_s0, do_s1, lse_s0, lse_s1;
+  int64_t dq_s0, dq_s1, dk_s0, dk_s1, dv_s0, dv_s1, topk_s0, topk_s1;
+  int num_q_heads;
+  int topk_k;
+  int group_size;
+  int block_size;
+  int bitmap_words;
+  int union_cap;
+  float scale_log2;
+  float scale;
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Global id of block j of a sequence whose keys start at packed row k_begin: k_begin / B + b + j is
+// unique across the batch (sequence b has at most floor((k_begin + Lk) / B) - floor(k_begin / B) + 1
+// blocks) and below total_k / B + batch + 1.
+__host__ __device__ __forceinline__ int64_t global_block(int64_t k_begin, int b, int64_t j, int B) {
+  return k_begin / B + b + j;
+}
+
+// Sequence of packed query row `row` (cu_q ascending; empty sequences skipped).
+__device__ __forceinline__ int sequence_of_row(const int32_t* cu_q, int batch, int64_t row) {
+  int lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu_q[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// 1. delta[row, head] = sum_d dout * out (one warp per (row, head)).
+template <class T, int D>
+__global__ void __launch_bounds__(128) attention_backward_delta_kernel(const BackwardParams p,
+                                                                       int64_t total_rows) {
+  const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (r >= total_rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = r / p.num_q_heads, head = r % p.num_q_heads;
+  const T* o = static_cast<const T*>(p.out) + row * p.o_s0 + head * p.o_s1;
+  const T* d = static_cast<const T*>(p.dout) + row * p.do_s0 + head * p.do_s1;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = lane; c < D; c += 32) acc += float(o[c]) * float(d[c]);
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) p.delta[r] = acc;
+}
+
+// --- Key -> query-tile lists (sparse). One entry per (group, valid id, query tile the query's rows
+// fall in); sorting and deduplicating gives each list its tiles in ascending order, whatever order
+// the entries were written in, so the dK/dV accumulation order is fixed.
+__host__ __device__ __forceinline__ int tiles_per_query_span(int G) { return (G - 1) / kAttnRows + 2; }
+
+__global__ void attention_backward_list_entries_kernel(const BackwardParams p, int batch,
+                                                       int64_t total_q, int num_kv_heads,
+                                                       unsigned long long* entries) {
+  const int span = tiles_per_query_span(p.group_size);
+  const int64_t n = int64_t(num_kv_heads) * total_q * p.topk_k;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int slot = int(e % p.topk_k);
+    const int64_t row = (e / p.topk_k) % total_q;
+    const int g = int(e / (int64_t(p.topk_k) * total_q));
+    unsigned long long* out = entries + e * span;
+    for (int s = 0; s < span; ++s) out[s] = ~0ull;
+    const int b = sequence_of_row(p.cu_q, batch, row);
+    const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+    const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+    const int64_t i = row - q_begin;
+    const int id = p.topk[int64_t(g) * p.topk_s0 + row * p.topk_s1 + slot];
+    if (id < 0 || id > rules::local_block(rules::query_position(lq, lk, i), p.block_size)) continue;
+    const unsigned long long list =
+        static_cast<unsigned long long>(g) * p.num_list_blocks + global_block(k_begin, b, id, p.block_size);
+    const int64_t t_lo = i * p.group_size / kAttnRows;
+    const int64_t t_hi = (i * p.group_size + p.group_size - 1) / kAttnRows;
+    for (int64_t t = t_lo; t <= t_hi; ++t) out[t - t_lo] = (list << 32) | static_cast<unsigned long long>(t);
+  }
+}
+
+// Range of each list in the sorted, deduplicated entries (lists absent from it keep [0, 0)).
+__global__ void attention_backward_list_ranges_kernel(const unsigned long long* keys,
+                                                      const int* num_keys, int* begin, int* end) {
+  const int n = *num_keys;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const unsigned long long list = keys[i] >> 32;
+    if (list == 0xffffffffull) continue;  // the unused-entry sentinel
+    if (i == 0 || (keys[i - 1] >> 32) != list) begin[list] = i;
+    if (i == n - 1 || (keys[i + 1] >> 32) != list) end[list] = i + 1;
+  }
+}
+
+template <int D>
+struct BackwardSmem {
+  static constexpr int kTileElems = kAttnRows * D;
+  static constexpr std::size_t kTileBytes = std::size_t(kTileElems) * 2;
+  static constexpr std::size_t kFixedBytes = 6 * kTileBytes;
+  // dQ kernel: Q, dO, K[2], V[2], then the union bookkeeping (as the forward).
+  static std::size_t dq_bytes(int bitmap_words, int union_cap) {
+    return kFixedBytes + 16 + std::size_t(union_cap) * 8 + std::size_t(union_cap) * 4 +
+           std::size_t(bitmap_words) * 8 + 64;
+  }
+  // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse * log2 e, delta.
+  static constexpr std::size_t kRowMetaBytes = 2 * 3 * kAttnRows * 8;
+  static constexpr std::size_t dkdv_bytes() { return kFixedBytes + kRowMetaBytes; }
+};
+
+// 2. dQ: one CTA per forward tile.
+template <class T, int D>
+__global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(const BackwardParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sdO = sQ + BackwardSmem<D>::kTileElems;
+  uint16_t* sK = sdO + BackwardSmem<D>::kTileElems;      // two stages
+  uint16_t* sV = sK + 2 * BackwardSmem<D>::kTileElems;  // two stages
+  unsigned char* tail = smem_raw + BackwardSmem<D>::kFixedBytes;
+  int* s_count = reinterpret_cast<int*>(tail);
+  unsigned long long* s_mask = reinterpret_cast<unsigned long long*>(tail + 16);
+  int* s_union = reinterpret_cast<int*>(s_mask + p.union_cap);
+  uint32_t* s_bits = reinterpret_cast<uint32_t*>(s_union + p.union_cap);
+  uint32_t* s_prefix = s_bits + p.bitmap_words;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z, g = blockIdx.y;
+  const int G = p.group_size, B = p.block_size;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t rows_total = lq * G;
+  const int64_t f0 = int64_t(gridDim.x - 1 - blockIdx.x) * kAttnRows;
+  if (f0 >= rows_total) return;
+  const int64_t i_first = f0 / G;
+  const int64_t i_last = (f0 + kAttnRows - 1 < rows_total ? f0 + kAttnRows - 1 : rows_total - 1) / G;
+  const int64_t p_first = rules::query_position(lq, lk, i_first);
+  const int64_t p_last = rules::query_position(lq, lk, i_last);
+  const int64_t local_last = rules::local_block(p_last, B);
+  const bool dense = p.topk == nullptr;
+  const bool partial_tile = f0 + kAttnRows > rows_total;
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* dout = static_cast<const uint16_t*>(p.dout);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v);
+
+  load_tile<D>(sQ, q, [&](int r) -> const uint16_t* {
+    const int64_t f = f0 + r;
+    if (f >= rows_total) return nullptr;
+    return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
+  });
+  load_tile<D>(sdO, dout, [&](int r) -> const uint16_t* {
+    const int64_t f = f0 + r;
+    if (f >= rows_total) return nullptr;
+    return dout + (q_begin + f / G) * p.do_s0 + (int64_t(g) * G + f % G) * p.do_s1;
+  });
+  mma::cp_async_commit();
+
+  int num_union = int(local_last + 1);
+  if (!dense) {
+    num_union = build_tile_union<kAttnThreads>(p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
+                                               q_begin, lq, lk, B, i_first, i_last, local_last,
+                                               TileUnionSmem{s_count, s_mask, s_union, s_bits, s_prefix});
+  }
+  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(s_union[u]); };
+
+  const int sub_per_block = B / kAttnKeys;
+  int num_iters = 0;
+  if (num_union > 0) {
+    const int64_t last_block = block_at(num_union - 1);
+    const int64_t last_subs = (p_last - rules::block_begin(last_block, B)) / kAttnKeys + 1;
+    num_iters = (num_union - 1) * sub_per_block + int(last_subs < sub_per_block ? last_subs : sub_per_block);
+  }
+  auto key_start = [&](int it) -> int64_t {
+    return rules::block_begin(block_at(it / sub_per_block), B) + int64_t(it % sub_per_block) * kAttnKeys;
+  };
+  auto load_kv = [&](int it, int stage) {
+    const int64_t ks = key_start(it);
+    load_tile<D>(sK + stage * BackwardSmem<D>::kTileElems, k, [&](int r) -> const uint16_t* {
+      const int64_t t = ks + r;
+      return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
+    });
+    load_tile<D>(sV + stage * BackwardSmem<D>::kTileElems, v, [&](int r) -> const uint16_t* {
+      const int64_t t = ks + r;
+      return t < lk ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 : nullptr;
+    });
+  };
+  if (num_iters > 0) load_kv(0, 0);
+  mma::cp_async_commit();
+
+  // This thread's two rows: position (-1 = padding), query bit, lse * log2 e and delta.
+  const int row_a = warp * 16 + (lane >> 2);
+  int64_t pos[2];
+  int qbit[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t f = f0 + row_a + 8 * h;
+    const bool valid = f < rows_total;
+    pos[h] = valid ? rules::query_position(lq, lk, f / G) : -1;
+    qbit[h] = valid ? int(f / G - i_first) : 0;
+    const int64_t row = q_begin + f / G, head = int64_t(g) * G + f % G;
+    lse2[h] = valid ? p.lse[row * p.lse_s0 + head * p.lse_s1] * kLog2e : 0.f;
+    delta[h] = valid ? p.delta[row * p.num_q_heads + head] : 0.f;
+  }
+  const unsigned long long all_queries =
+      (i_last - i_first + 1) >= 64 ? ~0ull : ((1ull << (i_last - i_first + 1)) - 1ull);
+
+  mma::cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+    mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(r, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+  }
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  for (int it = 0; it < num_iters; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < num_iters) {
+      load_kv(it + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* tK = sK + stage * BackwardSmem<D>::kTileElems;
+    const uint16_t* tV = sV + stage * BackwardSmem<D>::kTileElems;
+    const int64_t ks = key_start(it);
+
+    // S = Q K^T and dP = dO V^T (rows: this warp's 16; columns: the 64 keys).
+    float s[kAttnKeys / 8][4], dp[kAttnKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kAttnKeys / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t df[4];
+      {
+        const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(sdO + swz<D>(r, c)), df[0], df[1], df[2], df[3]);
+      }
+#pragma unroll
+      for (int np = 0; np < kAttnKeys / 16; ++np) {
+        uint32_t b0, b1, b2, b3;
+        const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(tK + swz<D>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(s[2 * np], qf[kk], b0, b1);
+        mma::mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
+        mma::ldmatrix_x4(mma::smem_addr(tV + swz<D>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(dp[2 * np], df, b0, b1);
+        mma::mma_16816<T>(dp[2 * np + 1], df, b2, b3);
+      }
+    }
+
+    // P (0 where masked: unselected rows, causal tail) and dS = P (dP - delta), in place in s.
+    const unsigned long long sel = dense ? all_queries : s_mask[it / sub_per_block];
+    const bool needs_mask = partial_tile || sel != all_queries || ks + kAttnKeys - 1 > p_first;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool row_sel = (sel >> qbit[h]) & 1ull;
+      const int64_t lim = row_sel ? pos[h] - ks : -1;
+#pragma unroll
+      for (int n = 0; n < kAttnKeys / 8; ++n) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int key = n * 8 + (lane & 3) * 2 + j;
+          const bool masked = needs_mask && key > lim;
+          const float pr = masked ? 0.f : exp2f(fmaf(s[n][2 * h + j], p.scale_log2, -lse2[h]));
+          s[n][2 * h + j] = pr * (dp[n][2 * h + j] - delta[h]);
+        }
+      }
+    }
+
+    // dQ += dS K, dS re-packed from the accumulators into A fragments (as P in the forward).
+#pragma unroll
+    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dpair = 0; dpair < D / 16; ++dpair) {
+        uint32_t b0, b1, b2, b3;
+        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dpair * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4_trans(mma::smem_addr(tK + swz<D>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(dq[2 * dpair], a, b0, b1);
+        mma::mma_16816<T>(dq[2 * dpair + 1], a, b2, b3);
+      }
+    }
+    __syncthreads();
+  }
+
+  T* dq_out = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (pos[h] < 0) continue;
+    const int64_t f = f0 + row_a + 8 * h;
+    const int64_t row = q_begin + f / G;
+    const int64_t head = int64_t(g) * G + f % G;
+    T* dst = dq_out + row * p.dq_s0 + head * p.dq_s1 + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const uint32_t packed = mma::Elem<T>::pack(dq[n][2 * h] * p.scale, dq[n][2 * h + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
+    }
+  }
+}
+
+// 3. dK, dV: one CTA per 64 keys of one group; warp w owns keys w*16 .. w*16+15 as the M dimension.
+template <class T, int D>
+__global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kernel(const BackwardParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  constexpr int kTile = BackwardSmem<D>::kTileElems;
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sV = sK + kTile;
+  uint16_t* sQ = sV + kTile;        // two stages
+  uint16_t* sdO = sQ + 2 * kTile;   // two stages
+  int* s_lim = reinterpret_cast<int*>(smem_raw + BackwardSmem<D>::kFixedBytes);  // [2][64]
+  float* s_lse2 = reinterpret_cast<float*>(s_lim + 2 * kAttnRows);                       // [2][64]
+  float* s_delta = s_lse2 + 2 * kAttnRows;                                               // [2][64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z, g = blockIdx.y;
+  const int G = p.group_size, B = p.block_size;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t ks = int64_t(blockIdx.x) * kAttnKeys;
+  if (ks >= lk) return;
+  const int64_t rows_total = lq * G;
+  const int64_t block = rules::block_of(ks, B);
+  const bool dense = p.topk == nullptr;
+
+  // Query tiles to visit, ascending: dense, every tile holding a query at position >= ks; sparse,
+  // the key -> query-tile list of (group, block).
+  int64_t list_begin = 0, num_tiles = 0;
+  if (dense) {
+    const int64_t first_q = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
+    if (first_q < lq) {
+      list_begin = first_q * G / kAttnRows;
+      num_tiles = (rows_total + kAttnRows - 1) / kAttnRows - list_begin;
+    }
+  } else {
+    const int64_t list = int64_t(g) * p.num_list_blocks + global_block(k_begin, b, block, B);
+    list_begin = p.list_begin[list];
+    num_tiles = p.list_end[list] - list_begin;
+  }
+  auto tile_at = [&](int64_t u) -> int64_t {
+    return dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
+  };
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* dout = static_cast<const uint16_t*>(p.dout);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v);
+
+  load_tile<D>(sK, k, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
+  });
+  load_tile<D>(sV, v, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 : nullptr;
+  });
+  mma::cp_async_commit();
+
+  // Loads query tile u into `stage`: Q and dO rows by cp.async, and per row the last key offset in
+  // this key tile it may see (-1: padding row, or its query did not select the block; 32-bit to keep
+  // registers for the accumulators), lse and delta.
+  auto load_q = [&](int64_t u, int stage) {
+    const int64_t f0 = tile_at(u) * kAttnRows;
+    load_tile<D>(sQ + stage * kTile, q, [&](int r) -> const uint16_t* {
+      const int64_t f = f0 + r;
+      if (f >= rows_total) return nullptr;
+      return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
+    });
+    load_tile<D>(sdO + stage * kTile, dout, [&](int r) -> const uint16_t* {
+      const int64_t f = f0 + r;
+      if (f >= rows_total) return nullptr;
+      return dout + (q_begin + f / G) * p.do_s0 + (int64_t(g) * G + f % G) * p.do_s1;
+    });
+    if (tid < kAttnRows) {
+      const int64_t f = f0 + tid;
+      int lim = -1;
+      float l2 = 0.f, dl = 0.f;
+      if (f < rows_total) {
+        const int64_t i = f / G, row = q_begin + i, head = int64_t(g) * G + f % G;
+        const int64_t pos = rules::query_position(lq, lk, i);
+        bool selected = dense;
+        if (!dense) {
+          const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+          for (int s = 0; s < p.topk_k; ++s) selected |= ids[s] == block;
+        }
+        // A selected block is 0..local by construction of the lists; the causal limit does the rest.
+        if (selected && rules::causally_visible(ks, pos)) {
+          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+          l2 = p.lse[row * p.lse_s0 + head * p.lse_s1] * kLog2e;
+          dl = p.delta[row * p.num_q_heads + head];
+        }
+      }
+      s_lim[stage * kAttnRows + tid] = lim;
+      s_lse2[stage * kAttnRows + tid] = l2;
+      s_delta[stage * kAttnRows + tid] = dl;
+    }
+  };
+  if (num_tiles > 0) load_q(0, 0);
+  mma::cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  const int key_row = warp * 16 + (lane >> 2);  // this thread's keys: key_row and key_row + 8
+  for (int64_t u = 0; u < num_tiles; ++u) {
+    const int stage = int(u & 1);
+    if (u + 1 < num_tiles) {
+      load_q(u + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* tQ = sQ + stage * kTile;
+    const uint16_t* tdO = sdO + stage * kTile;
+    const int* lim = s_lim + stage * kAttnRows;
+    const float* lse2 = s_lse2 + stage * kAttnRows;
+    const float* dlt = s_delta + stage * kAttnRows;
+
+    // Two halves of 32 query rows keep the score registers small.
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      // S^T = K Q^T and dP^T = V dO^T (rows: this warp's 16 keys; columns: 32 query rows).
+      float s[4][4], dpt[4][4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t kf[4], vf[4];
+        const int ar = warp * 16 + (lane & 15), ac = kk * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(ar, ac)), kf[0], kf[1], kf[2], kf[3]);
+        mma::ldmatrix_x4(mma::smem_addr(sV + swz<D>(ar, ac)), vf[0], vf[1], vf[2], vf[3]);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b0, b1, b2, b3;
+          const int r = half * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int c = kk * 16 + ((lane >> 3) & 1) * 8;
+          mma::ldmatrix_x4(mma::smem_addr(tQ + swz<D>(r, c)), b0, b1, b2, b3);
+          mma::mma_16816<T>(s[2 * np], kf, b0, b1);
+          mma::mma_16816<T>(s[2 * np + 1], kf, b2, b3);
+          mma::ldmatrix_x4(mma::smem_addr(tdO + swz<D>(r, c)), b0, b1, b2, b3);
+          mma::mma_16816<T>(dpt[2 * np], vf, b0, b1);
+          mma::mma_16816<T>(dpt[2 * np + 1], vf, b2, b3);
+        }
+      }
+
+      // P^T into s, dS^T into dpt (0 where the row may not see the key).
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = half * 32 + n * 8 + (lane & 3) * 2 + (e & 1);
+          const int key = key_row + 8 * (e >> 1);
+          const float pr = key > lim[col] ? 0.f : exp2f(fmaf(s[n][e], p.scale_log2, -lse2[col]));
+          s[n][e] = pr;
+          dpt[n][e] = pr * (dpt[n][e] - dlt[col]);
+        }
+      }
+
+      // dV += P^T dO and dK += dS^T Q over these 32 rows (rows are the k dimension: transposed loads).
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t ap[4], ad[4];
+        ap[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+        ap[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+        ap[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        ap[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        ad[0] = mma::Elem<T>::pack(dpt[2 * kk][0], dpt[2 * kk][1]);
+        ad[1] = mma::Elem<T>::pack(dpt[2 * kk][2], dpt[2 * kk][3]);
+        ad[2] = mma::Elem<T>::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        ad[3] = mma::Elem<T>::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+        for (int dpair = 0; dpair < D / 16; ++dpair) {
+          uint32_t b0, b1, b2, b3;
+          const int r = half * 32 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int c = dpair * 16 + (lane >> 4) * 8;
+          mma::ldmatrix_x4_trans(mma::smem_addr(tdO + swz<D>(r, c)), b0, b1, b2, b3);
+          mma::mma_16816<T>(dv[2 * dpair], ap, b0, b1);
+          mma::mma_16816<T>(dv[2 * dpair + 1], ap, b2, b3);
+          mma::ldmatrix_x4_trans(mma::smem_addr(tQ + swz<D>(r, c)), b0, b1, b2, b3);
+          mma::mma_16816<T>(dk[2 * dpair], ad, b0, b1);
+          mma::mma_16816<T>(dk[2 * dpair + 1], ad, b2, b3);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();  // the K/V group when no query tile was visited
+
+  T* dk_out = static_cast<T*>(p.dk);
+  T* dv_out = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t t = ks + key_row + 8 * h;
+    if (t >= lk) continue;
+    T* dkd = dk_out + (k_begin + t) * p.dk_s0 + int64_t(g) * p.dk_s1 + (lane & 3) * 2;
+    T* dvd = dv_out + (k_begin + t) * p.dv_s0 + int64_t(g) * p.dv_s1 + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dkd + n * 8) =
+          mma::Elem<T>::pack(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(dv[n][2 * h], dv[n][2 * h + 1]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
