@@ -64,7 +64,8 @@ def _common(anchor: Tensor, max_seqlen_q: int, max_seqlen_k: int, op: str, cfg, 
     kw = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if anchor.is_cuda:
         # Scratch from PyTorch's caching allocator: stream-ordered and capturable in CUDA graphs.
-        n = _C.workspace_bytes(op, cfg, _dl(cu_q), _dl(cu_k), total_q, total_k, **kw)
+        n = _C.workspace_bytes(op, cfg, _dl(cu_q), _dl(cu_k), total_q, total_k,
+                               dtype=str(anchor.dtype).replace("torch.", ""), **kw)
         kw["stream"] = torch.cuda.current_stream(anchor.device).cuda_stream
         if n > 0:
             kw["workspace"] = _dl(torch.empty(n, dtype=torch.uint8, device=anchor.device))

@@ -64,6 +64,14 @@ msa::Op parse_op(const std::string& op) {
                                      "kl_alignment, dense_forward or dense_backward");
 }
 
+// dtype of the floating inputs, by name (as torch and numpy print it, without the module).
+msa::DType parse_dtype(const std::string& name) {
+  for (msa::DType d : {msa::DType::f32, msa::DType::f16, msa::DType::bf16, msa::DType::f64})
+    if (name == msa::dtype_name(d)) return d;
+  throw msa::ArgumentError("dtype", "unknown dtype '" + name +
+                                        "'; expected float32, float16, bfloat16 or float64");
+}
+
 msa::Varlen make_varlen(const InArray& cu_q, const InArray& cu_k, int max_q, int max_k) {
   msa::Varlen v;
   v.cu_seqlens_q = to_view(cu_q, "cu_seqlens_q");
@@ -134,13 +142,14 @@ void bind_ops(nb::module_& m) {
   m.def(
       "workspace_bytes",
       [](const std::string& op, const msa::Config& cfg, const InArray& cu_q, const InArray& cu_k,
-         int64_t total_q, int64_t total_k, int max_q, int max_k, int num_threads) {
+         int64_t total_q, int64_t total_k, int max_q, int max_k, int num_threads,
+         const std::string& dtype) {
         const msa::Varlen v = make_varlen(cu_q, cu_k, max_q, max_k);
         return msa::workspace_bytes(parse_op(op), cfg, v, total_q, total_k, v.cu_seqlens_q.device,
-                                    num_threads);
+                                    num_threads, parse_dtype(dtype));
       },
       "op"_a, "cfg"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "total_q"_a, "total_k"_a,
-      "max_seqlen_q"_a = 0, "max_seqlen_k"_a = 0, "num_threads"_a = 0);
+      "max_seqlen_q"_a = 0, "max_seqlen_k"_a = 0, "num_threads"_a = 0, "dtype"_a = "float32");
 
   m.def(
       "index_topk",

@@ -283,7 +283,7 @@ CUDA_LENGTHS = [(1, 1), (65, 65), (130, 130), (3, 200), (16, 300)]
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # the CUDA index branch's dtypes
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (16, 4), (16, 1)])
 def test_cuda_index_topk_matches_cpu(dtype, hq, hkv):
     cfg = make_cfg(hq, hkv, d=64, di=64, block=64, topk=3)
@@ -294,8 +294,8 @@ def test_cuda_index_topk_matches_cpu(dtype, hq, hkv):
     torch.cuda.synchronize()
     # Selection compared as sets; near-ties in low precision may differ, so allow a few rows.
     same = (topk_c.sort(-1).values == topk_g.cpu().sort(-1).values).all(-1).float().mean().item()
-    assert same >= (1.0 if dtype == torch.float32 else 0.97), same
-    assert rel(lse_g, lse_c) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert same >= 0.97, same
+    assert rel(lse_g, lse_c) < 1e-2
 
 
 @needs_cuda
