@@ -343,13 +343,31 @@ def test_cuda_graph_capture_of_forward():
 
 
 @needs_cuda
-def test_cuda_backward_and_kl_not_supported_yet():
-    """Training kernels are not on CUDA yet: the ops must say so with NotSupportedError."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backward_and_kl_match_cpu_or_say_not_supported(dtype):
+    """Training ops on CUDA: either they match the CPU backend, or (a build without the CUDA
+    training kernels) they raise NotSupportedError - never a wrong answer or another error."""
     cfg = make_cfg(4, 2, d=64, di=64, block=64, topk=3)
-    g = {n: x.cuda() for n, x in tensors(cfg, [(20, 20)], torch.bfloat16, seed=11).items()}
+    t = tensors(cfg, CUDA_LENGTHS, dtype, seed=11)
+    g = {n: x.cuda() for n, x in t.items()}
     c, s = mt.config_args(cfg)
-    out, lse = torch.ops.msa.dense_attention_fwd(g["q"], g["k"], g["v"], g["cu_q"], g["cu_k"], c, s, 0, 0)
-    with pytest.raises(msa.NotSupportedError):
-        torch.ops.msa.dense_attention_bwd(g["q"], g["k"], g["v"], out, lse, out, g["cu_q"], g["cu_k"], c, s, 0, 0, False)
-    with pytest.raises(msa.NotSupportedError):
-        torch.ops.msa.kl_alignment(g["q"], g["k"], lse, g["qi"], g["ki"], None, g["cu_q"], g["cu_k"], c, s, 0, 0, 1.0)
+    topk, _ = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg)
+    dout = torch.randn_like(t["q"])
+    out, lse = torch.ops.msa.sparse_attention_fwd(t["q"], t["k"], t["v"], topk, t["cu_q"], t["cu_k"], c, s, 0, 0)
+    cpu_grads = torch.ops.msa.sparse_attention_bwd(t["q"], t["k"], t["v"], topk, out, lse, dout, t["cu_q"], t["cu_k"], c, s, 0, 0, False)
+    cpu_kl = torch.ops.msa.kl_alignment(t["q"], t["k"], lse, t["qi"], t["ki"], topk, t["cu_q"], t["cu_k"], c, s, 0, 0, 1.0)
+    topk_g, out_g, lse_g = topk.cuda(), out.cuda(), lse.cuda()
+    try:
+        gpu_grads = torch.ops.msa.sparse_attention_bwd(g["q"], g["k"], g["v"], topk_g, out_g, lse_g, dout.cuda(), g["cu_q"], g["cu_k"], c, s, 0, 0, False)
+    except msa.NotSupportedError as e:
+        assert "CUDA" in str(e)
+    else:
+        for name, a, b in zip(("dq", "dk", "dv"), gpu_grads, cpu_grads):
+            assert rel(a, b) < 2e-2, name
+    try:
+        gpu_kl = torch.ops.msa.kl_alignment(g["q"], g["k"], lse_g, g["qi"], g["ki"], topk_g, g["cu_q"], g["cu_k"], c, s, 0, 0, 1.0)
+    except msa.NotSupportedError as e:
+        assert "CUDA" in str(e)
+    else:
+        for name, a, b in zip(("loss", "dqi", "dki"), gpu_kl, cpu_kl):
+            assert rel(a, b) < 2e-2, name
