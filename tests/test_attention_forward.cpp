@@ -40,10 +40,11 @@ TEST_P(AttentionForward, RaggedPrefillSparseAndDense) {
   expect_forward_matches_oracle(p, nullptr);
 }
 
-// Chunked prefill (Lq < Lk) and decode with 1..16 queries over a long cached prefix.
+// Chunked prefill (Lq < Lk) and decode with 1..16 queries over a long cached prefix; a sequence
+// with no query in the batch.
 TEST_P(AttentionForward, QuerySuffixes) {
   const Config cfg = config();
-  TestProblem p(cfg, {13, 1, 2, 5, 16, 40}, {61, 90, 33, 77, 100, 57}, dtype(), 12);
+  TestProblem p(cfg, {13, 1, 0, 2, 5, 16, 40}, {61, 90, 20, 33, 77, 100, 57}, dtype(), 12);
   HostTensor topk = oracle_topk(p);
   expect_forward_matches_oracle(p, &topk);
   expect_forward_matches_oracle(p, nullptr);
