@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
 #include "cuda/attention_forward_kernel.cuh"
+#include "cuda/attention_forward_wgmma.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
 #include "msa/error.h"
@@ -67,8 +69,39 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
   MSA_CUDA_CHECK_LAUNCH();
 }
 
+// Opt-in wgmma (sm_90a warpgroup) kernel: MSA_ATTENTION_KERNEL=wgmma; 128-row tiles.
+bool wgmma_requested() {
+  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
+  return e != nullptr && std::string(e) == "wgmma";
+}
+
+template <class T, int D>
+void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
+  using Smem = wgmma::Smem<typename wgmma::CuteElem<T>::type, D>;
+  const std::size_t smem = Smem::bytes(params.bitmap_words, params.union_cap);
+  int dev = 0, optin = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (smem > std::size_t(optin))
+    throw NotSupportedError("msa: CUDA attention forward (wgmma) needs " + std::to_string(smem) +
+                            " bytes of shared memory for this topk / sequence length (device has " +
+                            std::to_string(optin) + ")");
+  MSA_CUDA_CHECK(cudaFuncSetAttribute(wgmma::attention_forward_wgmma_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t tiles = (int64_t(max_q) * params.group_size + wgmma::kRows - 1) / wgmma::kRows;
+  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
+  MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
+  const dim3 grid(unsigned(tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch));
+  wgmma::attention_forward_wgmma_kernel<T, D><<<grid, wgmma::kThreads, smem, stream>>>(params);
+  MSA_CUDA_CHECK_LAUNCH();
+}
+
 template <class T>
 void launch_dim(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
+  if (wgmma_requested()) {
+    if (p.cfg.head_dim == 128) return launch_wgmma<T, 128>(p, params, max_q, stream);
+    return launch_wgmma<T, 64>(p, params, max_q, stream);
+  }
   if (p.cfg.head_dim == 128) return launch<T, 128>(p, params, max_q, stream);
   return launch<T, 64>(p, params, max_q, stream);
 }
@@ -123,9 +156,10 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
     // max_seqlen_k); the union holds at most (queries of a tile) * k blocks.
     const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
     const int64_t blocks = (max_k + p.cfg.block_size - 1) / p.cfg.block_size + 1;
-    const int64_t tile_queries = (kAttnRows - 1) / a.group_size + 2;
+    const int rows = wgmma_requested() ? wgmma::kRows : kAttnRows;
+    const int64_t tile_queries = (rows - 1) / a.group_size + 2;
     a.bitmap_words = int(blocks / 32 + 1);
-    a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, kAttnRows) * p.cfg.topk, blocks));
+    a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, rows) * p.cfg.topk, blocks));
   }
   const int max_q = max_seqlen_q(p, stream);
   if (max_q == 0) return;

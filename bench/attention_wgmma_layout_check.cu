@@ -1,0 +1,72 @@
+// Host-only check of what the wgmma attention forward (src/cuda/attention_forward_wgmma.cuh) assumes
+// about CuTe's layouts, for the exact tiled MMAs and shared-memory layouts of the kernel:
+// - S accumulator (64 x 64) and O accumulator (64 x D): thread t's element e = i + 2 h + 4 n sits at
+//   row 16 (t / 32) + (t % 32) / 4 + 8 h, column 8 n + 2 (t % 4) + i;
+// - the register A operand of P V (64 x 64 P): the same (row, column) at the same e, so P is the S
+//   accumulator converted element by element;
+// - every 16-byte chunk the cp.async loader writes (8 consecutive d of one row) is contiguous and
+//   16-byte aligned in the swizzled Q, K and V layouts.
+// Exits non-zero on any mismatch.
+//   nvcc -std=c++17 --expt-relaxed-constexpr -Iinclude -Isrc -I.deps/python/cutlass_library/source/include \
+//        bench/attention_wgmma_layout_check.cu -o /tmp/attention_wgmma_layout_check && /tmp/attention_wgmma_layout_check
+#include <cstdio>
+
+#include "cuda/attention_forward_wgmma.cuh"
+
+namespace wg = msa::detail::cuda::wgmma;
+
+template <class E, int D>
+int check() {
+  using namespace cute;
+  constexpr int kKeys = wg::kKeys;
+  typename wg::Mmas<E, D>::S mma_s;
+  typename wg::Mmas<E, D>::O mma_o;
+  int bad = 0;
+  auto fragment_at = [](int t, int e, int& row, int& col) {
+    const int i = e & 1, h = (e >> 1) & 1, n = e >> 2;
+    row = 16 * (t / 32) + (t % 32) / 4 + 8 * h;
+    col = 8 * n + 2 * (t % 4) + i;
+  };
+  for (int t = 0; t < 128; ++t) {
+    Tensor s = mma_s.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<kKeys>>{}));
+    Tensor a = mma_o.get_thread_slice(t).partition_A(make_identity_tensor(Shape<_64, Int<kKeys>>{}));
+    Tensor o = mma_o.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<D>>{}));
+    if (size(s) != kKeys / 2 || size(a) != kKeys / 2 || size(o) != D / 2) ++bad;
+    int row, col;
+    for (int e = 0; e < size(s); ++e) {
+      fragment_at(t, e, row, col);
+      if (get<0>(s(e)) != row || get<1>(s(e)) != col) ++bad;
+      if (get<0>(a(e)) != row || get<1>(a(e)) != col) ++bad;
+    }
+    for (int e = 0; e < size(o); ++e) {
+      fragment_at(t, e, row, col);
+      if (get<0>(o(e)) != row || get<1>(o(e)) != col) ++bad;
+    }
+  }
+  // The register fragment of P is laid out compactly in the order of partition_A's elements.
+  Tensor p = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, Int<kKeys>>{}));
+  for (int e = 0; e < size(p); ++e)
+    if (p.layout()(e) != e) ++bad;
+  using S = wg::Smem<E, D>;
+  const auto lq = typename S::LayoutQ{};
+  const auto lk = typename S::LayoutK{};
+  const auto lv = typename S::LayoutV{};
+  for (int x = 0; x < 2; ++x)
+    for (int r = 0; r < 64; ++r)
+      for (int c = 0; c < D; c += 8) {
+        if (lq(r, c, x) % 8 || lk(r, c, x) % 8 || lv(c, r, x) % 8) ++bad;
+        for (int j = 0; j < 8; ++j)
+          if (lq(r, c + j, x) != lq(r, c, x) + j || lk(r, c + j, x) != lk(r, c, x) + j ||
+              lv(c + j, r, x) != lv(c, r, x) + j)
+            ++bad;
+      }
+  std::printf("D=%d %s: %s\n", D, sizeof(E) == 2 && std::is_same<E, cute::half_t>::value ? "f16" : "bf16",
+              bad ? "MISMATCH" : "ok");
+  return bad;
+}
+
+int main() {
+  const int bad = check<cute::bfloat16_t, 128>() + check<cute::bfloat16_t, 64>() + check<cute::half_t, 128>() +
+                  check<cute::half_t, 64>();
+  return bad ? 1 : 0;
+}

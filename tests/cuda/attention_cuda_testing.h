@@ -1,0 +1,98 @@
+// Shared helpers of the CUDA attention forward tests (mma.sync and wgmma kernels): random valid topk
+// rows, one poisoned-output CUDA run, the float64 oracle comparison, and a sparse + dense case check.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "cuda/device_tensor.h"
+#include "msa/rules.h"
+#include "problem_fixture.h"
+
+namespace msa {
+namespace testing {
+
+// Valid random topk rows: distinct ids below the local block, the local block, -1 holes anywhere.
+inline std::vector<int32_t> random_topk(const Config& cfg, const reference::Lengths& lens, std::mt19937_64& rng) {
+  const int64_t tq = lens.total_q();
+  std::vector<int32_t> topk(size_t(cfg.num_kv_heads * tq * cfg.topk), rules::kUnusedSlot);
+  for (int g = 0; g < cfg.num_kv_heads; ++g)
+    for (int64_t row = 0; row < tq; ++row) {
+      const int64_t local = rules::local_block(reference::locate_query(lens, row).position, cfg.block_size);
+      std::vector<int32_t> ids;
+      for (int32_t j = 0; j < local; ++j) ids.push_back(j);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      ids.resize(size_t(rules::num_nonlocal_selected(local, cfg.topk)));
+      if (!ids.empty() && rng() % 3 == 0) ids.pop_back();  // a hole
+      ids.push_back(int32_t(local));
+      ids.resize(size_t(cfg.topk), rules::kUnusedSlot);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      std::copy(ids.begin(), ids.end(), topk.begin() + (g * tq + row) * cfg.topk);
+    }
+  return topk;
+}
+
+struct Result {
+  HostTensor out, lse;
+};
+
+// Runs the CUDA forward (topk empty = dense) with poisoned outputs and returns them on the host.
+inline Result run_cuda(TestProblem& p, std::vector<int32_t>* topk, int max_seqlen_q = 0) {
+  const int64_t tq = p.total_q();
+  Result r{HostTensor(p.dtype, {tq, p.cfg.num_q_heads, p.cfg.head_dim}),
+           HostTensor(DType::f32, {tq, p.cfg.num_q_heads})};
+  r.out.poison();
+  r.lse.poison();
+  HostTensor topk_h(DType::i32, {p.cfg.num_kv_heads, tq, p.cfg.topk});
+  if (topk)
+    for (size_t i = 0; i < topk->size(); ++i) topk_h.set(int64_t(i), (*topk)[i]);
+  DeviceTensor dq(p.q), dk(p.k), dv(p.v), dout(r.out), dlse(r.lse), dtopk(topk_h), dcq(p.cu_q), dck(p.cu_k);
+  Varlen vl;
+  vl.cu_seqlens_q = dcq.view();
+  vl.cu_seqlens_k = dck.view();
+  vl.max_seqlen_q = max_seqlen_q;
+  if (topk)
+    sparse_attention_forward(p.cfg, vl, dq.view(), dk.view(), dv.view(), dtopk.view(), dout.view(), dlse.view());
+  else
+    dense_attention_forward(p.cfg, vl, dq.view(), dk.view(), dv.view(), dout.view(), dlse.view());
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  dout.download();
+  dlse.download();
+  return r;
+}
+
+inline void expect_matches_oracle(TestProblem& p, const std::vector<int32_t>* topk, const Result& r) {
+  std::vector<double> out_ref, lse_ref;
+  reference::attention_forward(p.cfg, p.lens, p.q.to_double(), p.k.to_double(), p.v.to_double(),
+                               topk ? topk->data() : nullptr, out_ref, lse_ref);
+  EXPECT_LT(relative_error(r.out.to_double(), out_ref), 1e-2);
+  EXPECT_LT(relative_error(r.lse.to_double(), lse_ref), 1e-2);
+}
+
+struct Case {
+  int hq, hkv, d, block, k;
+  std::vector<int32_t> lq, lk;
+  DType dtype;
+};
+
+inline void check_case(const Case& c, uint64_t seed) {
+  Config cfg;
+  cfg.num_q_heads = c.hq;
+  cfg.num_kv_heads = c.hkv;
+  cfg.head_dim = c.d;
+  cfg.block_size = c.block;
+  cfg.topk = c.k;
+  TestProblem p(cfg, c.lq, c.lk, c.dtype, seed);
+  std::mt19937_64 rng(seed * 7 + 1);
+  std::vector<int32_t> topk = random_topk(cfg, p.lens, rng);
+  Result sparse = run_cuda(p, &topk);
+  expect_matches_oracle(p, &topk, sparse);
+  Result dense = run_cuda(p, nullptr);
+  expect_matches_oracle(p, nullptr, dense);
+}
+
+}  // namespace testing
+}  // namespace msa
