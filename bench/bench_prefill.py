@@ -180,7 +180,12 @@ class MsaCase:
         self.notes = []
         for op in ("index_topk", "sparse_forward"):
             try:
-                nbytes = int(msa.workspace_bytes(op, cfg, self.cu, self.cu, L, L))
+                try:
+                    nbytes = msa.workspace_bytes(op, cfg, self.cu, self.cu, L, L, max_seqlen_q=L,
+                                                 max_seqlen_k=L, dtype=str(x["q"].dtype)[6:])
+                except TypeError:  # an extension without the dtype argument
+                    nbytes = msa.workspace_bytes(op, cfg, self.cu, self.cu, L, L)
+                nbytes = int(nbytes)
                 self.ws[op] = torch.empty(max(1, nbytes), dtype=torch.uint8, device=dev)
             except Exception as e:  # an internal allocation still works; note why
                 self.ws[op] = None

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build (CUDA, tests, tool), ctest, compute-sanitizer, the Python
+# extension and its tests, the prefill benchmark and `msa run`. Each step logs to $OUT (./device_out
+# when OUT is unset); a failing step is reported and the later steps still run; a compact summary
+# is printed last (and kept in $OUT/summary.txt). Arguments are passed to bench/bench_prefill.py.
+#
+#   MSA_COMMIT=$(git rev-parse HEAD) scripts/device_run.sh --quick     # everything, quick benchmark
+#   MSA_ONLY=bench scripts/device_run.sh                               # full benchmark only
+#
+# Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli. Choose with
+#   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
+#                             a step whose build is missing still gets that build first
+#   MSA_SKIP_<STEP>=1         skip one (e.g. MSA_SKIP_BENCH=1); MSA_SKIP_SANITIZER=1 skips both sanitizers
+# Knobs: MSA_DEADLINE_S (default 530: the whole script ends well under 9 minutes), MSA_JOBS (16),
+#   MSA_GPU_FILTER (gtest filter of the GPU tests, default '*Cuda*:*CUDA*'), MSA_SANITIZER_FILTER,
+#   MSA_RACECHECK_FILTER (default: the sanitizer filter), MSA_CLI_ARGS (default '--backend cuda'),
+#   MSA_TIMEOUT_<STEP> (seconds), MSA_SERIAL_BUILDS=1 (no Python build alongside the main build).
+# Files back in $OUT (the device returns at most 8): device_run.log (every step's output, in order),
+# steps.tsv (one line per step, written as it ends), summary.txt, bench/results/<name>.json.
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/device_out}
+mkdir -p "$OUT"
+LOG=$OUT/device_run.log
+STEPS_TSV=$OUT/steps.tsv
+SUMMARY=$OUT/summary.txt
+WORK=$(mktemp -d /tmp/msa_device_run.XXXXXX)
+: >"$LOG"
+: >"$STEPS_TSV"
+T_START=$(date +%s)
+
+export DEADLINE_S=${MSA_DEADLINE_S:-530}
+export JOBS=${MSA_JOBS:-16}
+export BUILD_DIR=${MSA_BUILD_DIR:-build-device}
+export PY_BUILD_DIR=${MSA_PY_BUILD_DIR:-build-py}
+export GPU_FILTER=${MSA_GPU_FILTER:-'*Cuda*:*CUDA*'}
+export SAN_FILTER=${MSA_SANITIZER_FILTER:-$GPU_FILTER}
+export RACE_FILTER=${MSA_RACECHECK_FILTER:-$SAN_FILTER}
+export CUTLASS_INC=${MSA_CUTLASS_INCLUDE_DIR:-$ROOT/.deps/python/cutlass_library/source/include}
+export PYDEPS=$ROOT/.deps/python
+export CLI_ARGS=${MSA_CLI_ARGS:---backend cuda}
+export PYTHONUNBUFFERED=1
+export ROOT OUT
+PY=$(command -v python3 || echo python3)
+export PY
+# The device copy of the tree has no .git: the lead passes MSA_COMMIT; git is the fallback.
+if [ -z "${MSA_COMMIT:-}" ]; then
+  MSA_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export MSA_COMMIT
+export BENCH_DIR=$OUT/bench/results
+BENCH_ARGS=("$@")
+
+# ---- step selection --------------------------------------------------------------------------
+ONLY=",${MSA_ONLY:-},"
+ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
+ONLY=${ONLY//,python,/,pybuild,pytest,}
+selected() {
+  local s=$1 var
+  if [ "$ONLY" != ",," ]; then
+    case "$ONLY" in *",$s,"*) ;; *) return 1 ;; esac
+  fi
+  var="MSA_SKIP_${s^^}"
+  [ "${!var:-0}" = 1 ] && return 1
+  if [ "${MSA_SKIP_SANITIZER:-0}" = 1 ] && { [ "$s" = memcheck ] || [ "$s" = racecheck ]; }; then
+    return 1
+  fi
+  return 0
+}
+have_tests() { [ -x "$ROOT/$BUILD_DIR/tests/msa_tests" ]; }
+have_cli() { [ -x "$ROOT/$BUILD_DIR/msa" ]; }
+have_ext() { compgen -G "$ROOT/$PY_BUILD_DIR/python/msa/_C*.so" >/dev/null; }
+
+DO_BUILD=0; DO_PYBUILD=0
+selected build && DO_BUILD=1
+selected pybuild && DO_PYBUILD=1
+# A later step whose build is absent (MSA_ONLY=bench on a fresh machine) gets the build it needs.
+for s in ctest memcheck racecheck; do selected $s && ! have_tests && DO_BUILD=1; done
+selected cli && ! have_cli && DO_BUILD=1
+for s in pytest bench; do selected $s && ! have_ext && DO_PYBUILD=1; done
+
+# ---- step runner -----------------------------------------------------------------------------
+declare -A STATUS SECS NOTE
+ORDER=()
+elapsed() { echo $(($(date +%s) - T_START)); }
+record() {  # record NAME STATUS SECONDS NOTE
+  STATUS[$1]=$2; SECS[$1]=$3; NOTE[$1]=${4:-}
+  ORDER+=("$1")
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$STEPS_TSV"
+}
+header() { printf '\n===== [%s] %s (t=%ss) =====\n' "$1" "$2" "$(elapsed)" >>"$LOG"; }
+# limit_for NAME DEFAULT: the step's time limit, cut to what the deadline leaves.
+limit_for() {
+  local var="MSA_TIMEOUT_${1^^}" lim left
+  lim=${!var:-$2}
+  left=$((DEADLINE_S - $(elapsed) - 10))
+  ((lim > left)) && lim=$left
+  echo "$lim"
+}
+status_of() {
+  case $1 in
+    0) echo ok ;;
+    124 | 137) echo TIMEOUT ;;
+    *) echo "FAIL($1)" ;;
+  esac
+}
+# run_step NAME DEFAULT_LIMIT FUNCTION: runs FUNCTION in a child bash under `timeout`.
+run_step() {
+  local name=$1 lim rc t0 log=$WORK/$1.log
+  lim=$(limit_for "$1" "$2")
+  if ((lim < 5)); then
+    record "$name" skipped 0 "no time left before the deadline"
+    return 0
+  fi
+  header "$name" "$3 (limit ${lim}s)"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$lim" bash -c "$3" >"$log" 2>&1
+  rc=$?
+  cat "$log" >>"$LOG"
+  record "$name" "$(status_of $rc)" $(($(date +%s) - t0)) "$(step_note "$name" "$log")"
+  return $rc
+}
+# One line of facts per step, read from its log.
+step_note() {
+  local name=$1 log=$2
+  case $name in
+    gpu) head -1 "$log" | cut -c1-80 ;;
+    ctest) grep -E 'tests passed|tests failed' "$log" | tail -1 ;;
+    memcheck | racecheck) grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED  \]' "$log" |
+      sort | uniq -c | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
+    pytest) grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -1 | cut -c1-150 ;;
+    bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
+    *) grep -iE 'error|FAILED' "$log" | head -1 | cut -c1-150 ;;
+  esac
+}
+
+# ---- the steps (run in a child bash: exported functions and variables) --------------------------
+step_gpu() {
+  nvidia-smi -L && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
+  nvcc --version | tail -2
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  echo "commit $MSA_COMMIT"
+}
+step_build() {
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMSA_CUDA=ON \
+    -DMSA_BUILD_TESTS=ON -DMSA_BUILD_TOOLS=ON -DMSA_BUILD_PYTHON=OFF \
+    -DMSA_CUTLASS_INCLUDE_DIR="$CUTLASS_INC" &&
+    cmake --build "$BUILD_DIR" -j "$JOBS"
+}
+step_ctest() {
+  ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 120 -j 8
+}
+step_memcheck() {
+  compute-sanitizer --tool memcheck --error-exitcode 42 --print-limit 20 \
+    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$SAN_FILTER" --gtest_brief=1
+}
+step_racecheck() {
+  compute-sanitizer --tool racecheck --error-exitcode 42 --print-limit 20 \
+    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$RACE_FILTER" --gtest_brief=1
+}
+step_pybuild() {
+  local nb_dir
+  nb_dir=$(PYTHONPATH="$PYDEPS:${PYTHONPATH:-}" "$PY" -c 'import nanobind; print(nanobind.cmake_dir())') || {
+    echo "nanobind not importable from $PYDEPS (carry .deps/python/nanobind)"; return 1; }
+  echo "nanobind: $nb_dir"
+  cmake -S . -B "$PY_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMSA_CUDA=ON \
+    -DMSA_BUILD_PYTHON=ON -DMSA_BUILD_TESTS=OFF -DMSA_BUILD_TOOLS=OFF \
+    -DMSA_CUTLASS_INCLUDE_DIR="$CUTLASS_INC" -Dnanobind_DIR="$nb_dir" -DPython_EXECUTABLE="$PY" &&
+    cmake --build "$PY_BUILD_DIR" -j "$JOBS"
+}
+py_env() { export PYTHONPATH="$ROOT/python:$ROOT/$PY_BUILD_DIR/python:${PYTHONPATH:-}"; }
+step_pytest() {
+  py_env
+  if ! compgen -G "python/tests/test_*.py" >/dev/null; then echo "no python tests"; return 0; fi
+  "$PY" -m pytest python/tests -q
+}
+step_bench() {
+  py_env
+  local rc budget
+  budget=$((LIMIT_S - 20))
+  mkdir -p "$BENCH_DIR"
+  "$PY" bench/bench_prefill.py --out "$BENCH_DIR/" --time-budget "$budget" "${BENCH_ARGV[@]}"
+  rc=$?
+  if [ $rc = 3 ]; then  # a kernel fault killed the CUDA context: finish the baselines in a new process
+    echo "== CUDA context lost: rerunning the baselines without msa (--resume)"
+    "$PY" bench/bench_prefill.py --out "$BENCH_DIR/" --time-budget $((budget / 2)) "${BENCH_ARGV[@]}" \
+      --resume --skip msa_index_topk,msa_sparse_forward,msa_total,flex_block_sparse
+  fi
+  return $rc
+}
+step_cli() {
+  local bin=$BUILD_DIR/msa
+  "$bin" info
+  # shellcheck disable=SC2086  # CLI_ARGS is a word list on purpose
+  "$bin" run $CLI_ARGS
+}
+export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_pybuild py_env \
+  step_pytest step_bench step_cli
+
+# ---- run ---------------------------------------------------------------------------------------
+selected gpu && run_step gpu 30 step_gpu
+
+# The Python build compiles the library a second time: alongside the main build it costs little
+# wall time on 16 cores (each build is bound by its slowest CUDA file).
+PYBUILD_PID=
+if ((DO_BUILD && DO_PYBUILD)) && [ "${MSA_SERIAL_BUILDS:-0}" != 1 ]; then
+  PY_LIM=$(limit_for pybuild 360)
+  PY_T0=$(date +%s)
+  timeout --kill-after=10 "$PY_LIM" bash -c step_pybuild >"$WORK/pybuild.log" 2>&1 &
+  PYBUILD_PID=$!
+fi
+((DO_BUILD)) && run_step build 360 step_build
+selected ctest && run_step ctest 150 step_ctest
+selected memcheck && run_step memcheck 100 step_memcheck
+selected racecheck && run_step racecheck 100 step_racecheck
+
+if [ -n "$PYBUILD_PID" ]; then
+  wait "$PYBUILD_PID"
+  rc=$?
+  header pybuild "step_pybuild (ran alongside build, limit ${PY_LIM}s)"
+  cat "$WORK/pybuild.log" >>"$LOG"
+  record pybuild "$(status_of $rc)" $(($(date +%s) - PY_T0)) "$(step_note pybuild "$WORK/pybuild.log") (parallel with build)"
+elif ((DO_PYBUILD)); then
+  run_step pybuild 360 step_pybuild
+fi
+selected pytest && run_step pytest 120 step_pytest
+if selected bench; then
+  # The benchmark gets what is left but 45 s kept for the CLI step.
+  LIMIT_S=$(($(limit_for bench 100000) - $(selected cli && echo 45 || echo 0)))
+  export LIMIT_S
+  BENCH_ARGV_Q=
+  ((${#BENCH_ARGS[@]})) && BENCH_ARGV_Q=$(printf '%q ' "${BENCH_ARGS[@]}")
+  export BENCH_ARGV_Q
+  MSA_TIMEOUT_BENCH=$LIMIT_S run_step bench "$LIMIT_S" 'eval "BENCH_ARGV=($BENCH_ARGV_Q)"; step_bench'
+fi
+selected cli && run_step cli 45 step_cli
+
+# ---- summary (printed last) --------------------------------------------------------------------
+{
+  echo
+  echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
+  printf '%-10s %-10s %6s  %s\n' step status secs note
+  for s in gpu build ctest memcheck racecheck pybuild pytest bench cli; do
+    if [ -n "${STATUS[$s]+x}" ]; then
+      printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
+    else
+      printf '%-10s %-10s %6s  %s\n' "$s" "-" "" "not selected"
+    fi
+  done
+  for s in "${ORDER[@]}"; do
+    case ${STATUS[$s]} in ok | skipped) continue ;; esac
+    echo "---- $s: last lines of its log"
+    grep -vE '^\s*$' "$WORK/$s.log" 2>/dev/null | tail -15 | cut -c1-200
+  done
+  if [ -f "$WORK/bench.log" ]; then
+    echo "---- bench table"
+    sed -n '/^== bench summary/,$p' "$WORK/bench.log" | cut -c1-200
+    ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
+  fi
+  echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"
+} | tee "$SUMMARY"
+rm -rf "$WORK"
+FAILED=0
+for s in "${ORDER[@]}"; do case ${STATUS[$s]} in ok | skipped) ;; *) FAILED=1 ;; esac; done
+exit $FAILED
