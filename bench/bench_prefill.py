@@ -323,6 +323,11 @@ def flex_fn():
     return _FLEX
 
 
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    """Module-level on purpose: a new function object per mask would make torch.compile recompile."""
+    return q_idx >= kv_idx
+
+
 def flex_block_mask(topk, L, hq, hkv):
     """BlockMask at 128x128 granularity from OUR selection: query block Q (queries Q*128..Q*128+127)
     of group g sees the union over its queries of the blocks they selected; blocks of the union
@@ -343,10 +348,7 @@ def flex_block_mask(topk, L, hq, hkv):
     def per_head(t):  # [hkv, ...] -> [1, hq, ...], head h uses group h // G
         return t.repeat_interleave(G, dim=0).unsqueeze(0).contiguous()
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=causal)
+    kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=causal_mask_mod)
     params = inspect.signature(BlockMask.from_kv_blocks).parameters
     if "compute_q_blocks" in params:
         kwargs["compute_q_blocks"] = False                          # forward only
