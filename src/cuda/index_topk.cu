@@ -16,6 +16,7 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_select.cuh"
+#include "cuda/index_wgmma_launch.cuh"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 #include "msa/rules.h"
@@ -125,7 +126,9 @@ void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
                   unsigned(p.batch),
                   unsigned((cfg.num_kv_heads + s.groups_per_cta - 1) / s.groups_per_cta));
   const bool bf16 = p.dtype == DType::bf16;
-  if (bf16 && want_lse) launch_block_scores<true, true>(s, grid, stream);
+  if (index::wgmma_block_scores_requested() && index::wgmma_block_scores_supported(s))
+    index::launch_block_scores_wgmma(s, bf16, want_lse, grid, stream);  // opt-in, same outputs
+  else if (bf16 && want_lse) launch_block_scores<true, true>(s, grid, stream);
   else if (bf16) launch_block_scores<true, false>(s, grid, stream);
   else if (want_lse) launch_block_scores<false, true>(s, grid, stream);
   else launch_block_scores<false, false>(s, grid, stream);

@@ -1,0 +1,27 @@
+// Entry to the wgmma (Hopper tensor-core) stage 1 of the index branch, kept apart from its kernel so
+// index_topk.cu does not compile CuTe. Opt-in: MSA_INDEX_KERNEL=wgmma selects it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/index_block_scores.cuh"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+namespace index {
+
+// True when the environment asks for the wgmma stage 1 (MSA_INDEX_KERNEL=wgmma).
+bool wgmma_block_scores_requested();
+
+// Whether the wgmma kernel covers these arguments (head dims up to 128); else use the HMMA kernel.
+bool wgmma_block_scores_supported(const BlockScoreArgs& args);
+
+// Same grid and outputs as block_scores_kernel (index_block_scores.cuh).
+void launch_block_scores_wgmma(const BlockScoreArgs& args, bool bf16, bool want_lse, dim3 grid,
+                               cudaStream_t stream);
+
+}  // namespace index
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
