@@ -20,6 +20,7 @@
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_union.cuh"
+#include "cuda/sequence_of_row.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -67,16 +68,6 @@ __host__ __device__ __forceinline__ int64_t global_block(int64_t k_begin, int b,
   return k_begin / B + b + j;
 }
 
-// Sequence of packed query row `row` (cu_q ascending; empty sequences skipped).
-__device__ __forceinline__ int sequence_of_row(const int32_t* cu_q, int batch, int64_t row) {
-  int lo = 0, hi = batch - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (cu_q[mid] <= row) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 // 1. delta[row, head] = sum_d dout * out (one warp per (row, head)).
 template <class T, int D>
 __global__ void __launch_bounds__(128) attention_backward_delta_kernel(const BackwardParams p,
@@ -100,7 +91,7 @@ __global__ void __launch_bounds__(128) attention_backward_delta_kernel(const Bac
 // the entries were written in, so the dK/dV accumulation order is fixed.
 __host__ __device__ __forceinline__ int tiles_per_query_span(int G) { return (G - 1) / kAttnRows + 2; }
 
-__global__ void attention_backward_list_entries_kernel(const BackwardParams p, int batch,
+static __global__ void attention_backward_list_entries_kernel(const BackwardParams p, int batch,
                                                        int64_t total_q, int num_kv_heads,
                                                        unsigned long long* entries) {
   const int span = tiles_per_query_span(p.group_size);
@@ -127,7 +118,7 @@ __global__ void attention_backward_list_entries_kernel(const BackwardParams p, i
 }
 
 // Range of each list in the sorted, deduplicated entries (lists absent from it keep [0, 0)).
-__global__ void attention_backward_list_ranges_kernel(const unsigned long long* keys,
+static __global__ void attention_backward_list_ranges_kernel(const unsigned long long* keys,
                                                       const int* num_keys, int* begin, int* end) {
   const int n = *num_keys;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {

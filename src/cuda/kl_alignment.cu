@@ -15,12 +15,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "core/backend.h"
-#include "cuda/attention_backward_kernel.cuh"
+#include "cuda/attention_mma.cuh"
+#include "cuda/sequence_of_row.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
 #include "cuda/workspace.cuh"
