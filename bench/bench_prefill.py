@@ -290,19 +290,21 @@ def sdpa_calls(backend_name, sets, hq, hkv):
             calls.append(call)
         return calls
 
-    first_error = None
+    errors = []
     for native in ([True, False] if G > 1 else [False]):
         try:
             calls = make(native)
             calls[0]()
             torch.cuda.synchronize()
             mode = "enable_gqa" if native else ("expanded_kv" if G > 1 else "mha")
-            note = None if first_error is None else f"native GQA refused: {first_error}"
+            note = f"native GQA refused: {errors[0]}" if errors else None
             return calls, mode, note
         except Exception as e:
-            first_error = C.short_error(e, 200)
+            what = "enable_gqa" if native else ("expanded K/V" if G > 1 else "MHA")
+            errors.append(f"{what}: {C.short_error(e, 200)}")
+            calls = None
             torch.cuda.empty_cache()
-    raise RuntimeError(first_error)
+    raise RuntimeError("; ".join(errors))
 
 
 _FLEX = None
@@ -446,6 +448,7 @@ class Run:
                 "l2_bytes": self.l2, "time_budget_s": args.time_budget,
                 "msa_module": getattr(self.msa, "__file__", None), "msa_error": self.msa_error,
                 "flash_attention_impl": flash_impl(torch),
+                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSA_")},
             },
             "rows": self.rows,
             "cases": [],

@@ -78,8 +78,8 @@ def collect_cases(docs):
             other = cases.get((device, cfg, ctx, "smooth"))
             if other is not None and other["doc"] is c["doc"]:
                 for m in DENSE:
-                    if m in other["rows"]:
-                        c["rows"].setdefault(m, other["rows"][m])
+                    if ms_of(other["rows"].get(m)) is not None:
+                        c["rows"][m] = other["rows"][m]
                 c["dense_from"] = "smooth"
     return cases
 
@@ -136,7 +136,8 @@ def make_table(cases):
                     mark = "\u2020"
                 cells.append(fmt_ms(row["ms_median"]) + mark)
         fwd = rows.get("msa_sparse_forward") or {}
-        cells.append(f"{fwd['tflops']:.0f}" if fwd.get("tflops") else "n/a")
+        tf = fwd.get("tflops")
+        cells.append("n/a" if not tf else (f"{tf:.0f}" if tf >= 10 else f"{tf:.2f}"))
         sp = speedup(rows)
         _, best = best_dense(rows)
         cells.append(f"{sp:.2f}x ({'cuDNN' if best == 'cudnn_dense' else 'FA2'})" if sp else "n/a")
