@@ -137,10 +137,13 @@ step_note() {
 
 # ---- the steps (run in a child bash: exported functions and variables) --------------------------
 step_gpu() {
-  nvidia-smi -L && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
-  nvcc --version | tail -2
-  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  local rc=0
+  nvidia-smi -L || rc=1
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
+  nvcc --version | tail -2 || rc=1
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' || rc=1
   echo "commit $MSA_COMMIT"
+  return $rc
 }
 step_build() {
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMSA_CUDA=ON \
@@ -153,11 +156,11 @@ step_ctest() {
 }
 step_memcheck() {
   compute-sanitizer --tool memcheck --error-exitcode 42 --print-limit 20 \
-    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$SAN_FILTER" --gtest_brief=1
+    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$SAN_FILTER"
 }
 step_racecheck() {
   compute-sanitizer --tool racecheck --error-exitcode 42 --print-limit 20 \
-    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$RACE_FILTER" --gtest_brief=1
+    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$RACE_FILTER"
 }
 step_pybuild() {
   local nb_dir
@@ -212,8 +215,8 @@ if ((DO_BUILD && DO_PYBUILD)) && [ "${MSA_SERIAL_BUILDS:-0}" != 1 ]; then
 fi
 ((DO_BUILD)) && run_step build 360 step_build
 selected ctest && run_step ctest 150 step_ctest
-selected memcheck && run_step memcheck 100 step_memcheck
-selected racecheck && run_step racecheck 100 step_racecheck
+selected memcheck && run_step memcheck 90 step_memcheck
+selected racecheck && run_step racecheck 90 step_racecheck
 
 if [ -n "$PYBUILD_PID" ]; then
   wait "$PYBUILD_PID"
