@@ -2,7 +2,7 @@
 // gradients):
 //   1. delta = rowsum(dout * out) per (query, head), fp32.
 //   2. dQ, query-major: the forward's tiles (64 rows = (query, head) pairs of one GQA group) walk the
-//      same union of selected blocks (attention_union.cuh), recompute P = exp(scale QK^T - lse),
+//      same union of selected blocks (attention_block_union.cuh), recompute P = exp(scale QK^T - lse),
 //      dP = dO V^T, dS = P (dP - delta) and keep dQ = scale dS K in registers; written once.
 //   3. dK, dV, key-major: a CTA owns 64 keys of one group and loops, in ascending order, over the
 //      query tiles whose queries selected the keys' block (the key -> query-tile lists, built on the
@@ -19,7 +19,7 @@
 
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
-#include "cuda/attention_union.cuh"
+#include "cuda/attention_block_union.cuh"
 #include "cuda/sequence_of_row.cuh"
 #include "msa/rules.h"
 
@@ -136,8 +136,7 @@ struct BackwardSmem {
   static constexpr std::size_t kFixedBytes = 6 * kTileBytes;
   // dQ kernel: Q, dO, K[2], V[2], then the union bookkeeping (as the forward).
   static std::size_t dq_bytes(int bitmap_words, int union_cap) {
-    return kFixedBytes + 16 + std::size_t(union_cap) * 8 + std::size_t(union_cap) * 4 +
-           std::size_t(bitmap_words) * 8 + 64;
+    return kFixedBytes + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
   // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse * log2 e, delta.
   static constexpr std::size_t kRowMetaBytes = 2 * 3 * kAttnRows * 8;
@@ -152,12 +151,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
   uint16_t* sdO = sQ + BackwardSmem<D>::kTileElems;
   uint16_t* sK = sdO + BackwardSmem<D>::kTileElems;      // two stages
   uint16_t* sV = sK + 2 * BackwardSmem<D>::kTileElems;  // two stages
-  unsigned char* tail = smem_raw + BackwardSmem<D>::kFixedBytes;
-  int* s_count = reinterpret_cast<int*>(tail);
-  unsigned long long* s_mask = reinterpret_cast<unsigned long long*>(tail + 16);
-  int* s_union = reinterpret_cast<int*>(s_mask + p.union_cap);
-  uint32_t* s_bits = reinterpret_cast<uint32_t*>(s_union + p.union_cap);
-  uint32_t* s_prefix = s_bits + p.bitmap_words;
+  const BlockUnionSmem<1> su =
+      BlockUnionSmem<1>::carve(smem_raw + BackwardSmem<D>::kFixedBytes, p.bitmap_words, p.union_cap);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.z, g = blockIdx.y;
@@ -194,11 +189,10 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
 
   int num_union = int(local_last + 1);
   if (!dense) {
-    num_union = build_tile_union<kAttnThreads>(p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
-                                               q_begin, lq, lk, B, i_first, i_last, local_last,
-                                               TileUnionSmem{s_count, s_mask, s_union, s_bits, s_prefix});
+    num_union = build_block_union<kAttnThreads, 1>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
+                                                   q_begin, lq, lk, B, i_first, i_last, local_last);
   }
-  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(s_union[u]); };
+  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(su.blocks[u]); };
 
   const int sub_per_block = B / kAttnKeys;
   int num_iters = 0;
@@ -296,7 +290,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
     }
 
     // P (0 where masked: unselected rows, causal tail) and dS = P (dP - delta), in place in s.
-    const unsigned long long sel = dense ? all_queries : s_mask[it / sub_per_block];
+    const unsigned long long sel = dense ? all_queries : su.mask[it / sub_per_block];
     const bool needs_mask = partial_tile || sel != all_queries || ks + kAttnKeys - 1 > p_first;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -2,7 +2,9 @@
 // shared memory by the whole CTA: a bitmap gives the union sorted and deduplicated, a prefix count
 // gives each block its rank, and each rank gets a bit mask of the tile's queries that selected it
 // (kMaskWords 64-bit words per rank: bit i - i_first for query i). Ids outside [0, local block] of
-// their query (malformed rows) are skipped, never read. Used by the wgmma attention forward kernel.
+// their query (malformed rows) are skipped, never read. Used by the wgmma attention forward kernel
+// (kMaskWords words) and by the HMMA forward and backward kernels (one word: tiles of at most 64
+// queries), so that all of them walk exactly the same keys.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,7 +47,7 @@ struct BlockUnionSmem {
 // Builds the union for queries i_first..i_last (sequence-local) of group g; returns its size. Every
 // thread of the CTA (kThreads of them, at least one warp) must call it; ends with a barrier.
 template <int kThreads, int kMaskWords>
-__device__ int build_block_union(const BlockUnionSmem<kMaskWords>& s, const int32_t* topk, int64_t topk_s0,
+__device__ __forceinline__ int build_block_union(const BlockUnionSmem<kMaskWords>& s, const int32_t* topk, int64_t topk_s0,
                                  int64_t topk_s1, int topk_k, int union_cap, int g, int64_t q_begin,
                                  int64_t lq, int64_t lk, int B, int64_t i_first, int64_t i_last,
                                  int64_t local_last) {
@@ -94,8 +96,12 @@ __device__ int build_block_union(const BlockUnionSmem<kMaskWords>& s, const int3
     const int id = topk[int64_t(g) * topk_s0 + (q_begin + i) * topk_s1 + e % topk_k];
     if (id >= 0 && id <= rules::local_block(rules::query_position(lq, lk, i), B)) {
       const int rank = s.prefix[id >> 5] + __popc(s.bits[id >> 5] & ((1u << (id & 31)) - 1u));
-      const int bit = int(i - i_first);
-      atomicOr(&s.mask[rank * kMaskWords + (bit >> 6)], 1ull << (bit & 63));
+      if constexpr (kMaskWords == 1) {
+        atomicOr(&s.mask[rank], 1ull << (i - i_first));
+      } else {
+        const int bit = int(i - i_first);
+        atomicOr(&s.mask[rank * kMaskWords + (bit >> 6)], 1ull << (bit & 63));
+      }
     }
   }
   __syncthreads();

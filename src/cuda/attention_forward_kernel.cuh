@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "cuda/attention_mma.cuh"
-#include "cuda/attention_union.cuh"
+#include "cuda/attention_block_union.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -49,8 +49,7 @@ struct AttentionSmem {
   // Q, K[2], V[2], then the union bookkeeping.
   static constexpr std::size_t kFixedBytes = 5 * kTileBytes;
   static std::size_t bytes(int bitmap_words, int union_cap) {
-    return kFixedBytes + 16 + std::size_t(union_cap) * 8 + std::size_t(union_cap) * 4 +
-           std::size_t(bitmap_words) * 8 + 64;
+    return kFixedBytes + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
 };
 
@@ -79,12 +78,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(cons
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sK = sQ + AttentionSmem<D>::kTileElems;      // two stages
   uint16_t* sV = sK + 2 * AttentionSmem<D>::kTileElems;  // two stages
-  unsigned char* tail = smem_raw + AttentionSmem<D>::kFixedBytes;
-  int* s_count = reinterpret_cast<int*>(tail);
-  unsigned long long* s_mask = reinterpret_cast<unsigned long long*>(tail + 16);
-  int* s_union = reinterpret_cast<int*>(s_mask + p.union_cap);
-  uint32_t* s_bits = reinterpret_cast<uint32_t*>(s_union + p.union_cap);
-  uint32_t* s_prefix = s_bits + p.bitmap_words;
+  const BlockUnionSmem<1> su =
+      BlockUnionSmem<1>::carve(smem_raw + AttentionSmem<D>::kFixedBytes, p.bitmap_words, p.union_cap);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.z, g = blockIdx.y;
@@ -115,14 +110,13 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(cons
   });
   mma::cp_async_commit();
 
-  // Union of the selected blocks (attention_union.cuh).
+  // Union of the selected blocks (attention_block_union.cuh).
   int num_union = int(local_last + 1);
   if (!dense) {
-    num_union = build_tile_union<kAttnThreads>(p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq,
-                                 lk, B, i_first, i_last, local_last,
-                                 TileUnionSmem{s_count, s_mask, s_union, s_bits, s_prefix});
+    num_union = build_block_union<kAttnThreads, 1>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
+                                                   q_begin, lq, lk, B, i_first, i_last, local_last);
   }
-  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(s_union[u]); };
+  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(su.blocks[u]); };
 
   // Key tiles: every sub-tile of each union block, except sub-tiles past the tile's last position.
   const int sub_per_block = B / kAttnKeys;
@@ -207,7 +201,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(cons
     }
 
     // Mask unselected rows and the causal tail; skipped when the whole sub-tile is visible to all rows.
-    const unsigned long long sel = dense ? all_queries : s_mask[it / sub_per_block];
+    const unsigned long long sel = dense ? all_queries : su.mask[it / sub_per_block];
     if (partial_tile || sel != all_queries || ks + kAttnKeys - 1 > p_first) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
