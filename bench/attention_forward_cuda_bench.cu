@@ -18,40 +18,11 @@
 #include <random>
 #include <vector>
 
+#include "cuda_bench_common.h"
 #include "msa/ops.h"
 #include "msa/rules.h"
 
-#define CK(x)                                                                      \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
 using namespace msa;
-
-template <class F>
-float median_ms(F&& f, int reps = 10) {
-  for (int i = 0; i < 3; ++i) f();
-  CK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(a));
-    f();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
 
 int main(int argc, char** argv) {
   Config cfg;  // defaults: Hq 64, Hkv 4, D 128, B 128, k 16
@@ -69,19 +40,19 @@ int main(int argc, char** argv) {
     for (auto& x : hq) x = bf(nd(rng));
     for (auto& x : hkv) x = bf(nd(rng));
     void *q, *k, *v, *out, *lse, *topk, *cu;
-    CK(cudaMalloc(&q, hq.size() * 2));
-    CK(cudaMalloc(&k, hkv.size() * 2));
-    CK(cudaMalloc(&v, hkv.size() * 2));
-    CK(cudaMalloc(&out, hq.size() * 2));
-    CK(cudaMalloc(&lse, size_t(L) * Hq * 4));
-    CK(cudaMalloc(&topk, size_t(Hkv) * L * K * 4));
-    CK(cudaMalloc(&cu, 8));
-    CK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(k, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMalloc(&q, hq.size() * 2));
+    CHECK(cudaMalloc(&k, hkv.size() * 2));
+    CHECK(cudaMalloc(&v, hkv.size() * 2));
+    CHECK(cudaMalloc(&out, hq.size() * 2));
+    CHECK(cudaMalloc(&lse, size_t(L) * Hq * 4));
+    CHECK(cudaMalloc(&topk, size_t(Hkv) * L * K * 4));
+    CHECK(cudaMalloc(&cu, 8));
+    CHECK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(k, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
     for (auto& x : hkv) x = bf(nd(rng));
-    CK(cudaMemcpy(v, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(v, hkv.data(), hkv.size() * 2, cudaMemcpyHostToDevice));
     const int32_t hcu[2] = {0, L};
-    CK(cudaMemcpy(cu, hcu, 8, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(cu, hcu, 8, cudaMemcpyHostToDevice));
     Varlen vl;
     vl.cu_seqlens_q = TensorView::contiguous(cu, DType::i32, {2}, Device::cuda());
     vl.cu_seqlens_k = vl.cu_seqlens_q;
@@ -115,17 +86,17 @@ int main(int argc, char** argv) {
           row[s] = int32_t(local);
           keys += double(s) * B + double(i - local * B + 1);
         }
-      CK(cudaMemcpy(topk, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+      CHECK(cudaMemcpy(topk, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
       const double flops = keys / double(Hkv) * double(Hq) * 4.0 * double(D);
-      const float ms = median_ms([&] { sparse_attention_forward(cfg, vl, tq, tk, tv, tt, to, tl); });
+      const float ms = median_ms([&] { sparse_attention_forward(cfg, vl, tq, tk, tv, tt, to, tl); }, 10, 3);
       std::printf("%-8d %-14s %10.3f %10.1f\n", L, shared ? "sparse-shared" : "sparse-random", ms,
                   flops / (ms * 1e-3) / 1e12);
     }
     const double dflops = double(L) * (double(L) + 1) / 2 * double(Hq) * 4.0 * double(D);
-    const float ms = median_ms([&] { dense_attention_forward(cfg, vl, tq, tk, tv, to, tl); }, 5);
+    const float ms = median_ms([&] { dense_attention_forward(cfg, vl, tq, tk, tv, to, tl); }, 5, 3);
     std::printf("%-8d %-14s %10.3f %10.1f\n", L, "dense", ms, dflops / (ms * 1e-3) / 1e12);
-    CK(cudaGetLastError());
-    for (void* p : {q, k, v, out, lse, topk, cu}) CK(cudaFree(p));
+    CHECK(cudaGetLastError());
+    for (void* p : {q, k, v, out, lse, topk, cu}) CHECK(cudaFree(p));
   }
   return 0;
 }

@@ -11,57 +11,11 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda_bench_common.h"
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_select.cuh"
 
 using namespace msa::detail::cuda::index;
-
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
-
-__global__ void fill_random_bf16(uint16_t* x, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
-    const float u = (h & 0xffffff) / float(1 << 24) * 2.f - 1.f;  // uniform(-1, 1)
-    const float f = u * 1.7f;
-    x[i] = uint16_t(__float_as_uint(f) >> 16);
-  }
-}
-
-__global__ void fill_value(float* x, int64_t n, float v) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = v;
-}
-
-template <class F>
-float median_ms(F&& f, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  f();  // warm-up
-  CHECK(cudaDeviceSynchronize());
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    CHECK(cudaEventRecord(a));
-    f();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 int main(int argc, char** argv) {
   const int Hkv = 4, Di = 128, B = 128, K = 16;
@@ -115,10 +69,10 @@ int main(int argc, char** argv) {
     auto stage2_lse = [&] { select_topk_kernel<<<sel_blocks, kSelectWarps * 32>>>(tl); };
 
     const int reps = L > 65536 ? 5 : 10;
-    const float t1l = median_ms(stage1_lse, reps);
-    const float t1 = median_ms(stage1, reps);
-    const float t2 = median_ms(stage2, 20);
-    const float t2l = median_ms(stage2_lse, 20);
+    const float t1l = median_ms(stage1_lse, reps, 1);
+    const float t1 = median_ms(stage1, reps, 1);
+    const float t2 = median_ms(stage2, 20, 1);
+    const float t2l = median_ms(stage2_lse, 20, 1);
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
     // Useful MMA work: every (row, visible key) pair, 2 * Di flops.

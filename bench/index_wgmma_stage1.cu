@@ -12,56 +12,11 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda_bench_common.h"
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_block_scores_wgmma.cuh"
 
 using namespace msa::detail::cuda::index;
-
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
-
-__global__ void fill_random_bf16(uint16_t* x, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
-    const float u = (h & 0xffffff) / float(1 << 24) * 2.f - 1.f;
-    x[i] = uint16_t(__float_as_uint(u * 1.7f) >> 16);
-  }
-}
-
-__global__ void fill_value(float* x, int64_t n, float v) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = v;
-}
-
-template <class F>
-float median_ms(F&& f, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  f();
-  CHECK(cudaDeviceSynchronize());
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    CHECK(cudaEventRecord(a));
-    f();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // Counts entries that differ between two dumps: written in one only, or off by > 1e-3 relative.
 int64_t count_mismatches(const std::vector<float>& x, const std::vector<float>& y, const char* what) {
@@ -144,8 +99,8 @@ int64_t run(int64_t L) {
 
   const int reps = L > 65536 ? 5 : 10;
   const double flops = 2.0 * Hkv * Di * (double(L) * (L + 1) / 2);
-  const float th = median_ms(hmma, reps), thl = median_ms(hmma_lse, reps);
-  const float tw = median_ms(wg, reps), twl = median_ms(wg_lse, reps);
+  const float th = median_ms(hmma, reps, 1), thl = median_ms(hmma_lse, reps, 1);
+  const float tw = median_ms(wg, reps, 1), twl = median_ms(wg_lse, reps, 1);
   CHECK(cudaGetLastError());
   std::printf("  HMMA  %.3f ms (%.0f TFLOP/s useful), with block LSE %.3f ms\n", th, flops / th / 1e9, thl);
   std::printf("  wgmma %.3f ms (%.0f TFLOP/s useful), with block LSE %.3f ms\n", tw, flops / tw / 1e9, twl);

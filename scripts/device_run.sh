@@ -7,10 +7,18 @@
 #   MSA_COMMIT=$(git rev-parse HEAD) scripts/device_run.sh --quick     # everything, quick benchmark
 #   MSA_ONLY=bench scripts/device_run.sh                               # full benchmark only
 #
-# Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli. Choose with
+# Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli, and two opt-in ones (run only
+# when named in MSA_ONLY or with MSA_WITH_<STEP>=1):
+#   synccheck   compute-sanitizer synccheck on MSA_SYNCCHECK_FILTER (default: a wgmma index test)
+#   stages      the kernel timing programs bench/attention_forward_cuda_bench.cu (+ torch SDPA),
+#               bench/index_topk_stages.cu (+ torch.topk on its dumped scores), bench/index_wgmma_stage1.cu
+#               (HMMA vs wgmma stage 1: output check and timings), and SASS instruction counts
+#               (HGMMA, HMMA, LDL/STL) of the library's CUDA objects and of those programs
+# Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
 #   MSA_SKIP_<STEP>=1         skip one (e.g. MSA_SKIP_BENCH=1); MSA_SKIP_SANITIZER=1 skips both sanitizers
+#   MSA_STAGES_ARGS           sequence lengths of the stages programs (default '32768 131072')
 # Knobs: MSA_DEADLINE_S (default 530: the whole script ends well under 9 minutes), MSA_JOBS (16),
 #   MSA_GPU_FILTER (gtest filter of the GPU tests, default '*Cuda*:*CUDA*'), MSA_SANITIZER_FILTER,
 #   MSA_RACECHECK_FILTER (default: the sanitizer filter), MSA_CLI_ARGS (default '--backend cuda'),
@@ -40,6 +48,8 @@ export RACE_FILTER=${MSA_RACECHECK_FILTER:-$SAN_FILTER}
 export CUTLASS_INC=${MSA_CUTLASS_INCLUDE_DIR:-$ROOT/.deps/python/cutlass_library/source/include}
 export PYDEPS=$ROOT/.deps/python
 export CLI_ARGS=${MSA_CLI_ARGS:---backend cuda}
+export SYNC_FILTER=${MSA_SYNCCHECK_FILTER:-IndexTopkWgmmaCuda.StridedRows}
+export STAGES_ARGS=${MSA_STAGES_ARGS:-32768 131072}
 export PYTHONUNBUFFERED=1
 export ROOT OUT
 PY=$(command -v python3 || echo python3)
@@ -56,10 +66,14 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
+OPT_IN=" synccheck stages "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
     case "$ONLY" in *",$s,"*) ;; *) return 1 ;; esac
+  elif [[ $OPT_IN == *" $s "* ]]; then
+    var="MSA_WITH_${s^^}"
+    [ "${!var:-0}" = 1 ] || return 1
   fi
   var="MSA_SKIP_${s^^}"
   [ "${!var:-0}" = 1 ] && return 1
@@ -70,13 +84,15 @@ selected() {
 }
 have_tests() { [ -x "$ROOT/$BUILD_DIR/tests/msa_tests" ]; }
 have_cli() { [ -x "$ROOT/$BUILD_DIR/msa" ]; }
+have_lib() { [ -f "$ROOT/$BUILD_DIR/libmsa.a" ]; }
 have_ext() { compgen -G "$ROOT/$PY_BUILD_DIR/python/msa/_C*.so" >/dev/null; }
 
 DO_BUILD=0; DO_PYBUILD=0
 selected build && DO_BUILD=1
 selected pybuild && DO_PYBUILD=1
 # A later step whose build is absent (MSA_ONLY=bench on a fresh machine) gets the build it needs.
-for s in ctest memcheck racecheck; do selected $s && ! have_tests && DO_BUILD=1; done
+for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
+selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
 for s in pytest bench; do selected $s && ! have_ext && DO_PYBUILD=1; done
 
@@ -131,6 +147,8 @@ step_note() {
       sort | uniq -c | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
     pytest) grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -1 | cut -c1-150 ;;
     bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
+    synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
+    stages) grep -E '^stages:' "$log" | tr '\n' ';' | cut -c1-150 ;;
     *) grep -iE 'error|FAILED' "$log" | head -1 | cut -c1-150 ;;
   esac
 }
@@ -161,6 +179,43 @@ step_memcheck() {
 step_racecheck() {
   compute-sanitizer --tool racecheck --error-exitcode 42 --print-limit 20 \
     "$BUILD_DIR/tests/msa_tests" --gtest_filter="$RACE_FILTER"
+}
+step_synccheck() {
+  compute-sanitizer --tool synccheck --error-exitcode 42 --print-limit 20 \
+    "$BUILD_DIR/tests/msa_tests" --gtest_filter="$SYNC_FILTER"
+}
+# SASS instruction counts of one binary or object: the tensor-core path it compiled to, and spills.
+sass_counts() {
+  local sass
+  sass=$(cuobjdump --dump-sass "$1" 2>&1)
+  echo "SASS $(basename "$1"): HGMMA=$(grep -c HGMMA <<<"$sass") HMMA=$(grep -c HMMA <<<"$sass")" \
+    "LDL/STL=$(grep -cE 'LDL|STL' <<<"$sass")"
+}
+step_stages() {
+  local rc=0 bin nv=(nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a
+    --expt-relaxed-constexpr -Iinclude -Isrc -I"$CUTLASS_INC")
+  bin=$(mktemp -d /tmp/msa_stages.XXXXXX)
+  # shellcheck disable=SC2086  # STAGES_ARGS is a word list on purpose
+  {
+    "${nv[@]}" bench/attention_forward_cuda_bench.cu "$BUILD_DIR/libmsa.a" -Xcompiler -fopenmp -o "$bin/afb" &&
+      timeout 120 "$bin/afb" $STAGES_ARGS &&
+      timeout 60 "$PY" bench/attention_forward_torch_sdpa.py $STAGES_ARGS
+  } || { echo "stages: attention forward FAILED"; rc=1; }
+  {
+    "${nv[@]}" bench/index_topk_stages.cu -o "$bin/index_topk_stages" &&
+      timeout 100 "$bin/index_topk_stages" $STAGES_ARGS &&
+      timeout 60 "$PY" bench/index_topk_vs_torch.py /tmp/index_scores_*.f32
+  } || { echo "stages: index topk FAILED"; rc=1; }
+  {
+    "${nv[@]}" bench/index_wgmma_stage1.cu -o "$bin/index_wgmma_stage1" &&
+      timeout 200 "$bin/index_wgmma_stage1" 4096 $STAGES_ARGS
+  } || { echo "stages: index wgmma stage 1 FAILED"; rc=1; }
+  for o in "$BUILD_DIR"/CMakeFiles/msa.dir/src/cuda/*.cu.o "$bin"/*; do
+    [ -f "$o" ] && sass_counts "$o"
+  done
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
+  echo "stages: rc=$rc"
+  return $rc
 }
 step_pybuild() {
   local nb_dir
@@ -198,8 +253,8 @@ step_cli() {
   # shellcheck disable=SC2086  # CLI_ARGS is a word list on purpose
   "$bin" run $CLI_ARGS
 }
-export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_pybuild py_env \
-  step_pytest step_bench step_cli
+export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
+  step_stages step_pybuild py_env step_pytest step_bench step_cli
 
 # ---- run ---------------------------------------------------------------------------------------
 selected gpu && run_step gpu 30 step_gpu
@@ -217,6 +272,8 @@ fi
 selected ctest && run_step ctest 150 step_ctest
 selected memcheck && run_step memcheck 90 step_memcheck
 selected racecheck && run_step racecheck 90 step_racecheck
+selected synccheck && run_step synccheck 90 step_synccheck
+selected stages && run_step stages 300 step_stages
 
 if [ -n "$PYBUILD_PID" ]; then
   wait "$PYBUILD_PID"
@@ -244,7 +301,7 @@ selected cli && run_step cli 45 step_cli
   echo
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck pybuild pytest bench cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
