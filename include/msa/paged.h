@@ -1,0 +1,104 @@
+// Serving API of MSA (SPEC.md "Inference"): a paged KV cache and one forward step of a batch of
+// requests, each with 1..n new query tokens (decode: 1..16, speculative/MTP included; chunked
+// prefill: any number) that are the causal suffix of the request's cached tokens.
+//
+// Style of FlashInfer's BatchDecode/BatchPrefill wrappers:
+//   1. paged_plan(...)      host only, once per step, outside any CUDA graph capture: validates the
+//                           lengths, builds the work schedule and sizes the workspace. One plan serves
+//                           every layer of the step.
+//   2. paged_append_kv(...) writes the step's new k / v / ki rows into their pages (per layer).
+//   3. paged_run(...)       per layer: index top-k over each request's cached blocks, then sparse
+//                           attention over the selected pages only. Every output and all scratch is
+//                           preallocated by the caller (ctx.workspace, plan.workspace_bytes); run
+//                           allocates nothing and reads no lengths back to the host, so a CUDA backend
+//                           can capture it in a graph.
+// Layouts (innermost dimension contiguous, outer strides free):
+//   k_cache, v_cache [num_pages, B, Hkv, D]    ki_cache [num_pages, B, Di]    (one page = one block)
+//   page_table [batch, max_pages] int32: logical block j of request r lives in page page_table[r][j]
+//   q [total_q, Hq, D]  qi [total_q, Hkv, Di]  out [total_q, Hq, D]  lse [total_q, Hq] f32
+//   topk [Hkv, total_q, k] int32: LOGICAL block ids (as in ops.h), -1 for unused slots
+// See docs/serving.md for the design and its choices.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "msa/config.h"
+#include "msa/ops.h"
+#include "msa/tensor.h"
+
+namespace msa {
+
+// One layer's cache. The floating dtype equals the query dtype (f32, bf16 or f16).
+// FP8 E4M3 caches (per-page-per-head scales k_scale/v_scale [num_pages, Hkv] f32, ki_scale
+// [num_pages] f32) are part of the layout; this build does not implement them yet and rejects scales
+// (docs/serving.md).
+struct PagedKVCache {
+  TensorView k, v, ki;
+  TensorView k_scale, v_scale, ki_scale;  // FP8 only; undefined otherwise
+};
+
+// The per-step batch description, on the device of the tensors. cu_seqlens_q [batch + 1] int32 (prefix
+// sums of q_len), kv_lens [batch] int32 (tokens in the cache INCLUDING this step's new ones),
+// page_table [batch, max_pages] int32. They must hold the lengths the plan was made with.
+struct PagedBatch {
+  TensorView cu_seqlens_q;
+  TensorView kv_lens;
+  TensorView page_table;
+};
+
+struct PagedOptions {
+  bool dense = false;   // dense causal attention over every cached block (warmup, baseline); no index
+  int num_threads = 0;  // CPU: threads of the schedule, 0 = all hardware threads
+  int num_workers = 0;  // CUDA: SMs the schedule fills, 0 = all of the device
+};
+
+// Work items of the schedule. Public so a backend can copy them to its device; callers treat them
+// as opaque.
+struct PagedIndexWork {   // score blocks [block_begin, block_end) for queries [q_begin, q_end)
+  int32_t request, q_begin, q_end, block_begin, block_end;
+};
+struct PagedAttentionWork {  // group `group`, queries [q_begin, q_end), key split `split` of `splits`
+  int32_t request, group, q_begin, q_end, split, splits;
+  int64_t partial_offset;  // floats into the partials region (splits > 1 only)
+};
+
+struct PagedPlan {
+  Config cfg;
+  DType dtype = DType::bf16;  // q / qi / cache / out dtype
+  Device device;
+  PagedOptions options;
+  int batch = 0;
+  int64_t total_q = 0;
+  int max_q_len = 0, max_kv_len = 0;
+  std::vector<int32_t> cu_seqlens_q;   // host copy [batch + 1]
+  std::vector<int32_t> kv_lens;        // host copy [batch]
+  std::vector<int64_t> score_offset;   // floats into the block-score region, per request
+  std::vector<PagedIndexWork> index_work;
+  std::vector<PagedAttentionWork> attention_work;
+  int num_threads = 1;
+  // Workspace layout (bytes, 64-byte aligned offsets).
+  std::size_t scores_offset = 0, partials_offset = 0, thread_offset = 0, thread_bytes = 0;
+  std::size_t workspace_bytes = 0;  // pass at least this much in ctx.workspace
+};
+
+// Host-side planning. q_lens[r] >= 0 new tokens, kv_lens[r] >= q_lens[r] cached tokens (the new ones
+// included), r < batch. dtype is the dtype of q / caches.
+PagedPlan paged_plan(const Config& cfg, const int32_t* q_lens, const int32_t* kv_lens, int batch,
+                     DType dtype, Device device, const PagedOptions& options = {});
+
+// Writes the new tokens' rows: token i of request r (packed row cu_seqlens_q[r] + i) goes to absolute
+// position kv_lens[r] - q_len[r] + i, i.e. page page_table[r][pos / B], slot pos % B.
+// k_new, v_new [total_q, Hkv, D], ki_new [total_q, Di], in the cache dtype.
+void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
+                     const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache,
+                     const Context& ctx = {});
+
+// One layer of the step. topk is written (the selection the main branch used; left untouched in dense
+// mode, where it may be undefined). ctx.workspace must hold plan.workspace_bytes.
+void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
+               const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
+               const TensorView& lse, const TensorView& topk, const Context& ctx);
+
+}  // namespace msa

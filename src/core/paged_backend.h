@@ -1,0 +1,21 @@
+// The functions a backend provides for the serving API (include/msa/paged.h). They receive arguments
+// validated by src/core/paged_validate.cpp.
+#pragma once
+
+#include <cstddef>
+
+#include "msa/paged.h"
+
+namespace msa {
+namespace detail {
+namespace cpu {
+// Per-thread scratch of paged_run for this plan (the plan reserves plan.num_threads of them).
+std::size_t paged_thread_bytes(const PagedPlan& plan);
+void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
+                     const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache);
+void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
+               const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
+               const TensorView& lse, const TensorView& topk, const Workspace& workspace);
+}  // namespace cpu
+}  // namespace detail
+}  // namespace msa

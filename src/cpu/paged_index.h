@@ -1,0 +1,130 @@
+// CPU paged index branch (SPEC.md "Index branch") in two stages:
+//  1. score_blocks: one work item = a query tile of one request x a range of its blocks; every
+//     (query, group) row of the tile shares one pass over each ki page of the range (converted and
+//     transposed once per 64-key chunk, scored by the index branch's register-blocked micro-kernel),
+//     max-pooled per block over the row's visible keys into the plan's block-score region.
+//  2. select_row: per (query, group) the local block plus the k-1 best earlier blocks, written in the
+//     layout rules.h defines, with the same ordering as the contiguous index branch.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/element.h"
+#include "cpu/index_simd.h"
+#include "cpu/index_workspace.h"
+#include "cpu/paged_layout.h"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cpu {
+namespace paged {
+
+constexpr int kKeyChunk = 64;  // keys scored per step; a multiple of simd::kNR<float>
+
+// Per-thread scratch of the index stages.
+struct IndexScratch {
+  std::size_t qpanel = 0, keys_t = 0, scores = 0, position = 0, candidates = 0, bytes = 0;
+  IndexScratch(int64_t max_rows, int di, int64_t max_blocks) {
+    const int64_t rows_padded = (max_rows + simd::kMR - 1) / simd::kMR * simd::kMR;
+    ScratchPlan p;
+    qpanel = p.add<float>(rows_padded * di);
+    keys_t = p.add<float>(int64_t(di) * kKeyChunk);
+    scores = p.add<float>(rows_padded * kKeyChunk);
+    position = p.add<int64_t>(max_rows);
+    candidates = p.add<int32_t>(max_blocks);
+    bytes = p.bytes;
+  }
+};
+
+template <class T>
+void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorView& qi,
+                  const TensorView& ki_cache, const TensorView& page_table, unsigned char* ws,
+                  unsigned char* mine, const IndexScratch& lay) {
+  constexpr int MR = simd::kMR, NR = simd::kNR<float>;
+  const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
+  float* qpanel = reinterpret_cast<float*>(mine + lay.qpanel);
+  float* keys_t = reinterpret_cast<float*>(mine + lay.keys_t);
+  float* scores = reinterpret_cast<float*>(mine + lay.scores);
+  int64_t* position = reinterpret_cast<int64_t*>(mine + lay.position);
+  const SequenceSpan s = request_span(plan, w.request);
+  const int64_t nblk_req = rules::num_blocks(s.k_len, B);
+  float* bscore = block_scores(ws, plan, w.request);
+  const float iscale = plan.cfg.index_softmax_scale();
+
+  // Rows (query, group), ordered by position; packed (pre-scaled) as panels [d][MR].
+  const int64_t rows = int64_t(w.q_end - w.q_begin) * hkv;
+  const int64_t panels = (rows + MR - 1) / MR;
+  for (int64_t r = 0; r < panels * MR; ++r) {
+    float* dst = qpanel + (r / MR) * di * MR + r % MR;
+    if (r < rows) {
+      const T* src = row3<const T>(qi, s.q_begin + w.q_begin + r / hkv, r % hkv);
+      for (int d = 0; d < di; ++d) dst[d * MR] = to_float(src[d]) * iscale;
+      position[r] = s.query_position(w.q_begin + r / hkv);
+    } else {
+      for (int d = 0; d < di; ++d) dst[d * MR] = 0.f;
+    }
+  }
+  const int64_t p_max = position[rows - 1];
+  auto score_row = [&](int64_t r) { return bscore + (w.q_begin * hkv + r) * nblk_req; };
+
+  for (int64_t j = w.block_begin; j < w.block_end; ++j) {
+    for (int64_t r = 0; r < rows; ++r) score_row(r)[j] = -INFINITY;
+    const int32_t page = page_of(page_table, w.request, j);
+    const int64_t kbeg = rules::block_begin(j, B);
+    const int64_t kend = std::min<int64_t>(kbeg + B, p_max + 1);
+    for (int64_t c0 = kbeg; c0 < kend; c0 += kKeyChunk) {
+      const int nk = int(std::min<int64_t>(kKeyChunk, kend - c0));
+      const int ncols = (nk + NR - 1) / NR * NR;
+      for (int t = 0; t < nk; ++t) {
+        const T* src = ki_row<const T>(ki_cache, page, c0 - kbeg + t);
+        for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = to_float(src[d]);
+      }
+      for (int d = 0; d < di && nk < ncols; ++d)
+        std::fill(keys_t + d * kKeyChunk + nk, keys_t + d * kKeyChunk + ncols, 0.f);
+      // Panels whose last row cannot see c0 are skipped.
+      int64_t first_panel = 0;
+      while (position[std::min(rows - 1, first_panel * MR + MR - 1)] < c0) ++first_panel;
+      for (int n0 = 0; n0 < ncols; n0 += NR)
+        for (int64_t pn = first_panel; pn < panels; ++pn)
+          simd::score_micro_kernel<float>(qpanel + pn * di * MR, keys_t + n0, kKeyChunk, di,
+                                          scores + pn * MR * kKeyChunk + n0, kKeyChunk);
+      for (int64_t r = first_panel * MR; r < rows; ++r) {
+        const int64_t end = std::min<int64_t>(c0 + nk, position[r] + 1);
+        if (end <= c0) continue;
+        float& bm = score_row(r)[j];
+        bm = std::max(bm, simd::segment_max<float>(scores + r * kKeyChunk, int(end - c0)));
+      }
+    }
+  }
+}
+
+// Selection of query `i` of request `r`, group g, from the block scores (logical ids into topk).
+inline void select_row(const PagedPlan& plan, int r, int64_t i, int g, unsigned char* ws,
+                       int32_t* cand, const TensorView& topk) {
+  const int B = plan.cfg.block_size, K = plan.cfg.topk, hkv = plan.cfg.num_kv_heads;
+  const SequenceSpan s = request_span(plan, r);
+  const int64_t nblk_req = rules::num_blocks(s.k_len, B);
+  float* bm = block_scores(ws, plan, r) + (i * hkv + g) * nblk_req;
+  const int64_t local = rules::local_block(s.query_position(i), B);
+  const int n = rules::num_nonlocal_selected(local, K);
+  // A NaN score has no rank; treat it as the lowest so the ordering stays strict and weak.
+  for (int64_t j = 0; j < local; ++j) {
+    if (std::isnan(bm[j])) bm[j] = -INFINITY;
+    cand[j] = int32_t(j);
+  }
+  auto before = [bm](int32_t a, int32_t b) { return rules::ranks_before(bm[a], a, bm[b], b); };
+  if (n < local) std::nth_element(cand, cand + n, cand + local, before);
+  std::sort(cand, cand + n, before);
+  int32_t* out = row3<int32_t>(topk, g, s.q_begin + i);
+  for (int k = 0; k < n; ++k) out[k] = cand[k];
+  out[n] = int32_t(local);
+  for (int k = n + 1; k < K; ++k) out[k] = rules::kUnusedSlot;
+}
+
+}  // namespace paged
+}  // namespace cpu
+}  // namespace detail
+}  // namespace msa

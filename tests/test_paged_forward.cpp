@@ -1,0 +1,215 @@
+// Serving API (msa/paged.h) on the CPU: paged_append_kv + paged_run over a shuffled paged cache
+// equal the contiguous varlen API (msa::index_topk + msa::sparse_attention_forward, or
+// msa::dense_attention_forward in dense mode) on the same tokens, and the float64 oracle on sampled
+// rows. Ragged kv lengths, every decode q_len 1..16, chunked prefill, GQA ratios 1, 4, 16, key splits.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "msa/error.h"
+#include "msa/ops.h"
+#include "msa/paged.h"
+#include "msa/rules.h"
+#include "paged_fixture.h"
+
+namespace msa {
+namespace {
+
+using testing::PagedStep;
+
+Config small_config(int hq, int hkv) {
+  Config c;
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.head_dim = 32;
+  c.index_head_dim = 16;
+  c.block_size = 16;
+  c.topk = 4;
+  return c;
+}
+
+struct Outputs {
+  HostTensor out, lse, topk;
+  Outputs(const Config& c, int64_t tq, DType dt)
+      : out(dt, {tq, c.num_q_heads, c.head_dim}),
+        lse(DType::f32, {tq, c.num_q_heads}),
+        topk(DType::i32, {c.num_kv_heads, tq, c.topk}) {
+    out.poison();
+    lse.poison();
+    topk.poison();
+  }
+};
+
+// Appends the step's tokens, then runs one layer (twice, to check the plan and workspace are reusable).
+Outputs run_paged(PagedStep& s, const PagedOptions& opt) {
+  const PagedPlan plan = s.plan(opt);
+  std::vector<unsigned char> ws(plan.workspace_bytes);
+  Context ctx;
+  ctx.workspace = {ws.data(), ws.size()};
+  paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), s.cache(), ctx);
+  Outputs o(s.p.cfg, s.p.total_q(), s.p.dtype);
+  for (int rep = 0; rep < 2; ++rep) {
+    o.out.poison();
+    o.lse.poison();
+    paged_run(plan, s.batch(), s.p.q.view(), s.p.qi.view(), s.cache(), o.out.view(), o.lse.view(),
+              o.topk.view(), ctx);
+  }
+  return o;
+}
+
+Outputs run_contiguous(PagedStep& s, bool dense) {
+  testing::TestProblem& p = s.p;
+  Outputs o(p.cfg, p.total_q(), p.dtype);
+  if (dense) {
+    dense_attention_forward(p.cfg, p.varlen, p.q.view(), p.k.view(), p.v.view(), o.out.view(),
+                            o.lse.view());
+  } else {
+    index_topk(p.cfg, p.varlen, p.qi.view(), p.ki.view(), o.topk.view(), TensorView{});
+    sparse_attention_forward(p.cfg, p.varlen, p.q.view(), p.k.view(), p.v.view(), o.topk.view(),
+                             o.out.view(), o.lse.view());
+  }
+  return o;
+}
+
+double out_tolerance(DType dt) { return dt == DType::f32 ? 1e-5 : 1e-2; }
+
+// Selection as sets per (group, query) with the local block in its slot; outputs within fp32
+// rounding of the contiguous path (plus one output rounding step for 16-bit dtypes).
+void expect_same(PagedStep& s, const PagedOptions& opt = {}) {
+  const Outputs got = run_paged(s, opt);
+  const Outputs ref = run_contiguous(s, opt.dense);
+  const Config& c = s.p.cfg;
+  const int64_t tq = s.p.total_q();
+  if (!opt.dense) {
+    for (int g = 0; g < c.num_kv_heads; ++g)
+      for (int64_t row = 0; row < tq; ++row) {
+        std::vector<int32_t> a(c.topk), b(c.topk);
+        for (int k = 0; k < c.topk; ++k) {
+          a[k] = int32_t(got.topk.get((g * tq + row) * c.topk + k));
+          b[k] = int32_t(ref.topk.get((g * tq + row) * c.topk + k));
+        }
+        const int n = int(std::count_if(b.begin(), b.end(), [](int32_t x) { return x >= 0; })) - 1;
+        ASSERT_EQ(a[n], b[n]) << "local slot, group " << g << " row " << row;
+        ASSERT_EQ(std::set<int32_t>(a.begin(), a.end()), std::set<int32_t>(b.begin(), b.end()))
+            << "group " << g << " row " << row;
+      }
+  }
+  const double tol = s.p.dtype == DType::f32 ? 1e-6 : 4e-3;
+  EXPECT_LT(relative_error(got.out.to_double(), ref.out.to_double()), tol);
+  EXPECT_LT(relative_error(got.lse.to_double(), ref.lse.to_double()), 1e-6);
+
+  // The float64 oracle on a few rows, with the paged selection.
+  const std::vector<double> q = s.p.q.to_double(), k = s.p.k.to_double(), v = s.p.v.to_double();
+  std::vector<int32_t> topk(size_t(got.topk.numel()));
+  for (int64_t i = 0; i < got.topk.numel(); ++i) topk[size_t(i)] = int32_t(got.topk.get(i));
+  for (int64_t row : {int64_t(0), tq / 2, tq - 1}) {
+    for (int h : {0, c.num_q_heads - 1}) {
+      std::vector<double> want(size_t(c.head_dim)), have(size_t(c.head_dim));
+      double lse = 0;
+      reference::attention_row(c, s.p.lens, q.data(), k.data(), v.data(),
+                               opt.dense ? nullptr : topk.data(), row, h, want.data(), &lse);
+      for (int d = 0; d < c.head_dim; ++d)
+        have[size_t(d)] = got.out.get((row * c.num_q_heads + h) * c.head_dim + d);
+      EXPECT_LT(relative_error(have, want), out_tolerance(s.p.dtype)) << "row " << row << " head " << h;
+      EXPECT_NEAR(got.lse.get(row * c.num_q_heads + h), lse, 1e-4 * (1 + std::fabs(lse)));
+    }
+  }
+}
+
+struct Case {
+  int hq, hkv;
+  DType dtype;
+};
+std::string case_name(const ::testing::TestParamInfo<Case>& i) {
+  return "Hq" + std::to_string(i.param.hq) + "_Hkv" + std::to_string(i.param.hkv) + "_" +
+         dtype_name(i.param.dtype);
+}
+
+class PagedForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PagedForward, RaggedDecodeLengths) {
+  const Case cs = GetParam();
+  const Config c = small_config(cs.hq, cs.hkv);
+  const int B = c.block_size;
+  // kv: 1, B-1, B, B+1, shorter than k blocks, long; q_len cycles through decode sizes.
+  const std::vector<int32_t> kv = {1, B - 1, B, B + 1, 3 * B - 2, 13 * B + 5};
+  const std::vector<int32_t> q = {1, 4, 16, 2, 9, 16};
+  PagedStep s(c, q, kv, cs.dtype, 101);
+  expect_same(s);
+}
+
+TEST_P(PagedForward, EveryDecodeQueryCount) {
+  const Case cs = GetParam();
+  const Config c = small_config(cs.hq, cs.hkv);
+  std::vector<int32_t> q, kv;
+  for (int n = 1; n <= 16; ++n) {
+    q.push_back(n);
+    kv.push_back(150 + 7 * n);
+  }
+  PagedStep s(c, q, kv, cs.dtype, 202);
+  expect_same(s);
+}
+
+TEST_P(PagedForward, ChunkedPrefill) {
+  const Case cs = GetParam();
+  const Config c = small_config(cs.hq, cs.hkv);
+  // A chunk over a cached prefix, a chunk starting mid-page, and a whole prompt (q_len == kv_len).
+  PagedStep s(c, {40, 37, 70}, {300, 101, 70}, cs.dtype, 303);
+  expect_same(s);
+}
+
+TEST_P(PagedForward, KeySplitsMergeByLse) {
+  const Case cs = GetParam();
+  const Config c = small_config(cs.hq, cs.hkv);
+  PagedStep s(c, {3}, {517}, cs.dtype, 404);
+  PagedOptions opt;
+  opt.num_threads = 7;  // one tile, seven workers: index block ranges and attention key splits
+  const PagedPlan plan = s.plan(opt);
+  EXPECT_GT(plan.attention_work.front().splits, 1);
+  EXPECT_GT(plan.index_work.size(), size_t(1));
+  expect_same(s, opt);
+}
+
+TEST_P(PagedForward, DenseModeEqualsDenseAttention) {
+  const Case cs = GetParam();
+  const Config c = small_config(cs.hq, cs.hkv);
+  PagedStep s(c, {1, 5, 33}, {200, 17, 90}, cs.dtype, 505);
+  PagedOptions opt;
+  opt.dense = true;
+  expect_same(s, opt);
+  opt.num_threads = 5;
+  expect_same(s, opt);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cpu, PagedForward,
+                         ::testing::Values(Case{4, 4, DType::f32}, Case{4, 1, DType::f32},
+                                           Case{16, 1, DType::f32}, Case{8, 2, DType::bf16},
+                                           Case{16, 4, DType::f16}),
+                         case_name);
+
+TEST(PagedForward, EmptyRequestsAndNoQueries) {
+  const Config c = small_config(4, 2);
+  PagedStep s(c, {0, 2, 0}, {30, 18, 5}, DType::f32, 606);
+  expect_same(s);
+}
+
+TEST(PagedForward, AppendWritesOnlyTheNewSlots) {
+  const Config c = small_config(4, 2);
+  PagedStep s(c, {3, 1}, {20, 33}, DType::f32, 707);
+  const PagedPlan plan = s.plan();
+  paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), s.cache());
+  const int B = c.block_size;
+  for (int r = 0; r < 2; ++r)
+    for (int t = 0; t < s.kv_lens[r]; ++t) {
+      const int64_t page = int64_t(s.page_table.get(r * s.width + t / B));
+      const int64_t src = (s.p.lens.cu_k[r] + t) * c.index_head_dim;
+      for (int d = 0; d < c.index_head_dim; ++d)
+        ASSERT_EQ(s.ki_cache.get((page * B + t % B) * c.index_head_dim + d), s.p.ki.get(src + d));
+    }
+}
+
+}  // namespace
+}  // namespace msa
