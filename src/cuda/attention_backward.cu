@@ -20,6 +20,7 @@
 
 #include "core/backend.h"
 #include "cuda/attention_backward_kernel.cuh"
+#include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
 #include "cuda/workspace.cuh"
@@ -32,36 +33,6 @@ namespace cuda {
 namespace {
 
 using u64 = unsigned long long;
-
-void check_aligned_rows(const TensorView& t, const char* name) {
-  const bool ok = reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.stride[0] % 8 == 0 &&
-                  t.stride[1] % 8 == 0;
-  MSA_CHECK_ARG(ok, name, "the CUDA attention backward needs 16-byte aligned rows (data pointer and "
-                          "outer strides multiples of 8 elements)");
-}
-
-void check_aligned_pairs(const TensorView& t, const char* name) {
-  MSA_CHECK_ARG(t.stride[0] % 2 == 0 && t.stride[1] % 2 == 0 &&
-                    reinterpret_cast<uintptr_t>(t.data) % 4 == 0,
-                name, "the CUDA attention backward needs 4-byte aligned element pairs");
-}
-
-// Longest sequence (queries or keys): the caller's bound, or one host copy of the prefix sums.
-int max_length(const Problem& p, int given, const TensorView& cu_dev, const int32_t* cu_host,
-               cudaStream_t stream) {
-  if (given > 0) return given;
-  std::vector<int32_t> cu(size_t(p.batch) + 1);
-  if (cu_host) {
-    std::copy(cu_host, cu_host + p.batch + 1, cu.begin());
-  } else {
-    MSA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), cu_dev.data, cu.size() * sizeof(int32_t),
-                                   cudaMemcpyDeviceToHost, stream));
-    MSA_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
-  int m = 0;
-  for (int b = 0; b < p.batch; ++b) m = std::max(m, cu[b + 1] - cu[b]);
-  return m;
-}
 
 // Workspace plan: delta, then (sparse) the list entries twice (unsorted, sorted), the unique count,
 // CUB's temporary storage and the list ranges.
@@ -142,21 +113,14 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
                         const TensorView& topk, const TensorView& out, const TensorView& lse,
                         const TensorView& dout, const TensorView& dq, const TensorView& dk,
                         const TensorView& dv, const Context& ctx) {
-  MSA_CHECK_ARG(p.dtype == DType::bf16 || p.dtype == DType::f16, "q",
-                std::string("dtype ") + dtype_name(p.dtype) +
-                    " is not supported by the CUDA attention backward (bfloat16, float16)");
-  MSA_CHECK_ARG(p.cfg.head_dim == 128 || p.cfg.head_dim == 64, "head_dim",
-                "the CUDA attention backward supports 64 and 128, got " + std::to_string(p.cfg.head_dim));
-  MSA_CHECK_ARG(p.cfg.block_size % kAttnKeys == 0, "block_size",
-                "the CUDA attention backward needs a multiple of 64, got " +
-                    std::to_string(p.cfg.block_size));
-  check_aligned_rows(q, "q");
-  check_aligned_rows(k, "k");
-  check_aligned_rows(v, "v");
-  check_aligned_rows(dout, "dout");
-  check_aligned_pairs(dq, "dq");
-  check_aligned_pairs(dk, "dk");
-  check_aligned_pairs(dv, "dv");
+  check_attention_support(p, "backward");
+  check_aligned_rows(q, "q", "backward");
+  check_aligned_rows(k, "k", "backward");
+  check_aligned_rows(v, "v", "backward");
+  check_aligned_rows(dout, "dout", "backward");
+  check_aligned_pairs(dq, "dq", "backward");
+  check_aligned_pairs(dk, "dk", "backward");
+  check_aligned_pairs(dv, "dv", "backward");
   const bool sparse = topk.defined();
   const cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
   const int max_q = p.total_q == 0 ? 0
@@ -176,44 +140,22 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
   ScratchArena arena(ctx, lay.total);
 
   BackwardParams a{};
-  a.q = q.data;
-  a.k = k.data;
-  a.v = v.data;
-  a.out = out.data;
+  set_shared_params(a, p, q, k, v, topk, out, lse);
   a.dout = dout.data;
-  a.lse = lse.ptr<float>();
   a.dq = dq.data;
   a.dk = dk.data;
   a.dv = dv.data;
   a.delta = arena.take<float>(std::size_t(p.total_q) * p.cfg.num_q_heads);
-  a.topk = sparse ? topk.ptr<int32_t>() : nullptr;
-  a.cu_q = p.varlen.cu_seqlens_q.ptr<int32_t>();
-  a.cu_k = p.varlen.cu_seqlens_k.ptr<int32_t>();
-  a.q_s0 = q.stride[0], a.q_s1 = q.stride[1];
-  a.k_s0 = k.stride[0], a.k_s1 = k.stride[1];
-  a.v_s0 = v.stride[0], a.v_s1 = v.stride[1];
-  a.o_s0 = out.stride[0], a.o_s1 = out.stride[1];
   a.do_s0 = dout.stride[0], a.do_s1 = dout.stride[1];
-  a.lse_s0 = lse.stride[0], a.lse_s1 = lse.stride[1];
   a.dq_s0 = dq.stride[0], a.dq_s1 = dq.stride[1];
   a.dk_s0 = dk.stride[0], a.dk_s1 = dk.stride[1];
   a.dv_s0 = dv.stride[0], a.dv_s1 = dv.stride[1];
-  a.topk_s0 = sparse ? topk.stride[0] : 0;
-  a.topk_s1 = sparse ? topk.stride[1] : 0;
   a.num_q_heads = p.cfg.num_q_heads;
-  a.topk_k = p.cfg.topk;
-  a.group_size = p.cfg.group_size();
-  a.block_size = p.cfg.block_size;
-  a.scale = p.cfg.softmax_scale();
   a.scale_log2 = a.scale * kLog2e;
   a.num_list_blocks = lay.num_list_blocks;
 
   if (sparse) {
-    // Same union capacities as the forward (attention_forward.cu).
-    const int64_t blocks = (int64_t(max_k) + p.cfg.block_size - 1) / p.cfg.block_size + 1;
-    const int64_t tile_queries = (kAttnRows - 1) / a.group_size + 2;
-    a.bitmap_words = int(blocks / 32 + 1);
-    a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, kAttnRows) * p.cfg.topk, blocks));
+    set_union_capacity(a, max_k, kAttnRows, p.cfg);  // as the forward's HMMA tiles
 
     u64* entries = arena.take<u64>(std::size_t(lay.num_entries));
     u64* sorted = arena.take<u64>(std::size_t(lay.num_entries));
