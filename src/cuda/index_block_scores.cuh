@@ -113,6 +113,58 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, int stride, int rows, 
   }
 }
 
+// Pieces of the chunk loop shared by the HMMA kernel below and the wgmma one
+// (index_block_scores_wgmma.cuh). A CTA walks its tile's visible blocks in chunks of kChunkKeys keys
+// (subchunks chunks per block) and pools each block over its chunks.
+
+// Keys [kb, ke) of chunk c: sub-chunk c % subchunks of block c / subchunks, cut at the block's end and
+// after p_max, the tile's last query position (empty, ke == kb, when nothing is left).
+template <int kChunkKeys>
+__device__ __forceinline__ void chunk_key_range(int64_t c, int subchunks, int B, int64_t p_max, int64_t& kb,
+                                                int64_t& ke) {
+  const int64_t j = c / subchunks;
+  kb = rules::block_begin(j, B) + (c - j * subchunks) * kChunkKeys;
+  ke = kb + kChunkKeys;
+  const int64_t bend = rules::block_begin(j + 1, B);
+  ke = ke < bend ? ke : bend;
+  ke = ke < p_max + 1 ? ke : p_max + 1;
+  if (ke < kb) ke = kb;
+}
+
+// The four threads of a quad (lanes 4k..4k+3) hold the other columns of the same two rows.
+__device__ __forceinline__ void quad_max(float (&m)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
+    m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
+  }
+}
+
+// After chunk c: when it is the last chunk of its block j, the quad's leader writes the block's score
+// (and LSE) of its two rows, and every thread restarts the running max and sum.
+template <bool kWantLse>
+__device__ __forceinline__ void finish_block(const BlockScoreArgs& a, int64_t c, int subchunks, int B,
+                                             bool quad_leader, const bool (&row_ok)[2],
+                                             const int64_t (&pos)[2], const int (&grp)[2],
+                                             const int64_t (&qrow)[2], float (&run_max)[2],
+                                             float (&run_sum)[2]) {
+  const int64_t j = c / subchunks;
+  if (c - j * subchunks == subchunks - 1) {  // last chunk of block j: write and reset
+    if (quad_leader) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (row_ok[h] && j <= rules::local_block(pos[h], B) && j < a.ld) {
+          const int64_t o = (int64_t(grp[h]) * a.total_q + qrow[h]) * a.ld + j;
+          a.scores[o] = run_max[h] * a.iscale;
+          if constexpr (kWantLse) a.lses[o] = run_max[h] * a.lse_factor + logf(run_sum[h]);
+        }
+      }
+    }
+    run_max[0] = run_max[1] = -INFINITY;
+    run_sum[0] = run_sum[1] = 0.f;
+  }
+}
+
 template <bool kBf16, bool kWantLse>
 __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const BlockScoreArgs a) {
   extern __shared__ __align__(16) uint16_t smem[];
@@ -147,13 +199,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const Bl
   const int subchunks = (B + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t num_chunks = num_blocks * subchunks;
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    const int64_t j = c / subchunks;
-    kb = rules::block_begin(j, B) + (c - j * subchunks) * kKeysPerChunk;
-    ke = kb + kKeysPerChunk;
-    const int64_t bend = rules::block_begin(j + 1, B);
-    ke = ke < bend ? ke : bend;
-    ke = ke < p_max + 1 ? ke : p_max + 1;
-    if (ke < kb) ke = kb;
+    chunk_key_range<kKeysPerChunk>(c, subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;
@@ -229,11 +275,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const Bl
       cmax[0] = fmaxf(cmax[0], fmaxf(acc[n][0], acc[n][1]));
       cmax[1] = fmaxf(cmax[1], fmaxf(acc[n][2], acc[n][3]));
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cmax[h] = fmaxf(cmax[h], __shfl_xor_sync(0xffffffffu, cmax[h], 1));
-      cmax[h] = fmaxf(cmax[h], __shfl_xor_sync(0xffffffffu, cmax[h], 2));
-    }
+    quad_max(cmax);
     if constexpr (kWantLse) {
       // Online logsumexp (relative to the running max) so a block spanning chunks stays exact.
 #pragma unroll
@@ -257,21 +299,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const Bl
       run_max[1] = fmaxf(run_max[1], cmax[1]);
     }
 
-    const int64_t j = c / subchunks;
-    if (c - j * subchunks == subchunks - 1) {  // last chunk of block j: write and reset
-      if ((lane & 3) == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (row_ok[h] && j <= rules::local_block(pos[h], B) && j < a.ld) {
-            const int64_t o = (int64_t(grp[h]) * a.total_q + qrow[h]) * a.ld + j;
-            a.scores[o] = run_max[h] * a.iscale;
-            if constexpr (kWantLse) a.lses[o] = run_max[h] * a.lse_factor + logf(run_sum[h]);
-          }
-        }
-      }
-      run_max[0] = run_max[1] = -INFINITY;
-      run_sum[0] = run_sum[1] = 0.f;
-    }
+    finish_block<kWantLse>(a, c, subchunks, B, (lane & 3) == 0, row_ok, pos, grp, qrow, run_max, run_sum);
     __syncthreads();  // the next iteration refills this buffer
   }
 }

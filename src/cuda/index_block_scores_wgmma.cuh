@@ -123,13 +123,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 2) block_scores_wgmma_kernel(co
   const int subchunks = (B + kKeys - 1) / kKeys;
   const int64_t num_chunks = num_blocks * subchunks;
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    const int64_t j = c / subchunks;
-    kb = rules::block_begin(j, B) + (c - j * subchunks) * kKeys;
-    ke = kb + kKeys;
-    const int64_t bend = rules::block_begin(j + 1, B);
-    ke = ke < bend ? ke : bend;
-    ke = ke < p_max + 1 ? ke : p_max + 1;
-    if (ke < kb) ke = kb;
+    chunk_key_range<kKeys>(c, subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;
@@ -217,12 +211,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 2) block_scores_wgmma_kernel(co
     float cmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) cmax[(i / 2) % 2] = fmaxf(cmax[(i / 2) % 2], acc(i));
-    // The four threads of a quad (lanes 4k..4k+3) hold the other columns of the same two rows.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cmax[h] = fmaxf(cmax[h], __shfl_xor_sync(0xffffffffu, cmax[h], 1));
-      cmax[h] = fmaxf(cmax[h], __shfl_xor_sync(0xffffffffu, cmax[h], 2));
-    }
+    quad_max(cmax);  // quads hold the other columns of the same two rows
     if constexpr (kWantLse) {
       // Online logsumexp (relative to the running max) so a block spanning chunks stays exact.
       float m_ref[2], s[2] = {0.f, 0.f};
@@ -249,21 +238,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 2) block_scores_wgmma_kernel(co
       run_max[1] = fmaxf(run_max[1], cmax[1]);
     }
 
-    const int64_t j = c / subchunks;
-    if (c - j * subchunks == subchunks - 1) {  // last chunk of block j: write and reset
-      if ((threadIdx.x & 3) == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (row_ok[h] && j <= rules::local_block(pos[h], B) && j < a.ld) {
-            const int64_t o = (int64_t(grp[h]) * a.total_q + qrow[h]) * a.ld + j;
-            a.scores[o] = run_max[h] * a.iscale;
-            if constexpr (kWantLse) a.lses[o] = run_max[h] * a.lse_factor + logf(run_sum[h]);
-          }
-        }
-      }
-      run_max[0] = run_max[1] = -INFINITY;
-      run_sum[0] = run_sum[1] = 0.f;
-    }
+    finish_block<kWantLse>(a, c, subchunks, B, (threadIdx.x & 3) == 0, row_ok, pos, grp, qrow, run_max, run_sum);
     __syncthreads();  // every warpgroup's wgmma has read this stage before the next refill
   }
 }
