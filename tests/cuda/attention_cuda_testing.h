@@ -8,32 +8,13 @@
 #include <random>
 #include <vector>
 
+#include "cuda/attention_case_testing.h"
 #include "cuda/device_tensor.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"
 
 namespace msa {
 namespace testing {
-
-// Valid random topk rows: distinct ids below the local block, the local block, -1 holes anywhere.
-inline std::vector<int32_t> random_topk(const Config& cfg, const reference::Lengths& lens, std::mt19937_64& rng) {
-  const int64_t tq = lens.total_q();
-  std::vector<int32_t> topk(size_t(cfg.num_kv_heads * tq * cfg.topk), rules::kUnusedSlot);
-  for (int g = 0; g < cfg.num_kv_heads; ++g)
-    for (int64_t row = 0; row < tq; ++row) {
-      const int64_t local = rules::local_block(reference::locate_query(lens, row).position, cfg.block_size);
-      std::vector<int32_t> ids;
-      for (int32_t j = 0; j < local; ++j) ids.push_back(j);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      ids.resize(size_t(rules::num_nonlocal_selected(local, cfg.topk)));
-      if (!ids.empty() && rng() % 3 == 0) ids.pop_back();  // a hole
-      ids.push_back(int32_t(local));
-      ids.resize(size_t(cfg.topk), rules::kUnusedSlot);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      std::copy(ids.begin(), ids.end(), topk.begin() + (g * tq + row) * cfg.topk);
-    }
-  return topk;
-}
 
 struct Result {
   HostTensor out, lse;
@@ -79,12 +60,7 @@ struct Case {
 };
 
 inline void check_case(const Case& c, uint64_t seed) {
-  Config cfg;
-  cfg.num_q_heads = c.hq;
-  cfg.num_kv_heads = c.hkv;
-  cfg.head_dim = c.d;
-  cfg.block_size = c.block;
-  cfg.topk = c.k;
+  const Config cfg = attention_config(c.hq, c.hkv, c.d, c.block, c.k);
   TestProblem p(cfg, c.lq, c.lk, c.dtype, seed);
   std::mt19937_64 rng(seed * 7 + 1);
   std::vector<int32_t> topk = random_topk(cfg, p.lens, rng);

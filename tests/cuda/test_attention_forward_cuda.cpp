@@ -19,6 +19,7 @@ namespace {
 using testing::DeviceTensor;
 using testing::TestProblem;
 
+using testing::attention_config;
 using testing::Case;
 using testing::check_case;
 using testing::expect_matches_oracle;
@@ -52,12 +53,7 @@ TEST_F(AttentionForwardCuda, Gqa1ShortSequencesBelowK) {
 }
 
 TEST_F(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
-  Config cfg;
-  cfg.num_q_heads = 6;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 64;
-  cfg.block_size = 64;
-  cfg.topk = 2;
+  Config cfg = attention_config(6, 2, 64, 64, 2);
   TestProblem p(cfg, {50, 7}, {190, 7}, DType::bf16, 16);
   std::mt19937_64 rng(99);
   std::vector<int32_t> topk = random_topk(cfg, p.lens, rng);
@@ -66,12 +62,7 @@ TEST_F(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
 
 // q as a slice of a wider packed buffer (outer strides larger than the shape).
 TEST_F(AttentionForwardCuda, StridedQueryRows) {
-  Config cfg;
-  cfg.num_q_heads = 16;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 128;
-  cfg.block_size = 64;
-  cfg.topk = 2;
+  Config cfg = attention_config(16, 2, 128, 64, 2);
   TestProblem p(cfg, {70, 5}, {200, 80}, DType::bf16, 17);
   const int64_t tq = p.total_q(), H = cfg.num_q_heads, D = cfg.head_dim;
   HostTensor wide(DType::bf16, {tq, 2 * H, D});
@@ -101,12 +92,7 @@ TEST_F(AttentionForwardCuda, StridedQueryRows) {
 
 // Ids outside [0, local] (other than -1) are skipped: the result is that of the row without them.
 TEST_F(AttentionForwardCuda, MalformedIdsAreSkipped) {
-  Config cfg;
-  cfg.num_q_heads = 8;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 64;
-  cfg.block_size = 64;
-  cfg.topk = 4;
+  Config cfg = attention_config(8, 2, 64, 64, 4);
   TestProblem p(cfg, {90}, {300}, DType::bf16, 18);
   std::mt19937_64 rng(3);
   std::vector<int32_t> clean = random_topk(cfg, p.lens, rng);
@@ -120,12 +106,7 @@ TEST_F(AttentionForwardCuda, MalformedIdsAreSkipped) {
 }
 
 TEST_F(AttentionForwardCuda, RejectsUnsupportedArguments) {
-  Config cfg;
-  cfg.num_q_heads = 4;
-  cfg.num_kv_heads = 1;
-  cfg.head_dim = 64;
-  cfg.block_size = 64;
-  cfg.topk = 2;
+  Config cfg = attention_config(4, 1, 64, 64, 2);
   {
     TestProblem p(cfg, {10}, {10}, DType::f32, 19);
     try {

@@ -16,6 +16,7 @@
 namespace msa {
 namespace {
 
+using testing::attention_config;
 using testing::Case;
 using testing::check_case;
 using testing::expect_matches_oracle;
@@ -77,12 +78,7 @@ TEST_F(AttentionForwardWgmmaCuda, Gqa2Block192Float16) {
 }
 
 TEST_F(AttentionForwardWgmmaCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
-  Config cfg;
-  cfg.num_q_heads = 6;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 64;
-  cfg.block_size = 64;
-  cfg.topk = 2;
+  Config cfg = attention_config(6, 2, 64, 64, 2);
   TestProblem p(cfg, {50, 7}, {190, 7}, DType::bf16, 16);
   std::mt19937_64 rng(99);
   std::vector<int32_t> topk = random_topk(cfg, p.lens, rng);
@@ -91,12 +87,7 @@ TEST_F(AttentionForwardWgmmaCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
 
 // Ids outside [0, local] (other than -1) are skipped: the result is that of the row without them.
 TEST_F(AttentionForwardWgmmaCuda, MalformedIdsAreSkipped) {
-  Config cfg;
-  cfg.num_q_heads = 8;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 64;
-  cfg.block_size = 64;
-  cfg.topk = 4;
+  Config cfg = attention_config(8, 2, 64, 64, 4);
   TestProblem p(cfg, {90}, {300}, DType::bf16, 18);
   std::mt19937_64 rng(3);
   std::vector<int32_t> clean = random_topk(cfg, p.lens, rng);

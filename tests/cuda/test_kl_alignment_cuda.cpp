@@ -74,13 +74,8 @@ struct Case {
 };
 
 void check_case(const Case& c, uint64_t seed) {
-  Config cfg;
-  cfg.num_q_heads = c.hq;
-  cfg.num_kv_heads = c.hkv;
-  cfg.head_dim = c.d;
+  Config cfg = testing::attention_config(c.hq, c.hkv, c.d, c.block, c.k);
   cfg.index_head_dim = c.di;
-  cfg.block_size = c.block;
-  cfg.topk = c.k;
   TestProblem p(cfg, c.lq, c.lk, c.dtype, seed);
   std::mt19937_64 rng(seed * 5 + 3);
   HostTensor topk = testing::random_topk_tensor(cfg, p.lens, rng);

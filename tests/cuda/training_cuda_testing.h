@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/host_tensor.h"
+#include "cuda/attention_case_testing.h"
 #include "msa/ops.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"
@@ -15,23 +16,11 @@
 namespace msa {
 namespace testing {
 
-// Distinct ids below the local block, the local block, -1 holes anywhere.
+// random_topk (attention_case_testing.h) as an i32 tensor [Hkv, total_q, k].
 inline HostTensor random_topk_tensor(const Config& cfg, const reference::Lengths& lens, std::mt19937_64& rng) {
-  const int64_t tq = lens.total_q();
-  HostTensor topk(DType::i32, {cfg.num_kv_heads, tq, cfg.topk});
-  for (int g = 0; g < cfg.num_kv_heads; ++g)
-    for (int64_t row = 0; row < tq; ++row) {
-      const int64_t local = rules::local_block(reference::locate_query(lens, row).position, cfg.block_size);
-      std::vector<int32_t> ids;
-      for (int32_t j = 0; j < local; ++j) ids.push_back(j);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      ids.resize(size_t(rules::num_nonlocal_selected(local, cfg.topk)));
-      if (!ids.empty() && rng() % 3 == 0) ids.pop_back();
-      ids.push_back(int32_t(local));
-      ids.resize(size_t(cfg.topk), rules::kUnusedSlot);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      for (int s = 0; s < cfg.topk; ++s) topk.set((g * tq + row) * cfg.topk + s, ids[size_t(s)]);
-    }
+  const std::vector<int32_t> ids = random_topk(cfg, lens, rng);
+  HostTensor topk(DType::i32, {cfg.num_kv_heads, lens.total_q(), cfg.topk});
+  for (size_t i = 0; i < ids.size(); ++i) topk.set(int64_t(i), ids[i]);
   return topk;
 }
 
