@@ -139,5 +139,85 @@ inline void run_case(const IndexCase& tc, uint64_t seed) {
   EXPECT_LE(set_differences, std::max<int64_t>(1, H * tq / 100)) << "too many near-tie swaps";
 }
 
+
+// Case shapes run against both stage-1 kernels (test_index_topk_cuda.cpp: HMMA;
+// test_index_topk_wgmma_cuda.cpp: wgmma), each file with its own seeds.
+
+inline void run_ragged_prefill_chunked_decode_case(uint64_t seed) {  // bf16, Hkv 4, Di 128
+  IndexCase tc;
+  tc.cfg = index_config(4, 128, 128, 16);
+  tc.q_lengths = {1, 127, 128, 129, 700, 200, 3, 16};
+  tc.k_lengths = {1, 127, 128, 129, 700, 2500, 3000, 2200};
+  run_case(tc, seed);
+}
+
+inline void run_f16_hkv1_temperature_host_bounds_case(uint64_t seed) {  // Di 128
+  IndexCase tc;
+  tc.cfg = index_config(1, 128, 128, 16);
+  tc.dtype = DType::f16;
+  tc.temperature = 0.7f;
+  tc.give_bounds = true;
+  tc.q_lengths = {129, 1, 300, 5};
+  tc.k_lengths = {129, 1000, 2400, 2049};
+  run_case(tc, seed);
+}
+
+inline void run_bf16_hkv8_di64_no_lse_caller_workspace_case(uint64_t seed) {
+  IndexCase tc;
+  tc.cfg = index_config(8, 64, 128, 16);
+  tc.want_lse = false;
+  tc.give_workspace = true;
+  tc.q_lengths = {255, 2, 40};
+  tc.k_lengths = {255, 2300, 2100};
+  run_case(tc, seed);
+}
+
+inline void run_over_two_thousand_blocks_case(uint64_t seed) {
+  IndexCase tc;
+  tc.cfg = index_config(2, 128, 16, 16);
+  tc.q_lengths = {8, 33};
+  tc.k_lengths = {40000, 33};  // 2500 blocks of 16
+  run_case(tc, seed);
+}
+
+// Seeds seed_base + Di.
+inline void run_small_blocks_padded_and_scalar_head_dims_case(uint64_t seed_base) {
+  for (int di : {24, 20}) {  // 24: zero-padded (to the MMA k-step, or to 64 for wgmma); 20: scalar loads
+    IndexCase tc;
+    tc.cfg = index_config(3, di, 8, 4);
+    tc.q_lengths = {7, 8, 9, 60, 4};
+    tc.k_lengths = {7, 8, 9, 100, 90};
+    SCOPED_TRACE("Di " + std::to_string(di));
+    run_case(tc, seed_base + di);
+  }
+}
+
+// Seeds seed and seed + 1.
+inline void run_blocks_wider_than_one_chunk_and_large_k_case(uint64_t seed) {
+  IndexCase wide;  // B = 200: a block spans two key chunks; pooling and LSE must join them
+  wide.cfg = index_config(4, 32, 200, 4);
+  wide.temperature = 1.3f;
+  wide.q_lengths = {1, 199, 201, 60};
+  wide.k_lengths = {1, 199, 201, 1300};
+  run_case(wide, seed);
+  IndexCase many;  // k - 1 > 32: the round-by-round fallback selection
+  many.cfg = index_config(2, 32, 8, 40);
+  many.q_lengths = {300, 5};
+  many.k_lengths = {300, 600};
+  run_case(many, seed + 1);
+}
+
+// Seeds seed and seed + 1.
+inline void run_strided_rows_case(uint64_t seed) {
+  IndexCase tc;
+  tc.cfg = index_config(4, 128, 32, 16);
+  tc.row_pad = 8;  // rows 16-byte aligned but not packed
+  tc.q_lengths = {100, 1};
+  tc.k_lengths = {700, 650};
+  run_case(tc, seed);
+  tc.row_pad = 3;  // misaligned rows: the scalar load path
+  run_case(tc, seed + 1);
+}
+
 }  // namespace testing
 }  // namespace msa
