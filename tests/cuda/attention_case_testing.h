@@ -13,6 +13,13 @@
 namespace msa {
 namespace testing {
 
+// One attention test case: Hq, Hkv, head dim, block size, k, per-sequence query and key lengths, dtype.
+struct Case {
+  int hq, hkv, d, block, k;
+  std::vector<int32_t> lq, lk;
+  DType dtype;
+};
+
 // Hq, Hkv, head dim, block size and k of a case; every other field keeps its default.
 inline Config attention_config(int hq, int hkv, int d, int block, int k) {
   Config cfg;

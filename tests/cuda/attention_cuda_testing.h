@@ -53,12 +53,6 @@ inline void expect_matches_oracle(TestProblem& p, const std::vector<int32_t>* to
   EXPECT_LT(relative_error(r.lse.to_double(), lse_ref), 1e-2);
 }
 
-struct Case {
-  int hq, hkv, d, block, k;
-  std::vector<int32_t> lq, lk;
-  DType dtype;
-};
-
 inline void check_case(const Case& c, uint64_t seed) {
   const Config cfg = attention_config(c.hq, c.hkv, c.d, c.block, c.k);
   TestProblem p(cfg, c.lq, c.lk, c.dtype, seed);

@@ -14,6 +14,7 @@
 namespace msa {
 namespace {
 
+using testing::Case;
 using testing::DeviceTensor;
 using testing::TestProblem;
 
@@ -85,12 +86,6 @@ void check_one(TestProblem& p, HostTensor* topk, uint64_t seed) {
   Grads fast = run_cuda(p, topk, out, lse, dout, /*deterministic=*/false);
   EXPECT_LT(relative_error(fast.dk.to_double(), ref.dk.to_double()), 2e-2) << "dk (default mode)";
 }
-
-struct Case {
-  int hq, hkv, d, block, k;
-  std::vector<int32_t> lq, lk;
-  DType dtype;
-};
 
 void check_case(const Case& c, uint64_t seed) {
   const Config cfg = testing::attention_config(c.hq, c.hkv, c.d, c.block, c.k);
