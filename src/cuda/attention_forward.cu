@@ -47,10 +47,16 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// Opt-in wgmma (sm_90a warpgroup) kernel: MSA_ATTENTION_KERNEL=wgmma; 128-row tiles.
+// The wgmma (sm_90a warpgroup) kernel, 128-row tiles, is work in progress: on an H100 its outputs
+// were wrong (relative error ~1.1 against the oracle, commit eb48961), so it is compiled in only with
+// -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON and then selected by MSA_ATTENTION_KERNEL=wgmma.
 bool wgmma_requested() {
+#if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
   return e != nullptr && std::string(e) == "wgmma";
+#else
+  return false;
+#endif
 }
 
 template <class T, int D>

@@ -40,7 +40,7 @@ void launch_for_shape(const BlockScoreArgs& args, dim3 grid, cudaStream_t stream
 
 bool wgmma_block_scores_requested() {
   const char* v = std::getenv("MSA_INDEX_KERNEL");
-  return v != nullptr && std::strcmp(v, "wgmma") == 0;
+  return v == nullptr || std::strcmp(v, "mma") != 0;
 }
 
 bool wgmma_block_scores_supported(const BlockScoreArgs& args) { return args.padded_dim <= 128; }

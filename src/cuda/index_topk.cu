@@ -127,7 +127,7 @@ void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
                   unsigned((cfg.num_kv_heads + s.groups_per_cta - 1) / s.groups_per_cta));
   const bool bf16 = p.dtype == DType::bf16;
   if (index::wgmma_block_scores_requested() && index::wgmma_block_scores_supported(s))
-    index::launch_block_scores_wgmma(s, bf16, want_lse, grid, stream);  // opt-in, same outputs
+    index::launch_block_scores_wgmma(s, bf16, want_lse, grid, stream);  // same outputs
   else if (bf16 && want_lse) launch_block_scores<true, true>(s, grid, stream);
   else if (bf16) launch_block_scores<true, false>(s, grid, stream);
   else if (want_lse) launch_block_scores<false, true>(s, grid, stream);

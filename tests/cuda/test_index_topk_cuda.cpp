@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <random>
 #include <set>
@@ -20,42 +21,49 @@ namespace msa {
 namespace testing {
 namespace {
 
-TEST(IndexTopkCuda, RaggedPrefillChunkedDecodeBf16Hkv4) {
+// These cases pin the mma.sync stage 1 (the wgmma one, the default, has its own test file).
+class IndexTopkCuda : public ::testing::Test {
+ protected:
+  void SetUp() override { setenv("MSA_INDEX_KERNEL", "mma", 1); }
+  void TearDown() override { unsetenv("MSA_INDEX_KERNEL"); }
+};
+
+TEST_F(IndexTopkCuda, RaggedPrefillChunkedDecodeBf16Hkv4) {
   MSA_SKIP_WITHOUT_GPU();
   run_ragged_prefill_chunked_decode_case(101);
 }
 
-TEST(IndexTopkCuda, F16Hkv1TemperatureWithHostBounds) {
+TEST_F(IndexTopkCuda, F16Hkv1TemperatureWithHostBounds) {
   MSA_SKIP_WITHOUT_GPU();
   run_f16_hkv1_temperature_host_bounds_case(202);
 }
 
-TEST(IndexTopkCuda, Bf16Hkv8Di64NoLseCallerWorkspace) {
+TEST_F(IndexTopkCuda, Bf16Hkv8Di64NoLseCallerWorkspace) {
   MSA_SKIP_WITHOUT_GPU();
   run_bf16_hkv8_di64_no_lse_caller_workspace_case(303);
 }
 
-TEST(IndexTopkCuda, OverTwoThousandBlocks) {
+TEST_F(IndexTopkCuda, OverTwoThousandBlocks) {
   MSA_SKIP_WITHOUT_GPU();
   run_over_two_thousand_blocks_case(404);
 }
 
-TEST(IndexTopkCuda, SmallBlocksPaddedAndScalarHeadDims) {
+TEST_F(IndexTopkCuda, SmallBlocksPaddedAndScalarHeadDims) {
   MSA_SKIP_WITHOUT_GPU();
   run_small_blocks_padded_and_scalar_head_dims_case(505);
 }
 
-TEST(IndexTopkCuda, BlocksWiderThanOneChunkAndLargeK) {
+TEST_F(IndexTopkCuda, BlocksWiderThanOneChunkAndLargeK) {
   MSA_SKIP_WITHOUT_GPU();
   run_blocks_wider_than_one_chunk_and_large_k_case(606);
 }
 
-TEST(IndexTopkCuda, StridedRows) {
+TEST_F(IndexTopkCuda, StridedRows) {
   MSA_SKIP_WITHOUT_GPU();
   run_strided_rows_case(707);
 }
 
-TEST(IndexTopkCuda, Float32IsRejectedNamingQi) {
+TEST_F(IndexTopkCuda, Float32IsRejectedNamingQi) {
   MSA_SKIP_WITHOUT_GPU();
   Config cfg = index_config(1, 16, 8, 2);
   HostTensor qi(DType::f32, {4, 1, 16}), ki(DType::f32, {4, 16}), topk(DType::i32, {1, 4, 2});

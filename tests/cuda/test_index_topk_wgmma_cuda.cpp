@@ -1,4 +1,4 @@
-// The wgmma stage 1 of the CUDA index branch (MSA_INDEX_KERNEL=wgmma) vs the float64 oracle: the same
+// The wgmma stage 1 of the CUDA index branch (the default; MSA_INDEX_KERNEL=wgmma pins it) vs the float64 oracle: the same
 // checks as test_index_topk_cuda.cpp, on every kernel variant (bf16 / f16, head dims padded to 64 and
 // 128, 64- and 128-key chunks, with and without the block LSE, vector and scalar loads).
 #include <gtest/gtest.h>
