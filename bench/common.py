@@ -106,28 +106,50 @@ def tensor_bytes(*tensors) -> int:
 
 
 # ---- timing with CUDA events --------------------------------------------------------------------
-def cuda_time(calls: Sequence[Callable[[], object]], warmup: int = 3, iters: int = 20,
-              min_iters: int = 3, target_s: Optional[float] = None) -> Dict[str, float]:
-    """Times `calls[i % len(calls)]()` with one event pair per call on the current stream.
+class OverBudget(RuntimeError):
+    """One warm-up call showed that the timed loop would not fit in the time allowed."""
 
-    Warm-up runs first (module load, autotuning, handle creation). With target_s, the iteration
-    count is cut so that the timed loop takes about target_s (long dense baselines at 256K), but
-    never below min_iters. Returns the median and spread in milliseconds.
-    """
-    import torch
+
+def _warm_up(calls, warmup: int, target_s: Optional[float], sync: Callable[[], None]) -> float:
+    """Runs the warm-up calls; returns the mean seconds of one (synchronised) call."""
     n = len(calls)
     t0 = time.perf_counter()
     done = 0
     for i in range(max(1, warmup)):
         calls[i % n]()
-        torch.cuda.synchronize()
+        sync()
         done += 1
         # Seconds-long calls (dense attention at 256K) are warm after one call.
         if target_s is not None and time.perf_counter() - t0 > target_s / 3:
             break
-    warm_s = (time.perf_counter() - t0) / done
+    return (time.perf_counter() - t0) / done
+
+
+def _iterations(warm_s: float, iters: int, min_iters: int, target_s: Optional[float],
+                max_total_s: Optional[float]) -> int:
     if target_s is not None and warm_s > 0:
         iters = max(min_iters, min(iters, int(target_s / warm_s)))
+    if max_total_s is not None and warm_s * iters > max_total_s:
+        raise OverBudget(f"one call takes {warm_s:.2f} s; {iters} timed calls do not fit in "
+                         f"{max_total_s:.0f} s")
+    return iters
+
+
+def cuda_time(calls: Sequence[Callable[[], object]], warmup: int = 3, iters: int = 20,
+              min_iters: int = 3, target_s: Optional[float] = None,
+              max_total_s: Optional[float] = None) -> Dict[str, float]:
+    """Times `calls[i % len(calls)]()` with one event pair per call on the current stream.
+
+    Warm-up runs first (module load, autotuning, handle creation). With target_s, the iteration
+    count is cut so that the timed loop takes about target_s (long dense baselines at 256K), but
+    never below min_iters. With max_total_s, a loop that would take longer raises OverBudget after
+    the warm-up (a time budget then skips the method instead of overrunning). Returns the median
+    and spread in milliseconds.
+    """
+    import torch
+    n = len(calls)
+    warm_s = _warm_up(calls, warmup, target_s, torch.cuda.synchronize)
+    iters = _iterations(warm_s, iters, min_iters, target_s, max_total_s)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
@@ -136,6 +158,23 @@ def cuda_time(calls: Sequence[Callable[[], object]], warmup: int = 3, iters: int
         ends[i].record()
     torch.cuda.synchronize()
     res = summarize_ms([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    res["input_sets"] = n
+    return res
+
+
+def host_time(calls: Sequence[Callable[[], object]], warmup: int = 3, iters: int = 20,
+              min_iters: int = 3, target_s: Optional[float] = None,
+              max_total_s: Optional[float] = None) -> Dict[str, float]:
+    """cuda_time's twin for CPU runs (the benchmarks' CPU test mode): perf_counter per call."""
+    n = len(calls)
+    warm_s = _warm_up(calls, warmup, target_s, lambda: None)
+    iters = _iterations(warm_s, iters, min_iters, target_s, max_total_s)
+    samples = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        calls[i % n]()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    res = summarize_ms(samples)
     res["input_sets"] = n
     return res
 

@@ -6,14 +6,18 @@
 #
 #   MSA_COMMIT=$(git rev-parse HEAD) scripts/device_run.sh --quick     # everything, quick benchmark
 #   MSA_ONLY=bench scripts/device_run.sh                               # full benchmark only
+#   MSA_ONLY=training scripts/device_run.sh                            # training-step benchmark only
 #
-# Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli, and two opt-in ones (run only
+# Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli, and three opt-in ones (run only
 # when named in MSA_ONLY or with MSA_WITH_<STEP>=1):
 #   synccheck   compute-sanitizer synccheck on MSA_SYNCCHECK_FILTER (default: a wgmma index test)
 #   stages      the kernel timing programs bench/attention_forward_cuda_bench.cu (+ torch SDPA),
 #               bench/index_topk_stages.cu (+ torch.topk on its dumped scores), bench/index_wgmma_stage1.cu
 #               (HMMA vs wgmma stage 1: output check and timings), and SASS instruction counts
 #               (HGMMA, HMMA, LDL/STL) of the library's CUDA objects and of those programs
+#   training    bench/bench_training.py (training step vs cuDNN/FA2 fwd+bwd), arguments from
+#               MSA_TRAINING_ARGS; after `bench` when both run, which then leaves it
+#               MSA_TRAINING_RESERVE_S seconds (default 240)
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -24,7 +28,8 @@
 #   MSA_RACECHECK_FILTER (default: the sanitizer filter), MSA_CLI_ARGS (default '--backend cuda'),
 #   MSA_TIMEOUT_<STEP> (seconds), MSA_SERIAL_BUILDS=1 (no Python build alongside the main build).
 # Files back in $OUT (the device returns at most 8): device_run.log (every step's output, in order),
-# steps.tsv (one line per step, written as it ends), summary.txt, bench/results/<name>.json.
+# steps.tsv (one line per step, written as it ends), summary.txt, bench/results/<name>.json (one per
+# benchmark that ran).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -66,7 +71,7 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
-OPT_IN=" synccheck stages "
+OPT_IN=" synccheck stages training "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
@@ -94,7 +99,7 @@ selected pybuild && DO_PYBUILD=1
 for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
 selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
-for s in pytest bench; do selected $s && ! have_ext && DO_PYBUILD=1; done
+for s in pytest bench training; do selected $s && ! have_ext && DO_PYBUILD=1; done
 
 # ---- step runner -----------------------------------------------------------------------------
 declare -A STATUS SECS NOTE
@@ -147,6 +152,7 @@ step_note() {
       sort | uniq -c | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
     pytest) grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -1 | cut -c1-150 ;;
     bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
+    training) grep -E '^== training summary' "$log" | tail -1 | cut -c1-150 ;;
     synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
     stages) grep -E '^stages:' "$log" | tr '\n' ';' | cut -c1-150 ;;
     *) grep -iE 'error|FAILED' "$log" | head -1 | cut -c1-150 ;;
@@ -247,6 +253,12 @@ step_bench() {
   fi
   return $rc
 }
+step_training() {
+  py_env
+  mkdir -p "$BENCH_DIR"
+  # shellcheck disable=SC2086  # MSA_TRAINING_ARGS is a word list on purpose
+  "$PY" bench/bench_training.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_TRAINING_ARGS:-}
+}
 step_cli() {
   local bin=$BUILD_DIR/msa
   "$bin" info
@@ -254,7 +266,7 @@ step_cli() {
   "$bin" run $CLI_ARGS
 }
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
-  step_stages step_pybuild py_env step_pytest step_bench step_cli
+  step_stages step_pybuild py_env step_pytest step_bench step_training step_cli
 
 # ---- run ---------------------------------------------------------------------------------------
 selected gpu && run_step gpu 30 step_gpu
@@ -286,13 +298,19 @@ elif ((DO_PYBUILD)); then
 fi
 selected pytest && run_step pytest 120 step_pytest
 if selected bench; then
-  # The benchmark gets what is left but 45 s kept for the CLI step.
-  LIMIT_S=$(($(limit_for bench 100000) - $(selected cli && echo 45 || echo 0)))
+  # The benchmark gets what is left but 45 s kept for the CLI step (and the training reserve).
+  LIMIT_S=$(($(limit_for bench 100000) - $(selected cli && echo 45 || echo 0) -
+    $(selected training && echo "${MSA_TRAINING_RESERVE_S:-240}" || echo 0)))
   export LIMIT_S
   BENCH_ARGV_Q=
   ((${#BENCH_ARGS[@]})) && BENCH_ARGV_Q=$(printf '%q ' "${BENCH_ARGS[@]}")
   export BENCH_ARGV_Q
   MSA_TIMEOUT_BENCH=$LIMIT_S run_step bench "$LIMIT_S" 'eval "BENCH_ARGV=($BENCH_ARGV_Q)"; step_bench'
+fi
+if selected training; then
+  LIMIT_S=$(($(limit_for training 100000) - $(selected cli && echo 45 || echo 0)))
+  export LIMIT_S
+  MSA_TIMEOUT_TRAINING=$LIMIT_S run_step training "$LIMIT_S" step_training
 fi
 selected cli && run_step cli 45 step_cli
 
@@ -301,7 +319,7 @@ selected cli && run_step cli 45 step_cli
   echo
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
@@ -316,8 +334,12 @@ selected cli && run_step cli 45 step_cli
   if [ -f "$WORK/bench.log" ]; then
     echo "---- bench table"
     sed -n '/^== bench summary/,$p' "$WORK/bench.log" | cut -c1-200
-    ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   fi
+  if [ -f "$WORK/training.log" ]; then
+    echo "---- training table"
+    sed -n '/^== training summary/,$p' "$WORK/training.log" | cut -c1-220
+  fi
+  ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"
 } | tee "$SUMMARY"
 rm -rf "$WORK"
