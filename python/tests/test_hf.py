@@ -155,13 +155,15 @@ def test_model_parity_fp32(shape):
         assert as_sets(a) == as_sets(b)
 
 
-def test_generate_matches_eager():
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_matches_eager(cache):
     ids = torch.randint(3, 96, (1, 60), generator=torch.Generator().manual_seed(3))
     out = {}
     for attn in ("eager", "msa"):
         model = make_model("g4", torch.float32, attn=attn)
         with torch.no_grad():
-            out[attn] = model.generate(ids, max_new_tokens=12, do_sample=False)
+            out[attn] = model.generate(ids, max_new_tokens=12, do_sample=False,
+                                       cache_implementation=cache)
     assert torch.equal(out["eager"], out["msa"])
 
 
