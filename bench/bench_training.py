@@ -393,6 +393,10 @@ class Run:
         p = P.CONFIGS[cfg_name]
         hq, hkv, d = p["hq"], p["hkv"], p["d"]
         rec = self.case(cfg_name, L)
+        if self.budget.exhausted(reserve=5):   # no inputs, step or check for a case that cannot run
+            for m in methods:
+                self.add(cfg_name, L, m, error="skipped: time budget")
+            return
         msa_methods = [m for m in methods if m not in DENSE]
         try:
             cases = self.make_cases(cfg_name, L)
@@ -564,7 +568,8 @@ class Run:
             ms = {}
             for r in self.rows:
                 if (r["config"], r["context"]) == (cfg_name, L):
-                    ms[r["method"]] = C.fmt_ms(r["ms_median"]) if "ms_median" in r else "err"
+                    ms[r["method"]] = (C.fmt_ms(r["ms_median"]) if "ms_median" in r else
+                                       "skip" if r.get("error", "").startswith("skipped") else "err")
             sp, ratio = rec.get("speedup_msa_step_vs_best_dense"), rec.get("sparse_bwd_over_fwd_tflops")
             chk = rec.get("check", {})
             table.append([cfg_name, f"{L // 1024}K" if L >= 1024 else str(L)] +
