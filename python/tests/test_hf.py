@@ -237,3 +237,17 @@ def test_to_msa_topk_keeps_sets_and_moves_local_last():
     topk = msa.hf.to_msa_topk(bi, pos, 8)
     assert topk.dtype == torch.int32 and topk.shape == (1, 2, 4)
     assert topk.tolist() == [[[2, 0, 5, -1], [0, -1, -1, -1]]]
+
+
+def test_training_gradients_match_eager():
+    ids = torch.randint(3, 96, (1, 70), generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for attn in ("eager", "msa"):
+        model = make_model("g4", torch.float32, attn=attn).train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads[attn] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["eager"].keys() == grads["msa"].keys()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                 "model.layers.2.self_attn.k_proj.weight", "model.embed_tokens.weight"):
+        assert rel(grads["msa"][name], grads["eager"][name]) < 1e-4, name
