@@ -8,6 +8,7 @@
 // round-robin schedule and the partial buffers are summed in thread order, so results are bitwise
 // identical run to run for a given thread count (deterministic or not: the default pays the same).
 // Cost: threads x total_k x Hkv x D accumulators for each of dk and dv (zeroed, then reduced).
+#include <algorithm>
 #include <omp.h>
 
 #include <cmath>
@@ -237,10 +238,13 @@ void backward_impl(const Problem& p, const TensorView& q, const TensorView& k, c
 }  // namespace
 
 std::size_t attention_backward_workspace_bytes(const Problem& p, int num_threads) {
+  // Either plan can be the larger (see attention_forward_workspace_bytes): size for both.
   const int threads = thread_count(num_threads);
   if (acc_bytes_of(p.dtype) == sizeof(double))
-    return total_bytes<double>(p, Geometry(p, true, attn::column_step<double>()), threads);
-  return total_bytes<float>(p, Geometry(p, true, attn::column_step<float>()), threads);
+    return std::max(total_bytes<double>(p, Geometry(p, true, attn::column_step<double>()), threads),
+                    total_bytes<double>(p, Geometry(p, false, attn::column_step<double>()), threads));
+  return std::max(total_bytes<float>(p, Geometry(p, true, attn::column_step<float>()), threads),
+                  total_bytes<float>(p, Geometry(p, false, attn::column_step<float>()), threads));
 }
 
 void attention_backward(const Problem& p, const TensorView& q, const TensorView& k,

@@ -7,6 +7,7 @@
 // (query, head) row that selected the block runs in micro-tiles of kRows: scores = Q K^T, causal mask
 // inside the local block, online softmax update, O += P V. Accumulation is in f32 (f64 for f64
 // inputs). Items write disjoint output rows, so results do not depend on the thread schedule.
+#include <algorithm>
 #include <omp.h>
 
 #include <cmath>
@@ -165,15 +166,19 @@ void forward_impl(const Problem& p, const TensorView& q, const TensorView& k, co
 
 }  // namespace
 
+template <class A>
+std::size_t workspace_bytes_for(const Problem& p, int threads) {
+  // Either plan can be the larger: dense holds every block per query, sparse k blocks, and k may
+  // exceed the blocks of short sequences. One size serves both operations.
+  const Geometry dense(p, true, attn::column_step<A>()), sparse(p, false, attn::column_step<A>());
+  return std::max(per_thread_bytes<A>(dense), per_thread_bytes<A>(sparse)) * threads +
+         attn::Scratch::kAlign;
+}
+
 std::size_t attention_forward_workspace_bytes(const Problem& p, int num_threads) {
-  // Sized for the dense plan, the larger of the two.
   const int threads = thread_count(num_threads);
-  if (acc_bytes_of(p.dtype) == sizeof(double)) {
-    const Geometry geo(p, true, attn::column_step<double>());
-    return per_thread_bytes<double>(geo) * threads + attn::Scratch::kAlign;
-  }
-  const Geometry geo(p, true, attn::column_step<float>());
-  return per_thread_bytes<float>(geo) * threads + attn::Scratch::kAlign;
+  return acc_bytes_of(p.dtype) == sizeof(double) ? workspace_bytes_for<double>(p, threads)
+                                                 : workspace_bytes_for<float>(p, threads);
 }
 
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k,
