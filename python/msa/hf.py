@@ -106,6 +106,10 @@ def msa_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     """The AttentionInterface function: query [b, Hq, q, D], key/value [b, Hkv, slots, D] (the whole
     cache, slots >= every row's last position + 1), block_indices [b, Hkv, q, k'] or None (dense
     layer). Returns (out [b, q, Hq, D], None)."""
+    if not getattr(module, "is_causal", True):
+        raise _arg_error("module", f"{type(module).__name__} is not causal (the vision tower); give "
+                         "msa to the text model only: attn_implementation={'text_config': 'msa', "
+                         "'vision_config': 'sdpa'}")
     if dropout:
         raise _arg_error("dropout", f"attention dropout is not supported (got {dropout}); set "
                          "config.attention_dropout = 0 or call model.eval()")

@@ -229,6 +229,10 @@ def test_bad_block_indices_and_dropout_are_refused():
     with pytest.raises(msa.ArgumentError) as err:
         msa.hf.msa_attention_forward(attn, q, k, v, None, 0.1, dropout=0.1)
     assert err.value.argument == "dropout"
+    attn.is_causal = False  # as the vision tower's attention
+    with pytest.raises(msa.ArgumentError) as err:
+        msa.hf.msa_attention_forward(attn, q, k, v, None, 0.1)
+    assert err.value.argument == "module"
 
 
 def test_to_msa_topk_keeps_sets_and_moves_local_last():
