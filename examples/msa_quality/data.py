@@ -1,0 +1,158 @@
+"""Synthetic long-context task: multi-key retrieval over records hidden in Markov filler.
+
+One sequence of exactly `length` tokens:
+
+    BOS  filler ... [REC k1 k2 ARROW v1 v2 END] filler ... [REC ...] filler ...
+         [QUERY k1 k2 ANSWER v1 v2] x n_queries
+
+- keys are pairs of key tokens (128^2 possible keys, distinct within a sequence), values pairs of
+  value tokens, both uniform random: only attention back to the record can predict a value;
+- filler comes from a fixed sparse first-order Markov chain (each filler token has 4 successors
+  with probabilities 0.55/0.25/0.15/0.05, entropy ~1.1 nats), so the plain LM loss is learnable
+  and attention over the filler is not trivial;
+- the questions at the end ask for `n_queries` distinct records; the answer tokens (v1, v2 after
+  ANSWER) are the retrieval targets;
+- the needle variant puts the first queried record at a chosen depth (0 = start of the filler,
+  1 = its end) and asks only for it.
+
+Everything is a pure function of (seed, index): batch `step` of a run is `make_batch(seed, step, ...)`,
+so every regime sees the same data in the same order.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+VOCAB_SIZE = 512
+PAD, BOS, REC, ARROW, END, QUERY, ANSWER, EOS = range(8)
+KEY_BASE, NUM_KEY_TOKENS = 16, 128
+VALUE_BASE, NUM_VALUE_TOKENS = 144, 128
+FILLER_BASE = 272
+NUM_FILLER = VOCAB_SIZE - FILLER_BASE
+RECORD_LEN, QUERY_LEN = 7, 6
+WORLD_SEED = 20240601  # the Markov chain is the same for every run and split
+_BRANCH_PROBS = np.array([0.55, 0.25, 0.15, 0.05])
+
+
+def _successors() -> np.ndarray:
+    rng = np.random.default_rng(WORLD_SEED)
+    return np.stack([rng.choice(NUM_FILLER, size=len(_BRANCH_PROBS), replace=False)
+                     for _ in range(NUM_FILLER)])
+
+
+_SUCC = _successors()  # [NUM_FILLER, 4]
+
+
+def filler(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n tokens of the Markov chain, started at a uniform state."""
+    out = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return out
+    branch = rng.choice(len(_BRANCH_PROBS), size=n, p=_BRANCH_PROBS)
+    state = int(rng.integers(NUM_FILLER))
+    succ = _SUCC.tolist()
+    for i, b in enumerate(branch.tolist()):
+        out[i] = state
+        state = succ[state][b]
+    return out + FILLER_BASE
+
+
+def filler_entropy_nats() -> float:
+    """Per-token entropy of the filler chain: the LM loss floor on filler tokens."""
+    p = _BRANCH_PROBS
+    return float(-(p * np.log(p)).sum())
+
+
+def records_for(length: int, per_1k: float = 4.0) -> int:
+    return max(4, int(length * per_1k / 1024))
+
+
+@dataclass
+class Example:
+    tokens: np.ndarray        # [length] int64
+    answer_pos: np.ndarray    # positions of the answer tokens (v1, v2 of every query), ascending
+    record_pos: np.ndarray    # start position of every queried record, query order
+    length: int
+
+
+def make_example(rng: np.random.Generator, length: int, n_records: Optional[int] = None,
+                 n_queries: int = 4, needle_depth: Optional[float] = None) -> Example:
+    n_records = records_for(length) if n_records is None else n_records
+    if needle_depth is not None:
+        n_queries = 1
+    n_queries = min(n_queries, n_records)
+    n_fill = length - 1 - RECORD_LEN * n_records - QUERY_LEN * n_queries
+    if n_fill < 0:
+        raise ValueError(f"length {length} too short for {n_records} records")
+    flat = rng.choice(NUM_KEY_TOKENS * NUM_KEY_TOKENS, size=n_records, replace=False)
+    keys = np.stack([flat // NUM_KEY_TOKENS, flat % NUM_KEY_TOKENS], 1) + KEY_BASE
+    values = rng.integers(NUM_VALUE_TOKENS, size=(n_records, 2)) + VALUE_BASE
+    asked = rng.choice(n_records, size=n_queries, replace=False)
+    # Insertion points into the filler; the needle (record asked[0]) goes at its depth.
+    cuts = rng.integers(0, n_fill + 1, size=n_records)
+    if needle_depth is not None:
+        cuts[asked[0]] = int(round(needle_depth * n_fill))
+    order = np.argsort(cuts, kind="stable")
+    fill = filler(rng, n_fill)
+    parts: List[np.ndarray] = [np.array([BOS])]
+    start = {}
+    pos, prev = 1, 0
+    for r in order.tolist():
+        c = int(cuts[r])
+        parts.append(fill[prev:c])
+        pos += c - prev
+        prev = c
+        start[r] = pos
+        parts.append(np.array([REC, keys[r, 0], keys[r, 1], ARROW, values[r, 0], values[r, 1], END]))
+        pos += RECORD_LEN
+    parts.append(fill[prev:])
+    pos += n_fill - prev
+    answers = []
+    for r in asked.tolist():
+        parts.append(np.array([QUERY, keys[r, 0], keys[r, 1], ANSWER, values[r, 0], values[r, 1]]))
+        answers += [pos + 4, pos + 5]
+        pos += QUERY_LEN
+    tokens = np.concatenate(parts).astype(np.int64)
+    assert tokens.shape[0] == length == pos
+    return Example(tokens, np.array(answers, dtype=np.int64),
+                   np.array([start[r] for r in asked.tolist()], dtype=np.int64), length)
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray        # [total] int64, sequences packed back to back
+    cu_seqlens: np.ndarray    # [n+1] int32
+    answer_pos: np.ndarray    # packed positions of answer tokens
+    answer_seq: np.ndarray    # which sequence each answer belongs to
+    max_seqlen: int
+
+
+def pack(examples: Sequence[Example]) -> Batch:
+    lens = [e.length for e in examples]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ans = np.concatenate([e.answer_pos + cu[i] for i, e in enumerate(examples)])
+    seq = np.concatenate([np.full(len(e.answer_pos), i) for i, e in enumerate(examples)])
+    return Batch(np.concatenate([e.tokens for e in examples]), cu, ans.astype(np.int64),
+                 seq.astype(np.int64), max(lens))
+
+
+def train_length(step: int, lengths: Sequence[int]) -> int:
+    return lengths[step % len(lengths)]
+
+
+def make_batch(seed: int, step: int, lengths: Sequence[int], batch: int) -> Batch:
+    """Training batch `step`: `batch * max(lengths)` tokens, all sequences of this step's length
+    (lengths cycle step by step), so every step trains on the same number of tokens."""
+    length = train_length(step, lengths)
+    n = max(1, batch * max(lengths) // length)
+    rng = np.random.default_rng([seed, step])
+    return pack([make_example(rng, length) for _ in range(n)])
+
+
+def make_eval_batch(seed: int, length: int, n: int, needle_depth: Optional[float] = None,
+                    n_queries: int = 4) -> Batch:
+    rng = np.random.default_rng([seed, length, -1 if needle_depth is None else
+                                 int(round(needle_depth * 1000))])
+    return pack([make_example(rng, length, n_queries=n_queries, needle_depth=needle_depth)
+                 for _ in range(n)])

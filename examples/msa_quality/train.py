@@ -1,0 +1,228 @@
+"""Trains the three regimes of the quality study on the same data, tokens and steps.
+
+    dense  GQA, dense attention (MSAAttention mode "dense"), steps 0..S-1; also saves its
+           checkpoint at step --cpt-start (model + optimizer) for MSA-CPT.
+    pt     MSA from scratch: mode "warmup" (dense main branch, index trained by KL) for
+           --pt-warmup steps, then "sparse" (index top-k + block-sparse attention + KL on the
+           selected tokens) to step S.
+    cpt    the dense checkpoint of step --cpt-start, converted with convert_gqa_to_msa (fresh
+           W_qi / W_ki), "warmup" for --cpt-warmup steps, then "sparse" to step S; the optimizer
+           state and the data stream continue where the dense run was.
+
+Batch `s` is data.make_batch(seed, s, ...) in every regime. Logs JSON lines to
+OUT/<regime>/train.jsonl; checkpoints (model.py's format) to OUT/<regime>/final and
+OUT/dense/step<cpt_start>.
+
+    python3 examples/msa_quality/train.py --regime all --steps 2000 --seq-len 4096,8192 --batch 4 \
+        --device cuda --out runs/msa_quality
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+from model import Decoder, ModelConfig, load_checkpoint, save_checkpoint  # noqa: E402
+
+REGIMES = ("dense", "pt", "cpt")
+
+PRESETS = {
+    # The GPU study: CUDA kernels take bf16, head_dim 64/128, block_size a multiple of 64.
+    "study": dict(d_model=512, n_layers=6, n_q_heads=8, n_kv_heads=2, head_dim=64,
+                  index_head_dim=64, block_size=64, topk=16, mlp_hidden=1408),
+    # CPU smoke test: small enough for seconds per step, blocks small enough that top-k routes.
+    "tiny": dict(d_model=64, n_layers=2, n_q_heads=8, n_kv_heads=2, head_dim=16,
+                 index_head_dim=16, block_size=16, topk=4, mlp_hidden=128),
+}
+
+
+def add_model_args(ap):
+    ap.add_argument("--preset", default="study", choices=sorted(PRESETS))
+    for f in fields(ModelConfig):
+        if f.name != "vocab_size":
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+
+
+def model_config(args) -> ModelConfig:
+    kw = dict(PRESETS[args.preset])
+    for f in fields(ModelConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            kw[f.name] = v
+    return ModelConfig(vocab_size=data.VOCAB_SIZE, **kw)
+
+
+def parse_lengths(s: str):
+    return [int(x) for x in str(s).split(",") if x]
+
+
+def autocast(device: str, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def losses(model, batch, device, answer_weight: float):
+    """(total, lm, answer, kl, answer-accuracy) of one packed batch."""
+    tokens = torch.from_numpy(batch.tokens).to(device)
+    cu = torch.from_numpy(batch.cu_seqlens).to(device)
+    logits, kl = model(tokens, cu, batch.max_seqlen)
+    # Next-token targets; the last token of each sequence predicts nothing.
+    target = torch.roll(tokens, -1)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[cu[1:].long() - 1] = False
+    lm = F.cross_entropy(logits[valid], target[valid])
+    pred_pos = torch.from_numpy(batch.answer_pos - 1).to(device)
+    ans_logits = logits[pred_pos]
+    ans = F.cross_entropy(ans_logits, tokens[pred_pos + 1])
+    acc = (ans_logits.argmax(-1) == tokens[pred_pos + 1]).float().mean()
+    return lm + answer_weight * ans + kl, lm, ans, kl, acc
+
+
+def lr_at(step: int, args) -> float:
+    warm = max(1, int(0.05 * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    t = (step - warm) / max(1, args.steps - warm)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def mode_at(regime: str, step: int, args) -> str:
+    if regime == "dense":
+        return "dense"
+    if regime == "pt":
+        return "warmup" if step < args.pt_warmup else "sparse"
+    return "warmup" if step < args.cpt_start + args.cpt_warmup else "sparse"
+
+
+def make_optimizer(model, args):
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                             weight_decay=args.weight_decay)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_regime(regime: str, args, cfg: ModelConfig):
+    out = os.path.join(args.out, regime)
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "final", "model.pt")) and not args.overwrite:
+        print(f"[{regime}] final checkpoint exists, skipping (--overwrite retrains)")
+        return
+    lengths = parse_lengths(args.seq_len)
+    torch.manual_seed(args.seed)
+    start = 0
+    if regime == "cpt":
+        src = os.path.join(args.out, "dense", f"step{args.cpt_start}")
+        model, meta, payload = load_checkpoint(src, args.device)
+        model.convert_to_msa("warmup")
+        opt = make_optimizer(model, args)
+        opt.load_state_dict(payload["optimizer"])  # same parameter order; W_qi/W_ki start fresh
+        start = payload["step"]
+    else:
+        model = Decoder(cfg, "dense" if regime == "dense" else "warmup").to(args.device)
+        opt = make_optimizer(model, args)
+    log = open(os.path.join(out, "train.jsonl"), "w")
+    meta = dict(regime=regime, train_args={k: v for k, v in vars(args).items()})
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[{regime}] {n_params / 1e6:.2f}M parameters, steps {start}..{args.steps - 1}, "
+          f"lengths {lengths}, {args.batch * max(lengths)} tokens/step, device {args.device}")
+    for step in range(start, args.steps):
+        if regime == "dense" and step == args.cpt_start and step > 0:
+            save_checkpoint(os.path.join(out, f"step{step}"), model, opt, step, **meta)
+        model.set_mode(mode_at(regime, step, args))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        batch = data.make_batch(args.seed, step, lengths, args.batch)
+        sync(args.device)
+        t0 = time.perf_counter()
+        with autocast(args.device, args.dtype):
+            total, lm, ans, kl, acc = losses(model, batch, args.device, args.answer_weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        rec = dict(regime=regime, step=step, mode=model.mode, seq_len=batch.max_seqlen,
+                   tokens=int(batch.tokens.shape[0]), loss=total.item(), lm_loss=lm.item(),
+                   answer_loss=ans.item(), kl=kl.item(), answer_acc=acc.item(),
+                   grad_norm=float(gnorm), lr=lr_at(step, args), step_time_s=dt)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            print(f"[{regime}] step {step} {rec['mode']} L={rec['seq_len']} loss {rec['loss']:.3f} "
+                  f"lm {rec['lm_loss']:.3f} ans {rec['answer_loss']:.3f} kl {rec['kl']:.4f} "
+                  f"acc {rec['answer_acc']:.2f} {dt * 1e3:.0f} ms", flush=True)
+    save_checkpoint(os.path.join(out, "final"), model, None, args.steps, **meta)
+    log.close()
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--regime", default="all", choices=REGIMES + ("all",))
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seq-len", default="4096,8192",
+                    help="training length, or a comma list cycled step by step")
+    ap.add_argument("--batch", type=int, default=4,
+                    help="sequences per step at the longest length (tokens/step = batch*max len)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--out", default="runs/msa_quality")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="weight of the answer tokens' cross entropy added to the LM loss")
+    ap.add_argument("--pt-warmup", type=int, default=None, help="MSA-PT dense warmup steps "
+                    "(default 10%% of --steps)")
+    ap.add_argument("--cpt-start", type=int, default=None,
+                    help="dense step converted for MSA-CPT (default 75%% of --steps)")
+    ap.add_argument("--cpt-warmup", type=int, default=None,
+                    help="MSA-CPT warmup steps after conversion (default 5%% of --steps)")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--overwrite", action="store_true")
+    add_model_args(ap)
+    return ap
+
+
+def finish_args(args):
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    if args.pt_warmup is None:
+        args.pt_warmup = max(1, args.steps // 10)
+    if args.cpt_start is None:
+        args.cpt_start = max(1, (3 * args.steps) // 4)
+    if args.cpt_warmup is None:
+        args.cpt_warmup = max(1, args.steps // 20)
+    if not 0 < args.cpt_start < args.steps:
+        raise SystemExit("--cpt-start must be inside (0, --steps)")
+    return args
+
+
+def main(argv=None):
+    args = finish_args(build_parser().parse_args(argv))
+    cfg = model_config(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train_args.json"), "w") as f:
+        json.dump({**vars(args), "model": asdict(cfg)}, f, indent=2)
+    regimes = REGIMES if args.regime == "all" else (args.regime,)
+    for r in regimes:
+        train_regime(r, args, cfg)
+
+
+if __name__ == "__main__":
+    main()
