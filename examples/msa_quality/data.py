@@ -152,7 +152,7 @@ def make_batch(seed: int, step: int, lengths: Sequence[int], batch: int) -> Batc
 
 def make_eval_batch(seed: int, length: int, n: int, needle_depth: Optional[float] = None,
                     n_queries: int = 4) -> Batch:
-    rng = np.random.default_rng([seed, length, -1 if needle_depth is None else
-                                 int(round(needle_depth * 1000))])
+    tag = 1_000_000 if needle_depth is None else int(round(needle_depth * 1000))
+    rng = np.random.default_rng([seed, length, tag, 7])  # 4 words: apart from training's [seed, step]
     return pack([make_example(rng, length, n_queries=n_queries, needle_depth=needle_depth)
                  for _ in range(n)])

@@ -11,10 +11,11 @@
 
 Batch `s` is data.make_batch(seed, s, ...) in every regime. Logs JSON lines to
 OUT/<regime>/train.jsonl; checkpoints (model.py's format) to OUT/<regime>/final and
-OUT/dense/step<cpt_start>.
+OUT/dense/step<cpt_start>; every --save-every steps OUT/<regime>/last, from which a stopped run
+resumes (rerun the same command).
 
     python3 examples/msa_quality/train.py --regime all --steps 2000 --seq-len 4096,8192 --batch 4 \
-        --device cuda --out runs/msa_quality
+        --device cuda --out /tmp/msa_quality
 """
 
 import argparse
@@ -133,7 +134,18 @@ def train_regime(regime: str, args, cfg: ModelConfig):
     else:
         model = Decoder(cfg, "dense" if regime == "dense" else "warmup").to(args.device)
         opt = make_optimizer(model, args)
-    log = open(os.path.join(out, "train.jsonl"), "w")
+    resume = os.path.join(out, "last")
+    if os.path.exists(os.path.join(resume, "model.pt")) and not args.overwrite:
+        model, _, payload = load_checkpoint(resume, args.device)  # a stopped run goes on
+        opt = make_optimizer(model, args)
+        opt.load_state_dict(payload["optimizer"])
+        start = payload["step"]
+    log_path = os.path.join(out, "train.jsonl")
+    kept = []
+    if start > 0 and os.path.exists(log_path):
+        kept = [l for l in open(log_path) if json.loads(l)["step"] < start]
+    log = open(log_path, "w")
+    log.writelines(kept)
     meta = dict(regime=regime, train_args={k: v for k, v in vars(args).items()})
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{regime}] {n_params / 1e6:.2f}M parameters, steps {start}..{args.steps - 1}, "
@@ -161,6 +173,8 @@ def train_regime(regime: str, args, cfg: ModelConfig):
                    grad_norm=float(gnorm), lr=lr_at(step, args), step_time_s=dt)
         log.write(json.dumps(rec) + "\n")
         log.flush()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(resume, model, opt, step + 1, **meta)
         if step % args.log_every == 0 or step == args.steps - 1:
             print(f"[{regime}] step {step} {rec['mode']} L={rec['seq_len']} loss {rec['loss']:.3f} "
                   f"lm {rec['lm_loss']:.3f} ans {rec['answer_loss']:.3f} kl {rec['kl']:.4f} "
@@ -180,7 +194,7 @@ def build_parser():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--out", default="runs/msa_quality")
+    ap.add_argument("--out", default=os.environ.get("MSA_QUALITY_RUNS", "/tmp/msa_quality"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -194,7 +208,9 @@ def build_parser():
     ap.add_argument("--cpt-warmup", type=int, default=None,
                     help="MSA-CPT warmup steps after conversion (default 5%% of --steps)")
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--save-every", type=int, default=100,
+                    help="steps between resumable checkpoints (OUT/<regime>/last); 0 = none")
+    ap.add_argument("--overwrite", action="store_true", help="retrain from step 0")
     add_model_args(ap)
     return ap
 
