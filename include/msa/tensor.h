@@ -9,7 +9,9 @@
 
 namespace msa {
 
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, i32 = 3, f64 = 4 };
+// fp8_e4m3: OCP E4M3 "fn" (no infinities, max 448, NaN 0x7f/0xff); only the paged KV caches accept
+// it (msa/paged.h), every other entry point rejects it.
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, i32 = 3, f64 = 4, fp8_e4m3 = 5 };
 
 std::size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);

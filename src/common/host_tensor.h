@@ -53,6 +53,7 @@ class HostTensor {
       case DType::bf16: { uint16_t v; std::memcpy(&v, p + 2 * i, 2); return bf16_to_float(v); }
       case DType::f16: { uint16_t v; std::memcpy(&v, p + 2 * i, 2); return f16_to_float(v); }
       case DType::i32: { int32_t v; std::memcpy(&v, p + 4 * i, 4); return v; }
+      case DType::fp8_e4m3: return fp8_e4m3_to_float(p[i]);
     }
     return 0;
   }
@@ -65,6 +66,7 @@ class HostTensor {
       case DType::bf16: { uint16_t v = float_to_bf16(float(x)); std::memcpy(p + 2 * i, &v, 2); break; }
       case DType::f16: { uint16_t v = float_to_f16(float(x)); std::memcpy(p + 2 * i, &v, 2); break; }
       case DType::i32: { int32_t v = int32_t(x); std::memcpy(p + 4 * i, &v, 4); break; }
+      case DType::fp8_e4m3: { p[i] = float_to_fp8_e4m3(float(x)); break; }
     }
   }
 

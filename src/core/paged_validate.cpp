@@ -1,5 +1,6 @@
 // Argument checks of paged_append_kv / paged_run (ArgumentError names the argument), then dispatch to
 // the backend where the tensors live.
+#include <initializer_list>
 #include <string>
 
 #include "core/paged_backend.h"
@@ -14,18 +15,38 @@ using detail::check_tensor;
 
 namespace {
 
+// A scale tensor is given exactly when its cache is FP8: f32, [num_pages, Hkv] or [num_pages].
+void check_scale(const PagedPlan& plan, const TensorView& cache, const char* cache_name,
+                 const TensorView& scale, const char* name, std::initializer_list<int64_t> shape) {
+  if (cache.dtype != DType::fp8_e4m3) {
+    MSA_CHECK_ARG(!scale.defined(), name,
+                  std::string("is given but ") + cache_name + " is " + dtype_name(cache.dtype) +
+                      " (scales belong to float8_e4m3fn caches only)");
+    return;
+  }
+  MSA_CHECK_ARG(scale.defined(), name,
+                std::string("is required: ") + cache_name + " is float8_e4m3fn (value = byte x scale)");
+  check_tensor(scale, name, shape, DType::f32, plan.device);
+}
+
 int64_t num_pages_of(const PagedPlan& plan, const PagedKVCache& cache) {
   MSA_CHECK_ARG(cache.k.defined() && cache.k.ndim == 4, "k_cache",
                 "must have 4 dimensions [num_pages, B, Hkv, D]");
   const Config& c = plan.cfg;
   const int64_t pages = cache.k.shape[0];
-  const DType dt = plan.dtype;
-  check_tensor(cache.k, "k_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim}, dt, plan.device);
-  check_tensor(cache.v, "v_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim}, dt, plan.device);
-  check_tensor(cache.ki, "ki_cache", {pages, c.block_size, c.index_head_dim}, dt, plan.device);
-  MSA_CHECK_ARG(!cache.k_scale.defined(), "k_scale", "FP8 caches are not implemented in this build");
-  MSA_CHECK_ARG(!cache.v_scale.defined(), "v_scale", "FP8 caches are not implemented in this build");
-  MSA_CHECK_ARG(!cache.ki_scale.defined(), "ki_scale", "FP8 caches are not implemented in this build");
+  // Each cache is in the plan's dtype or FP8 E4M3 (then with its scale), independently.
+  auto cache_dtype = [&](const TensorView& t) {
+    return t.dtype == DType::fp8_e4m3 ? DType::fp8_e4m3 : plan.dtype;
+  };
+  check_tensor(cache.k, "k_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim},
+               cache_dtype(cache.k), plan.device);
+  check_tensor(cache.v, "v_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim},
+               cache_dtype(cache.v), plan.device);
+  check_tensor(cache.ki, "ki_cache", {pages, c.block_size, c.index_head_dim}, cache_dtype(cache.ki),
+               plan.device);
+  check_scale(plan, cache.k, "k_cache", cache.k_scale, "k_scale", {pages, c.num_kv_heads});
+  check_scale(plan, cache.v, "v_cache", cache.v_scale, "v_scale", {pages, c.num_kv_heads});
+  check_scale(plan, cache.ki, "ki_cache", cache.ki_scale, "ki_scale", {pages});
   return pages;
 }
 

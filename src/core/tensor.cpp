@@ -11,6 +11,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::bf16: return 2;
     case DType::i32: return 4;
     case DType::f64: return 8;
+    case DType::fp8_e4m3: return 1;
   }
   throw Error("msa: unknown dtype");
 }
@@ -22,6 +23,7 @@ const char* dtype_name(DType dtype) {
     case DType::bf16: return "bfloat16";
     case DType::i32: return "int32";
     case DType::f64: return "float64";
+    case DType::fp8_e4m3: return "float8_e4m3fn";
   }
   return "unknown";
 }

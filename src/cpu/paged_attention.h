@@ -11,6 +11,7 @@
 
 #include "cpu/attention_simd.h"
 #include "cpu/attention_tile.h"
+#include "cpu/paged_fp8.h"
 #include "cpu/paged_layout.h"
 
 namespace msa {
@@ -52,10 +53,20 @@ struct AttentionScratch {
   }
 };
 
-// Rows of a K or V page as f32 rows: in place for f32 pages with unpadded rows, else converted.
+// Rows of a K or V page as f32 rows: in place for f32 pages with unpadded rows, else converted
+// (FP8 pages: dequantised with the (page, group) scale).
 template <class T>
-inline void page_rows(const attn::Geometry& geo, const TensorView& cache, int32_t page, int group,
-                      int nkeys, float* buf, const float** rows) {
+inline void page_rows(const attn::Geometry& geo, const TensorView& cache, const TensorView& scale,
+                      int32_t page, int group, int nkeys, float* buf, const float** rows) {
+  if (is_fp8(cache)) {
+    const float sc = page_scale(scale, page, group);
+    for (int i = 0; i < nkeys; ++i) {
+      float* dst = buf + int64_t(i) * geo.Dp;
+      dequantise_row(kv_row<const uint8_t>(cache, page, i, group), geo.D, sc, dst, geo.Dp);
+      rows[i] = dst;
+    }
+    return;
+  }
   for (int i = 0; i < nkeys; ++i) {
     const T* src = kv_row<const T>(cache, page, i, group);
     if constexpr (std::is_same_v<T, float>) {
@@ -108,8 +119,8 @@ void attend_tile(const PagedPlan& plan, const attn::Geometry& geo, const PagedAt
     const int nkeys = attn::visible_in_block(geo, j, sc.pos[parts[nparts - 1]]);
     const int npad = int(attn::round_up(nkeys, attn::kScorePad));
     const int32_t page = page_of(page_table, w.request, j);
-    page_rows<T>(geo, cache.k, page, it.group, nkeys, sc.kbuf, sc.krows);
-    page_rows<T>(geo, cache.v, page, it.group, nkeys, sc.vbuf, sc.vrows);
+    page_rows<T>(geo, cache.k, cache.k_scale, page, it.group, nkeys, sc.kbuf, sc.krows);
+    page_rows<T>(geo, cache.v, cache.v_scale, page, it.group, nkeys, sc.vbuf, sc.vrows);
 
     int nrows = 0;
     for (int pi = 0; pi < nparts; ++pi)

@@ -14,6 +14,7 @@
 #include "cpu/element.h"
 #include "cpu/index_simd.h"
 #include "cpu/index_workspace.h"
+#include "cpu/paged_fp8.h"
 #include "cpu/paged_layout.h"
 #include "msa/rules.h"
 
@@ -41,7 +42,8 @@ struct IndexScratch {
 
 template <class T>
 void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorView& qi,
-                  const TensorView& ki_cache, const TensorView& page_table, unsigned char* ws,
+                  const TensorView& ki_cache, const TensorView& ki_scale,
+                  const TensorView& page_table, unsigned char* ws,
                   unsigned char* mine, const IndexScratch& lay) {
   constexpr int MR = simd::kMR, NR = simd::kNR<float>;
   const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
@@ -78,9 +80,18 @@ void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorVi
     for (int64_t c0 = kbeg; c0 < kend; c0 += kKeyChunk) {
       const int nk = int(std::min<int64_t>(kKeyChunk, kend - c0));
       const int ncols = (nk + NR - 1) / NR * NR;
-      for (int t = 0; t < nk; ++t) {
-        const T* src = ki_row<const T>(ki_cache, page, c0 - kbeg + t);
-        for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = to_float(src[d]);
+      if (is_fp8(ki_cache)) {
+        const float* table = fp8_table().data();
+        const float sc = page_scale(ki_scale, page);
+        for (int t = 0; t < nk; ++t) {
+          const uint8_t* src = ki_row<const uint8_t>(ki_cache, page, c0 - kbeg + t);
+          for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = table[src[d]] * sc;
+        }
+      } else {
+        for (int t = 0; t < nk; ++t) {
+          const T* src = ki_row<const T>(ki_cache, page, c0 - kbeg + t);
+          for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = to_float(src[d]);
+        }
       }
       for (int d = 0; d < di && nk < ncols; ++d)
         std::fill(keys_t + d * kKeyChunk + nk, keys_t + d * kKeyChunk + ncols, 0.f);

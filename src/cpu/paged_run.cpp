@@ -49,8 +49,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     if (!plan.options.dense) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n_index; ++i)
-        paged::score_blocks<T>(plan, plan.index_work[size_t(i)], qi, cache.ki, batch.page_table, ws,
-                               mine, ilay);
+        paged::score_blocks<T>(plan, plan.index_work[size_t(i)], qi, cache.ki, cache.ki_scale,
+                               batch.page_table, ws, mine, ilay);
       int32_t* cand = reinterpret_cast<int32_t*>(mine + ilay.candidates);
 #pragma omp for schedule(dynamic, 16)
       for (int64_t row = 0; row < plan.total_q * hkv; ++row) {
