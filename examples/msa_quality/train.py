@@ -230,7 +230,10 @@ def finish_args(args):
 
 
 def main(argv=None):
-    args = finish_args(build_parser().parse_args(argv))
+    main_with(finish_args(build_parser().parse_args(argv)))
+
+
+def main_with(args):
     cfg = model_config(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_args.json"), "w") as f:
