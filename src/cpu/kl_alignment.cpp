@@ -1,20 +1,28 @@
 // CPU KL alignment of the index branch (SPEC.md "Index branch training: KL alignment").
 //
-// For each (query, group) the key set is the visible tokens of the selected blocks (every visible token
-// when topk is undefined: dense warmup). Pass 1 scores the student s(t) = iscale <qi, ki[t]> into a
-// per-thread row buffer and takes its logsumexp. Pass 2 recomputes the teacher P(t) from q, k and the
-// given main-branch lse (never stored beyond one key), accumulates the loss, dqi, and this thread's
-// partial dki. Work is split statically over (query, group) and the per-thread dki partials are summed
-// in thread order, so results are bitwise reproducible for a given thread count.
+// Engine: the work decomposition of the main branch (attention_tile.h). A work item is a tile of
+// queries of one sequence and one group; its plan lists the union of the tile's key blocks (selected
+// blocks, or every visible block for dense warmup), each with the tile queries that read it. Pass 1
+// walks the plan once: each ki block is converted once and scored against the block's index queries
+// with the shared dot-tile kernel; the student scores are kept per (block, query) and give every
+// query's student logsumexp. Pass 2 walks the plan again: each k block and ki block is converted once,
+// the G teacher score rows of every (query, head) reading the block come from the same dot-tile
+// kernel, then the per-key terms (teacher P averaged over heads, student Q, loss) and the gradient
+// coefficients norm * (Q - P); dqi and this thread's partial dki are updated with the shared axpy-tile
+// kernel. Items are assigned to threads statically and the dki partials are summed in thread order,
+// so results are bitwise reproducible for a given thread count.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "cpu/attention_tile.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/element.h"
 #include "cpu/index_simd.h"
@@ -28,32 +36,71 @@ namespace cpu {
 
 namespace {
 
-struct KlLayout {
-  std::size_t q_heads = 0, qi_row = 0, k_row = 0, ki_row = 0, teacher = 0, dqi_acc = 0, student = 0;
-  std::size_t per_thread = 0, partials = 0, shared = 0;
+using attn::Carver;
+using attn::Geometry;
+using attn::kRows;
 
-  KlLayout(const Problem& p, std::size_t acc_bytes, int threads) {
-    const int G = p.cfg.group_size(), D = p.cfg.head_dim, Di = p.cfg.index_head_dim;
-    ScratchPlan plan;
-    auto add_acc = [&](int64_t n) {
-      const std::size_t at = align_up(plan.bytes);
-      plan.bytes = align_up(at + std::size_t(n) * acc_bytes);
-      return at;
-    };
-    q_heads = add_acc(int64_t(G) * D);
-    qi_row = add_acc(Di);
-    k_row = add_acc(D);
-    ki_row = add_acc(Di);
-    teacher = add_acc(G);
-    dqi_acc = add_acc(Di);
-    student = add_acc(std::max(1, p.varlen.max_seqlen_k));
-    per_thread = align_up(plan.bytes);
-    partials = align_up(std::size_t(p.total_k) * Di * acc_bytes);
-    shared = partials * std::size_t(threads);
+std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
+
+// Per-thread scratch: one carving serves both the size query (null base) and the run.
+template <class A>
+struct KlScratch {
+  A *q, *qi, *lse, *kbuf, *kibuf, *student, *teacher, *grad, *pq, *dqi, *smax, *slse;
+  const A **krows, **kirows, **arows, **qirows;
+  A** outs;
+  int64_t* pos;
+  attn::TilePlan plan;
+
+  KlScratch(Carver& c, const Geometry& geo, int Dip) {
+    q = c.take<A>(int64_t(geo.rows) * geo.Dp);        // (query, head) rows, times scale
+    qi = c.take<A>(int64_t(geo.tile_q) * Dip);        // index query rows, times iscale
+    lse = c.take<A>(geo.rows);
+    kbuf = c.take<A>(int64_t(geo.B) * geo.Dp);
+    kibuf = c.take<A>(int64_t(geo.B) * Dip);
+    student = c.take<A>(geo.max_pairs() * geo.Bs);   // per (block, query) of the plan
+    teacher = c.take<A>(int64_t(geo.rows) * geo.Bs);  // per (query, head) reading the block
+    grad = c.take<A>(int64_t(geo.tile_q) * geo.Bs);   // per query reading the block
+    pq = c.take<A>(2 * int64_t(geo.Bs));              // P and Q of one (query, block)
+    dqi = c.take<A>(int64_t(geo.tile_q) * Dip);
+    smax = c.take<A>(geo.tile_q);
+    slse = c.take<A>(geo.tile_q);
+    krows = c.take<const A*>(geo.B);
+    kirows = c.take<const A*>(geo.B);
+    arows = c.take<const A*>(geo.rows);
+    qirows = c.take<const A*>(geo.tile_q);
+    outs = c.take<A*>(kRows);
+    pos = c.take<int64_t>(geo.tile_q);
+    plan = attn::take_plan(c, geo);
   }
 };
 
-std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
+// Index head dim padded like Geometry::Dp, so the vector kernels need no tail.
+template <class A>
+int padded_index_dim(const Problem& p) {
+  return int(attn::round_up(p.cfg.index_head_dim, attn::column_step<A>()));
+}
+
+// Per-thread bytes: the larger of the dense and sparse plans, so one size serves both modes.
+template <class A>
+std::size_t per_thread_bytes(const Problem& p) {
+  std::size_t bytes = 0;
+  for (bool dense : {true, false}) {
+    Carver c;
+    KlScratch<A> s(c, Geometry(p, dense, attn::column_step<A>()), padded_index_dim<A>(p));
+    bytes = std::max(bytes, c.used());
+  }
+  return bytes;
+}
+
+template <class A>
+std::size_t partials_bytes(const Problem& p) {
+  return align_up(std::size_t(p.total_k) * std::size_t(padded_index_dim<A>(p)) * sizeof(A));
+}
+
+template <class A>
+std::size_t total_bytes(const Problem& p, int threads) {
+  return scratch_total(per_thread_bytes<A>(p), threads, partials_bytes<A>(p) * std::size_t(threads));
+}
 
 // Ids are read here, so they are checked here: -1 or a block 0..local, each at most once.
 void check_topk_ids(const Problem& p, const TensorView& topk) {
@@ -81,127 +128,217 @@ void check_topk_ids(const Problem& p, const TensorView& topk) {
   }
 }
 
+// Rows of ki block j (nkeys rows) as accumulator rows: in place when already so, else converted.
+template <class T, class A>
+void index_key_rows(const TensorView& ki, const SequenceSpan& s, int64_t j, int B, int nkeys, int Di,
+                    int Dip, A* buf, const A** rows) {
+  const int64_t first = s.k_begin + rules::block_begin(j, B);
+  for (int i = 0; i < nkeys; ++i) {
+    const T* src = row2<const T>(ki, first + i);
+    if constexpr (std::is_same_v<T, A>) {
+      if (Dip == Di) {
+        rows[i] = src;
+        continue;
+      }
+    }
+    A* dst = buf + int64_t(i) * Dip;
+    attn::load_row<T, A>(src, Di, A(1), dst, Dip);
+    rows[i] = dst;
+  }
+}
+
+struct KlParams {
+  double norm = 0;  // coeff / (Hkv * total_q)
+  int Di = 0, Dip = 0;
+};
+
+// One tile: returns its loss contribution (before norm); writes dqi rows and adds to dki_part.
+template <class T>
+double run_tile(const Problem& p, const Geometry& geo, const KlParams& kp, const attn::TileItem& it,
+                const TensorView& q, const TensorView& k, const TensorView& lse, const TensorView& qi,
+                const TensorView& ki, const TensorView& topk, const TensorView& dqi,
+                acc_t<T>* dki_part, KlScratch<acc_t<T>>& w) {
+  using A = acc_t<T>;
+  using V = simd::vec_t<A>;
+  constexpr int L = simd::lanes<A>;
+  const int G = geo.G, D = geo.D, Dp = geo.Dp, Di = kp.Di, Dip = kp.Dip, Bs = geo.Bs, B = geo.B;
+  const A scale = A(p.cfg.softmax_scale()), iscale = A(p.cfg.index_softmax_scale());
+  const A norm = A(kp.norm), inv_g = A(1) / A(G);
+  const SequenceSpan s = sequence_span(p.varlen, it.seq);
+
+  for (int c = 0; c < it.nq; ++c) {
+    const int64_t row = s.q_begin + it.q0 + c;
+    w.pos[c] = s.query_position(it.q0 + c);
+    const A* lrow = row2<const A>(lse, row) + it.group * G;
+    for (int h = 0; h < G; ++h) {
+      attn::load_row<T, A>(row3<const T>(q, row, it.group * G + h), D, scale,
+                           w.q + int64_t(c * G + h) * Dp, Dp);
+      w.lse[c * G + h] = lrow[h];
+    }
+    attn::load_row<T, A>(row3<const T>(qi, row, it.group), Di, iscale, w.qi + int64_t(c) * Dip, Dip);
+    std::fill(w.dqi + int64_t(c) * Dip, w.dqi + int64_t(c + 1) * Dip, A(0));
+    w.smax[c] = -std::numeric_limits<A>::infinity();
+    w.slse[c] = 0;
+  }
+  attn::plan_tile(geo, s, it, topk, w.plan);
+  const attn::TilePlan& plan = w.plan;
+
+  // Pass 1: student scores of every (block, query) pair, then each query's student logsumexp.
+  for (int bi = 0; bi < plan.nblocks; ++bi) {
+    const int64_t j = plan.block[bi];
+    const int32_t* parts = plan.query + plan.offset[bi];
+    const int nparts = plan.offset[bi + 1] - plan.offset[bi];
+    // Participants ascend, so the last one sees the most keys of the block.
+    const int nkeys = attn::visible_in_block(geo, j, w.pos[parts[nparts - 1]]);
+    index_key_rows<T, A>(ki, s, j, B, nkeys, Di, Dip, w.kibuf, w.kirows);
+    for (int c = 0; c < nparts; ++c) w.qirows[c] = w.qi + int64_t(parts[c]) * Dip;
+    A* out = w.student + int64_t(plan.offset[bi]) * Bs;
+    for (int c0 = 0; c0 < nparts; c0 += kRows)
+      attn::dot_tile<A>(w.qirows + c0, std::min(kRows, nparts - c0), w.kirows, nkeys, Dip,
+                        out + int64_t(c0) * Bs, Bs);
+    for (int c = 0; c < nparts; ++c) {
+      const int vis = attn::visible_in_block(geo, j, w.pos[parts[c]]);
+      w.smax[parts[c]] = std::max(w.smax[parts[c]], simd::segment_max<A>(out + int64_t(c) * Bs, vis));
+    }
+  }
+  for (int bi = 0; bi < plan.nblocks; ++bi) {
+    const int64_t j = plan.block[bi];
+    for (int pi = plan.offset[bi]; pi < plan.offset[bi + 1]; ++pi) {
+      const int c = plan.query[pi];
+      const int vis = attn::visible_in_block(geo, j, w.pos[c]);
+      w.slse[c] += simd::segment_sum_exp<A>(w.student + int64_t(pi) * Bs, vis, w.smax[c], A(1));
+    }
+  }
+  for (int c = 0; c < it.nq; ++c)
+    if (w.slse[c] > 0) w.slse[c] = w.smax[c] + std::log(w.slse[c]);
+
+  // Pass 2: teacher, loss and gradients.
+  double loss = 0;
+  A* P = w.pq;
+  A* Q = w.pq + Bs;
+  for (int bi = 0; bi < plan.nblocks; ++bi) {
+    const int64_t j = plan.block[bi];
+    const int32_t* parts = plan.query + plan.offset[bi];
+    const int nparts = plan.offset[bi + 1] - plan.offset[bi];
+    const int nkeys = attn::visible_in_block(geo, j, w.pos[parts[nparts - 1]]);
+    attn::block_rows<T, A>(geo, k, s, it.group, j, nkeys, w.kbuf, w.krows);
+    index_key_rows<T, A>(ki, s, j, B, nkeys, Di, Dip, w.kibuf, w.kirows);
+
+    const int nrows = nparts * G;
+    for (int r = 0; r < nrows; ++r) w.arows[r] = w.q + int64_t(parts[r / G] * G + r % G) * Dp;
+    for (int r0 = 0; r0 < nrows; r0 += kRows)
+      attn::dot_tile<A>(w.arows + r0, std::min(kRows, nrows - r0), w.krows, nkeys, Dp,
+                        w.teacher + int64_t(r0) * Bs, Bs);
+
+    for (int c = 0; c < nparts; ++c) {
+      const int qc = parts[c];
+      const int vis = attn::visible_in_block(geo, j, w.pos[qc]);
+      const A* st = w.student + int64_t(plan.offset[bi] + c) * Bs;
+      const A* tr = w.teacher + int64_t(c) * G * Bs;
+      const V slse = simd::broadcast(w.slse[qc]);
+      // Whole vectors up to vis; Bs (a multiple of 8) bounds them, lanes past vis are not used.
+      for (int t = 0; t < vis; t += L) {
+        V acc{};
+        for (int h = 0; h < G; ++h)
+          acc += simd::vexp(simd::load(tr + int64_t(h) * Bs + t) - simd::broadcast(w.lse[qc * G + h]));
+        simd::store(P + t, acc * inv_g);
+        simd::store(Q + t, simd::vexp(simd::load(st + t) - slse));
+      }
+      A* gr = w.grad + int64_t(c) * Bs;
+      double part = 0;
+      for (int t = 0; t < vis; ++t) {
+        if (P[t] > 0) part += double(P[t] * (std::log(P[t]) - (st[t] - w.slse[qc])));
+        gr[t] = norm * (Q[t] - P[t]);
+      }
+      for (int t = vis; t < nkeys; ++t) gr[t] = 0;
+      loss += part;
+    }
+
+    // dqi[query] += sum over keys grad * ki (iscale applied at the end).
+    for (int c0 = 0; c0 < nparts; c0 += kRows) {
+      const int nr = std::min(kRows, nparts - c0);
+      for (int i = 0; i < nr; ++i) w.outs[i] = w.dqi + int64_t(parts[c0 + i]) * Dip;
+      attn::axpy_tile<A>(w.outs, nr, w.grad + int64_t(c0) * Bs, Bs, 1, w.kirows, nkeys, Dip);
+    }
+    // dki[key] += sum over queries grad * (iscale qi).
+    for (int c = 0; c < nparts; ++c) w.qirows[c] = w.qi + int64_t(parts[c]) * Dip;
+    const int64_t first = s.k_begin + rules::block_begin(j, B);
+    for (int t0 = 0; t0 < nkeys; t0 += kRows) {
+      const int nr = std::min(kRows, nkeys - t0);
+      for (int i = 0; i < nr; ++i) w.outs[i] = dki_part + (first + t0 + i) * Dip;
+      attn::axpy_tile<A>(w.outs, nr, w.grad + t0, 1, Bs, w.qirows, nparts, Dip);
+    }
+  }
+
+  for (int c = 0; c < it.nq; ++c) {
+    // A query without keys (an all -1 top-k row) was never accumulated into: its dqi stays 0.
+    attn::store_row<T, A>(w.dqi + int64_t(c) * Dip, iscale, row3<T>(dqi, s.q_begin + it.q0 + c, it.group),
+                          Di);
+  }
+  return loss;
+}
+
 template <class T>
 void kl_impl(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& lse,
              const TensorView& qi, const TensorView& ki, const TensorView& topk, float coeff,
              const TensorView& loss, const TensorView& dqi, const TensorView& dki,
              const Context& ctx) {
   using A = acc_t<T>;
-  const int G = p.cfg.group_size(), D = p.cfg.head_dim, Di = p.cfg.index_head_dim;
-  const int hkv = p.cfg.num_kv_heads, B = p.cfg.block_size, K = p.cfg.topk;
-  const A scale = A(p.cfg.softmax_scale()), iscale = A(p.cfg.index_softmax_scale());
-  const A norm = p.total_q > 0 ? A(double(coeff) / (double(hkv) * double(p.total_q))) : A(0);
-  const bool dense = !topk.defined();
+  const Geometry geo(p, !topk.defined(), attn::column_step<A>());
+  KlParams kp;
+  kp.Di = p.cfg.index_head_dim;
+  kp.Dip = padded_index_dim<A>(p);
+  kp.norm = p.total_q > 0 ? double(coeff) / (double(p.cfg.num_kv_heads) * double(p.total_q)) : 0.0;
   const int threads = thread_count(ctx.num_threads);
-  const int32_t* cu_q = p.varlen.host_cu_seqlens_q;
+  const std::vector<attn::TileItem> items = attn::make_items(p, geo);
 
-  const KlLayout lay(p, sizeof(A), threads);
-  Scratch scratch(ctx.workspace, scratch_total(lay.per_thread, threads, lay.shared));
-  unsigned char* partial_base = scratch.base() + lay.per_thread * std::size_t(threads);
+  const std::size_t per_thread = per_thread_bytes<A>(p), partials = partials_bytes<A>(p);
+  Scratch scratch(ctx.workspace, total_bytes<A>(p, threads));
+  unsigned char* partial_base = scratch.base() + align_up(per_thread) * std::size_t(threads);
   std::vector<double> thread_loss(size_t(threads), 0.0);
-  const int64_t items = p.total_q * hkv;
+  const int64_t dki_elems = p.total_k * kp.Dip;
 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num();
-    unsigned char* mine = scratch.base() + std::size_t(tid) * lay.per_thread;
-    A* qh = reinterpret_cast<A*>(mine + lay.q_heads);
-    A* qirow = reinterpret_cast<A*>(mine + lay.qi_row);
-    A* krow = reinterpret_cast<A*>(mine + lay.k_row);
-    A* kirow = reinterpret_cast<A*>(mine + lay.ki_row);
-    A* teacher = reinterpret_cast<A*>(mine + lay.teacher);
-    A* dqi_acc = reinterpret_cast<A*>(mine + lay.dqi_acc);
-    A* student = reinterpret_cast<A*>(mine + lay.student);
-    A* dki_part = reinterpret_cast<A*>(partial_base + std::size_t(tid) * lay.partials);
-    std::fill(dki_part, dki_part + p.total_k * Di, A(0));
+    unsigned char* mine = scratch.base() + std::size_t(tid) * align_up(per_thread);
+    // Zeroed once: vector loops read (and discard) lanes past the visible keys of a block.
+    std::memset(mine, 0, per_thread);
+    Carver c(mine);
+    KlScratch<A> w(c, geo, kp.Dip);
+    A* dki_part = reinterpret_cast<A*>(partial_base + std::size_t(tid) * partials);
+    std::fill(dki_part, dki_part + dki_elems, A(0));
     double my_loss = 0;
 
+    // Static assignment in a fixed order: which thread's partial holds which term never changes.
 #pragma omp for schedule(static, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t qrow = item / hkv;
-      const int g = int(item % hkv);
-      const int b = int(std::upper_bound(cu_q, cu_q + p.batch + 1, int32_t(qrow)) - cu_q) - 1;
-      const SequenceSpan s = sequence_span(p.varlen, b);
-      const int64_t pos = s.query_position(qrow - s.q_begin);
-      const int64_t local = rules::local_block(pos, B);
-      const int32_t* ids = dense ? nullptr : row3<const int32_t>(topk, g, qrow);
-      const int nslots = dense ? int(local + 1) : K;
-      // Calls f(t) for every key (sequence-relative) of the (query, group)'s key set.
-      auto for_each_key = [&](auto&& f) {
-        for (int slot = 0; slot < nslots; ++slot) {
-          const int64_t j = dense ? slot : ids[slot];
-          if (j == rules::kUnusedSlot) continue;
-          const int64_t end = rules::visible_block_end(j, B, pos);
-          for (int64_t t = rules::block_begin(j, B); t < end; ++t) f(t);
-        }
-      };
-
-      // Pass 1: student logits and their logsumexp.
-      simd::convert_row(row3<const T>(qi, qrow, g), qirow, Di, iscale);
-      int64_t n = 0;
-      A m = A(-INFINITY);
-      for_each_key([&](int64_t t) {
-        simd::convert_row(row2<const T>(ki, s.k_begin + t), kirow, Di);
-        const A st = simd::dot<A>(qirow, kirow, Di);
-        student[n++] = st;
-        m = std::max(m, st);
-      });
-      T* dqi_out = row3<T>(dqi, qrow, g);
-      if (n == 0) {
-        for (int d = 0; d < Di; ++d) dqi_out[d] = store_as<T, A>(A(0));
-        continue;
-      }
-      const A student_lse = m + std::log(simd::segment_sum_exp<A>(student, int(n), m, A(1)));
-
-      // Pass 2: teacher, loss and gradients. qirow is rescaled to the raw qi for dki.
-      for (int h = 0; h < G; ++h)
-        simd::convert_row(row3<const T>(q, qrow, g * G + h), qh + int64_t(h) * D, D, scale);
-      const A* lse_row = row2<const A>(lse, qrow) + g * G;
-      simd::convert_row(row3<const T>(qi, qrow, g), qirow, Di);
-      std::fill(dqi_acc, dqi_acc + Di, A(0));
-      int64_t i = 0;
-      for_each_key([&](int64_t t) {
-        simd::convert_row(row3<const T>(k, s.k_begin + t, g), krow, D);
-        for (int h = 0; h < G; ++h) teacher[h] = simd::dot<A>(qh + int64_t(h) * D, krow, D) - lse_row[h];
-        const A P = simd::segment_sum_exp<A>(teacher, G, A(0), A(1)) / A(G);
-        const A log_q = student[i++] - student_lse;
-        if (P > 0) my_loss += double(P * (std::log(P) - log_q));
-        const A grad = norm * (std::exp(log_q) - P);
-        simd::convert_row(row2<const T>(ki, s.k_begin + t), kirow, Di);
-        A* dk = dki_part + (s.k_begin + t) * Di;
-        const A gs = grad * iscale;
-        for (int d = 0; d < Di; ++d) {
-          dqi_acc[d] += grad * kirow[d];
-          dk[d] += gs * qirow[d];
-        }
-      });
-      for (int d = 0; d < Di; ++d) dqi_out[d] = store_as<T, A>(iscale * dqi_acc[d]);
-    }
+    for (int64_t i = 0; i < int64_t(items.size()); ++i)
+      my_loss += run_tile<T>(p, geo, kp, items[size_t(i)], q, k, lse, qi, ki, topk, dqi, dki_part, w);
     thread_loss[size_t(tid)] = my_loss;
 
     // Sum the dki partials in thread order (fixed, so the result is reproducible).
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < p.total_k; ++t) {
       T* out = row2<T>(dki, t);
-      for (int d = 0; d < Di; ++d) {
+      for (int d = 0; d < kp.Di; ++d) {
         A sum = 0;
         for (int th = 0; th < threads; ++th)
-          sum += reinterpret_cast<const A*>(partial_base + std::size_t(th) * lay.partials)[t * Di + d];
+          sum += reinterpret_cast<const A*>(partial_base + std::size_t(th) * partials)[t * kp.Dip + d];
         out[d] = store_as<T, A>(sum);
       }
     }
   }
   double total = 0;
   for (double l : thread_loss) total += l;
-  *static_cast<A*>(loss.data) = A(total * double(norm));
+  *static_cast<A*>(loss.data) = A(total * kp.norm);
 }
 
 }  // namespace
 
 std::size_t kl_alignment_workspace_bytes(const Problem& p, int num_threads) {
   const int threads = thread_count(num_threads);
-  const KlLayout lay(p, acc_bytes_of(p.dtype), threads);
-  return scratch_total(lay.per_thread, threads, lay.shared);
+  return acc_bytes_of(p.dtype) == sizeof(double) ? total_bytes<double>(p, threads)
+                                                 : total_bytes<float>(p, threads);
 }
 
 void kl_alignment(const Problem& p, const TensorView& q, const TensorView& k,
