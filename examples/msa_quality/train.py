@@ -14,7 +14,7 @@ OUT/<regime>/train.jsonl; checkpoints (model.py's format) to OUT/<regime>/final 
 OUT/dense/step<cpt_start>; every --save-every steps OUT/<regime>/last, from which a stopped run
 resumes (rerun the same command).
 
-    python3 examples/msa_quality/train.py --regime all --steps 2000 --seq-len 4096,8192 --batch 4 \
+    python3 examples/msa_quality/train.py --regime all --steps 2000 --seq-len 4096,8192,16384,32768 --batch 1 \
         --device cuda --out /tmp/msa_quality
 """
 
@@ -187,9 +187,9 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--regime", default="all", choices=REGIMES + ("all",))
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seq-len", default="4096,8192",
+    ap.add_argument("--seq-len", default="4096,8192,16384,32768",
                     help="training length, or a comma list cycled step by step")
-    ap.add_argument("--batch", type=int, default=4,
+    ap.add_argument("--batch", type=int, default=1,
                     help="sequences per step at the longest length (tokens/step = batch*max len)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
