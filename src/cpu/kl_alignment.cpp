@@ -60,7 +60,7 @@ struct KlScratch {
     student = c.take<A>(geo.max_pairs() * geo.Bs);   // per (block, query) of the plan
     teacher = c.take<A>(int64_t(geo.rows) * geo.Bs);  // per (query, head) reading the block
     grad = c.take<A>(int64_t(geo.tile_q) * geo.Bs);   // per query reading the block
-    pq = c.take<A>(2 * int64_t(geo.Bs));              // P and Q of one (query, block)
+    pq = c.take<A>(geo.Bs);                           // teacher P of one (query, block)
     dqi = c.take<A>(int64_t(geo.tile_q) * Dip);
     smax = c.take<A>(geo.tile_q);
     slse = c.take<A>(geo.tile_q);
@@ -215,7 +215,6 @@ double run_tile(const Problem& p, const Geometry& geo, const KlParams& kp, const
   // Pass 2: teacher, loss and gradients.
   double loss = 0;
   A* P = w.pq;
-  A* Q = w.pq + Bs;
   for (int bi = 0; bi < plan.nblocks; ++bi) {
     const int64_t j = plan.block[bi];
     const int32_t* parts = plan.query + plan.offset[bi];
@@ -236,22 +235,22 @@ double run_tile(const Problem& p, const Geometry& geo, const KlParams& kp, const
       const A* st = w.student + int64_t(plan.offset[bi] + c) * Bs;
       const A* tr = w.teacher + int64_t(c) * G * Bs;
       const V slse = simd::broadcast(w.slse[qc]);
+      A* gr = w.grad + int64_t(c) * Bs;
       // Whole vectors up to vis; Bs (a multiple of 8) bounds them, lanes past vis are not used.
       for (int t = 0; t < vis; t += L) {
         V acc{};
         for (int h = 0; h < G; ++h)
           acc += simd::vexp(simd::load(tr + int64_t(h) * Bs + t) - simd::broadcast(w.lse[qc * G + h]));
-        simd::store(P + t, acc * inv_g);
-        simd::store(Q + t, simd::vexp(simd::load(st + t) - slse));
-      }
-      A* gr = w.grad + int64_t(c) * Bs;
-      double part = 0;
-      for (int t = 0; t < vis; ++t) {
-        if (P[t] > 0) part += double(P[t] * (std::log(P[t]) - (st[t] - w.slse[qc])));
-        gr[t] = norm * (Q[t] - P[t]);
+        const V pv = acc * inv_g;
+        simd::store(P + t, pv);
+        simd::store(gr + t, (simd::vexp(simd::load(st + t) - slse) - pv) * norm);
       }
       for (int t = vis; t < nkeys; ++t) gr[t] = 0;
-      loss += part;
+      // Loss terms in double; four independent sums keep the adds off one dependency chain.
+      double part[4] = {0, 0, 0, 0};
+      for (int t = 0; t < vis; ++t)
+        if (P[t] > 0) part[t & 3] += double(P[t] * (std::log(P[t]) - (st[t] - w.slse[qc])));
+      loss += (part[0] + part[1]) + (part[2] + part[3]);
     }
 
     // dqi[query] += sum over keys grad * ki (iscale applied at the end).
