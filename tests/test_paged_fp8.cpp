@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
+#include <utility>
 #include <limits>
 #include <set>
 #include <string>
@@ -245,6 +247,202 @@ TEST(PagedFp8, AppendQuantisesTheNewRowsWithThePageScale) {
   const uint8_t* ki_was = static_cast<const uint8_t*>(const_cast<HostTensor&>(ki_before).data());
   for (int64_t i = 0; i < f.ki.numel(); ++i)
     if (!fresh_ki[size_t(i)]) ASSERT_EQ(ki_now[i], ki_was[i]) << "element " << i;
+}
+
+// The FP8 run on the values the cache holds: the contiguous f32 API on the dequantised tokens (and
+// the bf16 queries, exact in f32) selects the same blocks and gives the same outputs.
+TEST(PagedFp8, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
+  for (const auto& [hq, hkv] : std::vector<std::pair<int, int>>{{2, 2}, {8, 2}, {16, 1}}) {
+    SCOPED_TRACE("Hq " + std::to_string(hq) + " Hkv " + std::to_string(hkv));
+    PagedStep s = make_step(hq, hkv, 7 + hq);
+    Fp8Cache f(s, ScalePolicy::page_amax);
+    PagedOptions opt;
+    opt.num_threads = 3;  // key splits and index block ranges
+    Outputs got = run_step(s, f.view(), opt);
+    const Config& c = s.p.cfg;
+    const int B = c.block_size, D = c.head_dim, Di = c.index_head_dim;
+    // The contiguous problem in f32 with the cached (dequantised) k / v / ki of every token.
+    testing::TestProblem ref(c, s.q_lens, s.kv_lens, DType::f32, 1);
+    for (int64_t i = 0; i < ref.q.numel(); ++i) ref.q.set(i, s.p.q.get(i));
+    for (int64_t i = 0; i < ref.qi.numel(); ++i) ref.qi.set(i, s.p.qi.get(i));
+    for (size_t r = 0; r < s.kv_lens.size(); ++r)
+      for (int64_t t = 0; t < s.kv_lens[r]; ++t) {
+        const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + t / B));
+        const int64_t tok = s.p.lens.cu_k[r] + t;
+        for (int h = 0; h < hkv; ++h) {
+          const float ks = float(f.k_scale.get(page * hkv + h)), vs = float(f.v_scale.get(page * hkv + h));
+          for (int d = 0; d < D; ++d) {
+            const int64_t at = ((page * B + t % B) * hkv + h) * D + d;
+            ref.k.set((tok * hkv + h) * D + d, float(f.k.get(at)) * ks);
+            ref.v.set((tok * hkv + h) * D + d, float(f.v.get(at)) * vs);
+          }
+        }
+        for (int d = 0; d < Di; ++d)
+          ref.ki.set(tok * Di + d, float(f.ki.get((page * B + t % B) * Di + d)) * float(f.ki_scale.get(page)));
+      }
+    const int64_t tq = s.p.total_q();
+    Outputs want(c, tq, DType::f32);
+    index_topk(c, ref.varlen, ref.qi.view(), ref.ki.view(), want.topk.view(), TensorView{});
+    for (int g = 0; g < hkv; ++g)
+      for (int64_t row = 0; row < tq; ++row)
+        ASSERT_EQ(selected(got, c, tq, g, row), selected(want, c, tq, g, row)) << "group " << g << " row " << row;
+    sparse_attention_forward(c, ref.varlen, ref.q.view(), ref.k.view(), ref.v.view(), got.topk.view(),
+                             want.out.view(), want.lse.view());
+    EXPECT_LT(relative_error(got.out.to_double(), want.out.to_double()), 4e-3);  // bf16 output rounding
+    EXPECT_LT(relative_error(got.lse.to_double(), want.lse.to_double()), 1e-6);
+  }
+}
+
+// FP8 against bf16 caches holding the same data (N(0,1), bf16-rounded), both scale policies, GQA
+// 1 / 4 / 16, two seeds each. Measured on this CPU: docs/serving.md "FP8 caches" has the figures; the
+// bounds below keep a margin over them. Output error of rows whose selection agrees (and of dense
+// mode) is the K/V rounding alone; the end-to-end sparse error also holds the rows where FP8 ki picked
+// another block among near-ties, which on random data moves a row's output a lot.
+constexpr double kDenseTolerance = 0.06;
+constexpr double kSparseTolerance = 0.40;
+constexpr double kSameSetFloor = 0.70;
+constexpr double kJaccardFloor = 0.92;
+
+struct Agreement {
+  double dense_err = 0, sparse_err = 0, matched_err = 0;
+  std::vector<double> matched_got, matched_ref;  // outputs of rows whose selections agree
+  int64_t rows = 0, same = 0;
+  double jaccard = 0;
+};
+
+Agreement measure(ScalePolicy policy) {
+  Agreement a;
+  for (const auto& [hq, hkv] : std::vector<std::pair<int, int>>{{2, 2}, {8, 2}, {16, 1}})
+    for (uint64_t seed : {21, 22}) {
+      PagedStep s = make_step(hq, hkv, seed * 31 + uint64_t(hq));
+      const Config& c = s.p.cfg;
+      const int64_t tq = s.p.total_q();
+      PagedOptions dense;
+      dense.dense = true;
+      {
+        PagedStep s2 = make_step(hq, hkv, seed * 31 + uint64_t(hq));
+        Fp8Cache f(s2, policy);
+        const Outputs ref = run_step(s2, s2.cache(), dense), got = run_step(s2, f.view(), dense);
+        a.dense_err = std::max(a.dense_err, relative_error(got.out.to_double(), ref.out.to_double()));
+      }
+      Fp8Cache f(s, policy);
+      const Outputs ref = run_step(s, s.cache()), got = run_step(s, f.view());
+      a.sparse_err = std::max(a.sparse_err, relative_error(got.out.to_double(), ref.out.to_double()));
+      for (int g = 0; g < c.num_kv_heads; ++g)
+        for (int64_t row = 0; row < tq; ++row) {
+          const std::set<int32_t> x = selected(got, c, tq, g, row), y = selected(ref, c, tq, g, row);
+          std::vector<int32_t> both;
+          std::set_intersection(x.begin(), x.end(), y.begin(), y.end(), std::back_inserter(both));
+          const size_t uni = x.size() + y.size() - both.size();
+          a.jaccard += double(both.size()) / double(uni);
+          a.same += x == y;
+          ++a.rows;
+          if (x != y) continue;
+          const int G = c.group_size();
+          for (int64_t e = (row * c.num_q_heads + g * G) * c.head_dim;
+               e < (row * c.num_q_heads + (g + 1) * G) * c.head_dim; ++e) {
+            a.matched_got.push_back(got.out.get(e));
+            a.matched_ref.push_back(ref.out.get(e));
+          }
+        }
+    }
+  a.jaccard /= double(a.rows);
+  a.matched_err = relative_error(a.matched_got, a.matched_ref);
+  return a;
+}
+
+void report_and_check(const char* policy, const Agreement& a) {
+  std::printf("fp8 (%s scales) vs bf16: dense rel err %.4f, sparse rel err %.4f (rows with the same "
+              "selection %.4f), same set %.4f of %lld rows, mean Jaccard %.4f\n",
+              policy, a.dense_err, a.sparse_err, a.matched_err, double(a.same) / double(a.rows),
+              (long long)a.rows, a.jaccard);
+  EXPECT_LT(a.dense_err, kDenseTolerance);
+  EXPECT_LT(a.matched_err, kDenseTolerance);
+  EXPECT_LT(a.sparse_err, kSparseTolerance);
+  EXPECT_GT(double(a.same) / double(a.rows), kSameSetFloor);
+  EXPECT_GT(a.jaccard, kJaccardFloor);
+}
+
+TEST(PagedFp8, AgreesWithBf16CachesPageScales) { report_and_check("page amax", measure(ScalePolicy::page_amax)); }
+TEST(PagedFp8, AgreesWithBf16CachesHeadScales) { report_and_check("head amax", measure(ScalePolicy::head_amax)); }
+
+template <class F>
+void expect_arg(const char* argument, F f) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected ArgumentError naming " << argument;
+  } catch (const ArgumentError& e) {
+    EXPECT_EQ(e.argument(), argument) << e.what();
+  }
+}
+
+TEST(PagedFp8, ValidationOfScales) {
+  PagedStep s(fp8_config(4, 2), {2, 1}, {20, 9}, DType::bf16, 3);
+  Fp8Cache f(s, ScalePolicy::page_amax);
+  const PagedPlan plan = s.plan();
+  std::vector<unsigned char> ws(plan.workspace_bytes);
+  Context ctx;
+  ctx.workspace = {ws.data(), ws.size()};
+  Outputs o(s.p.cfg, s.p.total_q(), DType::bf16);
+  auto run = [&](const PagedKVCache& cache) {
+    paged_run(plan, s.batch(), s.p.q.view(), s.p.qi.view(), cache, o.out.view(), o.lse.view(),
+              o.topk.view(), ctx);
+  };
+  auto append = [&](const PagedKVCache& cache) {
+    paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), cache, ctx);
+  };
+  EXPECT_NO_THROW(append(f.view()));
+  EXPECT_NO_THROW(run(f.view()));
+  PagedKVCache mixed = s.cache();  // FP8 K only: each cache is FP8 or not on its own
+  mixed.k = f.k.view();
+  mixed.k_scale = f.k_scale.view();
+  EXPECT_NO_THROW(run(mixed));
+
+  PagedKVCache c = f.view();
+  c.k_scale = {};
+  expect_arg("k_scale", [&] { run(c); });  // missing
+  c = f.view();
+  c.ki_scale = {};
+  expect_arg("ki_scale", [&] { append(c); });
+  c = s.cache();
+  c.v_scale = f.v_scale.view();
+  expect_arg("v_scale", [&] { run(c); });  // extra: v_cache is bf16
+  c = s.cache();
+  c.ki_scale = f.ki_scale.view();
+  expect_arg("ki_scale", [&] { append(c); });
+  c = f.view();
+  c.v_scale.shape[1] = 1;
+  expect_arg("v_scale", [&] { run(c); });  // shape
+  c = f.view();
+  c.ki_scale = f.k_scale.view();
+  expect_arg("ki_scale", [&] { run(c); });  // [num_pages, Hkv] where [num_pages] is due
+  HostTensor scale16(DType::bf16, {s.num_pages, 2});
+  c = f.view();
+  c.k_scale = scale16.view();
+  expect_arg("k_scale", [&] { run(c); });  // dtype
+  f.v_scale.set(int64_t(s.page_table.get(1)) * 2 + 1, 0.0);  // request 0 block 1: append writes it
+  expect_arg("v_scale", [&] { append(f.view()); });
+  f.v_scale.set(int64_t(s.page_table.get(1)) * 2 + 1, std::numeric_limits<double>::quiet_NaN());
+  expect_arg("v_scale", [&] { append(f.view()); });
+
+  // FP8 is a cache format only: not a plan / query dtype, nor an input of the contiguous ops.
+  const int32_t ql[] = {1}, kl[] = {9};
+  expect_arg("dtype", [&] { paged_plan(s.p.cfg, ql, kl, 1, DType::fp8_e4m3, Device::cpu()); });
+  HostTensor q8(DType::fp8_e4m3, {s.p.total_q(), 4, 64});
+  expect_arg("q", [&] {
+    paged_run(plan, s.batch(), q8.view(), s.p.qi.view(), f.view(), o.out.view(), o.lse.view(),
+              o.topk.view(), ctx);
+  });
+  HostTensor qi8(DType::fp8_e4m3, {s.p.total_q(), 2, 32});
+  HostTensor ki8(DType::fp8_e4m3, {29, 32});
+  try {
+    index_topk(s.p.cfg, s.p.varlen, qi8.view(), ki8.view(), o.topk.view(), TensorView{});
+    ADD_FAILURE() << "index_topk accepted float8_e4m3fn";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("float8_e4m3fn"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(dtype_size(DType::fp8_e4m3), 1u);
+  EXPECT_STREQ(dtype_name(DType::fp8_e4m3), "float8_e4m3fn");
 }
 
 }  // namespace
