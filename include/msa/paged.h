@@ -30,10 +30,10 @@
 
 namespace msa {
 
-// One layer's cache. The floating dtype equals the query dtype (f32, bf16 or f16).
-// FP8 E4M3 caches (per-page-per-head scales k_scale/v_scale [num_pages, Hkv] f32, ki_scale
-// [num_pages] f32) are part of the layout; this build does not implement them yet and rejects scales
-// (docs/serving.md).
+// One layer's cache. Each of k, v, ki is in the query dtype (f32, bf16 or f16) or FP8 E4M3
+// (DType::fp8_e4m3, value = byte x scale) with its scale: k_scale / v_scale [num_pages, Hkv] f32,
+// ki_scale [num_pages] f32, given exactly when that cache is FP8. The caller sets a page's scales
+// before paged_append_kv writes into it; append quantises with them (docs/serving.md "FP8 caches").
 struct PagedKVCache {
   TensorView k, v, ki;
   TensorView k_scale, v_scale, ki_scale;  // FP8 only; undefined otherwise
