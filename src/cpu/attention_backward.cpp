@@ -28,10 +28,9 @@ namespace {
 
 using attn::Carver;
 using attn::Geometry;
+using attn::kLn2;
+using attn::kLog2e;
 using attn::kRows;
-
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 template <class A>
 struct BackwardScratch {
@@ -61,13 +60,9 @@ struct BackwardScratch {
   }
 };
 
-std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
-
 template <class A>
 std::size_t per_thread_bytes(const Geometry& geo) {
-  Carver c;
-  BackwardScratch<A> s(c, geo);
-  return c.used();
+  return attn::carved_bytes<BackwardScratch<A>>(geo);
 }
 
 // dk and dv partials of one thread: [total_k, Hkv, Dp] each.
@@ -238,13 +233,10 @@ void backward_impl(const Problem& p, const TensorView& q, const TensorView& k, c
 }  // namespace
 
 std::size_t attention_backward_workspace_bytes(const Problem& p, int num_threads) {
-  // Either plan can be the larger (see attention_forward_workspace_bytes): size for both.
   const int threads = thread_count(num_threads);
-  if (acc_bytes_of(p.dtype) == sizeof(double))
-    return std::max(total_bytes<double>(p, Geometry(p, true, attn::column_step<double>()), threads),
-                    total_bytes<double>(p, Geometry(p, false, attn::column_step<double>()), threads));
-  return std::max(total_bytes<float>(p, Geometry(p, true, attn::column_step<float>()), threads),
-                  total_bytes<float>(p, Geometry(p, false, attn::column_step<float>()), threads));
+  return attn::workspace_for_either_plan(p, [&](auto acc, const Geometry& geo) {
+    return total_bytes<decltype(acc)>(p, geo, threads);
+  });
 }
 
 void attention_backward(const Problem& p, const TensorView& q, const TensorView& k,

@@ -26,10 +26,9 @@ namespace {
 
 using attn::Carver;
 using attn::Geometry;
+using attn::kLn2;
+using attn::kLog2e;
 using attn::kRows;
-
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // Per-thread scratch of the forward pass.
 template <class A>
@@ -56,13 +55,9 @@ struct ForwardScratch {
   }
 };
 
-std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
-
 template <class A>
 std::size_t per_thread_bytes(const Geometry& geo) {
-  Carver c;
-  ForwardScratch<A> s(c, geo);
-  return c.used();
+  return attn::carved_bytes<ForwardScratch<A>>(geo);
 }
 
 template <class T>
@@ -166,19 +161,11 @@ void forward_impl(const Problem& p, const TensorView& q, const TensorView& k, co
 
 }  // namespace
 
-template <class A>
-std::size_t workspace_bytes_for(const Problem& p, int threads) {
-  // Either plan can be the larger: dense holds every block per query, sparse k blocks, and k may
-  // exceed the blocks of short sequences. One size serves both operations.
-  const Geometry dense(p, true, attn::column_step<A>()), sparse(p, false, attn::column_step<A>());
-  return std::max(per_thread_bytes<A>(dense), per_thread_bytes<A>(sparse)) * threads +
-         attn::Scratch::kAlign;
-}
-
 std::size_t attention_forward_workspace_bytes(const Problem& p, int num_threads) {
   const int threads = thread_count(num_threads);
-  return acc_bytes_of(p.dtype) == sizeof(double) ? workspace_bytes_for<double>(p, threads)
-                                                 : workspace_bytes_for<float>(p, threads);
+  return attn::workspace_for_either_plan(p, [&](auto acc, const Geometry& geo) {
+    return per_thread_bytes<decltype(acc)>(geo) * threads + attn::Scratch::kAlign;
+  });
 }
 
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k,

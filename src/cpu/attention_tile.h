@@ -29,6 +29,10 @@ namespace attn {
 
 constexpr int kTileRowsTarget = 128;  // (query, head) rows per tile
 
+// The softmax runs on exp2: scores are pre-scaled by log2(e), and lse is turned back with ln(2).
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
 struct Geometry {
   int B = 0, D = 0, Dp = 0, G = 0, Hkv = 0, K = 0;
   int tile_q = 0;     // queries per tile
@@ -187,6 +191,27 @@ class Carver {
   unsigned char* base_;
   std::size_t used_ = 0;
 };
+
+// Bytes one thread's scratch S carves for `geo` (S(Carver&, const Geometry&) takes its arrays).
+template <class S>
+std::size_t carved_bytes(const Geometry& geo) {
+  Carver c;
+  S s(c, geo);
+  return c.used();
+}
+
+// Workspace of an op that runs the dense or the sparse plan: bytes_of(A{}, geo) is its size for
+// accumulator type A and one geometry. Either plan can be the larger (dense holds every block per
+// query, sparse k blocks, and k may exceed the blocks of short sequences), so one size serves both.
+template <class BytesOf>
+std::size_t workspace_for_either_plan(const Problem& p, BytesOf bytes_of) {
+  auto larger = [&](auto acc) {
+    using A = decltype(acc);
+    return std::max(bytes_of(acc, Geometry(p, true, column_step<A>())),
+                    bytes_of(acc, Geometry(p, false, column_step<A>())));
+  };
+  return acc_bytes_of(p.dtype) == sizeof(double) ? larger(double{}) : larger(float{});
+}
 
 inline TilePlan take_plan(Carver& c, const Geometry& geo) {
   TilePlan plan;

@@ -1,6 +1,7 @@
 // Element types of the CPU backend and the dtype dispatch that instantiates a kernel for each.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -38,6 +39,11 @@ inline T from_acc(double x) { return T(x); }  // f64 path keeps f64
 // Accumulator type: f32, or f64 for f64 inputs (gradient checks).
 template <class T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// sizeof(acc_t<T>) for the element type of `dtype`.
+inline std::size_t acc_bytes_of(DType dtype) {
+  return dtype == DType::f64 ? sizeof(double) : sizeof(float);
+}
 
 template <class T, class A>
 inline T store_as(A x) {

@@ -64,8 +64,6 @@ struct IndexLayout {
   }
 };
 
-std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
-
 struct TileItem {
   int seq;
   int64_t q_first, q_count;  // queries of the sequence (local indices)

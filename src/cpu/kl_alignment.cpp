@@ -40,8 +40,6 @@ using attn::Carver;
 using attn::Geometry;
 using attn::kRows;
 
-std::size_t acc_bytes_of(DType dtype) { return dtype == DType::f64 ? sizeof(double) : sizeof(float); }
-
 // Per-thread scratch: one carving serves both the size query (null base) and the run.
 template <class A>
 struct KlScratch {

@@ -19,8 +19,8 @@ namespace detail {
 namespace cpu {
 namespace paged {
 
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
+using attn::kLn2;
+using attn::kLog2e;
 
 // The contiguous forward's geometry for the longest request of the plan.
 inline attn::Geometry attention_geometry(const PagedPlan& plan) {
