@@ -94,6 +94,26 @@ inline void expect_forward_matches_oracle(TestProblem& p, HostTensor* topk, cons
   EXPECT_LT(relative_error(r.lse.to_double(), lse), tol) << "lse, dtype " << dtype_name(p.dtype);
 }
 
+// The caller's-workspace cases of an op pair: check(p, &topk or nullptr, ctx) for the sparse and the
+// dense op, with 2 threads and a caller's workspace of exactly workspace_bytes(). k = 3 is below the
+// blocks of a sequence (dense plans more), k = 16 above them (sparse plans more); seeds seed + k.
+template <class Check>
+inline void for_each_caller_workspace_case(Op sparse_op, Op dense_op, uint64_t seed, Check check) {
+  for (const int k_blocks : {3, 16}) {
+    Config cfg{8, 2, 16, 8, 8, k_blocks};
+    TestProblem p(cfg, {40, 17}, {60, 17}, DType::f32, seed + k_blocks);
+    HostTensor topk = oracle_topk(p);
+    for (Op op : {sparse_op, dense_op}) {
+      Context ctx;
+      ctx.num_threads = 2;
+      std::vector<unsigned char> ws(workspace_bytes(op, cfg, p.varlen, p.total_q(), p.total_k(),
+                                                    Device::cpu(), 2));
+      ctx.workspace = {ws.data(), ws.size()};
+      check(p, op == sparse_op ? &topk : nullptr, ctx);
+    }
+  }
+}
+
 inline bool bitwise_equal(const HostTensor& a, const HostTensor& b) {
   return a.numel() == b.numel() &&
          std::memcmp(const_cast<HostTensor&>(a).data(), const_cast<HostTensor&>(b).data(),

@@ -133,20 +133,11 @@ TEST(AttentionBackwardShapes, DeterministicAcrossRuns) {
 }
 
 TEST(AttentionBackwardShapes, CallerWorkspace) {
-  // k = 3 below the blocks of a sequence (dense plans more), and k = 16 above them (sparse plans more).
-  for (const int k_blocks : {3, 16}) {
-    Config cfg{8, 2, 16, 8, 8, k_blocks};
-    TestProblem p(cfg, {40, 17}, {60, 17}, DType::f32, 36 + k_blocks);
-    HostTensor topk = oracle_topk(p);
-    for (Op op : {Op::sparse_backward, Op::dense_backward}) {
-      Context ctx;
-      ctx.num_threads = 2;
-      std::vector<unsigned char> ws(workspace_bytes(op, cfg, p.varlen, p.total_q(), p.total_k(),
-                                                    Device::cpu(), 2));
-      ctx.workspace = {ws.data(), ws.size()};
-      expect_backward_matches_oracle(p, op == Op::sparse_backward ? &topk : nullptr, 1e-5, ctx);
-    }
-  }
+  testing::for_each_caller_workspace_case(
+      Op::sparse_backward, Op::dense_backward, 36,
+      [](TestProblem& p, HostTensor* topk, const Context& ctx) {
+        expect_backward_matches_oracle(p, topk, 1e-5, ctx);
+      });
 }
 
 TEST(AttentionBackwardShapes, BadTopkIdsNameTopk) {

@@ -169,20 +169,8 @@ TEST(AttentionForwardShapes, ThreadCountDoesNotChangeResults) {
 
 // A caller's workspace of workspace_bytes() is enough, for sparse and dense.
 TEST(AttentionForwardShapes, CallerWorkspace) {
-  // k = 3 below the blocks of a sequence (dense plans more), and k = 16 above them (sparse plans more).
-  for (const int k_blocks : {3, 16}) {
-    Config cfg{8, 2, 16, 8, 8, k_blocks};
-    TestProblem p(cfg, {40, 17}, {60, 17}, DType::f32, 26 + k_blocks);
-    HostTensor topk = oracle_topk(p);
-    for (Op op : {Op::sparse_forward, Op::dense_forward}) {
-      Context ctx;
-      ctx.num_threads = 2;
-      std::vector<unsigned char> ws(workspace_bytes(op, cfg, p.varlen, p.total_q(), p.total_k(),
-                                                    Device::cpu(), 2));
-      ctx.workspace = {ws.data(), ws.size()};
-      expect_forward_matches_oracle(p, op == Op::sparse_forward ? &topk : nullptr, ctx);
-    }
-  }
+  testing::for_each_caller_workspace_case(Op::sparse_forward, Op::dense_forward, 26,
+                                          expect_forward_matches_oracle);
 }
 
 TEST(AttentionForwardShapes, BadTopkIdsNameTopk) {
