@@ -117,6 +117,16 @@ def fmt_ctx(n):
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def error_notes(errors, shown=20):
+    """Markdown lines listing the failed or skipped measurements (the first `shown` of them)."""
+    if not errors:
+        return []
+    notes = ["", "Failed or skipped measurements:", ""] + [f"- {e}" for e in errors[:shown]]
+    if len(errors) > shown:
+        notes.append(f"- ... and {len(errors) - shown} more (see the JSON files)")
+    return notes
+
+
 def make_table(cases):
     headers = (["Device", "Commit", "Config", "Context", "Index q"] + [h + " (ms)" for _, h in COLUMNS] +
                ["MSA fwd TFLOP/s", "Speedup vs best dense", "Blocks per 64-q tile"])
@@ -166,10 +176,7 @@ def make_table(cases):
         "",
         "Sources: " + ", ".join(f"`{s}`" for s in sources) + ".",
     ]
-    if errors:
-        notes += ["", "Failed or skipped measurements:", ""] + [f"- {e}" for e in errors[:20]]
-        if len(errors) > 20:
-            notes.append(f"- ... and {len(errors) - 20} more (see the JSON files)")
+    notes += error_notes(errors)
     return text + "\n" + "\n".join(notes)
 
 
@@ -276,10 +283,7 @@ def make_training_table(cases):
         "",
         "Sources: " + ", ".join(f"`{s}`" for s in sources) + ".",
     ]
-    if errors:
-        notes += ["", "Failed or skipped measurements:", ""] + [f"- {e}" for e in errors[:20]]
-        if len(errors) > 20:
-            notes.append(f"- ... and {len(errors) - 20} more (see the JSON files)")
+    notes += error_notes(errors)
     return "\n".join(lines) + "\n" + "\n".join(notes)
 
 
