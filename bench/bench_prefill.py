@@ -165,7 +165,10 @@ def make_msa_config(msa, hq, hkv, d):
 
 
 class MsaCase:
-    """Preallocated outputs and workspaces, so the timed calls do no allocation."""
+    """Preallocated outputs and workspaces, so the timed calls do no allocation. Subclasses name the
+    ops they need workspaces for in OPS (bench_training.TrainCase adds the backward ops)."""
+
+    OPS = ("index_topk", "sparse_forward")
 
     def __init__(self, msa, cfg, x, L, hq, hkv):
         import torch
@@ -178,7 +181,7 @@ class MsaCase:
         self.stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
         self.ws = {}
         self.notes = []
-        for op in ("index_topk", "sparse_forward"):
+        for op in self.OPS if msa is not None else ():
             try:
                 try:
                     nbytes = msa.workspace_bytes(op, cfg, self.cu, self.cu, L, L, max_seqlen_q=L,

@@ -80,18 +80,18 @@ def flops_of(method, L, hq, d):
 
 
 # ---- msa through the low-level API ----------------------------------------------------------------
-class TrainCase:
-    """Preallocated gradients, outputs and workspaces of every op, so the timed calls allocate
+class TrainCase(P.MsaCase):
+    """bench_prefill.MsaCase (inputs, top-k, outputs, workspaces, index_topk, forward) plus the
+    preallocated gradients and dense outputs of the training ops, so the timed calls allocate
     nothing. Exposes .L .x .topk .out .lse for bench_prefill.check_msa."""
+
+    OPS = OPS
 
     def __init__(self, msa, cfg, x, L, hq, hkv, deterministic, gen):
         import torch
+        super().__init__(msa, cfg, x, L, hq, hkv)
         dev = P.DEVICE
-        self.msa, self.cfg, self.x, self.L, self.det = msa, cfg, x, L, deterministic
-        self.cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
-        self.topk = torch.full((hkv, L, P.TOPK), -1, dtype=torch.int32, device=dev)
-        self.out = torch.empty_like(x["q"])
-        self.lse = torch.empty(L, hq, dtype=torch.float32, device=dev)
+        self.det = deterministic
         self.out_dense = torch.empty_like(x["q"])
         self.lse_dense = torch.empty(L, hq, dtype=torch.float32, device=dev)
         # dout ~ N(0, 1): a gradient of unit scale, like the other inputs (its size does not matter
@@ -100,32 +100,6 @@ class TrainCase:
         self.dq, self.dk, self.dv = (torch.empty_like(x[n]) for n in ("q", "k", "v"))
         self.dqi, self.dki = torch.empty_like(x["qi"]), torch.empty_like(x["ki"])
         self.loss = torch.empty(1, dtype=torch.float32, device=dev)
-        self.stream = torch.cuda.current_stream().cuda_stream if dev == "cuda" else 0
-        self.ws, self.notes = {}, []
-        for op in OPS if msa is not None else ():
-            try:
-                n = int(msa.workspace_bytes(op, cfg, self.cu, self.cu, L, L, max_seqlen_q=L,
-                                            max_seqlen_k=L, dtype="bfloat16"))
-                # CPU test mode: the backend allocates (the CPU sparse forward outgrew the bytes
-                # workspace_bytes gave it with 2+ threads at the time of writing).
-                self.ws[op] = None if dev == "cpu" else torch.empty(max(1, n), dtype=torch.uint8,
-                                                                     device=dev)
-            except Exception as e:  # the backend then allocates itself; note why
-                self.ws[op] = None
-                self.notes.append(f"workspace_bytes({op}) failed: {C.short_error(e)}")
-
-    def common(self, op):
-        return dict(max_seqlen_q=self.L, max_seqlen_k=self.L, stream=self.stream, workspace=self.ws[op])
-
-    def index_topk(self):
-        x = self.x
-        self.msa.index_topk(self.cfg, x["qi"], x["ki"], self.cu, self.cu, self.topk,
-                            **self.common("index_topk"))
-
-    def forward(self):
-        x = self.x
-        self.msa.sparse_attention_forward(self.cfg, x["q"], x["k"], x["v"], self.topk, self.cu,
-                                          self.cu, self.out, self.lse, **self.common("sparse_forward"))
 
     def backward(self):
         x = self.x
