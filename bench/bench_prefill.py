@@ -293,21 +293,7 @@ def sdpa_calls(backend_name, sets, hq, hkv):
             calls.append(call)
         return calls
 
-    errors = []
-    for native in ([True, False] if G > 1 else [False]):
-        try:
-            calls = make(native)
-            calls[0]()
-            torch.cuda.synchronize()
-            mode = "enable_gqa" if native else ("expanded_kv" if G > 1 else "mha")
-            note = f"native GQA refused: {errors[0]}" if errors else None
-            return calls, mode, note
-        except Exception as e:
-            what = "enable_gqa" if native else ("expanded K/V" if G > 1 else "MHA")
-            errors.append(f"{what}: {C.short_error(e, 200)}")
-            calls = None
-            torch.cuda.empty_cache()
-    raise RuntimeError("; ".join(errors))
+    return C.first_gqa_variant(make, G, torch.cuda.synchronize, torch.cuda.empty_cache)
 
 
 _FLEX = None

@@ -192,18 +192,7 @@ def sdpa_train_calls(method, cases, hq, hkv):
             calls.append(call)
         return calls
 
-    errors = []
-    for native in ([True, False] if G > 1 else [False]):
-        try:
-            calls = make(native)
-            calls[0]()
-            sync()
-            mode = "enable_gqa" if native else ("expanded_kv" if G > 1 else "mha")
-            return calls, mode, (f"native GQA refused: {errors[0]}" if errors else None)
-        except Exception as e:
-            errors.append(f"{'enable_gqa' if native else 'expanded K/V'}: {C.short_error(e, 200)}")
-            empty_cache()
-    raise RuntimeError("; ".join(errors))
+    return C.first_gqa_variant(make, G, sync, empty_cache)
 
 
 def autograd_calls(cases, hq, hkv, d):
@@ -363,7 +352,6 @@ class Run:
         return [TrainCase(msa, mcfg, x, L, hq, hkv, self.args.deterministic, gen) for x in sets]
 
     def run_case(self, cfg_name, L, methods):
-        torch = self.torch
         p = P.CONFIGS[cfg_name]
         hq, hkv, d = p["hq"], p["hkv"], p["d"]
         rec = self.case(cfg_name, L)

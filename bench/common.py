@@ -214,3 +214,24 @@ def print_table(headers: List[str], rows: List[List[str]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def first_gqa_variant(make: Callable[[bool], list], group_size: int, sync: Callable[[], None],
+                      empty_cache: Callable[[], None]):
+    """SDPA with native GQA (enable_gqa=True) first; if the backend refuses it, K/V expanded to the
+    query heads. make(native) builds the timed calls; the first one is run once to find out.
+    Returns (calls, gqa_mode, note); raises RuntimeError naming every refusal."""
+    errors = []
+    for native in ([True, False] if group_size > 1 else [False]):
+        try:
+            calls = make(native)
+            calls[0]()
+            sync()
+            mode = "enable_gqa" if native else ("expanded_kv" if group_size > 1 else "mha")
+            return calls, mode, (f"native GQA refused: {errors[0]}" if errors else None)
+        except Exception as e:
+            what = "enable_gqa" if native else ("expanded K/V" if group_size > 1 else "MHA")
+            errors.append(f"{what}: {short_error(e, 200)}")
+            calls = None
+            empty_cache()
+    raise RuntimeError("; ".join(errors))
