@@ -75,6 +75,28 @@ def check_padding(attention_mask: Optional[Tensor]) -> None:
                          "or batch rows of equal length")
 
 
+# What the CUDA attention kernels take (src/cuda/attention_host.cuh), checked here so that the error
+# names the model's settings rather than the library's.
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+_CUDA_HEAD_DIMS = (64, 128)
+_CUDA_BLOCK_MULTIPLE = 64
+
+
+def check_cuda_support(query: Tensor, block_size: int) -> None:
+    """On CUDA: bfloat16/float16, head_dim 64 or 128, index_block_size a multiple of 64."""
+    if query.device.type != "cuda":
+        return
+    if query.dtype not in _CUDA_DTYPES:
+        raise _arg_error("query", f"the CUDA backend takes bfloat16 or float16, the model runs in "
+                         f"{query.dtype}; load it with torch_dtype=torch.bfloat16 (or run on the CPU)")
+    if query.shape[-1] not in _CUDA_HEAD_DIMS:
+        raise _arg_error("head_dim", f"the CUDA backend supports head_dim 64 and 128, the model has "
+                         f"{query.shape[-1]}")
+    if block_size % _CUDA_BLOCK_MULTIPLE:
+        raise _arg_error("index_block_size", f"the CUDA backend needs a multiple of "
+                         f"{_CUDA_BLOCK_MULTIPLE}, the model has {block_size}")
+
+
 def to_msa_topk(block_indices: Tensor, positions: Tensor, block_size: int) -> Tensor:
     """transformers' [batch, Hkv, q, k'] block ids -> the library's [Hkv, batch * q, k'] int32.
 
@@ -116,6 +138,7 @@ def msa_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     b, hq, q_len, d = query.shape
     hkv, slots = key.shape[1], key.shape[2]
     check_padding(attention_mask)
+    check_cuda_support(query, module.config.index_block_size)
     pos = query_positions(position_ids, b, q_len, slots)
     key_lens = (pos[:, -1] + 1).tolist() if q_len else [0] * b
     cfg = module.config
@@ -169,6 +192,9 @@ def _msa_indexer_forward(self, hidden_states, position_embeddings, past_key_valu
         raise _arg_error("index_local_blocks", f"the library selects exactly one local block, "
                          f"got {self.local_blocks}")
     batch, q_len, _ = hidden_states.shape
+    if hidden_states.device.type == "cuda" and hidden_states.dtype not in _CUDA_DTYPES:
+        raise _arg_error("hidden_states", f"the CUDA index top-k takes bfloat16 or float16, the model "
+                         f"runs in {hidden_states.dtype}; load it with torch_dtype=torch.bfloat16")
     idx_q = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim))
     idx_k = self.k_norm(self.k_proj(hidden_states).view(batch, q_len, 1, self.head_dim))
     cos, sin = position_embeddings
