@@ -10,6 +10,11 @@
 // from shared memory (SS); P goes from the S accumulators to 16-bit registers and O += P V takes it
 // as the register A operand (RS).
 //
+// The loaders write every 16-byte chunk through the CuTe smem tensors (&sQ(row, d, ..)), never by
+// evaluating the layout: the atom's Swizzle<3,4,3> acts on BYTE addresses (it is applied by the
+// swizzle pointer that make_tensor builds), so layout(row, d) applied to an element offset is not the
+// address wgmma's descriptor reads (that mistake made S = Q K^T wrong on the H100).
+//
 // Fragment layout relied on (checked on the host against CuTe's partitioning of these exact tiled
 // MMAs, for every thread and element): in a 64 x N accumulator, thread t of the warpgroup holds
 // element e = i + 2 h + 4 n at row 16 (t / 32) + (t % 32) / 4 + 8 h, column 8 n + 2 (t % 4) + i; the
@@ -87,6 +92,45 @@ struct Mmas {
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 };
 
+// S = Q K^T of one warpgroup over the whole head dim; `q` and `k` are this warpgroup's (MMA, 1, D/16)
+// descriptor slices, `s` is overwritten (the first k-block scales the old accumulator by zero).
+template <class Mma, class TQ, class TK, class TS>
+__device__ __forceinline__ void product_s(Mma& mma, const TQ& q, const TK& k, TS& s) {
+  using namespace cute;
+  warpgroup_fence_operand(s);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+  for (int kb = 0; kb < size<2>(q); ++kb) {
+    cute::gemm(mma, q(_, _, kb), k(_, _, kb), s);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(s);
+}
+
+// O += P V of one warpgroup: P is the S accumulator `s` rounded to 16 bits element by element into
+// the register A fragment `p` (the layouts coincide: see the top of this file), V the (MMA, 1,
+// kKeys/16) descriptor slice `v`.
+template <class Mma, class TS, class TP, class TV, class TO>
+__device__ __forceinline__ void product_o(Mma& mma, const TS& s, TP& p, const TV& v, TO& o) {
+  using namespace cute;
+  using E = typename TP::value_type;
+#pragma unroll
+  for (int e = 0; e < size(s); ++e) p(e) = static_cast<E>(s(e));
+  warpgroup_fence_operand(p);
+  warpgroup_fence_operand(o);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+#pragma unroll
+  for (int kb = 0; kb < size<2>(p); ++kb) cute::gemm(mma, p(_, _, kb), v(_, _, kb), o);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(o);
+  warpgroup_fence_operand(p);
+}
+
 // wgmma reads shared memory through the async proxy: make this thread's completed cp.async writes
 // visible to it (the barrier that follows publishes them CTA-wide).
 __device__ __forceinline__ void fence_async_shared() {
@@ -129,17 +173,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
   const uint16_t* k = static_cast<const uint16_t*>(p.k);
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
   constexpr int kChunks = D / 8;  // 16-byte chunks of a row; 8 consecutive d stay contiguous in every layout
-  const auto layout_q = typename S::LayoutQ{};
-  const auto layout_k = typename S::LayoutK{};
-  const auto layout_v = typename S::LayoutV{};
+  // Swizzled views of the tiles: element (row, d) of these tensors is where wgmma reads it.
+  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename S::LayoutQ{});  // (row in warpgroup, d, warpgroup)
+  Tensor sK = make_tensor(make_smem_ptr(pK), typename S::LayoutK{});  // (key, d, stage)
+  Tensor sV = make_tensor(make_smem_ptr(pV), typename S::LayoutV{});  // (d, key, stage)
 
   // Q tile (first cp.async group); padding rows are zero-filled.
   for (int i = tid; i < kRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const int64_t f = f0 + r;
     const uint16_t* src = f < rows_total ? q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1 : nullptr;
-    const int off = layout_q(r % 64, c * 8, r / 64);
-    mma::cp_async_16(mma::smem_addr(pQ + off), src ? src + c * 8 : q, src ? 16 : 0);
+    mma::cp_async_16(mma::smem_addr(&sQ(r % 64, c * 8, r / 64)), src ? src + c * 8 : q, src ? 16 : 0);
   }
   mma::cp_async_commit();
 
@@ -168,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
       const bool in = t < lk;
       const uint16_t* ksrc = in ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k;
       const uint16_t* vsrc = in ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v;
-      mma::cp_async_16(mma::smem_addr(pK + layout_k(r, c * 8, stage)), ksrc, in ? 16 : 0);
-      mma::cp_async_16(mma::smem_addr(pV + layout_v(c * 8, r, stage)), vsrc, in ? 16 : 0);
+      mma::cp_async_16(mma::smem_addr(&sK(r, c * 8, stage)), ksrc, in ? 16 : 0);
+      mma::cp_async_16(mma::smem_addr(&sV(c * 8, r, stage)), vsrc, in ? 16 : 0);
     }
   };
   if (num_iters > 0) load_kv(0, 0);
@@ -198,9 +242,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
   typename Mmas<E, D>::O mma_o;
   auto thr_s = mma_s.get_thread_slice(wt);
   auto thr_o = mma_o.get_thread_slice(wt);
-  Tensor sQ = make_tensor(make_smem_ptr(pQ), layout_q);
-  Tensor sK = make_tensor(make_smem_ptr(pK), layout_k);
-  Tensor sV = make_tensor(make_smem_ptr(pV), layout_v);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // (MMA, 1, D/16, warpgroup) descriptors
   Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, D/16, stage) descriptors
   Tensor tOrV = thr_o.partition_fragment_B(sV);  // (MMA, 1, kKeys/16, stage) descriptors
@@ -226,17 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
     __syncthreads();
     const int64_t ks = key_start(it);
 
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_s, tSrQ(_, _, kb, wg), tSrK(_, _, kb, stage), tSrS);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
+    product_s(mma_s, tSrQ(_, _, _, wg), tSrK(_, _, _, stage), tSrS);
 
     // Mask unselected rows and the causal tail; skipped when the whole sub-tile is visible to all rows.
     const unsigned long long* sel = su.mask + std::size_t(it / sub_per_block) * kMaskWords;
@@ -290,18 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
       }
     }
 
-    // O += P V: P is the S accumulator rounded to 16 bits, element by element (layouts above).
-#pragma unroll
-    for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
-    warpgroup_fence_operand(tOrP);
-    warpgroup_fence_operand(tOrO);
-    warpgroup_arrive();
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
-    warpgroup_fence_operand(tOrP);
+    product_o(mma_o, tSrS, tOrP, tOrV(_, _, _, stage), tOrO);
     __syncthreads();  // both warpgroups are done with this stage before it is refilled
   }
   mma::cp_async_wait<0>();
