@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 START, END = "<!-- perf-table -->", "<!-- /perf-table -->"
 TRAIN_START, TRAIN_END = "<!-- training-table -->", "<!-- /training-table -->"
+HF_START, HF_END = "<!-- hf-table -->", "<!-- /hf-table -->"
 DENSE = ("cudnn_dense", "fa2_dense")
 COLUMNS = [  # (method, header)
     ("msa_index_topk", "MSA index top-k"),
@@ -330,6 +331,70 @@ def make_plot(cases, path):
     return True
 
 
+# ---- MiniMax-M3 in transformers (bench_hf.py) ----------------------------------------------------
+HF_METHODS = [("msa+idx", "msa + msa index"), ("msa", "msa + model index"), ("sdpa", "sdpa (default)"),
+              ("eager", "eager")]
+HF_PHASES = [("prefill", "prefill"), ("prefill-chunked", "chunked prefill"), ("decode", "decode / token")]
+
+
+def collect_hf(docs):
+    """(device, context, phase) -> (doc, {method: row}); the newest file wins; smoke runs skipped."""
+    out = {}
+    for doc in sorted(docs, key=lambda d: d.get("timestamp", "")):
+        if doc.get("config", {}).get("smoke"):
+            continue
+        for r in doc["rows"]:
+            key = (doc.get("device", "?"), r.get("context"), r.get("phase"))
+            if key not in out or out[key][0] is not doc:
+                out[key] = (doc, {})
+            out[key][1][r.get("method")] = r
+    return out
+
+
+def hf_cell(row, phase):
+    if not row:
+        return "-"
+    status = row.get("status")
+    if status != "ok" or row.get("ms") is None:
+        return "OOM" if status == "oom" else (status or "-")
+    ms = row["ms"]
+    cell = f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"
+    if phase == "prefill-chunked" and row.get("chunk"):
+        cell += f" ({row['chunk']}/chunk)"
+    return cell
+
+
+def make_hf_table(cases):
+    head = "| GPU | context | phase | " + " | ".join(h for _, h in HF_METHODS) + " | msa speedup | commit |"
+    lines = [head, "|" + " --- |" * (len(HF_METHODS) + 5)]
+    order = {p: i for i, (p, _) in enumerate(HF_PHASES)}
+    for (device, L, phase) in sorted(cases, key=lambda k: (k[0], k[1] or 0, order.get(k[2], 9))):
+        doc, rows = cases[(device, L, phase)]
+        ours = [rows[m]["ms"] for m in ("msa+idx", "msa") if rows.get(m, {}).get("status") == "ok"]
+        theirs = [rows[m]["ms"] for m in ("sdpa", "eager") if rows.get(m, {}).get("status") == "ok"]
+        speed = f"{min(theirs) / min(ours):.1f}x" if ours and theirs else "-"
+        label = dict(HF_PHASES).get(phase, phase)
+        cells = " | ".join(hf_cell(rows.get(m), phase) for m, _ in HF_METHODS)
+        ctx = f"{L // 1024}K" if L and L % 1024 == 0 else str(L)
+        lines.append(f"| {device} | {ctx} | {label} | {cells} | {speed} | "
+                     f"`{doc.get('commit', '?')[:8]}` |")
+    return "\n".join(lines)
+
+
+def write_hf(paths, readme, print_only):
+    cases = collect_hf(load_results(paths, "hf"))
+    if not cases:
+        return False
+    table = make_hf_table(cases)
+    if print_only:
+        print(table + "\n")
+    elif write_readme(readme, table, HF_START, HF_END):
+        print(f"make_report: hf table ({len(cases)} rows) written to {readme}")
+    else:
+        print(f"make_report: no {HF_START} ... {HF_END} markers in {readme}; the hf table:\n\n{table}\n")
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="result files (default bench/results/*.json)")
@@ -340,7 +405,8 @@ def main(argv=None):
     paths = args.results or glob.glob(os.path.join(REPO_ROOT, "bench", "results", "*.json"))
     cases = collect_cases(load_results(paths))
     train = collect_training(load_results(paths, "training"))
-    if not cases and not train:
+    hf = write_hf(paths, args.readme, args.print_only)
+    if not cases and not train and not hf:
         print("make_report: no measured results found", file=sys.stderr)
         return 1
     if train:
