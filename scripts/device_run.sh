@@ -7,6 +7,7 @@
 #   MSA_COMMIT=$(git rev-parse HEAD) scripts/device_run.sh --quick     # everything, quick benchmark
 #   MSA_ONLY=bench scripts/device_run.sh                               # full benchmark only
 #   MSA_ONLY=training scripts/device_run.sh                            # training-step benchmark only
+#   MSA_ONLY=hf scripts/device_run.sh                                  # MiniMax-M3 in transformers only
 #
 # Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli, and three opt-in ones (run only
 # when named in MSA_ONLY or with MSA_WITH_<STEP>=1):
@@ -18,6 +19,10 @@
 #   training    bench/bench_training.py (training step vs cuDNN/FA2 fwd+bwd), arguments from
 #               MSA_TRAINING_ARGS; after `bench` when both run, which then leaves it
 #               MSA_TRAINING_RESERVE_S seconds (default 240)
+#   hf          python/tests/test_hf.py (msa.hf vs transformers' MiniMax-M3 eager path, CPU and CUDA)
+#               then bench/bench_hf.py (real-width 2-layer MiniMax-M3, msa vs sdpa/eager; arguments
+#               from MSA_HF_ARGS); needs torch and transformers >= 5.17 on the machine (on PYTHONPATH,
+#               e.g. a carried folder); after `training`
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -79,7 +84,7 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
-OPT_IN=" synccheck stages training "
+OPT_IN=" synccheck stages training hf "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
@@ -107,7 +112,7 @@ selected pybuild && DO_PYBUILD=1
 for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
 selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
-for s in pytest bench training; do selected $s && ! have_ext && DO_PYBUILD=1; done
+for s in pytest bench training hf; do selected $s && ! have_ext && DO_PYBUILD=1; done
 if [ -n "$PREBUILT" ]; then DO_BUILD=0; DO_PYBUILD=0; fi
 
 # ---- step runner -----------------------------------------------------------------------------
@@ -160,6 +165,8 @@ step_note() {
     memcheck | racecheck) grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED  \]' "$log" |
       sort | uniq -c | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
     pytest) grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -1 | cut -c1-150 ;;
+    hf) { grep -E '(passed|failed|skipped|no tests ran) in' "$log" | tail -1; grep -E '^== hf summary' "$log" | tail -1; } |
+      tr '\n' ';' | cut -c1-150 ;;
     bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
     training) grep -E '^== training summary' "$log" | tail -1 | cut -c1-150 ;;
     synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
@@ -272,6 +279,20 @@ step_training() {
   # shellcheck disable=SC2086  # MSA_TRAINING_ARGS is a word list on purpose
   "$PY" bench/bench_training.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_TRAINING_ARGS:-}
 }
+step_hf() {
+  py_env
+  local rc
+  # transformers (+ huggingface_hub, tokenizers, safetensors) carried as .deps/hf when the machine lacks it;
+  # appended, so the machine's own torch stays first.
+  [ -d "$ROOT/.deps/hf" ] && export PYTHONPATH="$PYTHONPATH:$ROOT/.deps/hf"
+  "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+  "$PY" -m pytest python/tests/test_hf.py -q -rs
+  rc=$?
+  mkdir -p "$BENCH_DIR"
+  # shellcheck disable=SC2086  # MSA_HF_ARGS is a word list on purpose
+  "$PY" bench/bench_hf.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 60)) ${MSA_HF_ARGS:-} || rc=$?
+  return $rc
+}
 step_cli() {
   local bin=$BUILD_DIR/msa
   "$bin" info
@@ -279,7 +300,7 @@ step_cli() {
   "$bin" run $CLI_ARGS
 }
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
-  step_stages step_pybuild py_env step_pytest step_bench step_training step_cli
+  step_stages step_pybuild py_env step_pytest step_bench step_training step_hf step_cli
 
 # ---- run ---------------------------------------------------------------------------------------
 selected gpu && run_step gpu 30 step_gpu
@@ -325,6 +346,11 @@ if selected training; then
   export LIMIT_S
   MSA_TIMEOUT_TRAINING=$LIMIT_S run_step training "$LIMIT_S" step_training
 fi
+if selected hf; then
+  LIMIT_S=$(($(limit_for hf 420) - $(selected cli && echo 45 || echo 0)))
+  export LIMIT_S
+  MSA_TIMEOUT_HF=$LIMIT_S run_step hf "$LIMIT_S" step_hf
+fi
 selected cli && run_step cli 45 step_cli
 
 # ---- summary (printed last) --------------------------------------------------------------------
@@ -332,7 +358,7 @@ selected cli && run_step cli 45 step_cli
   echo
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training hf cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
@@ -351,6 +377,10 @@ selected cli && run_step cli 45 step_cli
   if [ -f "$WORK/training.log" ]; then
     echo "---- training table"
     sed -n '/^== training summary/,$p' "$WORK/training.log" | cut -c1-220
+  fi
+  if [ -f "$WORK/hf.log" ]; then
+    echo "---- hf table"
+    sed -n '/^== hf summary/,$p' "$WORK/hf.log" | cut -c1-200
   fi
   ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"
