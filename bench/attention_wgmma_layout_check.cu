@@ -5,7 +5,9 @@
 // - the register A operand of P V (64 x 64 P): the same (row, column) at the same e, so P is the S
 //   accumulator converted element by element;
 // - every 16-byte chunk the cp.async loader writes (8 consecutive d of one row) is contiguous and
-//   16-byte aligned in the swizzled Q, K and V layouts.
+//   16-byte aligned at the addresses of the swizzled CuTe smem tensors (&sQ(row, d, ..)), which is how
+//   the kernel addresses them. (The layouts must not be evaluated directly: their swizzle acts on byte
+//   addresses; bench/attention_wgmma_probe.cu checks the addresses against the PTX canonical swizzle.)
 // Exits non-zero on any mismatch.
 //   nvcc -std=c++17 --expt-relaxed-constexpr -Iinclude -Isrc -I.deps/python/cutlass_library/source/include \
 //        bench/attention_wgmma_layout_check.cu -o /tmp/attention_wgmma_layout_check && /tmp/attention_wgmma_layout_check
@@ -48,16 +50,19 @@ int check() {
   for (int e = 0; e < size(p); ++e)
     if (p.layout()(e) != e) ++bad;
   using S = wg::Smem<E, D>;
-  const auto lq = typename S::LayoutQ{};
-  const auto lk = typename S::LayoutK{};
-  const auto lv = typename S::LayoutV{};
+  static unsigned char buffer[(S::kQElems + S::kKElems + S::kVElems) * 2 + 1024];
+  E* base = reinterpret_cast<E*>((reinterpret_cast<uintptr_t>(buffer) + 1023) & ~uintptr_t(1023));
+  Tensor sQ = make_tensor(make_smem_ptr(base), typename S::LayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(base + S::kQElems), typename S::LayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(base + S::kQElems + S::kKElems), typename S::LayoutV{});
+  auto at = [](auto& x) { return reinterpret_cast<uintptr_t>(&x); };
   for (int x = 0; x < 2; ++x)
     for (int r = 0; r < 64; ++r)
       for (int c = 0; c < D; c += 8) {
-        if (lq(r, c, x) % 8 || lk(r, c, x) % 8 || lv(c, r, x) % 8) ++bad;
+        if (at(sQ(r, c, x)) % 16 || at(sK(r, c, x)) % 16 || at(sV(c, r, x)) % 16) ++bad;
         for (int j = 0; j < 8; ++j)
-          if (lq(r, c + j, x) != lq(r, c, x) + j || lk(r, c + j, x) != lk(r, c, x) + j ||
-              lv(c + j, r, x) != lv(c, r, x) + j)
+          if (at(sQ(r, c + j, x)) != at(sQ(r, c, x)) + 2 * j || at(sK(r, c + j, x)) != at(sK(r, c, x)) + 2 * j ||
+              at(sV(c + j, r, x)) != at(sV(c, r, x)) + 2 * j)
             ++bad;
       }
   std::printf("D=%d %s: %s\n", D, sizeof(E) == 2 && std::is_same<E, cute::half_t>::value ? "f16" : "bf16",
