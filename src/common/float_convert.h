@@ -5,6 +5,13 @@
 #include <cstdint>
 #include <cstring>
 
+// The FP8 encoder is also the CUDA paged append's (one quantisation rule on host and device).
+#if defined(__CUDACC__)
+#define MSA_CONVERT_FN __host__ __device__ inline
+#else
+#define MSA_CONVERT_FN inline
+#endif
+
 namespace msa {
 
 inline float bf16_to_float(uint16_t h) {
@@ -94,7 +101,7 @@ inline float fp8_e4m3_to_float(uint8_t b) {
   return f;
 }
 
-inline uint8_t float_to_fp8_e4m3(float f) {
+MSA_CONVERT_FN uint8_t float_to_fp8_e4m3(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   const uint8_t sign = uint8_t((bits >> 24) & 0x80u);

@@ -17,5 +17,13 @@ void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView&
                const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
                const TensorView& lse, const TensorView& topk, const Workspace& workspace);
 }  // namespace cpu
+namespace cuda {  // src/cuda/paged_*.cu; asynchronous on ctx.stream, graph capturable
+void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
+                     const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache,
+                     const Context& ctx);
+void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
+               const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
+               const TensorView& lse, const TensorView& topk, const Context& ctx);
+}  // namespace cuda
 }  // namespace detail
 }  // namespace msa

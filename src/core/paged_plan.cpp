@@ -5,6 +5,7 @@
 
 #include "core/paged_backend.h"
 #include "cpu/cpu_ops.h"
+#include "cuda/paged_layout.h"
 #include "msa/error.h"
 #include "msa/paged.h"
 #include "msa/rules.h"
@@ -121,6 +122,9 @@ PagedPlan paged_plan(const Config& cfg, const int32_t* q_lens, const int32_t* kv
   plan.thread_bytes = cpu ? align_up(detail::cpu::paged_thread_bytes(plan)) : 0;
   // Slack so a caller's buffer of any alignment can be aligned to kAlign.
   plan.workspace_bytes = plan.thread_offset + plan.thread_bytes * std::size_t(plan.num_threads) + kAlign;
+  // The CUDA backend lays the workspace out by its own grid (cuda/paged_layout.h).
+  if (device.type == DeviceType::cuda)
+    plan.workspace_bytes = std::max(plan.workspace_bytes, detail::cuda::paged::layout_of(plan).bytes);
   return plan;
 }
 

@@ -98,13 +98,16 @@ void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pag
 void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
                      const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache,
                      const Context& ctx) {
-  (void)ctx;
   const int64_t pages = num_pages_of(plan, cache);
   check_batch(plan, batch, pages);
   const Config& c = plan.cfg;
   check_tensor(k_new, "k_new", {plan.total_q, c.num_kv_heads, c.head_dim}, plan.dtype, plan.device);
   check_tensor(v_new, "v_new", {plan.total_q, c.num_kv_heads, c.head_dim}, plan.dtype, plan.device);
   check_tensor(ki_new, "ki_new", {plan.total_q, c.index_head_dim}, plan.dtype, plan.device);
+#ifdef MSA_WITH_CUDA
+  if (plan.device.type == DeviceType::cuda)
+    return detail::cuda::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache, ctx);
+#endif
   if (plan.device.type != DeviceType::cpu) no_backend(plan);
   detail::cpu::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache);
 }
@@ -131,8 +134,12 @@ void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView&
   MSA_CHECK_ARG(ctx.workspace.bytes >= plan.workspace_bytes, "workspace",
                 "needs " + std::to_string(plan.workspace_bytes) + " bytes, got " +
                     std::to_string(ctx.workspace.bytes));
-  if (plan.device.type != DeviceType::cpu) no_backend(plan);
   if (plan.total_q == 0) return;
+#ifdef MSA_WITH_CUDA
+  if (plan.device.type == DeviceType::cuda)
+    return detail::cuda::paged_run(plan, batch, q, qi, cache, out, lse, topk, ctx);
+#endif
+  if (plan.device.type != DeviceType::cpu) no_backend(plan);
   detail::cpu::paged_run(plan, batch, q, qi, cache, out, lse, topk, ctx.workspace);
 }
 

@@ -1,0 +1,305 @@
+// CUDA paged main branch (decode and chunked prefill). One CTA = one request x one query tile x the
+// G heads of one group (rows = queries x G, at most kMaxRows, packed so every K/V page read serves
+// all of them) x one key split. The CTA's blocks are the union of the blocks its queries selected
+// (all blocks up to the last query's local block in dense mode), in ascending order; split s takes
+// the s-th equal share of that list. Each page is read 32 keys at a time with 16-byte loads into
+// shared memory (FP8 pages dequantised with the (page, group) scale), scored with FFMA (a warp per
+// row, a lane per key, online softmax in registers and warp shuffles) and accumulated into O held in
+// registers (a thread per (row set, 4 columns)). With one split the CTA writes out/lse; with more it
+// writes unnormalised partials (o, max, sum; log2 domain) that merge_kernel combines by LSE.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/paged_layout.h"
+#include "cuda/paged_load.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+namespace paged {
+
+constexpr int kAttnKeys = 32;  // keys per shared-memory chunk: one per lane
+
+struct AttentionArgs {
+  const void* q;  // [total_q, Hq, D] of T
+  int64_t q_s0, q_s1;
+  const unsigned char *k, *v;  // [num_pages, B, Hkv, D], T or FP8; strides in bytes
+  int64_t k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
+  bool k_fp8, v_fp8;
+  const float *k_scale, *v_scale;
+  int64_t ks_s0, ks_s1, vs_s0, vs_s1;
+  const int32_t* cu_q;
+  const int32_t* kv_lens;
+  const int32_t* page_table;
+  int64_t pt_s0, pt_s1, num_pages;
+  const int32_t* topk;  // [Hkv, total_q, k]; null in dense mode
+  int64_t tk_s0, tk_s1;
+  int topk_k;
+  void* out;  // [total_q, Hq, D] of T
+  int64_t o_s0, o_s1;
+  float* lse;
+  int64_t l_s0, l_s1;
+  float* part_o;   // [splits, total_q, Hq, D]
+  float* part_ml;  // m then l: [2, splits, total_q, Hq]
+  int64_t total_q, max_blocks;
+  int hkv, G, Hq, block_size;
+  float qscale;  // softmax scale x log2(e)
+  int tile_q, tiles, splits;
+};
+
+template <int D>
+constexpr int cols4() { return D / 4; }  // float4 column groups of a row
+template <int D>
+constexpr int rows_per_thread() { return kMaxRows / (kThreads / cols4<D>()); }
+
+template <int D>
+inline std::size_t attention_smem_bytes(int64_t max_blocks) {
+  return sizeof(float) * (std::size_t(kMaxRows) * (D + 4) + 2 * std::size_t(kAttnKeys) * (D + 4) +
+                          std::size_t(kMaxRows) * kAttnKeys + 3 * kMaxRows) +
+         2 * sizeof(uint32_t) * std::size_t(max_blocks) + 16;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs a) {
+  constexpr int DP = D + 4, C4 = cols4<D>(), RPT = rows_per_thread<D>(), RSTEP = kThreads / C4;
+  extern __shared__ float4 smem4[];
+  float* qs = reinterpret_cast<float*>(smem4);  // [kMaxRows][DP], pre-scaled
+  float* ks = qs + kMaxRows * DP;               // [kAttnKeys][DP]
+  float* vs = ks + kAttnKeys * DP;              // [kAttnKeys][DP]
+  float* ps = vs + kAttnKeys * DP;              // [kMaxRows][kAttnKeys] probabilities
+  float* row_m = ps + kMaxRows * kAttnKeys;     // running max (log2 domain)
+  float* row_l = row_m + kMaxRows;              // running sum
+  float* row_alpha = row_l + kMaxRows;          // rescale of the last chunk
+  uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + kMaxRows);  // [max_blocks] query bits
+  int32_t* list = reinterpret_cast<int32_t*>(mask + a.max_blocks);     // [max_blocks] union
+  __shared__ int list_len;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+
+  int64_t id = blockIdx.x;
+  const int split = int(id % a.splits);
+  id /= a.splits;
+  const int g = int(id % a.hkv);
+  id /= a.hkv;
+  const int tile = int(id % a.tiles);
+  const int r = int(id / a.tiles);
+  const int64_t qbase = a.cu_q[r];
+  const int q_len = a.cu_q[r + 1] - int(qbase);
+  const int q0 = tile * a.tile_q;
+  if (q0 >= q_len) return;
+  const int nq = min(a.tile_q, q_len - q0);
+  const int64_t kv = a.kv_lens[r];
+  const int B = a.block_size, G = a.G;
+  const int rows = nq * G;  // row = query * G + head in group
+  const int64_t p_first = rules::query_position(q_len, kv, q0);
+  const int64_t p_last = rules::query_position(q_len, kv, q0 + nq - 1);
+  const int64_t nb = min(rules::local_block(p_last, B) + 1, a.max_blocks);
+
+  for (int i = t; i < rows * (D / 8); i += kThreads) {
+    const int row = i / (D / 8), v = i - row * (D / 8);
+    const T* src = static_cast<const T*>(a.q) + (qbase + q0 + row / G) * a.q_s0 +
+                   int64_t(g * G + row % G) * a.q_s1 + v * 8;
+    float x[8];
+    load8<T>(src, x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qs[row * DP + v * 8 + e] = x[e] * a.qscale;
+  }
+  if (t < kMaxRows) {
+    row_m[t] = -INFINITY;
+    row_l[t] = 0.f;
+  }
+
+  // The tile's blocks: the union of its queries' selections, each block with the bits of the
+  // queries that selected it; dense mode: every block up to nb, visible by position alone.
+  const bool dense = a.topk == nullptr;
+  if (!dense) {
+    for (int64_t j = t; j < nb; j += kThreads) mask[j] = 0u;
+    __syncthreads();
+    for (int i = t; i < nq * a.topk_k; i += kThreads) {
+      const int qi = i / a.topk_k, slot = i - qi * a.topk_k;
+      const int32_t j = a.topk[int64_t(g) * a.tk_s0 + (qbase + q0 + qi) * a.tk_s1 + slot];
+      if (j >= 0 && j < nb) atomicOr(&mask[j], 1u << qi);
+    }
+    __syncthreads();
+    if (warp == 0) {  // ascending compaction of the non-empty entries
+      int n = 0;
+      for (int64_t j0 = 0; j0 < nb; j0 += 32) {
+        const int64_t j = j0 + lane;
+        const bool on = j < nb && mask[j] != 0u;
+        const unsigned bal = __ballot_sync(0xffffffffu, on);
+        if (on) list[n + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
+        n += __popc(bal);
+      }
+      if (lane == 0) list_len = n;
+    }
+  }
+  __syncthreads();
+  const int64_t count = dense ? nb : list_len;
+  const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
+
+  float acc[RPT][4];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const int c4 = t % C4, rbase = t / C4;
+
+  for (int64_t bi = b0; bi < b1; ++bi) {
+    const int64_t j = dense ? bi : list[bi];
+    const uint32_t qmask = dense ? 0xffffffffu : mask[j];
+    const int64_t page = a.page_table[r * a.pt_s0 + j * a.pt_s1];
+    if (page < 0 || page >= a.num_pages) continue;  // an id outside the cache is not read
+    const float ksc = a.k_fp8 ? a.k_scale[page * a.ks_s0 + g * a.ks_s1] : 1.f;
+    const float vsc = a.v_fp8 ? a.v_scale[page * a.vs_s0 + g * a.vs_s1] : 1.f;
+    const int64_t kbeg = rules::block_begin(j, B);
+    const int kend = int(min(int64_t(B), p_last + 1 - kbeg));  // keys past the last query: unread
+    for (int c0 = 0; c0 < kend; c0 += kAttnKeys) {
+      const int nk = min(kAttnKeys, kend - c0);
+      for (int i = t; i < 2 * nk * (D / 8); i += kThreads) {
+        const bool is_v = i >= nk * (D / 8);
+        const int ii = is_v ? i - nk * (D / 8) : i;
+        const int key = ii / (D / 8), v = ii - key * (D / 8);
+        float x[8];
+        if (is_v)
+          load8_cache<T>(a.v + page * a.v_s0 + (c0 + key) * a.v_s1 + g * a.v_s2, v * 8, a.v_fp8, vsc, x);
+        else
+          load8_cache<T>(a.k + page * a.k_s0 + (c0 + key) * a.k_s1 + g * a.k_s2, v * 8, a.k_fp8, ksc, x);
+        float* dst = (is_v ? vs : ks) + key * DP + v * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = x[e];
+      }
+      __syncthreads();
+      // Scores and online softmax: a warp per row, a lane per key.
+      const int64_t key_pos = kbeg + c0 + lane;
+      for (int row = warp; row < rows; row += kThreads / 32) {
+        const int qi = row / G;
+        const int64_t p = p_first + qi;
+        float s = -INFINITY;
+        if (lane < nk && ((qmask >> qi) & 1u) && rules::causally_visible(key_pos, p)) {
+          const float4* qv = reinterpret_cast<const float4*>(qs + row * DP);
+          const float4* kk = reinterpret_cast<const float4*>(ks + lane * DP);
+          float d0 = 0.f, d1 = 0.f;
+#pragma unroll 8
+          for (int d = 0; d < D / 4; ++d) {
+            const float4 x = qv[d], y = kk[d];
+            d0 = fmaf(x.x, y.x, d0);
+            d1 = fmaf(x.y, y.y, d1);
+            d0 = fmaf(x.z, y.z, d0);
+            d1 = fmaf(x.w, y.w, d1);
+          }
+          s = d0 + d1;
+        }
+        float cmax = s;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, off));
+        const float m_old = row_m[row];
+        const float m_new = fmaxf(m_old, cmax);
+        const float pr = m_new == -INFINITY ? 0.f : exp2f(s - m_new);
+        float sum = pr;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        ps[row * kAttnKeys + lane] = pr;
+        __syncwarp();
+        if (lane == 0) {
+          const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
+          row_l[row] = row_l[row] * alpha + sum;
+          row_m[row] = m_new;
+          row_alpha[row] = alpha;
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const int row = rbase + i * RSTEP;
+        if (row >= rows) break;
+        const float alpha = row_alpha[row];
+        float o0 = acc[i][0] * alpha, o1 = acc[i][1] * alpha, o2 = acc[i][2] * alpha, o3 = acc[i][3] * alpha;
+        const float* prow = ps + row * kAttnKeys;
+        for (int c = 0; c < nk; ++c) {
+          const float pc = prow[c];
+          const float4 vv = reinterpret_cast<const float4*>(vs + c * DP)[c4];
+          o0 = fmaf(pc, vv.x, o0);
+          o1 = fmaf(pc, vv.y, o1);
+          o2 = fmaf(pc, vv.z, o2);
+          o3 = fmaf(pc, vv.w, o3);
+        }
+        acc[i][0] = o0;
+        acc[i][1] = o1;
+        acc[i][2] = o2;
+        acc[i][3] = o3;
+      }
+      __syncthreads();
+    }
+  }
+
+  // Results: out/lse directly with one split, else this split's partial rows.
+  constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int row = rbase + i * RSTEP;
+    if (row >= rows) break;
+    const int64_t qrow = qbase + q0 + row / G;
+    const int head = g * G + row % G;
+    if (a.splits == 1) {
+      const float l = row_l[row], inv = l == 0.f ? 0.f : 1.f / l;
+      T* o = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1 + c4 * 4;
+      o[0] = from_float<T>(acc[i][0] * inv);
+      o[1] = from_float<T>(acc[i][1] * inv);
+      o[2] = from_float<T>(acc[i][2] * inv);
+      o[3] = from_float<T>(acc[i][3] * inv);
+      if (c4 == 0)
+        a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] =
+            l == 0.f ? -INFINITY : (row_m[row] + log2f(l)) * kLn2;
+    } else {
+      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      reinterpret_cast<float4*>(a.part_o + prow * D)[c4] =
+          make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      if (c4 == 0) {
+        a.part_ml[prow] = row_m[row];
+        a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = row_l[row];
+      }
+    }
+  }
+}
+
+// Combines the splits of each (query, head) row by their LSE: one warp per row.
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) merge_kernel(const AttentionArgs a) {
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= a.total_q * a.Hq) return;
+  const int64_t qrow = row / a.Hq;
+  const int head = int(row - qrow * a.Hq);
+  const int64_t stride = a.total_q * a.Hq;
+  const float* pm = a.part_ml;
+  const float* pl = a.part_ml + int64_t(a.splits) * stride;
+  float mmax = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) mmax = fmaxf(mmax, pm[s * stride + row]);
+  float o[D / 32];
+#pragma unroll
+  for (int e = 0; e < D / 32; ++e) o[e] = 0.f;
+  float sum = 0.f;
+  if (mmax != -INFINITY)
+    for (int s = 0; s < a.splits; ++s) {
+      const float l = pl[s * stride + row];
+      if (l == 0.f) continue;
+      const float w = exp2f(pm[s * stride + row] - mmax);
+      sum += l * w;
+      const float* po = a.part_o + (s * stride + row) * D;
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) o[e] = fmaf(w, po[lane + 32 * e], o[e]);
+    }
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;
+  T* out = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1;
+#pragma unroll
+  for (int e = 0; e < D / 32; ++e) out[lane + 32 * e] = from_float<T>(o[e] * inv);
+  constexpr float kLn2 = 0.693147180559945309f;
+  if (lane == 0)
+    a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = sum == 0.f ? -INFINITY : (mmax + log2f(sum)) * kLn2;
+}
+
+}  // namespace paged
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa

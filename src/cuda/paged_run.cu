@@ -1,0 +1,254 @@
+// CUDA paged_run: (1) the cumulative kv lengths into the workspace, (2) block scores
+// (paged_index.cuh), (3) top-k selection with the contiguous index branch's select kernel
+// (index_select.cuh), (4) sparse or dense attention (paged_attention.cuh), (5) the LSE merge of key
+// splits. Grids come from the plan's host maxima (paged_layout.h); every length is read on the
+// device, nothing is allocated or synchronised: the call is graph capturable.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "core/paged_backend.h"
+#include "cuda/cuda_check.cuh"
+// index_select.cuh defines its kernel out of line and index_topk.cu already has a copy: this
+// translation unit takes its own copy of the same kernel under another name.
+#define select_topk_kernel paged_select_topk_kernel
+#include "cuda/index_select.cuh"
+#undef select_topk_kernel
+#include "cuda/paged_attention.cuh"
+#include "cuda/paged_index.cuh"
+#include "cuda/paged_layout.h"
+#include "msa/error.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+namespace {
+
+__global__ void cumulative_kv_kernel(const int32_t* kv_lens, int batch, int32_t* cu_kv) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int32_t sum = 0;
+  cu_kv[0] = 0;
+  for (int r = 0; r < batch; ++r) cu_kv[r + 1] = sum += kv_lens[r];
+}
+
+int max_smem_per_block() {
+  int dev = 0, bytes = 0;  // cheap attribute queries, legal inside a capture
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return bytes;
+}
+
+// Opts a kernel into `bytes` of dynamic shared memory (an attribute, not a stream operation).
+// `allowed` is the caller's record for this kernel (one per instantiation of run_impl).
+template <class Kernel>
+void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t& allowed) {
+  if (bytes > std::size_t(max_smem_per_block()))
+    throw NotSupportedError(std::string("msa: CUDA paged ") + what + " needs " + std::to_string(bytes) +
+                            " bytes of shared memory, more than the device has per block");
+  // Set once per kernel and size: later calls (inside a graph capture too) make no runtime call.
+  if (bytes <= allowed) return;
+  MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  allowed = bytes;
+}
+
+int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
+
+template <class T, int D>
+void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q, const TensorView& qi,
+              const PagedKVCache& cache, const TensorView& out, const TensorView& lse,
+              const TensorView& topk, const Context& ctx) {
+  using namespace paged;
+  const Config& c = plan.cfg;
+  const Layout lay = layout_of(plan);
+  cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
+  const std::uintptr_t base0 = reinterpret_cast<std::uintptr_t>(ctx.workspace.data);
+  unsigned char* ws = static_cast<unsigned char*>(ctx.workspace.data) + (align_up(base0) - base0);
+  const int32_t* cu_q = batch.cu_seqlens_q.ptr<const int32_t>();
+  const int32_t* kv_lens = batch.kv_lens.ptr<const int32_t>();
+  const int32_t* pt = batch.page_table.ptr<const int32_t>();
+  const int64_t num_pages = cache.k.shape[0];
+
+  if (!plan.options.dense) {
+    int32_t* cu_kv = reinterpret_cast<int32_t*>(ws + lay.cu_kv_offset);
+    float* scores = reinterpret_cast<float*>(ws + lay.scores_offset);
+    cumulative_kv_kernel<<<1, 32, 0, stream>>>(kv_lens, plan.batch, cu_kv);
+    MSA_CUDA_CHECK_LAUNCH();
+
+    IndexArgs ia{};
+    ia.qi = qi.data;
+    ia.qi_s0 = qi.stride[0];
+    ia.qi_s1 = qi.stride[1];
+    ia.ki = static_cast<const unsigned char*>(cache.ki.data);
+    ia.ki_s0 = byte_stride(cache.ki, 0);
+    ia.ki_s1 = byte_stride(cache.ki, 1);
+    ia.ki_fp8 = cache.ki.dtype == DType::fp8_e4m3;
+    ia.ki_scale = ia.ki_fp8 ? cache.ki_scale.ptr<const float>() : nullptr;
+    ia.kis_s0 = ia.ki_fp8 ? cache.ki_scale.stride[0] : 0;
+    ia.cu_q = cu_q;
+    ia.kv_lens = kv_lens;
+    ia.page_table = pt;
+    ia.pt_s0 = batch.page_table.stride[0];
+    ia.pt_s1 = batch.page_table.stride[1];
+    ia.num_pages = num_pages;
+    ia.scores = scores;
+    ia.ld = lay.score_ld;
+    ia.total_q = plan.total_q;
+    ia.hkv = c.num_kv_heads;
+    ia.di = c.index_head_dim;
+    ia.block_size = c.block_size;
+    ia.iscale = c.index_softmax_scale();
+    ia.tile_q = lay.index_tile_q;
+    ia.tiles = lay.index_tiles;
+    ia.chunk = lay.index_chunk;
+    ia.chunks = lay.index_chunks;
+    const std::size_t ismem = index_smem_bytes(c.index_head_dim);
+    static std::size_t index_allowed = 0;
+    allow_smem(index_scores_kernel<T>, ismem, "index", index_allowed);
+    const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
+    index_scores_kernel<T><<<unsigned(icta), kThreads, ismem, stream>>>(ia);
+    MSA_CUDA_CHECK_LAUNCH();
+
+    index::SelectArgs sa{};
+    sa.scores = scores;
+    sa.lses = nullptr;
+    sa.ld = lay.score_ld;
+    sa.cu_q = cu_q;
+    sa.cu_k = cu_kv;
+    sa.batch = plan.batch;
+    sa.num_kv_heads = c.num_kv_heads;
+    sa.block_size = c.block_size;
+    sa.k = c.topk;
+    sa.total_q = plan.total_q;
+    sa.topk = topk.ptr<int32_t>();
+    sa.topk_s0 = topk.stride[0];
+    sa.topk_s1 = topk.stride[1];
+    sa.selected_lse = nullptr;
+    const int64_t select_rows = int64_t(c.num_kv_heads) * plan.total_q;
+    index::paged_select_topk_kernel<<<unsigned((select_rows + index::kSelectWarps - 1) / index::kSelectWarps),
+                                index::kSelectWarps * 32, 0, stream>>>(sa);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
+
+  AttentionArgs aa{};
+  aa.q = q.data;
+  aa.q_s0 = q.stride[0];
+  aa.q_s1 = q.stride[1];
+  aa.k = static_cast<const unsigned char*>(cache.k.data);
+  aa.v = static_cast<const unsigned char*>(cache.v.data);
+  aa.k_s0 = byte_stride(cache.k, 0);
+  aa.k_s1 = byte_stride(cache.k, 1);
+  aa.k_s2 = byte_stride(cache.k, 2);
+  aa.v_s0 = byte_stride(cache.v, 0);
+  aa.v_s1 = byte_stride(cache.v, 1);
+  aa.v_s2 = byte_stride(cache.v, 2);
+  aa.k_fp8 = cache.k.dtype == DType::fp8_e4m3;
+  aa.v_fp8 = cache.v.dtype == DType::fp8_e4m3;
+  if (aa.k_fp8) {
+    aa.k_scale = cache.k_scale.ptr<const float>();
+    aa.ks_s0 = cache.k_scale.stride[0];
+    aa.ks_s1 = cache.k_scale.stride[1];
+  }
+  if (aa.v_fp8) {
+    aa.v_scale = cache.v_scale.ptr<const float>();
+    aa.vs_s0 = cache.v_scale.stride[0];
+    aa.vs_s1 = cache.v_scale.stride[1];
+  }
+  aa.cu_q = cu_q;
+  aa.kv_lens = kv_lens;
+  aa.page_table = pt;
+  aa.pt_s0 = batch.page_table.stride[0];
+  aa.pt_s1 = batch.page_table.stride[1];
+  aa.num_pages = num_pages;
+  if (!plan.options.dense) {
+    aa.topk = topk.ptr<const int32_t>();
+    aa.tk_s0 = topk.stride[0];
+    aa.tk_s1 = topk.stride[1];
+  }
+  aa.topk_k = c.topk;
+  aa.out = out.data;
+  aa.o_s0 = out.stride[0];
+  aa.o_s1 = out.stride[1];
+  aa.lse = lse.ptr<float>();
+  aa.l_s0 = lse.stride[0];
+  aa.l_s1 = lse.stride[1];
+  aa.part_o = reinterpret_cast<float*>(ws + lay.partials_offset);
+  aa.part_ml = aa.part_o + int64_t(lay.splits) * plan.total_q * c.num_q_heads * D;
+  aa.total_q = plan.total_q;
+  aa.max_blocks = lay.max_blocks;
+  aa.hkv = c.num_kv_heads;
+  aa.G = c.group_size();
+  aa.Hq = c.num_q_heads;
+  aa.block_size = c.block_size;
+  aa.qscale = float(double(c.softmax_scale()) * 1.4426950408889634);
+  aa.tile_q = lay.attn_tile_q;
+  aa.tiles = lay.attn_tiles;
+  aa.splits = lay.splits;
+  const std::size_t asmem = attention_smem_bytes<D>(plan.options.dense ? 0 : lay.max_blocks);
+  static std::size_t attention_allowed = 0;
+  allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
+  const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
+  attention_kernel<T, D><<<unsigned(acta), kThreads, asmem, stream>>>(aa);
+  MSA_CUDA_CHECK_LAUNCH();
+  if (lay.splits > 1) {
+    const int64_t rows = plan.total_q * c.num_q_heads;
+    const int64_t per = kThreads / 32;
+    merge_kernel<T, D><<<unsigned((rows + per - 1) / per), kThreads, 0, stream>>>(aa);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
+}
+
+bool aligned16(const TensorView& t, int inner_elems_per_vec) {
+  if (!t.defined()) return true;
+  if (reinterpret_cast<std::uintptr_t>(t.data) % (dtype_size(t.dtype) * inner_elems_per_vec) != 0) return false;
+  for (int d = 0; d + 1 < t.ndim; ++d)
+    if (t.stride[d] % inner_elems_per_vec != 0) return false;
+  return true;
+}
+
+void check_supported(const PagedPlan& plan, const PagedBatch& batch, const PagedKVCache& cache,
+                     std::initializer_list<const TensorView*> rows) {
+  const Config& c = plan.cfg;
+  auto unsupported = [](const std::string& why) {
+    throw NotSupportedError("msa: CUDA paged backend: " + why);
+  };
+  if (c.num_kv_heads > paged::kMaxRows || c.group_size() > paged::kMaxRows)
+    unsupported("Hkv and Hq/Hkv must be at most " + std::to_string(paged::kMaxRows));
+  if (c.head_dim % 8 || c.index_head_dim % 8) unsupported("D and Di must be multiples of 8");
+  // Vector loads: 8 elements (16 bytes of a 16-bit dtype) per access.
+  for (const TensorView* t : rows)
+    if (!aligned16(*t, 8)) unsupported("rows must be 8-element aligned (pointer and outer strides)");
+  for (const TensorView* t : {&cache.k, &cache.v, &cache.ki})
+    if (!aligned16(*t, 8)) unsupported("cache rows must be 8-element aligned (pointer and strides)");
+  (void)batch;
+}
+
+}  // namespace
+
+void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
+               const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
+               const TensorView& lse, const TensorView& topk, const Context& ctx) {
+  check_supported(plan, batch, cache, {&q, &qi, &out});
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    switch (plan.cfg.head_dim) {
+      case 64: return run_impl<T, 64>(plan, batch, q, qi, cache, out, lse, topk, ctx);
+      case 128: return run_impl<T, 128>(plan, batch, q, qi, cache, out, lse, topk, ctx);
+      default:
+        throw NotSupportedError("msa: CUDA paged attention supports head_dim 64 and 128, got " +
+                                std::to_string(plan.cfg.head_dim));
+    }
+  };
+  switch (plan.dtype) {
+    case DType::bf16: return by_dim(__nv_bfloat16{});
+    case DType::f16: return by_dim(__half{});
+    case DType::f32: return by_dim(float{});
+    default: throw NotSupportedError("msa: CUDA paged run: unsupported dtype");
+  }
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa

@@ -1,0 +1,434 @@
+// CUDA backend of the serving API (msa/paged.h) against the CPU backend on the same random step
+// (tests/paged_fixture.h: shuffled page tables, ragged lengths, NaN in unwritten cache slots):
+//  - paged_append_kv writes the same cache bytes (bf16 copies; FP8 encoded by the shared rule);
+//  - topk rows have the rules.h layout and the CPU's block sets, except where the deciding block
+//    scores (recomputed here in float64 from the cache) are tied within rounding;
+//  - out / lse equal the CPU's (relative error < 1e-2 bf16, < 1e-5 f32) on rows whose selections agree;
+//  - dense mode, one key split and many (options.num_workers), FP8 caches, chunked prefill, graph capture.
+// Every failure names the case, the first bad index, got vs expected and the max error.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/float_convert.h"
+#include "cuda/device_tensor.h"
+#include "msa/ops.h"
+#include "msa/paged.h"
+#include "msa/rules.h"
+#include "paged_fixture.h"
+
+namespace msa {
+namespace {
+
+using testing::DeviceTensor;
+using testing::PagedStep;
+
+Config make_config(int hq, int hkv, int d, int di, int b, int k) {
+  Config c;
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.head_dim = d;
+  c.index_head_dim = di;
+  c.block_size = b;
+  c.topk = k;
+  return c;
+}
+
+struct Case {
+  std::string name;
+  Config cfg;
+  std::vector<int32_t> q_lens, kv_lens;
+  DType dtype = DType::bf16;
+  bool fp8 = false, dense = false;
+  int num_workers = 0;  // 0: the default (132); 1: one key split; large: many splits
+  uint64_t seed = 1;
+};
+
+// A cache to run on: the step's own (query dtype) or FP8 copies with per-page amax / 448 scales.
+struct HostCache {
+  HostTensor k, v, ki, k_scale, v_scale, ki_scale;
+  bool fp8 = false;
+  HostCache(PagedStep& s, bool to_fp8) : fp8(to_fp8) {
+    if (!fp8) {
+      k = s.k_cache;
+      v = s.v_cache;
+      ki = s.ki_cache;
+      return;
+    }
+    const Config& c = s.p.cfg;
+    const int B = c.block_size, hkv = c.num_kv_heads, D = c.head_dim, Di = c.index_head_dim;
+    const int64_t P = s.num_pages;
+    k_scale = HostTensor(DType::f32, {P, hkv});
+    v_scale = HostTensor(DType::f32, {P, hkv});
+    ki_scale = HostTensor(DType::f32, {P});
+    std::vector<double> ak(size_t(P * hkv), 0), av(size_t(P * hkv), 0), aki(size_t(P), 0);
+    for (size_t r = 0; r < s.kv_lens.size(); ++r)
+      for (int64_t t = 0; t < s.kv_lens[r]; ++t) {
+        const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + t / B));
+        const int64_t tok = s.p.lens.cu_k[r] + t;
+        for (int h = 0; h < hkv; ++h)
+          for (int d = 0; d < D; ++d) {
+            ak[size_t(page * hkv + h)] = std::max(ak[size_t(page * hkv + h)], std::fabs(s.p.k.get((tok * hkv + h) * D + d)));
+            av[size_t(page * hkv + h)] = std::max(av[size_t(page * hkv + h)], std::fabs(s.p.v.get((tok * hkv + h) * D + d)));
+          }
+        for (int d = 0; d < Di; ++d) aki[size_t(page)] = std::max(aki[size_t(page)], std::fabs(s.p.ki.get(tok * Di + d)));
+      }
+    auto sc = [](double a) { return a > 0 ? float(a / 448.0) : 1.f; };
+    for (int64_t p = 0; p < P; ++p) {
+      for (int h = 0; h < hkv; ++h) {
+        k_scale.set(p * hkv + h, sc(ak[size_t(p * hkv + h)]));
+        v_scale.set(p * hkv + h, sc(av[size_t(p * hkv + h)]));
+      }
+      ki_scale.set(p, sc(aki[size_t(p)]));
+    }
+    k = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
+    v = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
+    ki = HostTensor(DType::fp8_e4m3, {P, B, Di});
+    for (int64_t i = 0; i < k.numel(); ++i) {
+      const int64_t p = i / (int64_t(B) * hkv * D), h = (i / D) % hkv;
+      k.set(i, float(s.k_cache.get(i)) / float(k_scale.get(p * hkv + h)));
+      v.set(i, float(s.v_cache.get(i)) / float(v_scale.get(p * hkv + h)));
+    }
+    for (int64_t i = 0; i < ki.numel(); ++i)
+      ki.set(i, float(s.ki_cache.get(i)) / float(ki_scale.get(i / (int64_t(B) * Di))));
+  }
+  PagedKVCache view() {
+    if (!fp8) return {k.view(), v.view(), ki.view(), {}, {}, {}};
+    return {k.view(), v.view(), ki.view(), k_scale.view(), v_scale.view(), ki_scale.view()};
+  }
+  // Dequantised ki element (page, slot, d).
+  double ki_at(int64_t page, int64_t slot, int64_t d, int B, int Di) const {
+    const int64_t i = (page * B + slot) * Di + d;
+    return fp8 ? ki.get(i) * ki_scale.get(page) : ki.get(i);
+  }
+};
+
+struct Result {
+  HostTensor out, lse, topk;
+  Result(const Config& c, int64_t tq, DType dt)
+      : out(dt, {tq, c.num_q_heads, c.head_dim}), lse(DType::f32, {tq, c.num_q_heads}),
+        topk(DType::i32, {c.num_kv_heads, tq, c.topk}) {
+    out.poison();
+    lse.poison();
+    topk.poison();
+  }
+};
+
+Result run_cpu(PagedStep& s, HostCache& cache, const PagedOptions& opt) {
+  const PagedPlan plan = s.plan(opt);
+  std::vector<unsigned char> ws(plan.workspace_bytes);
+  Context ctx;
+  ctx.workspace = {ws.data(), ws.size()};
+  paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), cache.view(), ctx);
+  Result r(s.p.cfg, s.p.total_q(), s.p.dtype);
+  paged_run(plan, s.batch(), s.p.q.view(), s.p.qi.view(), cache.view(), r.out.view(), r.lse.view(),
+            r.topk.view(), ctx);
+  return r;
+}
+
+// Device mirrors of everything a step touches.
+struct DeviceStep {
+  DeviceTensor k, v, ki, pt, cu_q, kv, q, qi, k_new, v_new, ki_new;
+  std::unique_ptr<DeviceTensor> k_scale, v_scale, ki_scale;
+  DeviceStep(PagedStep& s, HostCache& c)
+      : k(c.k), v(c.v), ki(c.ki), pt(s.page_table), cu_q(s.cu_q), kv(s.kv), q(s.p.q), qi(s.p.qi),
+        k_new(s.k_new), v_new(s.v_new), ki_new(s.ki_new) {
+    if (c.fp8) {
+      k_scale.reset(new DeviceTensor(c.k_scale));
+      v_scale.reset(new DeviceTensor(c.v_scale));
+      ki_scale.reset(new DeviceTensor(c.ki_scale));
+    }
+  }
+  PagedKVCache cache() const {
+    PagedKVCache pc{k.view(), v.view(), ki.view(), {}, {}, {}};
+    if (k_scale) {
+      pc.k_scale = k_scale->view();
+      pc.v_scale = v_scale->view();
+      pc.ki_scale = ki_scale->view();
+    }
+    return pc;
+  }
+  PagedBatch batch() const { return {cu_q.view(), kv.view(), pt.view()}; }
+};
+
+struct DeviceBuffer {
+  void* p = nullptr;
+  explicit DeviceBuffer(std::size_t n) {
+    if (cudaMalloc(&p, n ? n : 1) != cudaSuccess) throw std::runtime_error("cudaMalloc");
+  }
+  ~DeviceBuffer() { cudaFree(p); }
+};
+
+// First differing element of two equally sized host tensors (bytewise; NaN poison compares equal).
+std::string first_byte_difference(HostTensor& got, HostTensor& want) {
+  const std::size_t n = std::size_t(want.numel()) * dtype_size(want.dtype());
+  const auto* a = static_cast<const uint8_t*>(got.data());
+  const auto* b = static_cast<const uint8_t*>(want.data());
+  for (std::size_t i = 0; i < n; ++i)
+    if (a[i] != b[i]) {
+      const int64_t e = int64_t(i / dtype_size(want.dtype()));
+      std::ostringstream os;
+      os << "element " << e << ": got " << got.get(e) << " want " << want.get(e);
+      return os.str();
+    }
+  return "";
+}
+
+// Block score of (query row, group, block j) in float64 from the cache the CPU appended into.
+double ref_block_score(PagedStep& s, const HostCache& c, int r, int64_t row, int g, int64_t j) {
+  const Config& cfg = s.p.cfg;
+  const int B = cfg.block_size, Di = cfg.index_head_dim, hkv = cfg.num_kv_heads;
+  const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + j));
+  const double iscale = cfg.index_softmax_scale();
+  double best = -INFINITY;
+  for (int t = 0; t < B; ++t) {
+    double dot = 0;
+    for (int d = 0; d < Di; ++d)
+      dot += double(float(s.p.qi.get((row * hkv + g) * Di + d)) * float(iscale)) * c.ki_at(page, t, d, B, Di);
+    best = std::max(best, dot);
+  }
+  return best;
+}
+
+void run_case(const Case& tc, bool capture = false) {
+  MSA_SKIP_WITHOUT_GPU();
+  SCOPED_TRACE(tc.name);
+  const Config& cfg = tc.cfg;
+  PagedStep cpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
+  PagedStep gpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
+  HostCache cpu_cache(cpu_step, tc.fp8), gpu_cache(gpu_step, tc.fp8);
+  PagedOptions opt;
+  opt.dense = tc.dense;
+  const Result want = [&] { return run_cpu(cpu_step, cpu_cache, opt); }();
+
+  PagedOptions gopt = opt;
+  gopt.num_workers = tc.num_workers;
+  const PagedPlan plan = paged_plan(cfg, tc.q_lens.data(), tc.kv_lens.data(), int(tc.q_lens.size()),
+                                    tc.dtype, Device::cuda(0), gopt);
+  const int64_t tq = plan.total_q;
+  DeviceStep d(gpu_step, gpu_cache);
+  Result got(cfg, tq, tc.dtype);
+  DeviceTensor out(got.out), lse(got.lse), topk(got.topk);
+  DeviceBuffer ws(plan.workspace_bytes);
+  cudaStream_t stream;
+  MSA_TEST_CUDA(cudaStreamCreate(&stream));
+  Context ctx;
+  ctx.stream = stream;
+  ctx.workspace = {ws.p, plan.workspace_bytes};
+  paged_append_kv(plan, d.batch(), d.k_new.view(), d.v_new.view(), d.ki_new.view(), d.cache(), ctx);
+  MSA_TEST_CUDA(cudaStreamSynchronize(stream));
+  if (capture) {  // warm-up outside the capture, then the captured run writes the compared outputs
+    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+    MSA_TEST_CUDA(cudaStreamSynchronize(stream));
+    got.out.poison();
+    got.lse.poison();
+    got.topk.poison();
+    out.upload();
+    lse.upload();
+    topk.upload();
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    MSA_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+    MSA_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
+    MSA_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    MSA_TEST_CUDA(cudaGraphLaunch(exec, stream));
+    MSA_TEST_CUDA(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  } else {
+    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+  }
+  MSA_TEST_CUDA(cudaStreamSynchronize(stream));
+  MSA_TEST_CUDA(cudaStreamDestroy(stream));
+
+  // 1. Append: the same cache bytes.
+  d.k.download();
+  d.v.download();
+  d.ki.download();
+  EXPECT_EQ(first_byte_difference(gpu_cache.k, cpu_cache.k), "") << "k_cache after append";
+  EXPECT_EQ(first_byte_difference(gpu_cache.v, cpu_cache.v), "") << "v_cache after append";
+  EXPECT_EQ(first_byte_difference(gpu_cache.ki, cpu_cache.ki), "") << "ki_cache after append";
+
+  out.download();
+  lse.download();
+  topk.download();
+  const int hkv = cfg.num_kv_heads, K = cfg.topk, G = cfg.group_size(), D = cfg.head_dim;
+  const int B = cfg.block_size;
+
+  // 2. Selections: layout exact; sets equal unless the deciding scores are tied within rounding.
+  std::vector<char> agree(size_t(tq * hkv), 1);
+  int64_t near_ties = 0;
+  if (!tc.dense) {
+    for (int r = 0; r < int(tc.q_lens.size()); ++r)
+      for (int i = 0; i < tc.q_lens[r]; ++i) {
+        const int64_t row = cpu_step.p.lens.cu_q[r] + i;
+        const int64_t local = rules::local_block(rules::query_position(tc.q_lens[r], tc.kv_lens[r], i), B);
+        const int n = rules::num_nonlocal_selected(local, K);
+        for (int g = 0; g < hkv; ++g) {
+          auto at = [&](const HostTensor& t, int slot) { return int32_t(t.get((int64_t(g) * tq + row) * K + slot)); };
+          std::ostringstream where;
+          where << "topk[g=" << g << ", row=" << row << " (request " << r << ", query " << i << ")] local "
+                << local << ": got";
+          for (int s = 0; s < K; ++s) where << ' ' << at(got.topk, s);
+          where << " want";
+          for (int s = 0; s < K; ++s) where << ' ' << at(want.topk, s);
+          ASSERT_EQ(at(got.topk, n), local) << where.str();
+          for (int s = n + 1; s < K; ++s) ASSERT_EQ(at(got.topk, s), rules::kUnusedSlot) << where.str();
+          std::set<int32_t> gs, ws_;
+          for (int s = 0; s < n; ++s) {
+            ASSERT_TRUE(at(got.topk, s) >= 0 && at(got.topk, s) < local) << where.str();
+            gs.insert(at(got.topk, s));
+            ws_.insert(at(want.topk, s));
+          }
+          ASSERT_EQ(int(gs.size()), n) << "duplicate ids in " << where.str();
+          if (gs == ws_) continue;
+          // Every id only the GPU chose must score within rounding of the CPU's weakest choice.
+          double weakest = INFINITY;
+          for (int32_t j : ws_) weakest = std::min(weakest, ref_block_score(cpu_step, cpu_cache, r, row, g, j));
+          for (int32_t j : gs)
+            if (!ws_.count(j)) {
+              const double sj = ref_block_score(cpu_step, cpu_cache, r, row, g, j);
+              ASSERT_GE(sj, weakest - 1e-4 * (1 + std::fabs(weakest)))
+                  << where.str() << ": block " << j << " scores " << sj << " below the weakest CPU choice "
+                  << weakest;
+            }
+          agree[size_t(row * hkv + g)] = 0;
+          ++near_ties;
+        }
+      }
+    EXPECT_LE(near_ties, std::max<int64_t>(2, tq * hkv / 20)) << "too many near-tied selections";
+  }
+
+  // 3. Out / lse on rows whose selections agree.
+  const double tol = tc.dtype == DType::f32 ? 1e-5 : 1e-2;
+  double num = 0, den = 0, max_lse_err = 0;
+  std::string first_bad;
+  for (int64_t row = 0; row < tq; ++row)
+    for (int h = 0; h < cfg.num_q_heads; ++h) {
+      if (!agree[size_t(row * hkv + rules::group_of_head(h, G))]) continue;
+      for (int e = 0; e < D; ++e) {
+        const int64_t idx = (row * cfg.num_q_heads + h) * D + e;
+        const double a = got.out.get(idx), b = want.out.get(idx);
+        if (!std::isfinite(a) && first_bad.empty()) {
+          std::ostringstream os;
+          os << "out[" << row << ", " << h << ", " << e << "] = " << a << " (want " << b << ")";
+          first_bad = os.str();
+        }
+        num += (a - b) * (a - b);
+        den += b * b;
+      }
+      const double la = got.lse.get(row * cfg.num_q_heads + h), lb = want.lse.get(row * cfg.num_q_heads + h);
+      const double le = std::isfinite(la) ? std::fabs(la - lb) : INFINITY;
+      if (le > max_lse_err) {
+        max_lse_err = le;
+        if (le > 10 * tol && first_bad.empty()) {
+          std::ostringstream os;
+          os << "lse[" << row << ", " << h << "] = " << la << " want " << lb;
+          first_bad = os.str();
+        }
+      }
+    }
+  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_TRUE(first_bad.empty()) << first_bad;
+  EXPECT_LT(rel, tol) << "out relative error " << rel << " (rows with equal selections; near ties skipped: "
+                      << near_ties << ")";
+  EXPECT_LT(max_lse_err, 10 * tol) << "max |lse - cpu lse|";
+}
+
+// Random decode q_lens 1..16 under ragged kv lens (1, B-1, B, B+1, below k*B, long).
+Case decode_case(std::string name, Config cfg, uint64_t seed) {
+  Case c;
+  c.name = std::move(name);
+  c.cfg = cfg;
+  c.seed = seed;
+  const int B = cfg.block_size;
+  const std::vector<int32_t> kv = {1, B - 1, B, B + 1, 3 * B + 5, 20 * B + 7, 37, 64 * B + 3};
+  std::mt19937 rng{unsigned(seed)};
+  for (int32_t k : kv) {
+    c.kv_lens.push_back(k);
+    c.q_lens.push_back(std::min<int32_t>(k, 1 + int32_t(rng() % 16)));
+  }
+  return c;
+}
+
+TEST(PagedCuda, DecodeGroup16Bf16) {
+  run_case(decode_case("Hq16/Hkv1 D64", make_config(16, 1, 64, 32, 16, 8), 11));
+}
+TEST(PagedCuda, DecodeGroup4Bf16) {
+  run_case(decode_case("Hq8/Hkv2 D128", make_config(8, 2, 128, 64, 16, 6), 12));
+}
+TEST(PagedCuda, DecodeLayerShapeBf16) {
+  run_case(decode_case("Hq64/Hkv4 D128 B32", make_config(64, 4, 128, 64, 32, 8), 13));
+}
+TEST(PagedCuda, DecodeGroup1F32) {
+  Case c = decode_case("Hq4/Hkv4 D64 f32", make_config(4, 4, 64, 32, 16, 4), 14);
+  c.dtype = DType::f32;
+  run_case(c);
+}
+TEST(PagedCuda, DecodeF16) {
+  Case c = decode_case("Hq8/Hkv2 D64 f16", make_config(8, 2, 64, 32, 16, 4), 15);
+  c.dtype = DType::f16;
+  run_case(c);
+}
+TEST(PagedCuda, DecodeOneSplitAndManySplits) {
+  for (int workers : {1, 4096}) {
+    Case c = decode_case("splits workers=" + std::to_string(workers), make_config(8, 2, 64, 32, 16, 4), 16);
+    c.num_workers = workers;
+    run_case(c);
+  }
+}
+TEST(PagedCuda, DecodeSingleTokenBatch1LongContext) {
+  Case c;
+  c.name = "q_len 1, 3000 tokens";
+  c.cfg = make_config(16, 2, 128, 64, 16, 8);
+  c.q_lens = {1};
+  c.kv_lens = {3000};
+  run_case(c);
+}
+TEST(PagedCuda, ChunkedPrefill) {
+  Case c;
+  c.name = "chunk of 100 over a prefix, with decodes";
+  c.cfg = make_config(8, 2, 64, 32, 16, 6);
+  c.q_lens = {100, 1, 16, 37};
+  c.kv_lens = {357, 40, 16, 37};
+  run_case(c);
+}
+TEST(PagedCuda, Fp8CachesDecodeAndPrefill) {
+  Case c = decode_case("fp8 Hq16/Hkv2 D64", make_config(16, 2, 64, 32, 16, 6), 17);
+  c.fp8 = true;
+  run_case(c);
+  Case p;
+  p.name = "fp8 chunked prefill D128";
+  p.cfg = make_config(8, 2, 128, 64, 16, 6);
+  p.q_lens = {70, 3};
+  p.kv_lens = {250, 90};
+  p.fp8 = true;
+  run_case(p);
+}
+TEST(PagedCuda, DenseMode) {
+  Case c = decode_case("dense Hq8/Hkv2 D64", make_config(8, 2, 64, 32, 16, 4), 18);
+  c.dense = true;
+  run_case(c);
+  Case f = decode_case("dense fp8 many splits", make_config(16, 1, 128, 32, 16, 4), 19);
+  f.dense = true;
+  f.fp8 = true;
+  f.num_workers = 1000;
+  run_case(f);
+}
+TEST(PagedCuda, GraphCapturedRun) {
+  Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
+  run_case(c, /*capture=*/true);
+}
+
+}  // namespace
+}  // namespace msa
