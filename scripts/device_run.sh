@@ -8,6 +8,7 @@
 #   MSA_ONLY=bench scripts/device_run.sh                               # full benchmark only
 #   MSA_ONLY=training scripts/device_run.sh                            # training-step benchmark only
 #   MSA_ONLY=hf scripts/device_run.sh                                  # MiniMax-M3 in transformers only
+#   MSA_ONLY=decode scripts/device_run.sh                              # paged decode benchmark only
 #
 # Steps: gpu build ctest memcheck racecheck pybuild pytest bench cli, and three opt-in ones (run only
 # when named in MSA_ONLY or with MSA_WITH_<STEP>=1):
@@ -23,6 +24,8 @@
 #               then bench/bench_hf.py (real-width 2-layer MiniMax-M3, msa vs sdpa/eager; arguments
 #               from MSA_HF_ARGS); needs torch and transformers >= 5.17 on the machine (on PYTHONPATH,
 #               e.g. a carried folder); after `training`
+#   decode      bench/bench_decode.py (paged serving decode step: msa sparse / paged dense vs SDPA dense
+#               decode, bf16 and FP8 caches), arguments from MSA_DECODE_ARGS; after `hf`
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -84,7 +87,7 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
-OPT_IN=" synccheck stages training hf "
+OPT_IN=" synccheck stages training hf decode "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
@@ -112,7 +115,7 @@ selected pybuild && DO_PYBUILD=1
 for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
 selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
-for s in pytest bench training hf; do selected $s && ! have_ext && DO_PYBUILD=1; done
+for s in pytest bench training hf decode; do selected $s && ! have_ext && DO_PYBUILD=1; done
 if [ -n "$PREBUILT" ]; then DO_BUILD=0; DO_PYBUILD=0; fi
 
 # ---- step runner -----------------------------------------------------------------------------
@@ -169,6 +172,7 @@ step_note() {
       tr '\n' ';' | cut -c1-150 ;;
     bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
     training) grep -E '^== training summary' "$log" | tail -1 | cut -c1-150 ;;
+    decode) grep -E '^== decode summary' "$log" | tail -1 | cut -c1-150 ;;
     synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
     stages) grep -E '^stages:' "$log" | tr '\n' ';' | cut -c1-150 ;;
     *) grep -iE 'error|FAILED' "$log" | head -1 | cut -c1-150 ;;
@@ -299,6 +303,13 @@ step_cli() {
   # shellcheck disable=SC2086  # CLI_ARGS is a word list on purpose
   "$bin" run $CLI_ARGS
 }
+step_decode() {
+  py_env
+  mkdir -p "$BENCH_DIR"
+  # shellcheck disable=SC2086  # MSA_DECODE_ARGS is a word list on purpose
+  "$PY" bench/bench_decode.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_DECODE_ARGS:-}
+}
+export -f step_decode
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
   step_stages step_pybuild py_env step_pytest step_bench step_training step_hf step_cli
 
@@ -351,6 +362,11 @@ if selected hf; then
   export LIMIT_S
   MSA_TIMEOUT_HF=$LIMIT_S run_step hf "$LIMIT_S" step_hf
 fi
+if selected decode; then
+  LIMIT_S=$(($(limit_for decode 100000) - $(selected cli && echo 45 || echo 0)))
+  export LIMIT_S
+  MSA_TIMEOUT_DECODE=$LIMIT_S run_step decode "$LIMIT_S" step_decode
+fi
 selected cli && run_step cli 45 step_cli
 
 # ---- summary (printed last) --------------------------------------------------------------------
@@ -358,7 +374,7 @@ selected cli && run_step cli 45 step_cli
   echo
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training hf cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training hf decode cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
@@ -381,6 +397,10 @@ selected cli && run_step cli 45 step_cli
   if [ -f "$WORK/hf.log" ]; then
     echo "---- hf table"
     sed -n '/^== hf summary/,$p' "$WORK/hf.log" | cut -c1-200
+  fi
+  if [ -f "$WORK/decode.log" ]; then
+    echo "---- decode table"
+    sed -n '/^== decode summary/,$p' "$WORK/decode.log" | cut -c1-200
   fi
   ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"

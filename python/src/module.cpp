@@ -17,6 +17,8 @@
 
 namespace nb = nanobind;
 using namespace nb::literals;
+
+void bind_paged(nb::module_& m);  // paged.cpp: the serving API
 using msa::python::InArray;
 using msa::python::OutArray;
 using msa::python::to_view;
@@ -276,4 +278,5 @@ NB_MODULE(_C, m) {
   nb::register_exception_translator(&translate);
   bind_config(m);
   bind_ops(m);
+  bind_paged(m);
 }

@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Decode benchmark: one decode step of the paged serving API (msa.paged, include/msa/paged.h) against
+dense decode over a contiguous cache of the same lengths with PyTorch SDPA, and against msa's own
+paged dense mode.
+
+One layer of Hq=64 / Hkv=4 / D=Di=128, B=128, k=16; batch 1, 8, 32, 128; context 8K, 32K, 128K
+(combinations that do not fit in GPU memory are recorded as skipped); q_len 1 and 4 per request;
+bf16 and FP8 E4M3 paged caches (shuffled page tables). Per case: index time and attention time
+(kernel durations from the torch profiler), the total paged_run time (CUDA events, median), the
+bytes each kernel actually reads and its GB/s, the speedup over SDPA dense decode, and the device
+copy bandwidth (torch copy of a 1 GiB tensor) measured in the same run.
+
+    python3 bench/bench_decode.py                       # full run on the GPU, JSON to $BENCH_DIR
+    python3 bench/bench_decode.py --quick               # batch 1, 32; 8K and 32K
+    python3 bench/bench_decode.py --smoke               # tiny, on the CPU (tests the script)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FULL = dict(hq=64, hkv=4, d=128, di=128, block=128, topk=16,
+            batches=[1, 8, 32, 128], contexts=[8192, 32768, 131072], q_lens=[1, 4])
+QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
+SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
+             q_lens=[1, 4])
+CACHES = ["bf16", "fp8"]
+INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_kernel", "select_topk_kernel")
+ATTENTION_KERNELS = ("attention_kernel", "merge_kernel")
+
+
+def parse_ints(text):
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().lower()
+        if tok:
+            out.append(int(tok.rstrip("k")) * (1024 if tok.endswith("k") else 1))
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
+    p.add_argument("--quick", action="store_true", help="batch 1 and 32, contexts 8K and 32K")
+    p.add_argument("--batches", type=parse_ints, default=None)
+    p.add_argument("--contexts", type=parse_ints, default=None)
+    p.add_argument("--q-lens", type=parse_ints, default=None)
+    p.add_argument("--caches", default=",".join(CACHES), help="comma list of bf16, fp8")
+    p.add_argument("--out", default=None, help="JSON file or folder (default $BENCH_DIR, else bench/results/)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--target-s", type=float, default=1.0)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
+    p.add_argument("--mem-fraction", type=float, default=0.85, help="of free GPU memory a case may use")
+    p.add_argument("--seed", type=int, default=1234)
+    return p
+
+
+class Run:
+    def __init__(self, args):
+        import torch
+        import msa
+        import msa.paged
+        self.torch, self.msa, self.args = torch, msa, args
+        self.shape = dict(SMOKE if args.smoke else (QUICK if args.quick else FULL))
+        for key in ("batches", "contexts", "q_lens"):
+            v = getattr(args, key)
+            if v:
+                self.shape[key] = v
+        self.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        self.dev = "cpu" if args.smoke else "cuda"
+        self.budget = C.Budget(args.time_budget)
+        self.device = "cpu" if args.smoke else torch.cuda.get_device_name()
+        self.commit = C.git_commit(REPO_ROOT)
+        self.l2 = 0 if args.smoke else C.l2_bytes()
+        self.cfg = msa.Config(num_q_heads=self.shape["hq"], num_kv_heads=self.shape["hkv"],
+                              head_dim=self.shape["d"], index_head_dim=self.shape["di"],
+                              block_size=self.shape["block"], topk=self.shape["topk"])
+        self.rows = []
+        self.out_path = self.resolve_out()
+        self.doc = {
+            "benchmark": "decode", "commit": self.commit, "device": self.device,
+            "torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None),
+            "timestamp": C.utc_timestamp(),
+            "config": dict(self.shape, caches=self.caches, warmup=args.warmup, iters=args.iters,
+                           smoke=bool(args.smoke), l2_bytes=self.l2,
+                           msa_module=getattr(msa, "__file__", None),
+                           sdpa_note="dense baseline: SDPA over contiguous K/V [batch, Hkv, ctx, D] "
+                                     "bf16 (enable_gqa), every key visible to every new token"),
+            "copy_bandwidth": None, "rows": self.rows,
+        }
+
+    def resolve_out(self):
+        name = (f"decode_{C.slug(self.device)}_{self.commit[:8]}"
+                f"{'_smoke' if self.args.smoke else '_quick' if self.args.quick else ''}.json")
+        out = self.args.out or os.environ.get("BENCH_DIR") or os.path.join(REPO_ROOT, "bench", "results")
+        if out.endswith(os.sep) or os.path.isdir(out) or not out.endswith(".json"):
+            return os.path.join(out, name)
+        return out
+
+    def save(self):
+        C.write_json_atomic(self.out_path, self.doc)
+
+    def add(self, **row):
+        self.rows.append(row)
+        msg = row.get("error") or row.get("skipped") or (
+            f"{row['ms_median']:.3f} ms" if row.get("ms_median") is not None else "")
+        print(f"[{row['method']} {row.get('cache', '')} b={row['batch']} L={row['context']} "
+              f"q={row['q_len']}] {msg}", flush=True)
+        self.save()
+
+    # ---- timing helpers ---------------------------------------------------------------------
+    def sync(self):
+        if self.dev == "cuda":
+            self.torch.cuda.synchronize()
+
+    def time_calls(self, calls):
+        kw = dict(warmup=self.args.warmup, iters=self.args.iters, target_s=self.args.target_s)
+        if self.dev == "cuda":
+            return C.cuda_time(calls, **kw)
+        return C.host_time(calls, **kw)
+
+    def kernel_ms(self, call, reps=5):
+        """Mean per-call device time of the index and attention kernels (torch profiler)."""
+        if self.dev != "cuda":
+            return None, None
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                call()
+            self.sync()
+        idx = att = 0.0
+        for e in prof.events():
+            dt = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+            if e.device_type is None or "CUDA" not in str(e.device_type):
+                continue
+            if any(k in e.name for k in INDEX_KERNELS):
+                idx += dt
+            elif any(k in e.name for k in ATTENTION_KERNELS):
+                att += dt
+        return idx / reps / 1e3, att / reps / 1e3  # us -> ms
+
+    def copy_bandwidth(self):
+        torch = self.torch
+        n = (1 << 30) if self.dev == "cuda" else (1 << 24)
+        x = torch.empty(n, dtype=torch.uint8, device=self.dev)
+        y = torch.empty_like(x)
+        t = self.time_calls([lambda: y.copy_(x)])
+        gbs = 2 * n / (t["ms_median"] * 1e-3) / 1e9
+        del x, y
+        return dict(bytes=n, ms_median=t["ms_median"], gb_per_s=gbs, note="read + write bytes / time")
+
+    # ---- one case ---------------------------------------------------------------------------
+    def make_step(self, batch, ctx, q_len, cache_kind, gen):
+        torch, msa = self.torch, self.msa
+        s = self.shape
+        B, hkv, d, di = s["block"], s["hkv"], s["d"], s["di"]
+        pages_per = (ctx + B - 1) // B
+        num_pages = batch * pages_per
+        perm = torch.randperm(num_pages, generator=gen).to(torch.int32)
+        page_table = perm.view(batch, pages_per).to(self.dev)
+        kv = torch.full((batch,), ctx, dtype=torch.int32)
+        ql = torch.full((batch,), q_len, dtype=torch.int32)
+        cu_q = torch.zeros(batch + 1, dtype=torch.int32)
+        cu_q[1:] = torch.cumsum(ql, 0)
+        bf = torch.bfloat16
+        dgen = self.dgen
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=dgen, dtype=bf, device=self.dev)
+
+        if cache_kind == "bf16":
+            cache = msa.paged.Cache(rnd(num_pages, B, hkv, d), rnd(num_pages, B, hkv, d),
+                                    rnd(num_pages, B, di))
+        else:  # FP8 E4M3 bytes with per-(page, head) amax / 448 scales, made a slice at a time
+            f8, u8 = torch.float8_e4m3fn, torch.uint8
+            k8 = torch.empty(num_pages, B, hkv, d, dtype=u8, device=self.dev)
+            v8 = torch.empty_like(k8)
+            ki8 = torch.empty(num_pages, B, di, dtype=u8, device=self.dev)
+            ks = torch.empty(num_pages, hkv, dtype=torch.float32, device=self.dev)
+            vs = torch.empty_like(ks)
+            kis = torch.empty(num_pages, dtype=torch.float32, device=self.dev)
+            step_pages = 4096
+            for p0 in range(0, num_pages, step_pages):
+                n = min(step_pages, num_pages - p0)
+                for dst, sc in ((k8, ks), (v8, vs)):
+                    x = rnd(n, B, hkv, d).float()
+                    a = x.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+                    sc[p0:p0 + n] = a
+                    dst[p0:p0 + n] = (x / a[:, None, :, None]).to(f8).view(u8)
+                x = rnd(n, B, di).float()
+                a = x.abs().amax(dim=(1, 2)).clamp_min(1e-12) / 448.0
+                kis[p0:p0 + n] = a
+                ki8[p0:p0 + n] = (x / a[:, None, None]).to(f8).view(u8)
+                del x
+            cache = msa.paged.Cache(k8, v8, ki8, ks, vs, kis)
+        tq = batch * q_len
+        step = dict(
+            batch=msa.paged.Batch(cu_q.to(self.dev), kv.to(self.dev), page_table),
+            cache=cache, q_lens=ql, kv_lens=kv,
+            q=rnd(tq, s["hq"], d), qi=rnd(tq, hkv, di),
+            out=torch.empty(tq, s["hq"], d, dtype=bf, device=self.dev),
+            lse=torch.empty(tq, s["hq"], dtype=torch.float32, device=self.dev),
+            topk=torch.empty(hkv, tq, s["topk"], dtype=torch.int32, device=self.dev),
+        )
+        return step
+
+    def msa_call(self, st, dense):
+        msa, torch = self.msa, self.torch
+        plan = msa.paged.plan(self.cfg, st["q_lens"], st["kv_lens"], dtype="bfloat16", device=self.dev,
+                              dense=dense)
+        ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=self.dev)
+        stream = torch.cuda.current_stream().cuda_stream if self.dev == "cuda" else 0
+        qi = None if dense else st["qi"]
+        topk = None if dense else st["topk"]
+
+        def call():
+            msa.paged.run(plan, st["batch"], st["q"], qi, st["cache"], st["out"], st["lse"], topk, ws,
+                          stream=stream)
+        return call
+
+    def bytes_read(self, st, batch, ctx, q_len, cache_kind, dense):
+        """Bytes the kernels read: index = the ki pages up to each query tile's last candidate
+        block (+ score rows written and read); attention = K and V rows of the blocks each
+        (request, group) tile reads (the union of its queries' selections; dense: all blocks)."""
+        s = self.shape
+        B, hkv, d, di = s["block"], s["hkv"], s["d"], s["di"]
+        e = 1 if cache_kind == "fp8" else 2
+        nblk = (ctx + B - 1) // B
+        local = (ctx - 1) // B  # candidates of the last query
+        index = 0 if dense else batch * local * B * di * e + 2 * 4 * batch * q_len * hkv * nblk
+        if dense:
+            blocks = batch * hkv * nblk
+        else:
+            topk = st["topk"].cpu().view(hkv, batch, q_len, s["topk"])
+            blocks = 0
+            for r in range(batch):
+                for g in range(hkv):
+                    ids = topk[g, r].flatten()
+                    blocks += int(ids[ids >= 0].unique().numel())
+        attention = blocks * B * d * 2 * e
+        return index, attention, blocks
+
+    def cache_bytes(self, batch, ctx, cache_kind="bf16"):
+        s = self.shape
+        tokens = batch * ((ctx + s["block"] - 1) // s["block"]) * s["block"]
+        return tokens * (2 * s["hkv"] * s["d"] + s["di"]) * (1 if cache_kind == "fp8" else 2)
+
+    def fits(self, batch, ctx, q_len):
+        """The bf16 paged cache (the largest thing alive at once; the SDPA K/V come after it is freed)."""
+        if self.dev != "cuda":
+            return True
+        free, _ = self.torch.cuda.mem_get_info()
+        return self.cache_bytes(batch, ctx) * 1.1 + (1 << 30) < self.args.mem_fraction * free
+
+    def run_case(self, batch, ctx, q_len, gen):
+        torch = self.torch
+        s = self.shape
+        base = dict(batch=batch, context=ctx, q_len=q_len)
+        if not self.fits(batch, ctx, q_len):
+            for m in ("msa_sparse", "msa_paged_dense", "sdpa_dense"):
+                self.add(method=m, **base, skipped="does not fit in GPU memory")
+            return
+        totals = {}
+        for cache_kind in self.caches:
+            if self.budget.exhausted(10):
+                self.add(method="msa_sparse", cache=cache_kind, **base, skipped="time budget")
+                continue
+            st = None
+            try:
+                # Caches below ~3x L2 would stay cached between timed calls: rotate among copies.
+                sets = C.rotation_sets(self.cache_bytes(batch, ctx, cache_kind), self.l2) if self.l2 else 1
+                steps = [self.make_step(batch, ctx, q_len, cache_kind, gen) for _ in range(sets)]
+                st = steps[0]
+                for dense in (False, True):
+                    method = "msa_paged_dense" if dense else "msa_sparse"
+                    if dense and cache_kind != "bf16":
+                        continue
+                    try:
+                        calls = [self.msa_call(x, dense) for x in steps]
+                        call = calls[0]
+                        t = self.time_calls(calls)
+                        idx_ms, att_ms = self.kernel_ms(call)
+                        ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
+                        row = dict(method=method, cache=cache_kind, **base, **t,
+                                   index_ms=idx_ms, attention_ms=att_ms,
+                                   index_bytes=ib, attention_bytes=ab, attention_blocks=blocks,
+                                   index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
+                                   attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
+                                   total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
+                        totals[(method, cache_kind)] = t["ms_median"]
+                        self.add(**row)
+                    except Exception as e:
+                        traceback.print_exc()
+                        self.add(method=method, cache=cache_kind, **base, error=C.short_error(e))
+            except Exception as e:
+                traceback.print_exc()
+                self.add(method="msa_sparse", cache=cache_kind, **base, error=C.short_error(e))
+            st = steps = calls = call = None
+            if self.dev == "cuda":
+                torch.cuda.empty_cache()
+
+        # Dense baseline: SDPA over a contiguous bf16 cache of the same lengths.
+        try:
+            bf = torch.bfloat16
+            hq, hkv, d = s["hq"], s["hkv"], s["d"]
+            sets = C.rotation_sets(self.cache_bytes(batch, ctx), self.l2) if self.l2 else 1
+            qkv = [(torch.randn(batch, hq, q_len, d, device=self.dev, dtype=bf),
+                    torch.randn(batch, hkv, ctx, d, device=self.dev, dtype=bf),
+                    torch.randn(batch, hkv, ctx, d, device=self.dev, dtype=bf)) for _ in range(sets)]
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+
+            def make(native):
+                if native:
+                    return [lambda q=q, k=k, v=v: sdpa(q, k, v, enable_gqa=True) for q, k, v in qkv]
+                ex = [(q, k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1))
+                      for q, k, v in qkv[:1]]
+                return [lambda q=q, k=k, v=v: sdpa(q, k, v) for q, k, v in ex]
+            calls, mode, note = C.first_gqa_variant(make, hq // hkv, self.sync,
+                                                    torch.cuda.empty_cache if self.dev == "cuda" else (lambda: None))
+            t = self.time_calls(calls)
+            dense_bytes = 2 * batch * hkv * ctx * d * 2
+            row = dict(method="sdpa_dense", cache="bf16", **base, **t, gqa_mode=mode, note=note,
+                       attention_bytes=dense_bytes,
+                       total_gb_per_s=dense_bytes / (t["ms_median"] * 1e-3) / 1e9)
+            for (m, ck), ms in totals.items():
+                row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
+            self.add(**row)
+            del qkv, calls
+        except Exception as e:
+            traceback.print_exc()
+            self.add(method="sdpa_dense", cache="bf16", **base, error=C.short_error(e))
+        if self.dev == "cuda":
+            torch.cuda.empty_cache()
+
+    def main(self):
+        torch = self.torch
+        print(f"device={self.device} torch={torch.__version__} commit={self.commit} out={self.out_path}",
+              flush=True)
+        try:
+            self.doc["copy_bandwidth"] = self.copy_bandwidth()
+            print(f"device copy bandwidth: {self.doc['copy_bandwidth']['gb_per_s']:.0f} GB/s", flush=True)
+        except Exception as e:
+            self.doc["copy_bandwidth"] = dict(error=C.short_error(e))
+        gen = torch.Generator().manual_seed(self.args.seed)
+        self.dgen = torch.Generator(device=self.dev).manual_seed(self.args.seed + 1)
+        for ctx in self.shape["contexts"]:
+            for batch in self.shape["batches"]:
+                for q_len in self.shape["q_lens"]:
+                    if self.budget.exhausted(10):
+                        self.add(method="msa_sparse", batch=batch, context=ctx, q_len=q_len,
+                                 skipped="time budget")
+                        continue
+                    self.run_case(batch, ctx, q_len, gen)
+        self.doc["wall_s"] = round(time.perf_counter() - self.budget.t0, 1)
+        self.save()
+        self.print_summary()
+        return 0
+
+    def print_summary(self):
+        print(f"\n== decode summary ({self.device}, commit {self.commit[:12]}) -> {self.out_path}")
+        bw = (self.doc.get("copy_bandwidth") or {}).get("gb_per_s")
+        headers = ["b", "L", "q", "cache", "idx_ms", "attn_ms", "total_ms", "idx_GB/s", "attn_GB/s",
+                   "pdense_ms", "sdpa_ms", "sdpa_GB/s", "x_sdpa"]
+        by = {}
+        for r in self.rows:
+            by.setdefault((r["batch"], r["context"], r["q_len"]), []).append(r)
+        table = []
+        for (b, L, q), rows in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+            sd = next((r for r in rows if r["method"] == "sdpa_dense" and "ms_median" in r), None)
+            pd = next((r for r in rows if r["method"] == "msa_paged_dense" and "ms_median" in r), None)
+            for ck in self.caches:
+                sp = next((r for r in rows if r["method"] == "msa_sparse" and r.get("cache") == ck), None)
+                if sp is None:
+                    continue
+
+                def f(x, fmt="{:.3f}"):
+                    return fmt.format(x) if isinstance(x, (int, float)) else "-"
+                table.append([str(b), f"{L // 1024}K" if L >= 1024 else str(L), str(q), ck,
+                              f(sp.get("index_ms")), f(sp.get("attention_ms")),
+                              f(sp.get("ms_median")) if "ms_median" in sp else (sp.get("error") or sp.get("skipped") or "-")[:20],
+                              f(sp.get("index_gb_per_s"), "{:.0f}"), f(sp.get("attention_gb_per_s"), "{:.0f}"),
+                              f(pd.get("ms_median")) if pd else "-", f(sd.get("ms_median")) if sd else "-",
+                              f(sd.get("total_gb_per_s"), "{:.0f}") if sd else "-",
+                              f(sd["ms_median"] / sp["ms_median"], "{:.2f}") if sd and "ms_median" in sp else "-"])
+        C.print_table(headers, table)
+        print(f"(device copy bandwidth {bw:.0f} GB/s; GB/s = bytes the kernel reads / its time; "
+              "x_sdpa = SDPA dense ms / msa sparse total ms)" if bw else "")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import torch
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_decode: no CUDA device visible to torch (use --smoke for the CPU)", file=sys.stderr)
+        return 2
+    return Run(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

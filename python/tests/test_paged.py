@@ -1,0 +1,180 @@
+"""The serving API through Python (msa.paged) on the CPU, with NumPy arrays: append + run over a
+shuffled paged cache equal the contiguous ops (msa.index_topk selections checked against the float64
+reference scores, msa.sparse_attention_forward / dense_attention_forward outputs), and FP8 caches
+passed as uint8 bytes with their scales equal the dense op on the dequantised values."""
+import numpy as np
+import pytest
+
+import msa
+import msa.paged
+import numpy_reference as ref
+
+# (q_len, kv_len): decode tokens, a chunk over a prefix, a fresh prompt, a request of one token.
+LENGTHS = [(1, 1), (3, 17), (16, 40), (5, 5), (1, 33), (12, 61)]
+
+
+def make_cfg(hq, hkv):
+    return msa.Config(num_q_heads=hq, num_kv_heads=hkv, head_dim=16, index_head_dim=8, block_size=4,
+                      topk=3)
+
+
+class Step:
+    def __init__(self, cfg, seed, lengths=LENGTHS):
+        rng = np.random.default_rng(seed)
+        B, hkv, D, Di = cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.index_head_dim
+        self.q_lens = np.array([q for q, _ in lengths], np.int32)
+        self.kv_lens = np.array([k for _, k in lengths], np.int32)
+        self.cu_q = np.concatenate([[0], np.cumsum(self.q_lens)]).astype(np.int32)
+        self.cu_k = np.concatenate([[0], np.cumsum(self.kv_lens)]).astype(np.int32)
+        tq, tk = int(self.cu_q[-1]), int(self.cu_k[-1])
+        f = np.float32
+        self.q = rng.standard_normal((tq, cfg.num_q_heads, D)).astype(f)
+        self.qi = rng.standard_normal((tq, hkv, Di)).astype(f)
+        self.k = rng.standard_normal((tk, hkv, D)).astype(f)
+        self.v = rng.standard_normal((tk, hkv, D)).astype(f)
+        self.ki = rng.standard_normal((tk, Di)).astype(f)
+        nblk = [(k + B - 1) // B for k in self.kv_lens]
+        self.num_pages = sum(nblk) + 2
+        perm = rng.permutation(self.num_pages).astype(np.int32)
+        self.page_table = np.full((len(lengths), max(nblk) + 1), -1, np.int32)
+        at = 0
+        for r, n in enumerate(nblk):
+            self.page_table[r, :n] = perm[at:at + n]
+            at += n
+        # The new tokens are the last q_len of each request, packed like q.
+        rows = np.concatenate([np.arange(self.cu_k[r + 1] - self.q_lens[r], self.cu_k[r + 1])
+                               for r in range(len(lengths))]).astype(np.int64)
+        self.k_new, self.v_new, self.ki_new = self.k[rows], self.v[rows], self.ki[rows]
+
+    def empty_cache(self, cfg, dtype=np.float32):
+        B, hkv, D, Di = cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.index_head_dim
+        fill = 0 if dtype == np.uint8 else np.nan
+        return (np.full((self.num_pages, B, hkv, D), fill, dtype), np.full((self.num_pages, B, hkv, D), fill, dtype),
+                np.full((self.num_pages, B, Di), fill, dtype))
+
+    def prefix_slots(self, cfg):
+        """(page, slot, token) of every cached token that precedes the step."""
+        B = cfg.block_size
+        for r in range(len(self.q_lens)):
+            for t in range(self.kv_lens[r] - self.q_lens[r]):
+                yield self.page_table[r, t // B], t % B, self.cu_k[r] + t
+
+    def batch(self):
+        return msa.paged.Batch(self.cu_q, self.kv_lens, self.page_table)
+
+
+def run(cfg, s, cache, dense=False):
+    p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32", dense=dense)
+    assert p.total_q == s.q.shape[0] and p.workspace_bytes > 0
+    ws = np.zeros(p.workspace_bytes, np.uint8)
+    msa.paged.append(p, s.batch(), s.k_new, s.v_new, s.ki_new, cache)
+    out = np.full(s.q.shape, np.nan, np.float32)
+    lse = np.full(s.q.shape[:2], np.nan, np.float32)
+    topk = None if dense else np.full((cfg.num_kv_heads, s.q.shape[0], cfg.topk), -7, np.int32)
+    msa.paged.run(p, s.batch(), s.q, None if dense else s.qi, cache, out, lse, topk, ws)
+    return out, lse, topk
+
+
+def rel_err(x, r):
+    x = np.asarray(x, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values in output"
+    return np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-300)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (16, 1)])
+def test_sparse_step_matches_contiguous_ops(hq, hkv):
+    cfg = make_cfg(hq, hkv)
+    s = Step(cfg, seed=hq + hkv)
+    k_c, v_c, ki_c = s.empty_cache(cfg)
+    for page, slot, tok in s.prefix_slots(cfg):
+        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    out, lse, topk = run(cfg, s, msa.paged.Cache(k_c, v_c, ki_c))
+    # Selections: layout of rules.h, each chosen block within rounding of the n-th best score.
+    scores, _, _ = ref.index_topk(cfg, s.cu_q, s.cu_k, s.qi.astype(np.float64), s.ki.astype(np.float64))
+    for g in range(hkv):
+        for r in range(s.q.shape[0]):
+            S = scores[g][r]
+            local = len(S) - 1
+            n = min(local, cfg.topk - 1)
+            row = topk[g, r]
+            assert row[n] == local and np.all(row[n + 1:] == -1), (g, r, row)
+            chosen = row[:n]
+            assert len(set(chosen.tolist())) == n and np.all((chosen >= 0) & (chosen < local))
+            if n:
+                assert np.all(S[chosen] >= np.sort(S[:local])[::-1][n - 1] - 1e-5), (g, r, row, S)
+    want_out = np.full_like(out, np.nan)
+    want_lse = np.full_like(lse, np.nan)
+    msa.sparse_attention_forward(cfg, s.q, s.k, s.v, topk, s.cu_q, s.cu_k, want_out, want_lse)
+    assert rel_err(out, want_out) < 1e-5
+    assert rel_err(lse, want_lse) < 1e-5
+
+
+def test_dense_step_matches_dense_forward():
+    cfg = make_cfg(8, 2)
+    s = Step(cfg, seed=7)
+    k_c, v_c, ki_c = s.empty_cache(cfg)
+    for page, slot, tok in s.prefix_slots(cfg):
+        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    out, lse, _ = run(cfg, s, msa.paged.Cache(k_c, v_c, ki_c), dense=True)
+    want_out, want_lse = np.full_like(out, np.nan), np.full_like(lse, np.nan)
+    msa.dense_attention_forward(cfg, s.q, s.k, s.v, s.cu_q, s.cu_k, want_out, want_lse)
+    assert rel_err(out, want_out) < 1e-5
+    assert rel_err(lse, want_lse) < 1e-5
+
+
+def e4m3_table():
+    b = np.arange(256)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, mant = (b >> 3) & 15, b & 7
+    mag = np.where(exp == 0, mant / 8.0 * 2.0 ** -6, (1 + mant / 8.0) * 2.0 ** (exp - 7.0))
+    t = sign * mag
+    t[(b & 0x7f) == 0x7f] = np.nan
+    return t
+
+
+def test_fp8_cache_as_uint8_bytes():
+    cfg = make_cfg(8, 2)
+    s = Step(cfg, seed=9)
+    hkv = cfg.num_kv_heads
+    k_c, v_c, ki_c = s.empty_cache(cfg, np.uint8)
+    ks = np.full((s.num_pages, hkv), 5.0 / 448, np.float32)  # range +-5: standard normals fit
+    vs = np.full((s.num_pages, hkv), 5.0 / 448, np.float32)
+    kis = np.full((s.num_pages,), 5.0 / 448, np.float32)
+    table = e4m3_table()
+    enc = {v: i for i, v in enumerate(table) if np.isfinite(v)}
+    codes = np.array(sorted(enc)), np.array([enc[v] for v in sorted(enc)], np.uint8)
+
+    def quant(x, scale):  # nearest code (the append's rule, ties aside), enough for the prefix here
+        y = np.clip(x / scale, -448, 448)
+        i = np.abs(codes[0][None, :] - y.reshape(-1, 1)).argmin(axis=1)
+        return codes[1][i].reshape(x.shape)
+    for page, slot, tok in s.prefix_slots(cfg):
+        k_c[page, slot] = quant(s.k[tok], ks[page][:, None])
+        v_c[page, slot] = quant(s.v[tok], vs[page][:, None])
+        ki_c[page, slot] = quant(s.ki[tok], kis[page])
+    cache = msa.paged.Cache(k_c, v_c, ki_c, ks, vs, kis)
+    out, lse, _ = run(cfg, s, cache, dense=True)
+    # The dense op over the dequantised cache, gathered back into contiguous order.
+    B = cfg.block_size
+    k_d = np.empty_like(s.k)
+    v_d = np.empty_like(s.v)
+    for r in range(len(s.q_lens)):
+        for t in range(s.kv_lens[r]):
+            page, slot = s.page_table[r, t // B], t % B
+            k_d[s.cu_k[r] + t] = table[k_c[page, slot]] * ks[page][:, None]
+            v_d[s.cu_k[r] + t] = table[v_c[page, slot]] * vs[page][:, None]
+    assert np.abs(k_d - s.k).max() < 0.2  # E4M3 steps are <= 1/16 of the value: quantised, not garbage
+    want_out, want_lse = np.full_like(out, np.nan), np.full_like(lse, np.nan)
+    msa.dense_attention_forward(cfg, s.q, k_d, v_d, s.cu_q, s.cu_k, want_out, want_lse)
+    assert rel_err(out, want_out) < 1e-5
+    assert rel_err(lse, want_lse) < 1e-5
+
+
+def test_bad_arguments_name_themselves():
+    cfg = make_cfg(8, 2)
+    with pytest.raises(msa.ArgumentError) as e:
+        msa.paged.plan(cfg, [2], [1])
+    assert e.value.argument == "q_lens"
+    with pytest.raises(msa.ArgumentError) as e:
+        msa.paged.plan(cfg, [1], [4], device="tpu")
+    assert e.value.argument == "device"
