@@ -12,9 +12,11 @@
 //      of the kernel's fragment formula;
 //   P V: V MN-major SW128 tiled D-first (the kernel's), MN-major SW128 tiled keys-first, and a
 //      transposed copy of V in the K-major SW128 layout (B K-major).
-// Before the device stages a host check verifies that the loader's addresses follow the 128-byte
-// swizzle of the PTX canonical layouts (16-byte chunk index XOR row within the 8-row atom); with no
-// GPU only that check runs.
+// Before the device stages two host checks run (and only they, with no GPU): the loader's addresses
+// follow the 128-byte swizzle of the PTX canonical layouts (16-byte chunk index XOR row within the
+// 8-row atom), and both products emulated on the CPU from the descriptors CuTe builds for the
+// kernel's tensors (start, LBO, SBO, per warpgroup, k-block and stage) over a host copy of shared
+// memory filled at the loader's addresses match the CPU product (and the old loader's do not).
 // Exit status: 0 when the host check and the kernel's own variants pass (the other variants are
 // informational), 1 otherwise, 2 when there is no GPU.
 //   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Iinclude -Isrc \
@@ -24,10 +26,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -187,9 +193,9 @@ bool compare(const char* name, const std::vector<float>& got, const std::vector<
       if (!ok && bad++ == 0) br = r, bc = j, bgot = g, bref = ref;
     }
   if (bad == 0)
-    std::printf("  %-58s ok    max abs err %.3g\n", name, max_err);
+    std::printf("  %-66s ok    max abs err %.3g\n", name, max_err);
   else
-    std::printf("  %-58s BAD   %ld of %d wrong, max abs err %.3g, first (row %d, col %d): got %.6g expected %.6g%s\n",
+    std::printf("  %-66s BAD   %ld of %d wrong, max abs err %.3g, first (row %d, col %d): got %.6g expected %.6g%s\n",
                 name, bad, rows * cols, max_err, br, bc, bgot, bref, must_pass ? "" : " (informational)");
   return bad == 0 || !must_pass;
 }
@@ -230,11 +236,131 @@ bool host_address_check() {
         if (!swizzle_ok(r, d, oq) || !swizzle_ok(r, d, ok) || !swizzle_ok(r, d, ov)) ++bad_tensor;
         if (!swizzle_ok(r, d, std::ptrdiff_t(lq(r, d, x)) * 2)) ++bad_layout;
       }
-  std::printf("  %-58s %s\n", "loader addresses through the CuTe tensors (kernel)",
+  std::printf("  %-66s %s\n", "loader addresses through the CuTe tensors (kernel)",
               bad_tensor ? "BAD: not the canonical 128-byte swizzle" : "ok");
-  std::printf("  %-58s %s\n", "layout evaluated on element offsets (old loader)",
+  std::printf("  %-66s %s\n", "layout evaluated on element offsets (old loader)",
               bad_layout ? "differs from the canonical swizzle (expected)" : "matches (unexpected)");
   return bad_tensor == 0;
+}
+
+// Host emulation of the two products as wgmma would compute them from the kernel's descriptors
+// (built by CuTe here on the host, where their start address is the tile base: 0) reading a host
+// copy of shared memory filled at the loader's addresses. Addressing per the PTX canonical 128-byte
+// swizzled layouts (descriptor offsets in 16-byte units):
+//   K-major (Q, K):  row m, k of a k-block: start + (m / 8) SBO + (m % 8) 128 + 2 k
+//   MN-major (V):    n (= d), k (= key):    start + (n / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (n % 64)
+// then bits 4-6 of the byte address ^= bits 7-9. With old_loader the tiles are filled as the first
+// version of the kernel did (must fail: shows the emulation tells the two apart).
+struct Silence {  // CuTe prints an error when it makes a descriptor address on the host
+  int saved = -1;
+  Silence() {
+    std::fflush(stdout);
+    saved = dup(1);
+    const int null = open("/dev/null", O_WRONLY);
+    dup2(null, 1);
+    close(null);
+  }
+  ~Silence() {
+    std::fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+  }
+};
+
+inline std::size_t swizzle128(std::size_t a) { return a ^ (((a >> 7) & 7) << 4); }
+
+template <class E, int D>
+bool host_descriptor_emulation(bool old_loader) {
+  using namespace cute;
+  using S = wg::Smem<E, D>;
+  static unsigned char buffer[(S::kQElems + S::kKElems + S::kVElems) * 2 + 1024];
+  std::memset(buffer, 0, sizeof(buffer));
+  E* base = reinterpret_cast<E*>((reinterpret_cast<uintptr_t>(buffer) + 1023) & ~uintptr_t(1023));
+  E* pQ = base;
+  E* pK = pQ + S::kQElems;
+  E* pV = pK + S::kKElems;
+  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename S::LayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(pK), typename S::LayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(pV), typename S::LayoutV{});
+  std::mt19937 rng(77 + D);
+  const auto q = random_bits<E>(std::size_t(kRows) * D, -1.f, 1.f, rng);
+  const auto k = random_bits<E>(std::size_t(kKeys) * D, -1.f, 1.f, rng);
+  const auto pm = random_bits<E>(std::size_t(kRows) * kKeys, 0.f, 1.f, rng);
+  const auto v = random_bits<E>(std::size_t(kKeys) * D, -1.f, 1.f, rng);
+  // The loaders: 16-byte chunks of 8 d; K and V into stage 1.
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < D / 8; ++c) {
+      E* dst = old_loader ? pQ + typename S::LayoutQ{}(r % 64, c * 8, r / 64) : &sQ(r % 64, c * 8, r / 64);
+      std::memcpy(dst, &q[r * D + c * 8], 16);
+    }
+  for (int r = 0; r < kKeys; ++r)
+    for (int c = 0; c < D / 8; ++c) {
+      E* dk = old_loader ? pK + typename S::LayoutK{}(r, c * 8, 1) : &sK(r, c * 8, 1);
+      E* dv = old_loader ? pV + typename S::LayoutV{}(c * 8, r, 1) : &sV(c * 8, r, 1);
+      std::memcpy(dk, &k[r * D + c * 8], 16);
+      std::memcpy(dv, &v[r * D + c * 8], 16);
+    }
+  typename wg::Mmas<E, D>::S mma_s;
+  typename wg::Mmas<E, D>::O mma_o;
+  auto read = [](const E* tile, std::size_t byte) {
+    uint16_t bits;
+    std::memcpy(&bits, reinterpret_cast<const unsigned char*>(tile) + swizzle128(byte), 2);
+    return double(to_float<E>(bits));
+  };
+  bool ok = true;
+  for (int t : {0, 127}) {  // every thread of a warpgroup holds the same descriptors
+    std::vector<float> s_got(std::size_t(kRows) * kKeys, 0.f), o_got(std::size_t(kRows) * D, 0.f);
+    {
+      Silence quiet;
+      auto thr_s = mma_s.get_thread_slice(t);
+      auto thr_o = mma_o.get_thread_slice(t);
+      Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+      Tensor tSrK = thr_s.partition_fragment_B(sK);
+      Tensor tOrV = thr_o.partition_fragment_B(sV);
+      for (int w = 0; w < 2; ++w)
+        for (int kb = 0; kb < D / 16; ++kb) {
+          const cute::GmmaDescriptor dq = tSrQ(0, 0, kb, w), dk = tSrK(0, 0, kb, 1);
+          for (int m = 0; m < 64; ++m)
+            for (int n = 0; n < kKeys; ++n) {
+              double acc = 0;
+              for (int x = 0; x < 16; ++x) {
+                const std::size_t aq = 16 * std::size_t(dq.bitfield.start_address_) +
+                                       16 * std::size_t(dq.bitfield.stride_byte_offset_) * (m / 8) + 128 * (m % 8) + 2 * x;
+                const std::size_t ak = 16 * std::size_t(dk.bitfield.start_address_) +
+                                       16 * std::size_t(dk.bitfield.stride_byte_offset_) * (n / 8) + 128 * (n % 8) + 2 * x;
+                acc += read(pQ, aq) * read(pK, ak);
+              }
+              s_got[(w * 64 + m) * kKeys + n] += float(acc);
+            }
+        }
+      for (int kb = 0; kb < kKeys / 16; ++kb) {
+        const cute::GmmaDescriptor dv = tOrV(0, 0, kb, 1);
+        for (int r = 0; r < kRows; ++r)
+          for (int n = 0; n < D; ++n) {
+            double acc = 0;
+            for (int x = 0; x < 16; ++x) {
+              const std::size_t av = 16 * std::size_t(dv.bitfield.start_address_) +
+                                     16 * std::size_t(dv.bitfield.leading_byte_offset_) * (n / 64) +
+                                     16 * std::size_t(dv.bitfield.stride_byte_offset_) * (x / 8) + 128 * (x % 8) +
+                                     2 * (n % 64);
+              acc += double(to_float<E>(pm[r * kKeys + kb * 16 + x])) * read(pV, av);
+            }
+            o_got[r * D + n] += float(acc);
+          }
+      }
+    }
+    char name[96];
+    std::snprintf(name, sizeof name, "emulated S = Q K^T from the descriptors (thread %d)%s", t,
+                  old_loader ? ", old loader" : "");
+    auto k_at = [&](int j, int x) { return to_float<E>(k[j * D + x]); };
+    auto v_at = [&](int j, int x) { return to_float<E>(v[x * D + j]); };
+    ok &= compare<E>(name, s_got, q, k_at, kRows, kKeys, D, !old_loader);
+    std::snprintf(name, sizeof name, "emulated O = P V from the descriptors (thread %d)%s", t,
+                  old_loader ? ", old loader" : "");
+    ok &= compare<E>(name, o_got, pm, v_at, kRows, D, kKeys, !old_loader);
+    if (old_loader) break;
+  }
+  return ok;
 }
 
 template <class E, int D>
@@ -242,6 +368,8 @@ bool run(const char* type_name, bool have_gpu) {
   using namespace cute;
   std::printf("%s D=%d\n", type_name, D);
   bool ok = host_address_check<E, D>();
+  ok &= host_descriptor_emulation<E, D>(false);
+  host_descriptor_emulation<E, D>(true);
   if (!have_gpu) return ok;
   std::mt19937 rng(1234 + D);
   const auto q = random_bits<E>(std::size_t(kRows) * D, -1.f, 1.f, rng);
@@ -314,7 +442,7 @@ int main() {
     PROBE_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   } else {
-    std::printf("no CUDA device: host address check only\n");
+    std::printf("no CUDA device: host checks only\n");
   }
   bool ok = run<cute::bfloat16_t, 128>("bf16", have_gpu);
   ok &= run<cute::bfloat16_t, 64>("bf16", have_gpu);
