@@ -49,6 +49,7 @@ struct AttentionArgs {
   int hkv, G, Hq, block_size;
   float qscale;  // softmax scale x log2(e)
   int tile_q, tiles, splits;
+  int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
 };
 
 template <int D>
@@ -57,9 +58,9 @@ template <int D>
 constexpr int rows_per_thread() { return kMaxRows / (kThreads / cols4<D>()); }
 
 template <int D>
-inline std::size_t attention_smem_bytes(int64_t max_blocks) {
-  return sizeof(float) * (std::size_t(kMaxRows) * (D + 4) + 2 * std::size_t(kAttnKeys) * (D + 4) +
-                          std::size_t(kMaxRows) * kAttnKeys + 3 * kMaxRows) +
+inline std::size_t attention_smem_bytes(int row_cap, int64_t max_blocks) {
+  return sizeof(float) * (std::size_t(row_cap) * (D + 4) + 2 * std::size_t(kAttnKeys) * (D + 4) +
+                          std::size_t(row_cap) * kAttnKeys + 3 * std::size_t(row_cap)) +
          2 * sizeof(uint32_t) * std::size_t(max_blocks) + 16;
 }
 
@@ -67,14 +68,15 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs a) {
   constexpr int DP = D + 4, C4 = cols4<D>(), RPT = rows_per_thread<D>(), RSTEP = kThreads / C4;
   extern __shared__ float4 smem4[];
-  float* qs = reinterpret_cast<float*>(smem4);  // [kMaxRows][DP], pre-scaled
-  float* ks = qs + kMaxRows * DP;               // [kAttnKeys][DP]
+  const int cap = a.row_cap;
+  float* qs = reinterpret_cast<float*>(smem4);  // [cap][DP], pre-scaled
+  float* ks = qs + cap * DP;                    // [kAttnKeys][DP]
   float* vs = ks + kAttnKeys * DP;              // [kAttnKeys][DP]
-  float* ps = vs + kAttnKeys * DP;              // [kMaxRows][kAttnKeys] probabilities
-  float* row_m = ps + kMaxRows * kAttnKeys;     // running max (log2 domain)
-  float* row_l = row_m + kMaxRows;              // running sum
-  float* row_alpha = row_l + kMaxRows;          // rescale of the last chunk
-  uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + kMaxRows);  // [max_blocks] query bits
+  float* ps = vs + kAttnKeys * DP;              // [cap][kAttnKeys] probabilities
+  float* row_m = ps + cap * kAttnKeys;          // running max (log2 domain)
+  float* row_l = row_m + cap;                   // running sum
+  float* row_alpha = row_l + cap;               // rescale of the last chunk
+  uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + cap);  // [max_blocks] query bits
   int32_t* list = reinterpret_cast<int32_t*>(mask + a.max_blocks);     // [max_blocks] union
   __shared__ int list_len;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 #pragma unroll
     for (int e = 0; e < 8; ++e) qs[row * DP + v * 8 + e] = x[e] * a.qscale;
   }
-  if (t < kMaxRows) {
+  if (t < cap) {
     row_m[t] = -INFINITY;
     row_l[t] = 0.f;
   }

@@ -40,10 +40,11 @@ struct IndexArgs {
   float iscale;
   int tile_q, tiles;
   int64_t chunk, chunks;
+  int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
 };
 
-inline std::size_t index_smem_bytes(int di) {
-  return sizeof(float) * (std::size_t(kMaxRows + kIndexKeys) * (di + 4) + kMaxRows);
+inline std::size_t index_smem_bytes(int row_cap, int di) {
+  return sizeof(float) * (std::size_t(row_cap + kIndexKeys) * (di + 4) + std::size_t(row_cap));
 }
 
 template <class T>
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
   extern __shared__ float4 smem4[];
   const int dp = a.di + 4;  // padded rows: lane c's float4 reads fall in distinct banks
   float* qs = reinterpret_cast<float*>(smem4);
-  float* ks = qs + kMaxRows * dp;
+  float* ks = qs + a.row_cap * dp;
   float* bmax = ks + kIndexKeys * dp;
   const int t = threadIdx.x, lane = t & 31;
 

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "core/paged_backend.h"
@@ -45,11 +46,11 @@ int max_smem_per_block() {
 // `allowed` is the caller's record for this kernel (one per instantiation of run_impl).
 template <class Kernel>
 void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t& allowed) {
+  // Set once per kernel and size: later calls (inside a graph capture too) make no runtime call.
+  if (bytes <= allowed) return;
   if (bytes > std::size_t(max_smem_per_block()))
     throw NotSupportedError(std::string("msa: CUDA paged ") + what + " needs " + std::to_string(bytes) +
                             " bytes of shared memory, more than the device has per block");
-  // Set once per kernel and size: later calls (inside a graph capture too) make no runtime call.
-  if (bytes <= allowed) return;
   MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   allowed = bytes;
 }
@@ -104,7 +105,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.tiles = lay.index_tiles;
     ia.chunk = lay.index_chunk;
     ia.chunks = lay.index_chunks;
-    const std::size_t ismem = index_smem_bytes(c.index_head_dim);
+    ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
+    const std::size_t ismem = index_smem_bytes(ia.row_cap, c.index_head_dim);
     static std::size_t index_allowed = 0;
     allow_smem(index_scores_kernel<T>, ismem, "index", index_allowed);
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
@@ -186,7 +188,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.tile_q = lay.attn_tile_q;
   aa.tiles = lay.attn_tiles;
   aa.splits = lay.splits;
-  const std::size_t asmem = attention_smem_bytes<D>(plan.options.dense ? 0 : lay.max_blocks);
+  aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
+  const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, plan.options.dense ? 0 : lay.max_blocks);
   static std::size_t attention_allowed = 0;
   allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
