@@ -23,6 +23,7 @@ namespace cuda {
 namespace paged {
 
 constexpr int kAttnKeys = 32;  // keys per shared-memory chunk: one per lane
+constexpr int kScoreRows = 4;  // rows a warp scores per pass over a K chunk (register blocking)
 
 struct AttentionArgs {
   const void* q;  // [total_q, Hq, D] of T
@@ -172,64 +173,86 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
         for (int e = 0; e < 8; ++e) dst[e] = x[e];
       }
       __syncthreads();
-      // Scores and online softmax: a warp per row, a lane per key.
+      // Scores and online softmax: a lane per key; a warp takes up to kScoreRows rows per pass
+      // (rows warp, warp + 4, ...; fewer when there are few rows, so every warp has one), and each
+      // K element it reads from shared memory serves all of them.
+      constexpr int kWarps = kThreads / 32;
+      const int rpw = min(kScoreRows, (rows + kWarps - 1) / kWarps);
       const int64_t key_pos = kbeg + c0 + lane;
-      for (int row = warp; row < rows; row += kThreads / 32) {
-        const int qi = row / G;
-        const int64_t p = p_first + qi;
-        float s = -INFINITY;
-        if (lane < nk && ((qmask >> qi) & 1u) && rules::causally_visible(key_pos, p)) {
-          const float4* qv = reinterpret_cast<const float4*>(qs + row * DP);
-          const float4* kk = reinterpret_cast<const float4*>(ks + lane * DP);
-          float d0 = 0.f, d1 = 0.f;
-#pragma unroll 8
-          for (int d = 0; d < D / 4; ++d) {
-            const float4 x = qv[d], y = kk[d];
-            d0 = fmaf(x.x, y.x, d0);
-            d1 = fmaf(x.y, y.y, d1);
-            d0 = fmaf(x.z, y.z, d0);
-            d1 = fmaf(x.w, y.w, d1);
-          }
-          s = d0 + d1;
+      const float4* kk = reinterpret_cast<const float4*>(ks + lane * DP);
+      for (int rb = warp; rb < rows; rb += rpw * kWarps) {
+        int rr[kScoreRows];
+        float dot[kScoreRows];
+#pragma unroll
+        for (int j = 0; j < kScoreRows; ++j) {
+          rr[j] = min(rb + j * kWarps, rows - 1);  // rows past the end repeat the last one
+          dot[j] = 0.f;
         }
-        float cmax = s;
+        if (lane < nk) {
+#pragma unroll 4
+          for (int d = 0; d < D / 4; ++d) {
+            const float4 y = kk[d];
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, off));
-        const float m_old = row_m[row];
-        const float m_new = fmaxf(m_old, cmax);
-        const float pr = m_new == -INFINITY ? 0.f : exp2f(s - m_new);
-        float sum = pr;
+            for (int j = 0; j < kScoreRows; ++j) {
+              if (j < rpw) {  // warp-uniform
+                const float4 x = reinterpret_cast<const float4*>(qs + rr[j] * DP)[d];
+                dot[j] = fmaf(x.x, y.x, dot[j]);
+                dot[j] = fmaf(x.y, y.y, dot[j]);
+                dot[j] = fmaf(x.z, y.z, dot[j]);
+                dot[j] = fmaf(x.w, y.w, dot[j]);
+              }
+            }
+          }
+        }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        ps[row * kAttnKeys + lane] = pr;
-        __syncwarp();
-        if (lane == 0) {
-          const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
-          row_l[row] = row_l[row] * alpha + sum;
-          row_m[row] = m_new;
-          row_alpha[row] = alpha;
+        for (int j = 0; j < kScoreRows; ++j) {
+          const int row = rb + j * kWarps;
+          if (j >= rpw || row >= rows) continue;  // warp-uniform
+          const int qi = row / G;
+          const bool vis = lane < nk && ((qmask >> qi) & 1u) && rules::causally_visible(key_pos, p_first + qi);
+          const float sc = vis ? dot[j] : -INFINITY;
+          float cmax = sc;
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, off));
+          const float m_old = row_m[row];
+          const float m_new = fmaxf(m_old, cmax);
+          const float pr = m_new == -INFINITY ? 0.f : exp2f(sc - m_new);
+          float sum = pr;
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          ps[row * kAttnKeys + lane] = pr;
+          __syncwarp();
+          if (lane == 0) {
+            const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
+            row_l[row] = row_l[row] * alpha + sum;
+            row_m[row] = m_new;
+            row_alpha[row] = alpha;
+          }
         }
       }
       __syncthreads();
+      // O += P V: a thread's rows share each V element it loads.
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        const int row = rbase + i * RSTEP;
-        if (row >= rows) break;
+        const int row = min(rbase + i * RSTEP, rows - 1);
         const float alpha = row_alpha[row];
-        float o0 = acc[i][0] * alpha, o1 = acc[i][1] * alpha, o2 = acc[i][2] * alpha, o3 = acc[i][3] * alpha;
-        const float* prow = ps + row * kAttnKeys;
-        for (int c = 0; c < nk; ++c) {
-          const float pc = prow[c];
-          const float4 vv = reinterpret_cast<const float4*>(vs + c * DP)[c4];
-          o0 = fmaf(pc, vv.x, o0);
-          o1 = fmaf(pc, vv.y, o1);
-          o2 = fmaf(pc, vv.z, o2);
-          o3 = fmaf(pc, vv.w, o3);
+        acc[i][0] *= alpha;
+        acc[i][1] *= alpha;
+        acc[i][2] *= alpha;
+        acc[i][3] *= alpha;
+      }
+      for (int c = 0; c < nk; ++c) {
+        const float4 vv = reinterpret_cast<const float4*>(vs + c * DP)[c4];
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+          if (rbase + i * RSTEP < rows) {
+            const float pc = ps[(rbase + i * RSTEP) * kAttnKeys + c];
+            acc[i][0] = fmaf(pc, vv.x, acc[i][0]);
+            acc[i][1] = fmaf(pc, vv.y, acc[i][1]);
+            acc[i][2] = fmaf(pc, vv.z, acc[i][2]);
+            acc[i][3] = fmaf(pc, vv.w, acc[i][3]);
+          }
         }
-        acc[i][0] = o0;
-        acc[i][1] = o1;
-        acc[i][2] = o2;
-        acc[i][3] = o3;
       }
       __syncthreads();
     }
