@@ -25,7 +25,8 @@ constexpr int kMaxRows = 64;         // (query, head) rows of one CTA
 constexpr int kMaxTileQueries = 32;  // queries of one attention tile (one bit each in a mask word)
 constexpr int kMinIndexChunk = 4;    // fewest blocks one index CTA scores
 constexpr int kMaxSplits = 64;
-constexpr int kCtasPerWorker = 2;
+constexpr int kCtasPerWorker = 2;       // attention: CTAs per SM before key splits stop
+constexpr int kIndexCtasPerWorker = 8;  // index: small CTAs, many in flight hide load latency
 constexpr std::size_t kAlign = 256;
 
 inline std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -55,7 +56,7 @@ inline Layout layout_of(const PagedPlan& plan) {
   l.index_tile_q = std::max(1, kMaxRows / std::max(1, hkv));
   l.index_tiles = int(ceil_div(max_q, l.index_tile_q));
   const int64_t visits = int64_t(plan.batch) * l.index_tiles * l.max_blocks;
-  l.index_chunk = std::max<int64_t>(kMinIndexChunk, ceil_div(visits, int64_t(kCtasPerWorker) * l.workers));
+  l.index_chunk = std::max<int64_t>(kMinIndexChunk, ceil_div(visits, int64_t(kIndexCtasPerWorker) * l.workers));
   l.index_chunks = ceil_div(l.max_blocks, l.index_chunk);
   l.score_ld = ceil_div(l.max_blocks, 4) * 4;
 
