@@ -178,3 +178,37 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(msa.ArgumentError) as e:
         msa.paged.plan(cfg, [1], [4], device="tpu")
     assert e.value.argument == "device"
+
+
+def test_cuda_step_matches_cpu_step():
+    """The CUDA backend through torch tensors (skipped without torch, a GPU or a CUDA build)."""
+    torch = pytest.importorskip("torch")
+    if not (torch.cuda.is_available() and msa.cuda_available()):
+        pytest.skip("no CUDA device or no CUDA build")
+    cfg = msa.Config(num_q_heads=8, num_kv_heads=2, head_dim=64, index_head_dim=32, block_size=16,
+                     topk=4)
+    lengths = [(1, 1), (3, 40), (16, 100), (1, 300), (9, 77)]
+    results = []
+    for device in ("cpu", "cuda"):
+        s = Step(cfg, seed=11, lengths=lengths)
+        k_c, v_c, ki_c = s.empty_cache(cfg)
+        for page, slot, tok in s.prefix_slots(cfg):
+            k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+        p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32", device=device)
+        t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c))
+        batch = msa.paged.Batch(t(s.cu_q), t(s.kv_lens), t(s.page_table))
+        ws = torch.zeros(p.workspace_bytes, dtype=torch.uint8, device=device)
+        out = torch.full(s.q.shape, float("nan"), device=device)
+        lse = torch.full(s.q.shape[:2], float("nan"), device=device)
+        topk = torch.full((cfg.num_kv_heads, s.q.shape[0], cfg.topk), -7, dtype=torch.int32, device=device)
+        msa.paged.append(p, batch, t(s.k_new), t(s.v_new), t(s.ki_new), cache)
+        msa.paged.run(p, batch, t(s.q), t(s.qi), cache, out, lse, topk, ws)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        results.append((out.cpu().numpy(), lse.cpu().numpy(), topk.cpu().numpy(), cache.k.cpu().numpy()))
+    (o_c, l_c, t_c, k_cpu), (o_g, l_g, t_g, k_gpu) = results
+    np.testing.assert_array_equal(np.nan_to_num(k_gpu, nan=1e30), np.nan_to_num(k_cpu, nan=1e30))
+    assert np.array_equal(np.sort(t_g, axis=-1), np.sort(t_c, axis=-1)), "selections differ"
+    assert rel_err(o_g, o_c) < 1e-5
+    assert rel_err(l_g, l_c) < 1e-5
