@@ -24,6 +24,8 @@ void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const Tenso
 void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
                const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
                const TensorView& lse, const TensorView& topk, const Context& ctx);
+// SMs of the device (the default PagedOptions::num_workers of a CUDA plan); 132 if it cannot tell.
+int paged_default_workers(int device_index);
 }  // namespace cuda
 }  // namespace detail
 }  // namespace msa

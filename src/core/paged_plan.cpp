@@ -41,6 +41,10 @@ PagedPlan paged_plan(const Config& cfg, const int32_t* q_lens, const int32_t* kv
   plan.dtype = dtype;
   plan.device = device;
   plan.options = options;
+#ifdef MSA_WITH_CUDA
+  if (device.type == DeviceType::cuda && options.num_workers == 0)
+    plan.options.num_workers = detail::cuda::paged_default_workers(device.index);
+#endif
   plan.batch = batch;
   plan.cu_seqlens_q.assign(size_t(batch) + 1, 0);
   plan.kv_lens.assign(kv_lens, kv_lens + batch);
@@ -61,7 +65,7 @@ PagedPlan paged_plan(const Config& cfg, const int32_t* q_lens, const int32_t* kv
   const int B = cfg.block_size, hkv = cfg.num_kv_heads, G = cfg.group_size(), K = cfg.topk;
   const bool cpu = device.type == DeviceType::cpu;
   plan.num_threads = cpu ? detail::cpu::thread_count(options.num_threads) : 1;
-  const int workers = cpu ? plan.num_threads : (options.num_workers > 0 ? options.num_workers : 132);
+  const int workers = cpu ? plan.num_threads : (plan.options.num_workers > 0 ? plan.options.num_workers : 132);
 
   // Block scores of every (query, group) row over its request's blocks.
   plan.score_offset.assign(size_t(batch), 0);

@@ -230,6 +230,15 @@ void check_supported(const PagedPlan& plan, const PagedBatch& batch, const Paged
 
 }  // namespace
 
+int paged_default_workers(int device_index) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || sms <= 0) {
+    cudaGetLastError();  // no device: leave no sticky error, plan for an H100
+    return 132;
+  }
+  return sms;
+}
+
 void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
                const TensorView& qi, const PagedKVCache& cache, const TensorView& out,
                const TensorView& lse, const TensorView& topk, const Context& ctx) {
