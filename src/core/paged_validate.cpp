@@ -98,6 +98,7 @@ void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pag
 void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
                      const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache,
                      const Context& ctx) {
+  (void)ctx;  // used by the CUDA backend only
   const int64_t pages = num_pages_of(plan, cache);
   check_batch(plan, batch, pages);
   const Config& c = plan.cfg;
