@@ -403,6 +403,14 @@ TEST(PagedCuda, ChunkedPrefill) {
   c.kv_lens = {357, 40, 16, 37};
   run_case(c);
 }
+TEST(PagedCuda, RequestsWithoutNewTokens) {
+  Case c;
+  c.name = "q_len 0 requests between others";
+  c.cfg = make_config(8, 2, 64, 32, 16, 4);
+  c.q_lens = {0, 2, 0, 5};
+  c.kv_lens = {30, 18, 5, 200};
+  run_case(c);
+}
 TEST(PagedCuda, Fp8CachesDecodeAndPrefill) {
   Case c = decode_case("fp8 Hq16/Hkv2 D64", make_config(16, 2, 64, 32, 16, 6), 17);
   c.fp8 = true;
