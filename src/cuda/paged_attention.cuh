@@ -51,6 +51,7 @@ struct AttentionArgs {
   float qscale;  // softmax scale x log2(e)
   int tile_q, tiles, splits;
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
+  int stage_esize;  // bytes per element of the staging slots: the larger of the K and V caches'
 };
 
 template <int D>
@@ -59,10 +60,11 @@ template <int D>
 constexpr int rows_per_thread() { return kMaxRows / (kThreads / cols4<D>()); }
 
 template <int D>
-inline std::size_t attention_smem_bytes(int row_cap, int64_t max_blocks) {
+inline std::size_t attention_smem_bytes(int row_cap, int64_t max_blocks, int stage_esize) {
   return sizeof(float) * (std::size_t(row_cap) * (D + 4) + 2 * std::size_t(kAttnKeys) * (D + 4) +
                           std::size_t(row_cap) * kAttnKeys + 3 * std::size_t(row_cap)) +
-         2 * sizeof(uint32_t) * std::size_t(max_blocks) + 16;
+         2 * sizeof(uint32_t) * std::size_t(max_blocks) + 16 +
+         2 * std::size_t(kAttnKeys) * D * std::size_t(stage_esize) + 16;  // raw K/V staging
 }
 
 template <class T, int D>
@@ -79,6 +81,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   float* row_alpha = row_l + cap;               // rescale of the last chunk
   uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + cap);  // [max_blocks] query bits
   int32_t* list = reinterpret_cast<int32_t*>(mask + a.max_blocks);     // [max_blocks] union
+  // Raw K then V rows of a chunk as they are in the cache, [2][kAttnKeys][D / 8] slots of
+  // 8 x stage_esize bytes: every load of the chunk is in flight at once (cp.async).
+  unsigned char* stage = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(list + a.max_blocks) + 15) & ~uintptr_t(15));
+  const int slot_bytes = 8 * a.stage_esize;
   __shared__ int list_len;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
 
@@ -159,15 +166,32 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     const int kend = int(min(int64_t(B), p_last + 1 - kbeg));  // keys past the last query: unread
     for (int c0 = 0; c0 < kend; c0 += kAttnKeys) {
       const int nk = min(kAttnKeys, kend - c0);
+      // Each thread copies its vectors of the chunk (all in flight together), waits for its own
+      // copies, then converts exactly those vectors to f32 rows; the barrier publishes them.
+      const int kes = a.k_fp8 ? 1 : int(sizeof(T)), ves = a.v_fp8 ? 1 : int(sizeof(T));
       for (int i = t; i < 2 * nk * (D / 8); i += kThreads) {
         const bool is_v = i >= nk * (D / 8);
         const int ii = is_v ? i - nk * (D / 8) : i;
         const int key = ii / (D / 8), v = ii - key * (D / 8);
+        const unsigned char* src =
+            is_v ? a.v + page * a.v_s0 + (c0 + key) * a.v_s1 + g * a.v_s2 + int64_t(v) * 8 * ves
+                 : a.k + page * a.k_s0 + (c0 + key) * a.k_s1 + g * a.k_s2 + int64_t(v) * 8 * kes;
+        cp_async_vec8(stage + int64_t((is_v ? kAttnKeys : 0) + key) * (D / 8) * slot_bytes +
+                          int64_t(v) * slot_bytes,
+                      src, is_v ? ves : kes);
+      }
+      cp_async_wait_all();
+      for (int i = t; i < 2 * nk * (D / 8); i += kThreads) {
+        const bool is_v = i >= nk * (D / 8);
+        const int ii = is_v ? i - nk * (D / 8) : i;
+        const int key = ii / (D / 8), v = ii - key * (D / 8);
+        const unsigned char* raw =
+            stage + int64_t((is_v ? kAttnKeys : 0) + key) * (D / 8) * slot_bytes + int64_t(v) * slot_bytes;
         float x[8];
-        if (is_v)
-          load8_cache<T>(a.v + page * a.v_s0 + (c0 + key) * a.v_s1 + g * a.v_s2, v * 8, a.v_fp8, vsc, x);
+        if (is_v ? a.v_fp8 : a.k_fp8)
+          load8_fp8(raw, is_v ? vsc : ksc, x);
         else
-          load8_cache<T>(a.k + page * a.k_s0 + (c0 + key) * a.k_s1 + g * a.k_s2, v * 8, a.k_fp8, ksc, x);
+          load8<T>(reinterpret_cast<const T*>(raw), x);
         float* dst = (is_v ? vs : ks) + key * DP + v * 8;
 #pragma unroll
         for (int e = 0; e < 8; ++e) dst[e] = x[e];

@@ -69,6 +69,23 @@ __device__ __forceinline__ void load8_cache(const unsigned char* row, int e, boo
     load8<T>(reinterpret_cast<const T*>(row) + e, x);
 }
 
+// Asynchronous global -> shared copy of one 8-element vector of `esize`-byte elements (FP8: 8
+// bytes, 16-bit: 16, f32: 2 x 16); both addresses aligned to the vector's size.
+__device__ __forceinline__ void cp_async_vec8(void* dst_smem, const void* src, int esize) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst_smem));
+  if (esize == 1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+    if (esize == 4)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16),
+                   "l"(static_cast<const unsigned char*>(src) + 16));
+  }
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
 template <class T>
 __device__ __forceinline__ T from_float(float v);
 template <>

@@ -189,7 +189,9 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.tiles = lay.attn_tiles;
   aa.splits = lay.splits;
   aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
-  const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, plan.options.dense ? 0 : lay.max_blocks);
+  aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
+  const std::size_t asmem =
+      attention_smem_bytes<D>(aa.row_cap, plan.options.dense ? 0 : lay.max_blocks, aa.stage_esize);
   static std::size_t attention_allowed = 0;
   allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
