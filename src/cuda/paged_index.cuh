@@ -43,8 +43,10 @@ struct IndexArgs {
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
 };
 
-inline std::size_t index_smem_bytes(int row_cap, int di) {
-  return sizeof(float) * (std::size_t(row_cap + kIndexKeys) * (di + 4) + std::size_t(row_cap));
+// + raw staging of a chunk's ki rows (cp.async), 8 x esize bytes per 8-element vector.
+inline std::size_t index_smem_bytes(int row_cap, int di, int esize) {
+  return sizeof(float) * (std::size_t(row_cap + kIndexKeys) * (di + 4) + std::size_t(row_cap)) + 16 +
+         std::size_t(kIndexKeys) * di * std::size_t(esize);
 }
 
 template <class T>
@@ -54,6 +56,9 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
   float* qs = reinterpret_cast<float*>(smem4);
   float* ks = qs + a.row_cap * dp;
   float* bmax = ks + kIndexKeys * dp;
+  const int esize = a.ki_fp8 ? 1 : int(sizeof(T)), slot_bytes = 8 * esize;
+  unsigned char* stage = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(bmax + a.row_cap) + 15) & ~uintptr_t(15));
   const int t = threadIdx.x, lane = t & 31;
 
   int64_t id = blockIdx.x;
@@ -93,10 +98,17 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
     for (int c0 = 0; valid && c0 < B; c0 += kIndexKeys) {
       const int nk = min(kIndexKeys, B - c0);
       __syncthreads();  // the previous chunk's readers are done with ks; bmax is initialised
+      // All of the thread's copies in flight at once; it converts exactly the vectors it copied.
+      for (int i = t; i < nk * vecs; i += kThreads) {
+        const int key = i / vecs, v = i - key * vecs;
+        cp_async_vec8(stage + int64_t(i) * slot_bytes,
+                      a.ki + page * a.ki_s0 + (c0 + key) * a.ki_s1 + int64_t(v) * slot_bytes, esize);
+      }
+      cp_async_wait_all();
       for (int i = t; i < nk * vecs; i += kThreads) {
         const int key = i / vecs, v = i - key * vecs;
         float x[8];
-        load8_cache<T>(a.ki + page * a.ki_s0 + (c0 + key) * a.ki_s1, v * 8, a.ki_fp8, scale, x);
+        load8_cache<T>(stage + int64_t(i) * slot_bytes, 0, a.ki_fp8, scale, x);
 #pragma unroll
         for (int e = 0; e < 8; ++e) ks[key * dp + v * 8 + e] = x[e];
       }

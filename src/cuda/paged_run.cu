@@ -106,7 +106,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.chunk = lay.index_chunk;
     ia.chunks = lay.index_chunks;
     ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
-    const std::size_t ismem = index_smem_bytes(ia.row_cap, c.index_head_dim);
+    const std::size_t ismem =
+        index_smem_bytes(ia.row_cap, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)));
     static std::size_t index_allowed = 0;
     allow_smem(index_scores_kernel<T>, ismem, "index", index_allowed);
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
