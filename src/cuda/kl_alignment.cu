@@ -1,5 +1,9 @@
-// CUDA KL alignment of the index branch (SPEC.md "Index branch training: KL alignment"), a simple
-// CUDA-core (FFMA) version: one CTA of 4 warps per (query, group), a warp per key, lanes over the
+// CUDA KL alignment of the index branch (SPEC.md "Index branch training: KL alignment").
+// By default the tensor-core kernels run (kl_alignment_mma.cu: bf16/f16, D and Di in {64, 128},
+// block_size a multiple of 64, G dividing 64, 16-byte aligned rows); MSA_KL_KERNEL=ffma, or any other
+// problem, runs the first version below.
+//
+// The CUDA-core (FFMA) version: one CTA of 4 warps per (query, group), a warp per key, lanes over the
 // head dimension. Pass 1 takes the student logsumexp over the selected visible tokens (every visible
 // token when topk is undefined); pass 2 recomputes the teacher P = mean over the G heads of
 // exp(scale q.k - lse) key by key (never stored), accumulates the loss, dqi (in the CTA) and dki.
@@ -10,14 +14,16 @@
 // contributes at most |norm| * iscale * max|qi| with |Q - P| <= 1, and norm = coeff / (Hkv total_q)).
 // The sum stays below 2^61 and the resolution is ~2^-61 of the bound, far below f32 precision of
 // any non-negligible gradient. The loss is summed per CTA and then in a fixed order.
-// Known limitations: ids outside [0, local] are skipped (not reported, unlike the CPU backend); a
-// duplicated id counts twice; Di <= 256.
+// Known limitations: ids outside [0, local] are skipped (not reported, unlike the CPU backend; as the
+// CUDA attention forward and backward, and the tensor-core path); a duplicated id counts twice here
+// (once in the tensor-core path, as in the attention kernels); Di <= 256.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "core/backend.h"
@@ -25,6 +31,7 @@
 #include "cuda/sequence_of_row.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
+#include "cuda/kl_alignment_mma.h"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 #include "msa/rules.h"
@@ -270,9 +277,17 @@ void launch(const Problem& p, const KlParams& a, cudaStream_t stream) {
   MSA_CUDA_CHECK_LAUNCH();
 }
 
+// MSA_KL_KERNEL=ffma keeps the FFMA kernel (the reference of the tensor-core one on a device).
+bool ffma_requested() {
+  const char* e = std::getenv("MSA_KL_KERNEL");
+  return e != nullptr && std::string(e) == "ffma";
+}
+
 }  // namespace
 
-std::size_t kl_alignment_workspace_bytes(const Problem& p) { return KlLayout(p).total; }
+std::size_t kl_alignment_workspace_bytes(const Problem& p) {
+  return std::max(KlLayout(p).total, kl_alignment_mma_workspace_bytes(p));
+}
 
 void kl_alignment(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& lse,
                   const TensorView& qi, const TensorView& ki, const TensorView& topk, float coeff,
@@ -281,6 +296,8 @@ void kl_alignment(const Problem& p, const TensorView& q, const TensorView& k, co
   MSA_CHECK_ARG(p.dtype == DType::bf16 || p.dtype == DType::f16, "q",
                 std::string("dtype ") + dtype_name(p.dtype) +
                     " is not supported by the CUDA KL alignment (bfloat16, float16)");
+  if (!ffma_requested() && kl_alignment_mma_supports(p, q, k, qi, ki))
+    return kl_alignment_mma(p, q, k, lse, qi, ki, topk, coeff, loss, dqi, dki, ctx);
   MSA_CHECK_ARG(p.cfg.index_head_dim <= kMaxIndexDim, "index_head_dim",
                 "the CUDA KL alignment supports up to 256, got " + std::to_string(p.cfg.index_head_dim));
   MSA_CHECK_ARG(p.total_q < (int64_t(1) << 31), "q", "too many query rows for the CUDA KL alignment");

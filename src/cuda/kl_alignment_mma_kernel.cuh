@@ -1,0 +1,578 @@
+// Tensor-core (mma.sync m16n8k16, fp32 accumulation) KL alignment of the index branch (SPEC.md "Index
+// branch training: KL alignment"). Tiles are the attention forward's: 64 rows = (query, head) pairs of
+// one GQA group, query-major, so a tile holds 64 / G whole queries (G must divide 64). The per-chunk
+// work against 64 keys is shared by two kernels:
+//   - query-major (kl_mma_query_kernel): the tile walks the sorted union of its queries' selected
+//     blocks (attention_block_union.cuh, every visible block in dense mode) twice: walk 1 takes each
+//     query's student logsumexp, walk 2 the teacher, the loss and dqi (kept in registers, written once);
+//   - key-major (kl_mma_key_kernel): a CTA owns 64 keys and visits, group by group and in ascending
+//     order, the query tiles that selected their block (the attention backward's key -> query-tile
+//     lists), recomputing teacher and student to accumulate dki in registers, written once.
+// No atomics on gradients, fixed orders everywhere: results are bitwise reproducible.
+// Per chunk: P = exp2(S scale log2e - lse log2e) per row (S = q k^T by mma) -> shared memory; student
+// logits Z = qi ki^T (mma, one row per query) -> shared memory; then per (query, key) the teacher
+// T = mean over the G head rows, the student Q = exp(iscale Z - student_lse), the loss term and the
+// logit gradient (Q - T) stored as 16-bit for the gradient products (norm * iscale applied in fp32 at
+// the end, so a float16 dZ never underflows however small norm is).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention_block_union.cuh"
+#include "cuda/attention_forward_kernel.cuh"  // kAttnRows, kAttnKeys, kAttnThreads, swz, load_tile
+#include "cuda/attention_mma.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+struct KlMmaParams {
+  const void* q;
+  const void* k;
+  const float* lse;
+  const void* qi;
+  const void* ki;
+  const int32_t* topk;  // nullptr: dense (every visible key)
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  void* dqi;
+  void* dki;
+  float* student_lse;  // [total_q, Hkv] workspace: written by the query-major kernel
+  double* loss_part;   // [total_q, Hkv] workspace, zeroed: a tile's loss at (its first query, g)
+  // Key -> query-tile lists (sparse; as BackwardParams::lists / list_begin / list_end).
+  const unsigned long long* lists;
+  const int* list_begin;
+  const int* list_end;
+  int64_t num_list_blocks;
+  int64_t q_s0, q_s1, k_s0, k_s1, lse_s0, lse_s1, qi_s0, qi_s1, ki_s0, topk_s0, topk_s1;
+  int64_t dqi_s0, dqi_s1, dki_s0;
+  int hkv, G, B, topk_k;
+  int bitmap_words, union_cap;
+  float scale_log2, iscale, grad_scale;  // grad_scale = norm * iscale
+};
+
+constexpr int kKlPStride = kAttnKeys + 8;  // fp32 row stride of the P and Z buffers (bank spread)
+
+// Shared memory: Q rows, K, index queries, index keys, P, Z, dZ, small per-row arrays (then the
+// query kernel's union bookkeeping). The per-query buffers hold 16 * qt rows (qt = kl_query_tiles),
+// so that G = 16 keeps two CTAs per SM.
+__host__ __device__ __forceinline__ int kl_query_tiles(int G) { return (kAttnRows / G + 15) / 16; }
+
+template <int D, int Di>
+struct KlMmaSmem {
+  static constexpr std::size_t kQ = std::size_t(kAttnRows) * D * 2;
+  static constexpr std::size_t kK = std::size_t(kAttnKeys) * D * 2;
+  static constexpr std::size_t kKi = std::size_t(kAttnKeys) * Di * 2;
+  static constexpr std::size_t kP = std::size_t(kAttnRows) * kKlPStride * 4;
+  static constexpr std::size_t kSmall = 5 * kAttnRows * 4 + kAttnThreads * 8;
+  // Per-query buffers of qt 16-row tiles: index queries, Z, dZ.
+  __host__ __device__ static constexpr std::size_t qi_bytes(int qt) { return std::size_t(qt) * 16 * Di * 2; }
+  __host__ __device__ static constexpr std::size_t z_bytes(int qt) { return std::size_t(qt) * 16 * kKlPStride * 4; }
+  __host__ __device__ static constexpr std::size_t dz_bytes(int qt) { return std::size_t(qt) * 16 * kAttnKeys * 2; }
+  __host__ __device__ static constexpr std::size_t fixed_bytes(int qt) {
+    return kQ + kK + kKi + kP + kSmall + qi_bytes(qt) + z_bytes(qt) + dz_bytes(qt);
+  }
+  static std::size_t query_bytes(int qt, int bitmap_words, int union_cap) {
+    return fixed_bytes(qt) + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
+  }
+  static std::size_t key_bytes(int qt) { return fixed_bytes(qt); }
+};
+
+// The shared-memory pieces, carved in KlMmaSmem's order (every piece a multiple of 128 bytes but
+// the small arrays, which come last before the tail).
+template <int D, int Di>
+struct KlTiles {
+  uint16_t *q, *k, *qi, *ki, *dz;
+  float *p, *z;
+  double* red;    // [kAttnThreads] loss reduction
+  int* qlim;      // [64] per query of the tile: last visible key offset in the chunk (-1: none)
+  float* lse2;    // [64] per row: lse * log2(e)
+  float* slse;    // [64] per query: student logsumexp
+  float *sm, *sl; // [64] per query: walk-1 running max and sum
+  unsigned char* tail;
+  __device__ KlTiles(unsigned char* base, int qt) {
+    using S = KlMmaSmem<D, Di>;
+    unsigned char* at = base;
+    q = reinterpret_cast<uint16_t*>(at), at += S::kQ;
+    k = reinterpret_cast<uint16_t*>(at), at += S::kK;
+    ki = reinterpret_cast<uint16_t*>(at), at += S::kKi;
+    p = reinterpret_cast<float*>(at), at += S::kP;
+    qi = reinterpret_cast<uint16_t*>(at), at += S::qi_bytes(qt);
+    z = reinterpret_cast<float*>(at), at += S::z_bytes(qt);
+    dz = reinterpret_cast<uint16_t*>(at), at += S::dz_bytes(qt);
+    red = reinterpret_cast<double*>(at), at += kAttnThreads * 8;
+    qlim = reinterpret_cast<int*>(at);
+    lse2 = reinterpret_cast<float*>(qlim + kAttnRows);
+    slse = lse2 + kAttnRows;
+    sm = slse + kAttnRows;
+    sl = sm + kAttnRows;
+    tail = base + S::fixed_bytes(qt);
+  }
+};
+
+// load_tile (attention_forward_kernel.cuh) for the first `rows` rows of a [rows][D] swizzled tile.
+template <int D, class RowPtr>
+__device__ __forceinline__ void load_query_rows(uint16_t* tile, int rows, const uint16_t* any_row, RowPtr row_ptr) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < rows * kChunks; i += kAttnThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const uint16_t* src = row_ptr(r);
+    mma::cp_async_16(mma::smem_addr(tile + swz<D>(r, c * 8)), src ? src + c * 8 : any_row, src ? 16 : 0);
+  }
+}
+
+// P rows: each warp its 16 rows; P = 0 where the row's query does not see the key.
+template <class T, int D>
+__device__ __forceinline__ void kl_teacher_rows(const uint16_t* sQ, const uint16_t* sK, const int* qlim,
+                                                const float* lse2, int G, float scale_log2, float* sP) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float s[kAttnKeys / 8][4];
+#pragma unroll
+  for (int n = 0; n < kAttnKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    {
+      const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(r, c)), a[0], a[1], a[2], a[3]);
+    }
+#pragma unroll
+    for (int np = 0; np < kAttnKeys / 16; ++np) {
+      uint32_t b0, b1, b2, b3;
+      const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(s[2 * np], a, b0, b1);
+      mma::mma_16816<T>(s[2 * np + 1], a, b2, b3);
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp * 16 + (lane >> 2) + 8 * h;
+    const int lim = qlim[row / G];
+    const float l2 = lse2[row];
+#pragma unroll
+    for (int n = 0; n < kAttnKeys / 8; ++n) {
+      const int key = n * 8 + (lane & 3) * 2;
+      float2 v;
+      v.x = key <= lim ? exp2f(fmaf(s[n][2 * h], scale_log2, -l2)) : 0.f;
+      v.y = key + 1 <= lim ? exp2f(fmaf(s[n][2 * h + 1], scale_log2, -l2)) : 0.f;
+      *reinterpret_cast<float2*>(sP + row * kKlPStride + key) = v;
+    }
+  }
+}
+
+// Student logits Z = qi ki^T (unscaled) for the first 16 * qt query rows; warp w computes keys
+// 16w .. 16w + 15.
+template <class T, int Di>
+__device__ __forceinline__ void kl_student_logits(const uint16_t* sQi, const uint16_t* sKi, int qt, float* sZ) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int mt = 0; mt < kAttnRows / 16; ++mt) {
+    if (mt >= qt) break;
+    float z[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) z[n][0] = z[n][1] = z[n][2] = z[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Di / 16; ++kk) {
+      uint32_t a[4], b0, b1, b2, b3;
+      {
+        const int r = mt * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(sQi + swz<Di>(r, c)), a[0], a[1], a[2], a[3]);
+      }
+      const int r = warp * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sKi + swz<Di>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(z[0], a, b0, b1);
+      mma::mma_16816<T>(z[1], a, b2, b3);
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = mt * 16 + (lane >> 2) + 8 * h;
+        const int key = warp * 16 + n * 8 + (lane & 3) * 2;
+        *reinterpret_cast<float2*>(sZ + row * kKlPStride + key) = make_float2(z[n][2 * h], z[n][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// Walk 1 update of each query's running (max, sum of exp) of iscale * Z over its visible keys; warp w
+// takes queries w, w + 4, ...; lane 0's values are kept, so every lane restarts from the same ones.
+__device__ __forceinline__ void kl_student_lse_update(const float* sZ, const int* qlim, int nq, float iscale,
+                                                      float* sm, float* sl) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int qq = warp; qq < nq; qq += kAttnThreads / 32) {
+    const int lim = qlim[qq];
+    if (lim < 0) continue;
+    float z0 = lane <= lim ? sZ[qq * kKlPStride + lane] * iscale : -INFINITY;
+    float z1 = lane + 32 <= lim ? sZ[qq * kKlPStride + lane + 32] * iscale : -INFINITY;
+    float mc = fmaxf(z0, z1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mc = fmaxf(mc, __shfl_xor_sync(0xffffffffu, mc, o));
+    const float m_old = sm[qq];
+    const float m_new = fmaxf(m_old, mc);  // finite: key 0 of the chunk is visible (lim >= 0)
+    float e = (lane <= lim ? expf(z0 - m_new) : 0.f) + (lane + 32 <= lim ? expf(z1 - m_new) : 0.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+    const float l_new = (m_old == -INFINITY ? 0.f : sl[qq] * expf(m_old - m_new)) + e;
+    __syncwarp();
+    if (lane == 0) {
+      sm[qq] = m_new;
+      sl[qq] = l_new;
+    }
+  }
+}
+
+// Per (query, key): teacher T (mean of the G rows of P), student Q, the loss term (returned, this
+// thread's share) and dZ = Q - T as 16-bit into the swizzled [64][64] tile (zero outside the
+// visible keys and for the padding query rows up to 16 * qt).
+template <class T>
+__device__ __forceinline__ double kl_terms(const float* sP, const float* sZ, const int* qlim, const float* slse,
+                                           int G, int nq, int qt, float iscale, uint16_t* sDz) {
+  const float inv_g = 1.f / float(G);
+  double loss = 0.0;
+  for (int e = threadIdx.x; e < qt * 16 * kAttnKeys; e += kAttnThreads) {
+    const int qq = e / kAttnKeys, key = e % kAttnKeys;
+    float dz = 0.f;
+    if (qq < nq && key <= qlim[qq]) {
+      float t = 0.f;
+      for (int h = 0; h < G; ++h) t += sP[(qq * G + h) * kKlPStride + key];
+      t *= inv_g;
+      const float log_q = sZ[qq * kKlPStride + key] * iscale - slse[qq];
+      if (t > 0.f) loss += double(t * (logf(t) - log_q));
+      dz = expf(log_q) - t;
+    }
+    const uint32_t packed = mma::Elem<T>::pack(dz, 0.f);
+    sDz[swz<kAttnKeys>(qq, key)] = uint16_t(packed & 0xffffu);
+  }
+  return loss;
+}
+
+// dqi[16 qt queries][Di] += dZ @ ki: warp w owns columns w * Di / 4 .. (w + 1) * Di / 4.
+template <class T, int Di>
+__device__ __forceinline__ void kl_dqi_mma(const uint16_t* sDz, const uint16_t* sKi, int qt,
+                                           float (&acc)[kAttnRows / 16][Di / 32][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int mt = 0; mt < kAttnRows / 16; ++mt) {
+    if (mt >= qt) break;
+#pragma unroll
+    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+      uint32_t a[4];
+      {
+        const int r = mt * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(sDz + swz<kAttnKeys>(r, c)), a[0], a[1], a[2], a[3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < Di / 64; ++dp) {
+        uint32_t b0, b1, b2, b3;
+        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int c = warp * (Di / 4) + dp * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4_trans(mma::smem_addr(sKi + swz<Di>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(acc[mt][2 * dp], a, b0, b1);
+        mma::mma_16816<T>(acc[mt][2 * dp + 1], a, b2, b3);
+      }
+    }
+  }
+}
+
+// dki[64 keys][Di] += dZ^T @ qi: warp w owns keys 16w .. 16w + 15, all Di columns.
+template <class T, int Di>
+__device__ __forceinline__ void kl_dki_mma(const uint16_t* sDz, const uint16_t* sQi, int qt, float (&acc)[Di / 8][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int kq = 0; kq < kAttnRows / 16; ++kq) {
+    if (kq >= qt) break;
+    uint32_t a[4];
+    {
+      // A = dZ^T (rows: keys, k: queries) from the [query][key] tile, transposed by ldmatrix.
+      const int r = kq * 16 + (lane & 7) + (lane >> 4) * 8, c = warp * 16 + ((lane >> 3) & 1) * 8;
+      mma::ldmatrix_x4_trans(mma::smem_addr(sDz + swz<kAttnKeys>(r, c)), a[0], a[1], a[2], a[3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < Di / 16; ++dp) {
+      uint32_t b0, b1, b2, b3;
+      const int r = kq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4_trans(mma::smem_addr(sQi + swz<Di>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(acc[2 * dp], a, b0, b1);
+      mma::mma_16816<T>(acc[2 * dp + 1], a, b2, b3);
+    }
+  }
+}
+
+// Query-major kernel: grid (query tiles of the longest sequence, Hkv, batch).
+template <class T, int D, int Di>
+__global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G));
+  const BlockUnionSmem<1> su = BlockUnionSmem<1>::carve(s.tail, p.bitmap_words, p.union_cap);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z, g = blockIdx.y;
+  const int G = p.G, B = p.B;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t rows_total = lq * G;
+  const int64_t f0 = int64_t(gridDim.x - 1 - blockIdx.x) * kAttnRows;  // longest tiles first
+  if (f0 >= rows_total) return;
+  const int64_t i_first = f0 / G;  // G divides 64: the tile holds whole queries
+  const int64_t i_last = (f0 + kAttnRows < rows_total ? f0 + kAttnRows : rows_total) / G - 1;
+  const int nq = int(i_last - i_first + 1);
+  const int qt = kl_query_tiles(G);
+  const int64_t p_last = rules::query_position(lq, lk, i_last);
+  const int64_t local_last = rules::local_block(p_last, B);
+  const bool dense = p.topk == nullptr;
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* qi = static_cast<const uint16_t*>(p.qi);
+  const uint16_t* ki = static_cast<const uint16_t*>(p.ki);
+
+  load_tile<D>(s.q, q, [&](int r) -> const uint16_t* {
+    const int64_t f = f0 + r;
+    if (f >= rows_total) return nullptr;
+    return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
+  });
+  load_query_rows<Di>(s.qi, qt * 16, qi, [&](int r) -> const uint16_t* {
+    return r < nq ? qi + (q_begin + i_first + r) * p.qi_s0 + int64_t(g) * p.qi_s1 : nullptr;
+  });
+  mma::cp_async_commit();
+  if (tid < kAttnRows) {
+    const int64_t f = f0 + tid;
+    s.lse2[tid] = f < rows_total
+                      ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] * 1.4426950408889634f
+                      : 0.f;
+    s.sm[tid] = -INFINITY;
+    s.sl[tid] = 0.f;
+  }
+
+  int num_union = int(local_last + 1);
+  if (!dense) {
+    num_union = build_block_union<kAttnThreads, 1>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
+                                                   q_begin, lq, lk, B, i_first, i_last, local_last);
+  }
+  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(su.blocks[u]); };
+  const int sub_per_block = B / kAttnKeys;
+  int num_iters = 0;
+  if (num_union > 0) {
+    const int64_t last_block = block_at(num_union - 1);
+    const int64_t last_subs = (p_last - rules::block_begin(last_block, B)) / kAttnKeys + 1;
+    num_iters = (num_union - 1) * sub_per_block + int(last_subs < sub_per_block ? last_subs : sub_per_block);
+  }
+  auto key_start = [&](int it) -> int64_t {
+    return rules::block_begin(block_at(it / sub_per_block), B) + int64_t(it % sub_per_block) * kAttnKeys;
+  };
+  // Loads the chunk's ki (and k when `with_k`) and sets each query's visible limit in it.
+  auto load_chunk = [&](int it, bool with_k) {
+    const int64_t ks = key_start(it);
+    if (with_k) {
+      load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
+        const int64_t t = ks + r;
+        return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
+      });
+    }
+    load_tile<Di>(s.ki, ki, [&](int r) -> const uint16_t* {
+      const int64_t t = ks + r;
+      return t < lk ? ki + (k_begin + t) * p.ki_s0 : nullptr;
+    });
+    mma::cp_async_commit();
+    if (tid < kAttnRows) {
+      int lim = -1;
+      if (tid < nq) {
+        const unsigned long long sel = dense ? ~0ull : su.mask[it / sub_per_block];
+        const int64_t pos = rules::query_position(lq, lk, i_first + tid);
+        if ((sel >> tid) & 1ull) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+        if (pos < ks) lim = -1;
+      }
+      s.qlim[tid] = lim;
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
+  };
+
+  // Walk 1: student logsumexp per query.
+  for (int it = 0; it < num_iters; ++it) {
+    load_chunk(it, false);
+    kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+    __syncthreads();
+    kl_student_lse_update(s.z, s.qlim, nq, p.iscale, s.sm, s.sl);
+    __syncthreads();
+  }
+  if (tid < kAttnRows) {
+    const float l = s.sl[tid];
+    const float lse = l > 0.f ? s.sm[tid] + logf(l) : -INFINITY;
+    s.slse[tid] = lse;
+    if (tid < nq) p.student_lse[(q_begin + i_first + tid) * p.hkv + g] = lse;
+  }
+  __syncthreads();
+
+  // Walk 2: teacher, loss, dqi.
+  float acc[kAttnRows / 16][Di / 32][4];
+#pragma unroll
+  for (int mt = 0; mt < kAttnRows / 16; ++mt)
+#pragma unroll
+    for (int n = 0; n < Di / 32; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  double loss = 0.0;
+  for (int it = 0; it < num_iters; ++it) {
+    load_chunk(it, true);
+    kl_teacher_rows<T, D>(s.q, s.k, s.qlim, s.lse2, G, p.scale_log2, s.p);
+    kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+    __syncthreads();
+    loss += kl_terms<T>(s.p, s.z, s.qlim, s.slse, G, nq, qt, p.iscale, s.dz);
+    __syncthreads();
+    kl_dqi_mma<T, Di>(s.dz, s.ki, qt, acc);
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();  // the Q tiles, when there was no chunk to wait for
+
+  // dqi = norm * iscale * acc; a query without keys gets 0.
+  T* dqi = static_cast<T*>(p.dqi);
+#pragma unroll
+  for (int mt = 0; mt < kAttnRows / 16; ++mt) {
+    if (mt >= qt) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int qq = mt * 16 + (lane >> 2) + 8 * h;
+      if (qq >= nq) continue;
+      T* dst = dqi + (q_begin + i_first + qq) * p.dqi_s0 + int64_t(g) * p.dqi_s1 + warp * (Di / 4) + (lane & 3) * 2;
+#pragma unroll
+      for (int n = 0; n < Di / 32; ++n) {
+        dst[n * 8] = mma::Elem<T>::from_float(acc[mt][n][2 * h] * p.grad_scale);
+        dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[mt][n][2 * h + 1] * p.grad_scale);
+      }
+    }
+  }
+  s.red[tid] = loss;
+  __syncthreads();
+  if (tid == 0) {
+    double sum = 0.0;
+    for (int t = 0; t < kAttnThreads; ++t) sum += s.red[t];
+    p.loss_part[(q_begin + i_first) * p.hkv + g] = sum;
+  }
+}
+
+// Key-major kernel: grid (key tiles of the longest sequence, batch); the CTA loops over the groups.
+template <class T, int D, int Di>
+__global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.y;
+  const int G = p.G, B = p.B;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t ks = int64_t(blockIdx.x) * kAttnKeys;
+  if (ks >= lk) return;
+  const int64_t rows_total = lq * G;
+  const int64_t block = rules::block_of(ks, B);
+  const bool dense = p.topk == nullptr;
+  const int qt = kl_query_tiles(G);
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* qi = static_cast<const uint16_t*>(p.qi);
+  const uint16_t* ki = static_cast<const uint16_t*>(p.ki);
+
+  load_tile<Di>(s.ki, ki, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? ki + (k_begin + t) * p.ki_s0 : nullptr;
+  });
+  mma::cp_async_commit();
+
+  float acc[Di / 8][4];
+#pragma unroll
+  for (int n = 0; n < Di / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  for (int g = 0; g < p.hkv; ++g) {
+    int64_t list_begin = 0, num_tiles = 0;
+    if (dense) {
+      const int64_t first_q = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
+      if (first_q < lq) {
+        list_begin = first_q * G / kAttnRows;
+        num_tiles = (rows_total + kAttnRows - 1) / kAttnRows - list_begin;
+      }
+    } else {
+      // global_block() of attention_backward_kernel.cuh, restated by its definition there.
+      const int64_t list = int64_t(g) * p.num_list_blocks + (k_begin / B + b + block);
+      list_begin = p.list_begin[list];
+      num_tiles = p.list_end[list] - list_begin;
+    }
+    if (num_tiles == 0) continue;
+    __syncthreads();  // the previous group's last chunk is done with s.k
+    load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
+      const int64_t t = ks + r;
+      return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
+    });
+    mma::cp_async_commit();
+    for (int64_t u = 0; u < num_tiles; ++u) {
+      const int64_t tile = dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
+      const int64_t f0 = tile * kAttnRows;
+      const int64_t i_first = f0 / G;
+      const int nq = int(((f0 + kAttnRows < rows_total ? f0 + kAttnRows : rows_total) / G) - i_first);
+      load_tile<D>(s.q, q, [&](int r) -> const uint16_t* {
+        const int64_t f = f0 + r;
+        if (f >= rows_total) return nullptr;
+        return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
+      });
+      load_query_rows<Di>(s.qi, qt * 16, qi, [&](int r) -> const uint16_t* {
+        return r < nq ? qi + (q_begin + i_first + r) * p.qi_s0 + int64_t(g) * p.qi_s1 : nullptr;
+      });
+      mma::cp_async_commit();
+      if (tid < kAttnRows) {
+        const int64_t f = f0 + tid;
+        s.lse2[tid] = f < rows_total
+                          ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] *
+                                1.4426950408889634f
+                          : 0.f;
+        int lim = -1;
+        float sl = 0.f;
+        if (tid < nq) {
+          const int64_t i = i_first + tid, row = q_begin + i;
+          const int64_t pos = rules::query_position(lq, lk, i);
+          bool selected = dense;
+          if (!dense) {
+            const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+            for (int sl2 = 0; sl2 < p.topk_k; ++sl2) selected |= ids[sl2] == block;
+          }
+          if (selected && rules::causally_visible(ks, pos)) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+          sl = p.student_lse[row * p.hkv + g];
+        }
+        s.qlim[tid] = lim;
+        s.slse[tid] = sl;
+      }
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      kl_teacher_rows<T, D>(s.q, s.k, s.qlim, s.lse2, G, p.scale_log2, s.p);
+      kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+      __syncthreads();
+      kl_terms<T>(s.p, s.z, s.qlim, s.slse, G, nq, qt, p.iscale, s.dz);
+      __syncthreads();
+      kl_dki_mma<T, Di>(s.dz, s.qi, qt, acc);
+      __syncthreads();
+    }
+  }
+
+  mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
+  // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected).
+  T* dki = static_cast<T*>(p.dki);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t t = ks + warp * 16 + (lane >> 2) + 8 * h;
+    if (t >= lk) continue;
+    T* dst = dki + (k_begin + t) * p.dki_s0 + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < Di / 8; ++n) {
+      dst[n * 8] = mma::Elem<T>::from_float(acc[n][2 * h] * p.grad_scale);
+      dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[n][2 * h + 1] * p.grad_scale);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
