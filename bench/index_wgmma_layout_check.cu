@@ -2,7 +2,8 @@
 // pools by: for every thread of the two-warpgroup tiled MMA, accumulator element i lies on the
 // thread's row get<0>(tScS(0)) + 8 * ((i / 2) % 2), its columns are 2 * (lane % 4) + 8 * (i / 4) +
 // i % 2, and the four lanes of a quad share rows; and that the swizzled tiles the kernel fills with
-// 16-byte cp.async keep every 8-element row segment contiguous, 16-byte aligned and disjoint.
+// 16-byte cp.async keep every 8-element row segment contiguous, 16-byte aligned and disjoint (for the
+// first kernel's two key buffers and the pipelined kernel's four).
 // Exits non-zero on any mismatch.
 //   nvcc -std=c++17 --expt-relaxed-constexpr -Iinclude -Isrc -I.deps/python/cutlass_library/source/include \
 //        bench/index_wgmma_layout_check.cu -o /tmp/index_wgmma_layout_check && /tmp/index_wgmma_layout_check
@@ -11,11 +12,12 @@
 #include <vector>
 
 #include "cuda/index_block_scores_wgmma.cuh"
+#include "cuda/index_block_scores_wgmma_pipe.cuh"
 
-template <bool kBf16, int kDim, int kKeys>
+template <bool kBf16, int kDim, int kKeys, int kStages = msa::detail::cuda::index::kWgmmaStages>
 int check() {
   using namespace cute;
-  using Traits = msa::detail::cuda::index::WgmmaScoreTraits<kBf16, kDim, kKeys>;
+  using Traits = msa::detail::cuda::index::WgmmaScoreTraits<kBf16, kDim, kKeys, kStages>;
   typename Traits::TiledMma mma;
   int bad = 0;
   for (int t = 0; t < 256; ++t) {
@@ -53,16 +55,20 @@ int check() {
   Tensor sQ = make_tensor(make_smem_ptr(base), typename Traits::SmemQ{});
   check_tile(sQ, base, 128, Traits::kQElems);
   Tensor sK = make_tensor(make_smem_ptr(base + Traits::kQElems), typename Traits::SmemK{});
-  for (int st = 0; st < msa::detail::cuda::index::kWgmmaStages; ++st) {
+  for (int st = 0; st < kStages; ++st) {
     Elem* const stage_base = base + Traits::kQElems + std::size_t(st) * kKeys * kDim;
     check_tile(sK(_, _, st), stage_base, kKeys, std::size_t(kKeys) * kDim);
   }
-  std::printf("bf16 %d dim %d keys %d: %d mismatches\n", kBf16, kDim, kKeys, bad);
+  std::printf("bf16 %d dim %d keys %d stages %d: %d mismatches\n", kBf16, kDim, kKeys, kStages, bad);
   return bad;
 }
 
 int main() {
   int bad = check<true, 128, 128>() + check<true, 64, 64>() + check<false, 128, 64>() +
             check<false, 64, 128>();
+  // The pipelined kernel's four key buffers (index_block_scores_wgmma_pipe.cuh).
+  constexpr int kPipe = msa::detail::cuda::index::kPipeStages;
+  bad += check<true, 128, 128, kPipe>() + check<true, 64, 64, kPipe>() + check<false, 128, 64, kPipe>() +
+         check<false, 64, 128, kPipe>();
   return bad ? 1 : 0;
 }

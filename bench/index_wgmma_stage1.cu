@@ -1,9 +1,11 @@
-// Stage 1 of the CUDA index branch, HMMA (index_block_scores.cuh) vs wgmma
-// (index_block_scores_wgmma.cuh): one sequence, Hkv = 4, B = 128, bf16, Di = 128 then 64. Checks that
-// both write the same entries (block scores and block LSEs; unwritten entries keep a sentinel) to a
-// relative 1e-3, and times each. Exits non-zero on a mismatch.
+// Stage 1 of the CUDA index branch: HMMA (index_block_scores.cuh) vs the first wgmma kernel
+// (index_block_scores_wgmma.cuh) vs the pipelined wgmma kernel (index_block_scores_wgmma_pipe.cuh):
+// one sequence, Hkv = 4, B = 128, bf16, Di = 128 then 64. Checks that each wgmma kernel writes the
+// same entries as the HMMA one (block scores and block LSEs; unwritten entries keep a sentinel) to a
+// relative 1e-3, and that the block-score argmax per row agrees, then times each (median of reps,
+// CUDA events). Exits non-zero on a mismatch.
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -Iinclude -Isrc \
-//        -I.deps/python/cutlass_library/source/include bench/index_wgmma_stage1.cu -o stage1 && ./stage1 4096 131072
+//        -I.deps/python/cutlass_library/source/include bench/index_wgmma_stage1.cu -o stage1 && ./stage1 32768 131072
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,36 +17,64 @@
 #include "cuda_bench_common.h"
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_block_scores_wgmma.cuh"
+#include "cuda/index_block_scores_wgmma_pipe.cuh"
 
 using namespace msa::detail::cuda::index;
 
 // Counts entries that differ between two dumps: written in one only, or off by > 1e-3 relative.
+// Prints the first mismatch.
 int64_t count_mismatches(const std::vector<float>& x, const std::vector<float>& y, const char* what) {
-  int64_t bad = 0;
+  int64_t bad = 0, first = -1;
   double worst = 0;
   for (size_t i = 0; i < x.size(); ++i) {
     const bool wx = x[i] != 12345.f, wy = y[i] != 12345.f;
-    if (wx != wy || std::isnan(x[i]) != std::isnan(y[i])) { ++bad; continue; }
-    if (!wx) continue;
-    const double d = std::abs(double(x[i]) - y[i]) / std::max(1.0, std::abs(double(x[i])));
-    worst = std::max(worst, d);
-    if (!(d <= 1e-3)) ++bad;
+    bool ok = wx == wy && std::isnan(x[i]) == std::isnan(y[i]);
+    if (ok && wx) {
+      const double d = std::abs(double(x[i]) - y[i]) / std::max(1.0, std::abs(double(x[i])));
+      worst = std::max(worst, d);
+      ok = d <= 1e-3;
+    }
+    if (!ok) {
+      if (first < 0) first = int64_t(i);
+      ++bad;
+    }
   }
-  std::printf("  %s: %lld mismatches, worst relative difference %.2e\n", what, (long long)bad, worst);
+  std::printf("  %s: %lld mismatches, worst relative difference %.2e", what, (long long)bad, worst);
+  if (first >= 0) std::printf(" (first at %lld: %g vs %g)", (long long)first, x[size_t(first)], y[size_t(first)]);
+  std::printf("\n");
+  return bad;
+}
+
+// Rows (of ld entries) whose largest written block score sits in a different block: the selection
+// that stage 2 makes from these scores, reduced to its first pick. Near-ties are allowed.
+int64_t count_argmax_changes(const std::vector<float>& x, const std::vector<float>& y, int64_t ld) {
+  int64_t bad = 0;
+  for (size_t r = 0; r * ld < x.size(); ++r) {
+    int64_t bx = -1, by = -1;
+    for (int64_t j = 0; j < ld; ++j) {
+      const float vx = x[r * ld + j], vy = y[r * ld + j];
+      if (vx != 12345.f && (bx < 0 || vx > x[r * ld + bx])) bx = j;
+      if (vy != 12345.f && (by < 0 || vy > y[r * ld + by])) by = j;
+    }
+    if (bx != by && !(bx >= 0 && by >= 0 && std::abs(x[r * ld + bx] - x[r * ld + by]) <= 1e-3f)) ++bad;
+  }
+  std::printf("  rows whose top block differs: %lld\n", (long long)bad);
   return bad;
 }
 
 template <int kDim>
 int64_t run(int64_t L) {
+  constexpr int kKinds = 3;  // HMMA, wgmma, pipelined wgmma
+  const char* names[kKinds] = {"HMMA      ", "wgmma     ", "wgmma pipe"};
   const int Hkv = 4, Di = kDim, B = 128;
   const int64_t nb = (L + B - 1) / B, ld = (nb + 3) / 4 * 4, rows = Hkv * L, n = rows * ld;
   uint16_t *qi, *ki;
   int32_t* cu;
-  float *sc[2], *ls[2];
+  float *sc[kKinds], *ls[kKinds];
   CHECK(cudaMalloc(&qi, L * Hkv * Di * 2));
   CHECK(cudaMalloc(&ki, L * Di * 2));
   CHECK(cudaMalloc(&cu, 8));
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < kKinds; ++k) {
     CHECK(cudaMalloc(&sc[k], n * 4));
     CHECK(cudaMalloc(&ls[k], n * 4));
   }
@@ -62,50 +92,63 @@ int64_t run(int64_t L) {
   s.iscale = 1.f / std::sqrt(float(Di)); s.lse_factor = s.iscale / 0.8f;
   s.vector_loads = true;
   s.ld = ld; s.total_q = L;
-  BlockScoreArgs s_h = s, s_w = s;
-  s_h.scores = sc[0]; s_h.lses = ls[0];
-  s_w.scores = sc[1]; s_w.lses = ls[1];
+  BlockScoreArgs sk[kKinds] = {s, s, s};
+  for (int k = 0; k < kKinds; ++k) { sk[k].scores = sc[k]; sk[k].lses = ls[k]; }
   const dim3 grid(unsigned((L + s.queries_per_cta - 1) / s.queries_per_cta), 1, 1);
 
   const size_t smem_h = block_score_smem_bytes(Di);
   const size_t smem_w = WgmmaScoreTraits<true, kDim, 128>::kSmemBytes;
+  const size_t smem_p = WgmmaScoreTraits<true, kDim, 128, kPipeStages>::kSmemBytes;
   CHECK(cudaFuncSetAttribute(block_scores_kernel<true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_h)));
   CHECK(cudaFuncSetAttribute(block_scores_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_h)));
   CHECK(cudaFuncSetAttribute(block_scores_wgmma_kernel<true, false, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_w)));
   CHECK(cudaFuncSetAttribute(block_scores_wgmma_kernel<true, true, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_w)));
-  auto hmma = [&] { block_scores_kernel<true, false><<<grid, kScoreThreads, smem_h>>>(s_h); };
-  auto hmma_lse = [&] { block_scores_kernel<true, true><<<grid, kScoreThreads, smem_h>>>(s_h); };
-  auto wg = [&] { block_scores_wgmma_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(s_w); };
-  auto wg_lse = [&] { block_scores_wgmma_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(s_w); };
+  CHECK(cudaFuncSetAttribute(block_scores_wgmma_pipe_kernel<true, false, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_p)));
+  CHECK(cudaFuncSetAttribute(block_scores_wgmma_pipe_kernel<true, true, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_p)));
+  auto launch = [&](int kind, bool lse) {
+    const BlockScoreArgs& x = sk[kind];
+    if (kind == 0 && lse) block_scores_kernel<true, true><<<grid, kScoreThreads, smem_h>>>(x);
+    else if (kind == 0) block_scores_kernel<true, false><<<grid, kScoreThreads, smem_h>>>(x);
+    else if (kind == 1 && lse) block_scores_wgmma_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(x);
+    else if (kind == 1) block_scores_wgmma_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(x);
+    else if (lse) block_scores_wgmma_pipe_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
+    else block_scores_wgmma_pipe_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
+  };
 
   // Outputs first (sentinel-filled, one LSE run each), then timings.
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < kKinds; ++k) {
     fill_value<<<4096, 256>>>(sc[k], n, 12345.f);
     fill_value<<<4096, 256>>>(ls[k], n, 12345.f);
   }
-  hmma_lse();
-  wg_lse();
+  for (int k = 0; k < kKinds; ++k) launch(k, true);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
-  std::vector<float> h[2], l[2];
-  for (int k = 0; k < 2; ++k) {
+  std::vector<float> h[kKinds], l[kKinds];
+  for (int k = 0; k < kKinds; ++k) {
     h[k].resize(size_t(n));
     l[k].resize(size_t(n));
     CHECK(cudaMemcpy(h[k].data(), sc[k], n * 4, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(l[k].data(), ls[k], n * 4, cudaMemcpyDeviceToHost));
   }
   std::printf("L=%lld Di=%d:\n", (long long)L, Di);
-  int64_t bad = count_mismatches(h[0], h[1], "block scores") + count_mismatches(l[0], l[1], "block LSEs");
+  int64_t bad = 0;
+  for (int k = 1; k < kKinds; ++k) {
+    std::printf(" %s vs HMMA\n", names[k]);
+    bad += count_mismatches(h[0], h[k], "block scores") + count_mismatches(l[0], l[k], "block LSEs");
+    bad += count_argmax_changes(h[0], h[k], ld);
+  }
 
   const int reps = L > 65536 ? 5 : 10;
   const double flops = 2.0 * Hkv * Di * (double(L) * (L + 1) / 2);
-  const float th = median_ms(hmma, reps, 1), thl = median_ms(hmma_lse, reps, 1);
-  const float tw = median_ms(wg, reps, 1), twl = median_ms(wg_lse, reps, 1);
-  CHECK(cudaGetLastError());
-  std::printf("  HMMA  %.3f ms (%.0f TFLOP/s useful), with block LSE %.3f ms\n", th, flops / th / 1e9, thl);
-  std::printf("  wgmma %.3f ms (%.0f TFLOP/s useful), with block LSE %.3f ms\n", tw, flops / tw / 1e9, twl);
+  for (int k = 0; k < kKinds; ++k) {
+    const float t = median_ms([&] { launch(k, false); }, reps, 1);
+    const float tl = median_ms([&] { launch(k, true); }, reps, 1);
+    CHECK(cudaGetLastError());
+    std::printf("  %s %8.3f ms (%4.0f TFLOP/s useful), with block LSE %8.3f ms (%4.0f TFLOP/s)\n", names[k], t,
+                flops / t / 1e9, tl, flops / tl / 1e9);
+  }
   cudaFree(qi); cudaFree(ki); cudaFree(cu);
-  for (int k = 0; k < 2; ++k) { cudaFree(sc[k]); cudaFree(ls[k]); }
+  for (int k = 0; k < kKinds; ++k) { cudaFree(sc[k]); cudaFree(ls[k]); }
   return bad;
 }
 

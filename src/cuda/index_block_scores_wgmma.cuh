@@ -32,7 +32,7 @@ constexpr int kWgmmaThreads = 256;  // two consumer warpgroups
 constexpr int kWgmmaStages = 2;     // key-chunk buffers; 2 keeps two CTAs resident per SM
 static_assert(kWgmmaThreads / 128 * 64 == kScoreRows, "same rows per CTA as the HMMA kernel");
 
-template <bool kBf16, int kDim, int kKeys>
+template <bool kBf16, int kDim, int kKeys, int kStages = kWgmmaStages>
 struct WgmmaScoreTraits {
   using Elem = std::conditional_t<kBf16, cute::bfloat16_t, cute::half_t>;
   using Atom = std::conditional_t<
@@ -47,9 +47,9 @@ struct WgmmaScoreTraits {
                                              cute::Shape<cute::Int<kScoreRows>, cute::Int<kDim>>{}));
   using SmemK = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<Elem>{},
-      cute::Shape<cute::Int<kKeys>, cute::Int<kDim>, cute::Int<kWgmmaStages>>{}));
+      cute::Shape<cute::Int<kKeys>, cute::Int<kDim>, cute::Int<kStages>>{}));
   static constexpr std::size_t kQElems = std::size_t(kScoreRows) * kDim;
-  static constexpr std::size_t kKElems = std::size_t(kKeys) * kDim * kWgmmaStages;
+  static constexpr std::size_t kKElems = std::size_t(kKeys) * kDim * kStages;
   // +1024: the swizzle atoms need 1024-byte alignment, which the kernel makes by hand.
   static constexpr std::size_t kSmemBytes = (kQElems + kKElems) * 2 + 1024;
 };

@@ -1,7 +1,8 @@
 // Entry to the wgmma (Hopper tensor-core) stage 1 of the index branch, kept apart from its kernel so
-// index_topk.cu does not compile CuTe. It is the default where it applies (H100: 29.0 ms against the
-// mma.sync kernel's 43.2 ms at 128K, Hkv 4; bench/results); MSA_INDEX_KERNEL=mma selects the mma.sync
-// kernel instead.
+// index_topk.cu does not compile CuTe. It is the default where it applies (H100, first wgmma kernel:
+// 29.0 ms against the mma.sync kernel's 43.2 ms at 128K, Hkv 4; bench/results). MSA_INDEX_KERNEL
+// picks the stage 1: unset (or wgmma_pipe) the pipelined wgmma kernel, "wgmma" the first wgmma
+// kernel (no overlap of product and pooling), "mma" the mma.sync kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +16,9 @@ namespace index {
 
 // False only when the environment asks for the mma.sync stage 1 (MSA_INDEX_KERNEL=mma).
 bool wgmma_block_scores_requested();
+
+// False only when the environment asks for the first, unpipelined wgmma kernel (MSA_INDEX_KERNEL=wgmma).
+bool wgmma_pipe_block_scores_requested();
 
 // Whether the wgmma kernel covers these arguments (head dims up to 128); else use the HMMA kernel.
 bool wgmma_block_scores_supported(const BlockScoreArgs& args);
