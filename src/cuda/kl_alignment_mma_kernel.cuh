@@ -57,10 +57,13 @@ struct KlMmaParams {
 
 constexpr int kKlPStride = kAttnKeys + 8;  // fp32 row stride of the P and Z buffers (bank spread)
 
-// Shared memory: Q rows, K, index queries, index keys, P, Z, dZ, small per-row arrays (then the
-// query kernel's union bookkeeping). The per-query buffers hold 16 * qt rows (qt = kl_query_tiles),
-// so that G = 16 keeps two CTAs per SM.
+// Shared memory: Q rows, K, index keys, P, index queries, Z, dZ, small arrays (then the query
+// kernel's union bookkeeping). The per-query buffers hold 16 * qt rows (qt = kl_query_tiles), so
+// that G = 16 keeps two CTAs per SM. The query-major kernel double-buffers the key side (K, ki),
+// the key-major kernel the query side (Q, qi and the per-row values).
 __host__ __device__ __forceinline__ int kl_query_tiles(int G) { return (kAttnRows / G + 15) / 16; }
+
+constexpr int kKlSmallArrays = 2 * 3 + 2;  // qlim, lse2, slse per stage; walk-1 max and sum
 
 template <int D, int Di>
 struct KlMmaSmem {
@@ -68,49 +71,52 @@ struct KlMmaSmem {
   static constexpr std::size_t kK = std::size_t(kAttnKeys) * D * 2;
   static constexpr std::size_t kKi = std::size_t(kAttnKeys) * Di * 2;
   static constexpr std::size_t kP = std::size_t(kAttnRows) * kKlPStride * 4;
-  static constexpr std::size_t kSmall = 5 * kAttnRows * 4 + kAttnThreads * 8;
-  // Per-query buffers of qt 16-row tiles: index queries, Z, dZ.
+  static constexpr std::size_t kSmall = kKlSmallArrays * kAttnRows * 4 + kAttnThreads * 8;
   __host__ __device__ static constexpr std::size_t qi_bytes(int qt) { return std::size_t(qt) * 16 * Di * 2; }
   __host__ __device__ static constexpr std::size_t z_bytes(int qt) { return std::size_t(qt) * 16 * kKlPStride * 4; }
   __host__ __device__ static constexpr std::size_t dz_bytes(int qt) { return std::size_t(qt) * 16 * kAttnKeys * 2; }
-  __host__ __device__ static constexpr std::size_t fixed_bytes(int qt) {
-    return kQ + kK + kKi + kP + kSmall + qi_bytes(qt) + z_bytes(qt) + dz_bytes(qt);
+  // q_stages: buffers of (Q, qi); k_stages: buffers of (K, ki).
+  __host__ __device__ static constexpr std::size_t fixed_bytes(int qt, int q_stages, int k_stages) {
+    return q_stages * (kQ + qi_bytes(qt)) + k_stages * (kK + kKi) + kP + z_bytes(qt) + dz_bytes(qt) + kSmall;
   }
   static std::size_t query_bytes(int qt, int bitmap_words, int union_cap) {
-    return fixed_bytes(qt) + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
+    return fixed_bytes(qt, 1, 2) + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
-  static std::size_t key_bytes(int qt) { return fixed_bytes(qt); }
+  static std::size_t key_bytes(int qt) { return fixed_bytes(qt, 2, 1); }
 };
 
-// The shared-memory pieces, carved in KlMmaSmem's order (every piece a multiple of 128 bytes but
-// the small arrays, which come last before the tail).
+// The shared-memory pieces, carved in KlMmaSmem's order (each a multiple of 128 bytes but the small
+// arrays, which come last before the tail). Stage s of a buffer starts at buffer + s * its size.
 template <int D, int Di>
 struct KlTiles {
   uint16_t *q, *k, *qi, *ki, *dz;
+  int q_stride, qi_stride, k_stride, ki_stride;  // elements between stages
   float *p, *z;
   double* red;    // [kAttnThreads] loss reduction
-  int* qlim;      // [64] per query of the tile: last visible key offset in the chunk (-1: none)
-  float* lse2;    // [64] per row: lse * log2(e)
-  float* slse;    // [64] per query: student logsumexp
+  int* qlim;      // [2][64] per query of the tile: last visible key offset in the chunk (-1: none)
+  float* lse2;    // [2][64] per row: lse * log2(e)
+  float* slse;    // [2][64] per query: student logsumexp
   float *sm, *sl; // [64] per query: walk-1 running max and sum
   unsigned char* tail;
-  __device__ KlTiles(unsigned char* base, int qt) {
+  __device__ KlTiles(unsigned char* base, int qt, int q_stages, int k_stages) {
     using S = KlMmaSmem<D, Di>;
     unsigned char* at = base;
-    q = reinterpret_cast<uint16_t*>(at), at += S::kQ;
-    k = reinterpret_cast<uint16_t*>(at), at += S::kK;
-    ki = reinterpret_cast<uint16_t*>(at), at += S::kKi;
+    q = reinterpret_cast<uint16_t*>(at), at += q_stages * S::kQ;
+    qi = reinterpret_cast<uint16_t*>(at), at += q_stages * S::qi_bytes(qt);
+    k = reinterpret_cast<uint16_t*>(at), at += k_stages * S::kK;
+    ki = reinterpret_cast<uint16_t*>(at), at += k_stages * S::kKi;
+    q_stride = int(S::kQ / 2), qi_stride = int(S::qi_bytes(qt) / 2);
+    k_stride = int(S::kK / 2), ki_stride = int(S::kKi / 2);
     p = reinterpret_cast<float*>(at), at += S::kP;
-    qi = reinterpret_cast<uint16_t*>(at), at += S::qi_bytes(qt);
     z = reinterpret_cast<float*>(at), at += S::z_bytes(qt);
     dz = reinterpret_cast<uint16_t*>(at), at += S::dz_bytes(qt);
     red = reinterpret_cast<double*>(at), at += kAttnThreads * 8;
     qlim = reinterpret_cast<int*>(at);
-    lse2 = reinterpret_cast<float*>(qlim + kAttnRows);
-    slse = lse2 + kAttnRows;
-    sm = slse + kAttnRows;
+    lse2 = reinterpret_cast<float*>(qlim + 2 * kAttnRows);
+    slse = lse2 + 2 * kAttnRows;
+    sm = slse + 2 * kAttnRows;
     sl = sm + kAttnRows;
-    tail = base + S::fixed_bytes(qt);
+    tail = base + S::fixed_bytes(qt, q_stages, k_stages);
   }
 };
 
@@ -308,7 +314,7 @@ __device__ __forceinline__ void kl_dki_mma(const uint16_t* sDz, const uint16_t* 
 template <class T, int D, int Di>
 __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G));
+  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G), 1, 2);
   const BlockUnionSmem<1> su = BlockUnionSmem<1>::carve(s.tail, p.bitmap_words, p.union_cap);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -366,42 +372,60 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
   auto key_start = [&](int it) -> int64_t {
     return rules::block_begin(block_at(it / sub_per_block), B) + int64_t(it % sub_per_block) * kAttnKeys;
   };
-  // Loads the chunk's ki (and k when `with_k`) and sets each query's visible limit in it.
-  auto load_chunk = [&](int it, bool with_k) {
+  // Copies chunk `it`'s ki (and k when `with_k`) into `stage` (cp.async, not committed).
+  auto issue_chunk = [&](int it, int stage, bool with_k) {
     const int64_t ks = key_start(it);
     if (with_k) {
-      load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
+      load_tile<D>(s.k + stage * s.k_stride, k, [&](int r) -> const uint16_t* {
         const int64_t t = ks + r;
         return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
       });
     }
-    load_tile<Di>(s.ki, ki, [&](int r) -> const uint16_t* {
+    load_tile<Di>(s.ki + stage * s.ki_stride, ki, [&](int r) -> const uint16_t* {
       const int64_t t = ks + r;
       return t < lk ? ki + (k_begin + t) * p.ki_s0 : nullptr;
     });
-    mma::cp_async_commit();
+  };
+  // Each query's last visible key offset in chunk `it` (-1: none).
+  auto set_limits = [&](int it) {
     if (tid < kAttnRows) {
+      const int64_t ks = key_start(it);
       int lim = -1;
       if (tid < nq) {
         const unsigned long long sel = dense ? ~0ull : su.mask[it / sub_per_block];
         const int64_t pos = rules::query_position(lq, lk, i_first + tid);
-        if ((sel >> tid) & 1ull) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-        if (pos < ks) lim = -1;
+        if (((sel >> tid) & 1ull) && pos >= ks) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
       }
       s.qlim[tid] = lim;
     }
-    mma::cp_async_wait<0>();
-    __syncthreads();
+  };
+  // Two-stage pipeline over the chunks: body(stage) runs between barriers with chunk `it` resident.
+  auto walk = [&](bool with_k, auto&& body) {
+    if (num_iters > 0) issue_chunk(0, 0, with_k);
+    mma::cp_async_commit();
+    for (int it = 0; it < num_iters; ++it) {
+      const int stage = it & 1;
+      if (it + 1 < num_iters) {
+        issue_chunk(it + 1, stage ^ 1, with_k);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      set_limits(it);
+      __syncthreads();
+      body(stage);
+      __syncthreads();
+    }
+    mma::cp_async_wait<0>();  // the Q tiles, when there was no chunk to wait for
   };
 
   // Walk 1: student logsumexp per query.
-  for (int it = 0; it < num_iters; ++it) {
-    load_chunk(it, false);
-    kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+  walk(false, [&](int stage) {
+    kl_student_logits<T, Di>(s.qi, s.ki + stage * s.ki_stride, qt, s.z);
     __syncthreads();
     kl_student_lse_update(s.z, s.qlim, nq, p.iscale, s.sm, s.sl);
-    __syncthreads();
-  }
+  });
   if (tid < kAttnRows) {
     const float l = s.sl[tid];
     const float lse = l > 0.f ? s.sm[tid] + logf(l) : -INFINITY;
@@ -417,17 +441,15 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
 #pragma unroll
     for (int n = 0; n < Di / 32; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
   double loss = 0.0;
-  for (int it = 0; it < num_iters; ++it) {
-    load_chunk(it, true);
-    kl_teacher_rows<T, D>(s.q, s.k, s.qlim, s.lse2, G, p.scale_log2, s.p);
-    kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+  walk(true, [&](int stage) {
+    const uint16_t* tki = s.ki + stage * s.ki_stride;
+    kl_teacher_rows<T, D>(s.q, s.k + stage * s.k_stride, s.qlim, s.lse2, G, p.scale_log2, s.p);
+    kl_student_logits<T, Di>(s.qi, tki, qt, s.z);
     __syncthreads();
     loss += kl_terms<T>(s.p, s.z, s.qlim, s.slse, G, nq, qt, p.iscale, s.dz);
     __syncthreads();
-    kl_dqi_mma<T, Di>(s.dz, s.ki, qt, acc);
-    __syncthreads();
-  }
-  mma::cp_async_wait<0>();  // the Q tiles, when there was no chunk to wait for
+    kl_dqi_mma<T, Di>(s.dz, tki, qt, acc);
+  });
 
   // dqi = norm * iscale * acc; a query without keys gets 0.
   T* dqi = static_cast<T*>(p.dqi);
@@ -459,7 +481,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
 template <class T, int D, int Di>
 __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G));
+  KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G), 2, 1);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.y;
@@ -503,32 +525,33 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       num_tiles = p.list_end[list] - list_begin;
     }
     if (num_tiles == 0) continue;
-    __syncthreads();  // the previous group's last chunk is done with s.k
+    __syncthreads();  // the previous group's last tile is done with s.k and every stage
     load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
       const int64_t t = ks + r;
       return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
     });
     mma::cp_async_commit();
-    for (int64_t u = 0; u < num_tiles; ++u) {
+    // Query tile u into `stage`: Q rows and qi by cp.async (not committed); per row lse * log2(e),
+    // per query its limit in this key tile (-1: padding, or the block is not selected) and student LSE.
+    auto issue_tile = [&](int64_t u, int stage) {
       const int64_t tile = dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
       const int64_t f0 = tile * kAttnRows;
       const int64_t i_first = f0 / G;
       const int nq = int(((f0 + kAttnRows < rows_total ? f0 + kAttnRows : rows_total) / G) - i_first);
-      load_tile<D>(s.q, q, [&](int r) -> const uint16_t* {
+      load_tile<D>(s.q + stage * s.q_stride, q, [&](int r) -> const uint16_t* {
         const int64_t f = f0 + r;
         if (f >= rows_total) return nullptr;
         return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
       });
-      load_query_rows<Di>(s.qi, qt * 16, qi, [&](int r) -> const uint16_t* {
+      load_query_rows<Di>(s.qi + stage * s.qi_stride, qt * 16, qi, [&](int r) -> const uint16_t* {
         return r < nq ? qi + (q_begin + i_first + r) * p.qi_s0 + int64_t(g) * p.qi_s1 : nullptr;
       });
-      mma::cp_async_commit();
       if (tid < kAttnRows) {
         const int64_t f = f0 + tid;
-        s.lse2[tid] = f < rows_total
-                          ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] *
-                                1.4426950408889634f
-                          : 0.f;
+        s.lse2[stage * kAttnRows + tid] =
+            f < rows_total ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] *
+                                 1.4426950408889634f
+                           : 0.f;
         int lim = -1;
         float sl = 0.f;
         if (tid < nq) {
@@ -537,27 +560,43 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
           bool selected = dense;
           if (!dense) {
             const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
-            for (int sl2 = 0; sl2 < p.topk_k; ++sl2) selected |= ids[sl2] == block;
+            for (int slot = 0; slot < p.topk_k; ++slot) selected |= ids[slot] == block;
           }
           if (selected && rules::causally_visible(ks, pos)) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          sl = p.student_lse[row * p.hkv + g];
+          if (lim >= 0) sl = p.student_lse[row * p.hkv + g];
         }
-        s.qlim[tid] = lim;
-        s.slse[tid] = sl;
+        s.qlim[stage * kAttnRows + tid] = lim;
+        s.slse[stage * kAttnRows + tid] = sl;
       }
-      mma::cp_async_wait<0>();
+      return nq;
+    };
+    int nq_next = issue_tile(0, 0);
+    mma::cp_async_commit();
+    for (int64_t u = 0; u < num_tiles; ++u) {
+      const int stage = int(u & 1);
+      const int nq = nq_next;
+      if (u + 1 < num_tiles) {
+        nq_next = issue_tile(u + 1, stage ^ 1);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
       __syncthreads();
-      kl_teacher_rows<T, D>(s.q, s.k, s.qlim, s.lse2, G, p.scale_log2, s.p);
-      kl_student_logits<T, Di>(s.qi, s.ki, qt, s.z);
+      const uint16_t* tq = s.q + stage * s.q_stride;
+      const uint16_t* tqi = s.qi + stage * s.qi_stride;
+      const int* qlim = s.qlim + stage * kAttnRows;
+      kl_teacher_rows<T, D>(tq, s.k, qlim, s.lse2 + stage * kAttnRows, G, p.scale_log2, s.p);
+      kl_student_logits<T, Di>(tqi, s.ki, qt, s.z);
       __syncthreads();
-      kl_terms<T>(s.p, s.z, s.qlim, s.slse, G, nq, qt, p.iscale, s.dz);
+      kl_terms<T>(s.p, s.z, qlim, s.slse + stage * kAttnRows, G, nq, qt, p.iscale, s.dz);
       __syncthreads();
-      kl_dki_mma<T, Di>(s.dz, s.qi, qt, acc);
+      kl_dki_mma<T, Di>(s.dz, tqi, qt, acc);
       __syncthreads();
     }
   }
-
   mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
+
   // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected).
   T* dki = static_cast<T*>(p.dki);
 #pragma unroll
