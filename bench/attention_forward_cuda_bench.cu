@@ -6,9 +6,14 @@
 // neighbouring queries mostly do with a trained index) and "random" (every query picks its own
 // random blocks: the worst case for the union of a tile).
 //
+// Each variant runs once per kernel, selected through MSA_ATTENTION_KERNEL (the library reads it at
+// every call): "mma" (mma.sync) and "wgmma" (the default where compiled in; on other builds or
+// devices it silently runs mma.sync too). --kernels mma,wgmma picks them; --dense-max N skips the
+// dense variant for L > N (at 128K one dense call takes about 1.5 s).
+//
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Iinclude -Isrc \
-//          bench/attention_forward_cuda_bench.cu build-cudaattn/libmsa.a -Xcompiler -fopenmp -o afb
-// Run:   ./afb 32768 131072
+//          bench/attention_forward_cuda_bench.cu build-wgperf/libmsa.a -Xcompiler -fopenmp -o afb
+// Run:   ./afb 32768 131072 --dense-max 32768
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -16,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_bench_common.h"
@@ -27,9 +33,35 @@ using namespace msa;
 int main(int argc, char** argv) {
   Config cfg;  // defaults: Hq 64, Hkv 4, D 128, B 128, k 16
   std::vector<int> lengths;
-  for (int i = 1; i < argc; ++i) lengths.push_back(std::atoi(argv[i]));
+  std::vector<std::string> kernels = {"mma", "wgmma"};
+  long dense_max = -1;  // no limit
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--dense-max" && i + 1 < argc) {
+      dense_max = std::atol(argv[++i]);
+    } else if (a == "--kernels" && i + 1 < argc) {
+      kernels.clear();
+      std::string list = argv[++i];
+      for (std::size_t b = 0, e; b <= list.size(); b = e + 1) {
+        e = list.find(',', b);
+        if (e == std::string::npos) e = list.size();
+        if (e > b) kernels.push_back(list.substr(b, e - b));
+      }
+    } else {
+      lengths.push_back(std::atoi(argv[i]));
+    }
+  }
   if (lengths.empty()) lengths = {32768, 131072};
-  std::printf("%-8s %-14s %10s %10s\n", "L", "variant", "ms", "TFLOP/s");
+  // Times f once per kernel; prints one line each.
+  auto time_kernels = [&](int L, const char* variant, double flops, int reps, int warmups, auto f) {
+    for (const std::string& kname : kernels) {
+      setenv("MSA_ATTENTION_KERNEL", kname.c_str(), 1);
+      const float ms = median_ms(f, reps, warmups);
+      std::printf("%-8d %-14s %-6s %10.3f %10.1f\n", L, variant, kname.c_str(), ms, flops / (ms * 1e-3) / 1e12);
+      std::fflush(stdout);
+    }
+  };
+  std::printf("%-8s %-14s %-6s %10s %10s\n", "L", "variant", "kernel", "ms", "TFLOP/s");
   for (int L : lengths) {
     const int64_t Hq = cfg.num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim, B = cfg.block_size;
     const int K = cfg.topk;
@@ -88,13 +120,12 @@ int main(int argc, char** argv) {
         }
       CHECK(cudaMemcpy(topk, ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
       const double flops = keys / double(Hkv) * double(Hq) * 4.0 * double(D);
-      const float ms = median_ms([&] { sparse_attention_forward(cfg, vl, tq, tk, tv, tt, to, tl); }, 10, 3);
-      std::printf("%-8d %-14s %10.3f %10.1f\n", L, shared ? "sparse-shared" : "sparse-random", ms,
-                  flops / (ms * 1e-3) / 1e12);
+      time_kernels(L, shared ? "sparse-shared" : "sparse-random", flops, 10, 3,
+                   [&] { sparse_attention_forward(cfg, vl, tq, tk, tv, tt, to, tl); });
     }
     const double dflops = double(L) * (double(L) + 1) / 2 * double(Hq) * 4.0 * double(D);
-    const float ms = median_ms([&] { dense_attention_forward(cfg, vl, tq, tk, tv, to, tl); }, 5, 3);
-    std::printf("%-8d %-14s %10.3f %10.1f\n", L, "dense", ms, dflops / (ms * 1e-3) / 1e12);
+    if (dense_max < 0 || L <= dense_max)
+      time_kernels(L, "dense", dflops, 5, 3, [&] { dense_attention_forward(cfg, vl, tq, tk, tv, to, tl); });
     CHECK(cudaGetLastError());
     for (void* p : {q, k, v, out, lse, topk, cu}) CHECK(cudaFree(p));
   }

@@ -2,11 +2,12 @@
 // about CuTe's layouts, for the exact tiled MMAs and shared-memory layouts of the kernel:
 // - S accumulator (64 x 64) and O accumulator (64 x D): thread t's element e = i + 2 h + 4 n sits at
 //   row 16 (t / 32) + (t % 32) / 4 + 8 h, column 8 n + 2 (t % 4) + i;
-// - the register A operand of P V (64 x 64 P): the same (row, column) at the same e, so P is the S
-//   accumulator converted element by element;
+// - the register A operand of P V (64 x 64 P) and of the kernel's S = Q K^T (64 x D Q): the same
+//   (row, column) at the same e, so P is the S accumulator converted element by element and Q is
+//   loaded straight into its fragment;
 // - every 16-byte chunk the cp.async loader writes (8 consecutive d of one row) is contiguous and
-//   16-byte aligned at the addresses of the swizzled CuTe smem tensors (&sQ(row, d, ..)), which is how
-//   the kernel addresses them. (The layouts must not be evaluated directly: their swizzle acts on byte
+//   16-byte aligned at the addresses of the swizzled CuTe smem tensors (the kernel's K and V rings,
+//   and the probe's Q, K, V tiles), which is how they are addressed. (The layouts must not be evaluated directly: their swizzle acts on byte
 //   addresses; bench/attention_wgmma_probe.cu checks the addresses against the PTX canonical swizzle.)
 // Exits non-zero on any mismatch.
 //   nvcc -std=c++17 --expt-relaxed-constexpr -Iinclude -Isrc -I.deps/python/cutlass_library/source/include \
@@ -44,6 +45,43 @@ int check() {
       fragment_at(t, e, row, col);
       if (get<0>(o(e)) != row || get<1>(o(e)) != col) ++bad;
     }
+  }
+  // The kernel's S product takes Q as a register A operand (64 x D): the same map, so Q is loaded
+  // from global memory straight into the fragment; its accumulator is the S map above.
+  typename wg::TileMmas<E, D>::S mma_sq;
+  for (int t = 0; t < 128; ++t) {
+    Tensor a = mma_sq.get_thread_slice(t).partition_A(make_identity_tensor(Shape<_64, Int<D>>{}));
+    Tensor c = mma_sq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<kKeys>>{}));
+    if (size(a) != D / 2 || size(c) != kKeys / 2) ++bad;
+    int row, col;
+    for (int e = 0; e < size(a); ++e) {
+      fragment_at(t, e, row, col);
+      if (get<0>(a(e)) != row || get<1>(a(e)) != col) ++bad;
+    }
+    for (int e = 0; e < size(c); ++e) {
+      fragment_at(t, e, row, col);
+      if (get<0>(c(e)) != row || get<1>(c(e)) != col) ++bad;
+    }
+  }
+  Tensor qf = make_tensor<E>(partition_shape_A(mma_sq, Shape<_64, Int<D>>{}));
+  for (int e = 0; e < size(qf); ++e)
+    if (qf.layout()(e) != e) ++bad;
+  {
+    // The kernel's K and V rings: 16-byte chunks contiguous and aligned in every slot.
+    using R = wg::Ring<E, D>;
+    static unsigned char ring[(R::kKElems + R::kVElems) * 2 + 1024];
+    E* rb = reinterpret_cast<E*>((reinterpret_cast<uintptr_t>(ring) + 1023) & ~uintptr_t(1023));
+    Tensor rK = make_tensor(make_smem_ptr(rb), typename R::LayoutK{});
+    Tensor rV = make_tensor(make_smem_ptr(rb + R::kKElems), typename R::LayoutV{});
+    auto addr = [](auto& x) { return reinterpret_cast<uintptr_t>(&x); };
+    for (int x = 0; x < wg::kStages; ++x)
+      for (int r = 0; r < wg::kKeys; ++r)
+        for (int c = 0; c < D; c += 8) {
+          if (addr(rK(r, c, x)) % 16 || addr(rV(c, r, x)) % 16) ++bad;
+          for (int j = 0; j < 8; ++j)
+            if (addr(rK(r, c + j, x)) != addr(rK(r, c, x)) + 2 * j || addr(rV(c + j, r, x)) != addr(rV(c, r, x)) + 2 * j)
+              ++bad;
+        }
   }
   // The register fragment of P is laid out compactly in the order of partition_A's elements.
   Tensor p = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, Int<kKeys>>{}));

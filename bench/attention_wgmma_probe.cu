@@ -1,6 +1,8 @@
 // Probe of the two wgmma products of the Hopper attention forward (src/cuda/attention_forward_wgmma.cuh),
-// stage by stage, with the kernel's own shared-memory layouts (wgmma::Smem), tiled MMAs (wgmma::Mmas)
-// and product helpers (product_s, product_o), on one CTA of two warpgroups and fixed random tiles,
+// stage by stage, with the kernel's 128-byte swizzle atoms and P V product (the probe fixtures of that
+// header: wgmma::Smem, wgmma::Mmas, product_s, product_o), on one CTA of two warpgroups and fixed
+// random tiles (the kernel itself now takes Q as a register operand of S = Q K^T; its fragment map is
+// checked on the host by bench/attention_wgmma_layout_check.cu),
 // against a float64 CPU product of the same 16-bit inputs:
 //   S = Q K^T  (Q 128 x D: both warpgroups' slices; K 64 x D in pipeline stage 1)
 //   O = P V    (P 128 x 64 given as the S accumulator, as the kernel has it; V 64 x D in stage 1)
@@ -52,7 +54,7 @@ namespace mma = msa::detail::cuda::mma;
     }                                                                                              \
   } while (0)
 
-constexpr int kRows = wg::kRows;  // 128
+constexpr int kRows = 64 * wg::kWarpgroups;  // 128: the probe runs two warpgroups of 64 rows
 constexpr int kKeys = wg::kKeys;  // 64
 
 // The kernel's accumulator fragment map (top of attention_forward_wgmma.cuh).

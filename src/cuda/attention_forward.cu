@@ -1,6 +1,7 @@
 // Host side of the CUDA attention forward (sparse over topk, or dense causal when topk is undefined):
 // checks what the kernel needs beyond the common validation, sizes the grid and shared memory, and
-// launches attention_forward_kernel (attention_forward_kernel.cuh).
+// launches attention_forward_kernel (attention_forward_kernel.cuh), or the wgmma kernel
+// (attention_forward_wgmma.cuh) where it is compiled in and requested.
 //
 // Known limitation: ids in topk outside [0, local block of their query] (other than -1) are skipped,
 // never read out of bounds and never reported; a duplicated id counts once.
@@ -47,16 +48,18 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// The wgmma (sm_90a warpgroup) kernel, 128-row tiles, is compiled in only with
-// -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON and then selected by MSA_ATTENTION_KERNEL=wgmma. Its first
-// version was wrong on an H100 (relative error ~1.1, commit eb48961: the loaders evaluated the
-// swizzled layout on element offsets, so wgmma read Q, K and V from the wrong places); the fixed one
-// (loaders through the CuTe smem tensors) has not run on a device yet, so it stays opt-in until
-// AttentionForwardWgmmaCuda.* and bench/attention_wgmma_probe.cu pass there.
+// The wgmma (sm_90a warpgroup) kernel, 64-row tiles of one warpgroup, is compiled in only with
+// -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON and then selected by MSA_ATTENTION_KERNEL=wgmma on sm_90
+// devices (it is built for sm_90a only).
 bool wgmma_requested() {
 #if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
-  return e != nullptr && std::string(e) == "wgmma";
+  if (e == nullptr || std::string(e) != "wgmma") return false;
+  int dev = 0, major = 0, minor = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
 #else
   return false;
 #endif
@@ -64,8 +67,8 @@ bool wgmma_requested() {
 
 template <class T, int D>
 void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
-  using Smem = wgmma::Smem<typename wgmma::CuteElem<T>::type, D>;
-  const std::size_t smem = Smem::bytes(params.bitmap_words, params.union_cap);
+  using Ring = wgmma::Ring<typename wgmma::CuteElem<T>::type, D>;
+  const std::size_t smem = Ring::bytes(params.bitmap_words, params.union_cap);
   int dev = 0, optin = 0;
   MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -75,17 +78,17 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
                             std::to_string(optin) + ")");
   MSA_CUDA_CHECK(cudaFuncSetAttribute(wgmma::attention_forward_wgmma_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t tiles = (int64_t(max_q) * params.group_size + wgmma::kRows - 1) / wgmma::kRows;
+  const int64_t tiles = (int64_t(max_q) * params.group_size + wgmma::kTileRows - 1) / wgmma::kTileRows;
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
   MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
   const dim3 grid(unsigned(tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch));
-  wgmma::attention_forward_wgmma_kernel<T, D><<<grid, wgmma::kThreads, smem, stream>>>(params);
+  wgmma::attention_forward_wgmma_kernel<T, D><<<grid, wgmma::kTileThreads, smem, stream>>>(params);
   MSA_CUDA_CHECK_LAUNCH();
 }
 
 template <class T>
-void launch_dim(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
-  if (wgmma_requested()) {
+void launch_dim(const Problem& p, const AttentionParams& params, int max_q, bool use_wgmma, cudaStream_t stream) {
+  if (use_wgmma) {
     if (p.cfg.head_dim == 128) return launch_wgmma<T, 128>(p, params, max_q, stream);
     return launch_wgmma<T, 64>(p, params, max_q, stream);
   }
@@ -108,19 +111,20 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
   if (p.total_q == 0) return;
   const cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
 
+  const bool use_wgmma = wgmma_requested();
   AttentionParams a{};
   set_shared_params(a, p, q, k, v, topk, out, lse);
   a.scale_log2 = a.scale * 1.4426950408889634f;
   if (a.topk) {
     // The longest sequence is bounded by total_k when the caller gave no max_seqlen_k.
     const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
-    set_union_capacity(a, max_k, wgmma_requested() ? wgmma::kRows : kAttnRows, p.cfg);
+    set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);
   }
   const int max_q =
       max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q, p.varlen.host_cu_seqlens_q, stream);
   if (max_q == 0) return;
-  if (p.dtype == DType::bf16) return launch_dim<__nv_bfloat16>(p, a, max_q, stream);
-  return launch_dim<__half>(p, a, max_q, stream);
+  if (p.dtype == DType::bf16) return launch_dim<__nv_bfloat16>(p, a, max_q, use_wgmma, stream);
+  return launch_dim<__half>(p, a, max_q, use_wgmma, stream);
 }
 
 }  // namespace cuda

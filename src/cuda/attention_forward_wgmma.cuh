@@ -1,25 +1,33 @@
 // Block-sparse (and dense causal) attention forward on Hopper warpgroup tensor-core products (wgmma,
-// sm_90a). Same contract and tile walk as attention_forward_kernel.cuh (rows = (query, head) pairs of
-// one GQA group, query-major; the CTA walks the sorted union of its queries' blocks, 64 keys at a
-// time, masking per row the blocks its query did not select and the causal tail; online softmax in
-// fp32), with 128-row tiles: two warpgroups of 64 rows share the K/V tiles.
+// sm_90a). Same contract and tile walk as attention_forward_kernel.cuh: a CTA is ONE warpgroup that
+// owns a 64-row tile (rows = (query, head) pairs of one GQA group, query-major: 4 queries at G = 16,
+// one at G = 64, 64 at G = 1), walks the sorted union of its queries' blocks 64 keys at a time,
+// masks per row the blocks its query did not select and the causal tail, and keeps an online
+// softmax in fp32. 64-row tiles keep the union of a tile as small as the mma.sync kernel's (a
+// 128-row tile covers twice the queries at G = 16, hence about twice the blocks); the CTA is small
+// (96 KB of shared memory at D = 128, at most 255 registers) so two CTAs share an SM and hide each
+// other's softmax and loads.
 //
-// Shared memory holds Q (loaded once), and two stages of K and V, in the 128-byte swizzled layouts
-// that wgmma reads through descriptors: K-major for Q and K (head dim contiguous), MN-major for V (so
-// V as stored, [keys][D], is the B operand of P V without a transpose). S = Q K^T reads both operands
-// from shared memory (SS); P goes from the S accumulators to 16-bit registers and O += P V takes it
-// as the register A operand (RS).
+// Pipelining (within the warpgroup, in the manner of FlashAttention-3's intra-warpgroup overlap):
+// iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1} without waiting, waits for S_j
+// only (wait_group 1) and runs the mask and softmax of chunk j while the P V product is still on the
+// tensor cores, then waits for it, rescales O and converts S_j to P_j. Q stays in registers for the
+// whole walk (the A operand of S, RS); K and V sit in two 3-slot rings of 128-byte swizzled tiles:
+// K-major for K (head dim contiguous), MN-major for V (V as stored, [keys][D], is the B operand of
+// P V without a transpose). The loads of iteration j (one cp.async group: K_{j+2}, V_{j+1}) overwrite
+// the slots of K_{j-1} and V_{j-2}, whose products were waited for before the barrier of iteration j.
 //
-// The loaders write every 16-byte chunk through the CuTe smem tensors (&sQ(row, d, ..)), never by
+// The loaders write every 16-byte chunk through the CuTe smem tensors (&sK(key, d, slot)), never by
 // evaluating the layout: the atom's Swizzle<3,4,3> acts on BYTE addresses (it is applied by the
 // swizzle pointer that make_tensor builds), so layout(row, d) applied to an element offset is not the
 // address wgmma's descriptor reads (that mistake made S = Q K^T wrong on the H100).
 //
 // Fragment layout relied on (checked on the host against CuTe's partitioning of these exact tiled
-// MMAs, for every thread and element): in a 64 x N accumulator, thread t of the warpgroup holds
-// element e = i + 2 h + 4 n at row 16 (t / 32) + (t % 32) / 4 + 8 h, column 8 n + 2 (t % 4) + i; the
-// A-operand fragment of the 64 x 64 P (4 k-blocks of 16) has the same (row, column) at the same e,
-// so P is the S accumulator converted element by element.
+// MMAs, for every thread and element, by bench/attention_wgmma_layout_check.cu): in a 64 x N
+// accumulator, thread t of the warpgroup holds element e = i + 2 h + 4 n at row 16 (t / 32) +
+// (t % 32) / 4 + 8 h, column 8 n + 2 (t % 4) + i; a 64 x K register A operand (Q: K = D, P: K = 64)
+// has the same (row, column) at the same e, so P is the S accumulator converted element by element
+// and Q is loaded from global memory straight into its fragment.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -41,12 +49,13 @@ namespace detail {
 namespace cuda {
 namespace wgmma {
 
-constexpr int kWarpgroups = 2;
-constexpr int kRows = 64 * kWarpgroups;  // rows of a CTA tile
-constexpr int kKeys = 64;                // keys per pipeline stage
-constexpr int kThreads = 128 * kWarpgroups;
-constexpr int kMaskWords = kRows / 64;  // a tile spans at most kRows queries (G = 1)
+constexpr int kKeys = 64;         // keys per pipeline chunk (a block is B / 64 chunks)
+constexpr int kTileRows = 64;     // rows of a CTA tile: one warpgroup
+constexpr int kTileThreads = 128;
+constexpr int kStages = 3;        // slots of each of the K and V rings
+constexpr int kMaskWords = 1;     // a tile spans at most 64 queries (G = 1)
 static_assert(kKeys == kAttnKeys, "the host checks block sizes against kAttnKeys");
+static_assert(kTileRows == kAttnRows, "same tiles (and union capacity) as the mma.sync kernel");
 
 template <class T>
 struct CuteElem;
@@ -58,6 +67,41 @@ template <>
 struct CuteElem<__half> {
   using type = cute::half_t;
 };
+
+// The kernel's shared memory: the K ring (key, d, slot), the V ring (d, key, slot), then the union
+// bookkeeping.
+template <class E, int D>
+struct Ring {
+  using LayoutK = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
+                                               cute::Shape<cute::Int<kKeys>, cute::Int<D>, cute::Int<kStages>>{}));
+  using LayoutV = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
+                                               cute::Shape<cute::Int<D>, cute::Int<kKeys>, cute::Int<kStages>>{}));
+  static constexpr int kKElems = int(cute::cosize_v<LayoutK>);
+  static constexpr int kVElems = int(cute::cosize_v<LayoutV>);
+  // The 128-byte swizzle repeats every 1024 bytes: tiles start 1024-byte aligned.
+  static constexpr std::size_t kAlign = 1024;
+  static constexpr std::size_t kTileBytes = std::size_t(kKElems + kVElems) * 2;
+  static_assert((kKElems * 2) % kAlign == 0 && (kVElems * 2) % kAlign == 0, "tiles stay 1024-aligned");
+  static std::size_t bytes(int bitmap_words, int union_cap) {
+    return kAlign + kTileBytes + BlockUnionSmem<kMaskWords>::bytes(bitmap_words, union_cap);
+  }
+};
+
+// The kernel's products: S (64 x kKeys) = Q K^T with Q in registers and K from the ring (RS), O (64 x
+// D) += P V with P in registers and V from the ring (RS).
+template <class E, int D>
+struct TileMmas {
+  using S = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<kKeys>, cute::Int<D>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::K>()));
+  using O = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<kKeys>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+};
+
+// ---- Fixtures of bench/attention_wgmma_probe.cu: the same 128-byte swizzle atoms and P V product as
+// the kernel, with Q in shared memory (SS product) for two warpgroups of 64 rows and two K/V stages.
+constexpr int kWarpgroups = 2;
 
 template <class E, int D>
 struct Smem {
@@ -71,29 +115,21 @@ struct Smem {
   static constexpr int kQElems = int(cute::cosize_v<LayoutQ>);
   static constexpr int kKElems = int(cute::cosize_v<LayoutK>);
   static constexpr int kVElems = int(cute::cosize_v<LayoutV>);
-  // The 128-byte swizzle repeats every 1024 bytes: tiles start 1024-byte aligned.
   static constexpr std::size_t kAlign = 1024;
   static constexpr std::size_t kTileBytes = std::size_t(kQElems + kKElems + kVElems) * 2;
   static_assert((kQElems * 2) % kAlign == 0 && (kKElems * 2) % kAlign == 0, "tiles stay 1024-aligned");
-  static std::size_t bytes(int bitmap_words, int union_cap) {
-    return kAlign + kTileBytes + BlockUnionSmem<kMaskWords>::bytes(bitmap_words, union_cap);
-  }
 };
 
-// The products of one warpgroup: S (64 x kKeys) = Q K^T from shared memory, O (64 x D) += P V with P
-// in registers (bench/attention_wgmma_layout_check.cu checks the fragment layouts described above).
 template <class E, int D>
 struct Mmas {
   using S = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<kKeys>, cute::Int<D>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::K>()));
-  using O = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<kKeys>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+  using O = typename TileMmas<E, D>::O;
 };
 
-// S = Q K^T of one warpgroup over the whole head dim; `q` and `k` are this warpgroup's (MMA, 1, D/16)
-// descriptor slices, `s` is overwritten (the first k-block scales the old accumulator by zero).
+// S = Q K^T of one warpgroup over the whole head dim (SS); `q` and `k` are this warpgroup's (MMA, 1,
+// D/16) descriptor slices, `s` is overwritten (the first k-block scales the old accumulator by zero).
 template <class Mma, class TQ, class TK, class TS>
 __device__ __forceinline__ void product_s(Mma& mma, const TQ& q, const TK& k, TS& s) {
   using namespace cute;
@@ -130,6 +166,7 @@ __device__ __forceinline__ void product_o(Mma& mma, const TS& s, TP& p, const TV
   warpgroup_fence_operand(o);
   warpgroup_fence_operand(p);
 }
+// ---- end of the probe's fixtures.
 
 // wgmma reads shared memory through the async proxy: make this thread's completed cp.async writes
 // visible to it (the barrier that follows publishes them CTA-wide).
@@ -137,89 +174,84 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// 2^x on the SFU without exp2f's range fix-up (denormal results flush to zero, far below what a
+// softmax sum of at least 1 can feel; 2^-inf = 0).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Issues S = Q K^T over the whole head dim (no wait): `q` is the (MMA, 1, D/16) register fragment of
+// Q, `k` the (MMA, 1, D/16) descriptor slice of a K slot; `s` is overwritten.
+template <class Mma, class TQ, class TK, class TS>
+__device__ __forceinline__ void issue_s(Mma& mma, TQ& q, const TK& k, TS& s) {
+  using namespace cute;
+  warpgroup_fence_operand(s);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+  for (int kb = 0; kb < size<2>(q); ++kb) {
+    cute::gemm(mma, q(_, _, kb), k(_, _, kb), s);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+// Issues O += P V (no wait): `p` the (MMA, 1, kKeys/16) register fragment of P, `v` a V slot's
+// descriptor slice.
+template <class Mma, class TP, class TV, class TO>
+__device__ __forceinline__ void issue_o(Mma& mma, TP& p, const TV& v, TO& o) {
+  using namespace cute;
+  warpgroup_fence_operand(o);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+#pragma unroll
+  for (int kb = 0; kb < size<2>(p); ++kb) cute::gemm(mma, p(_, _, kb), v(_, _, kb), o);
+  warpgroup_commit_batch();
+}
+
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kTileThreads, 2) attention_forward_wgmma_kernel(const AttentionParams p) {
   using namespace cute;
   using E = typename CuteElem<T>::type;
-  using S = Smem<E, D>;
+  using R = Ring<E, D>;
+  using M = TileMmas<E, D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem_base = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + S::kAlign - 1) & ~uintptr_t(S::kAlign - 1));
-  E* pQ = reinterpret_cast<E*>(smem_base);
-  E* pK = pQ + S::kQElems;
-  E* pV = pK + S::kKElems;
+      (reinterpret_cast<uintptr_t>(smem_raw) + R::kAlign - 1) & ~uintptr_t(R::kAlign - 1));
+  E* pK = reinterpret_cast<E*>(smem_base);
+  E* pV = pK + R::kKElems;
   const BlockUnionSmem<kMaskWords> su =
-      BlockUnionSmem<kMaskWords>::carve(smem_base + S::kTileBytes, p.bitmap_words, p.union_cap);
+      BlockUnionSmem<kMaskWords>::carve(smem_base + R::kTileBytes, p.bitmap_words, p.union_cap);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = tid / 128, wt = tid % 128;
   const int b = blockIdx.z, g = blockIdx.y;
   const int G = p.group_size, B = p.block_size;
   const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
   const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
   const int64_t rows_total = lq * G;
   // Longest tiles (latest queries) launch first: better tail balance under causal masking.
-  const int64_t f0 = int64_t(gridDim.x - 1 - blockIdx.x) * kRows;
+  const int64_t f0 = int64_t(gridDim.x - 1 - blockIdx.x) * kTileRows;
   if (f0 >= rows_total) return;
   const int64_t i_first = f0 / G;
-  const int64_t i_last = (f0 + kRows - 1 < rows_total ? f0 + kRows - 1 : rows_total - 1) / G;
+  const int64_t i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / G;
   const int64_t p_first = rules::query_position(lq, lk, i_first);
   const int64_t p_last = rules::query_position(lq, lk, i_last);
   const int64_t local_last = rules::local_block(p_last, B);
   const bool dense = p.topk == nullptr;
-  const bool partial_tile = f0 + kRows > rows_total;
+  const bool partial_tile = f0 + kTileRows > rows_total;
 
   const uint16_t* q = static_cast<const uint16_t*>(p.q);
   const uint16_t* k = static_cast<const uint16_t*>(p.k);
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
-  constexpr int kChunks = D / 8;  // 16-byte chunks of a row; 8 consecutive d stay contiguous in every layout
-  // Swizzled views of the tiles: element (row, d) of these tensors is where wgmma reads it.
-  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename S::LayoutQ{});  // (row in warpgroup, d, warpgroup)
-  Tensor sK = make_tensor(make_smem_ptr(pK), typename S::LayoutK{});  // (key, d, stage)
-  Tensor sV = make_tensor(make_smem_ptr(pV), typename S::LayoutV{});  // (d, key, stage)
 
-  // Q tile (first cp.async group); padding rows are zero-filled.
-  for (int i = tid; i < kRows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const int64_t f = f0 + r;
-    const uint16_t* src = f < rows_total ? q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1 : nullptr;
-    mma::cp_async_16(mma::smem_addr(&sQ(r % 64, c * 8, r / 64)), src ? src + c * 8 : q, src ? 16 : 0);
-  }
-  mma::cp_async_commit();
+  typename M::S mma_s;
+  typename M::O mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
 
-  int num_union = int(local_last + 1);
-  if (!dense)
-    num_union = build_block_union<kThreads, kMaskWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
-                                                        q_begin, lq, lk, B, i_first, i_last, local_last);
-  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(su.blocks[u]); };
-
-  // Key tiles: every sub-tile of each union block, except sub-tiles past the tile's last position.
-  const int sub_per_block = B / kKeys;
-  int num_iters = 0;
-  if (num_union > 0) {
-    const int64_t last_block = block_at(num_union - 1);
-    const int64_t last_subs = (p_last - rules::block_begin(last_block, B)) / kKeys + 1;
-    num_iters = (num_union - 1) * sub_per_block + int(last_subs < sub_per_block ? last_subs : sub_per_block);
-  }
-  auto key_start = [&](int it) -> int64_t {
-    return rules::block_begin(block_at(it / sub_per_block), B) + int64_t(it % sub_per_block) * kKeys;
-  };
-  auto load_kv = [&](int it, int stage) {
-    const int64_t ks = key_start(it);
-    for (int i = tid; i < kKeys * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int64_t t = ks + r;
-      const bool in = t < lk;
-      const uint16_t* ksrc = in ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k;
-      const uint16_t* vsrc = in ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v;
-      mma::cp_async_16(mma::smem_addr(&sK(r, c * 8, stage)), ksrc, in ? 16 : 0);
-      mma::cp_async_16(mma::smem_addr(&sV(c * 8, r, stage)), vsrc, in ? 16 : 0);
-    }
-  };
-  if (num_iters > 0) load_kv(0, 0);
-  mma::cp_async_commit();
-
-  // This thread's two rows (16 (warp) + lane / 4, and 8 below): position (-1 = padding) and query bit.
+  // This thread's two rows (16 (warp) + lane / 4, and 8 below): position (-1 = padding), query bit.
   const int row_a = warp * 16 + (lane >> 2);
   int64_t pos[2];
   int qbit[2];
@@ -230,21 +262,85 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
     pos[h] = valid ? rules::query_position(lq, lk, f / G) : -1;
     qbit[h] = valid ? int(f / G - i_first) : 0;
   }
-  const int nq = int(i_last - i_first + 1);
-  unsigned long long all_queries[kMaskWords];
+
+  // Q straight into the register A fragment (element 2 h + 4 n and the next: row h, columns 8 n +
+  // 2 (lane % 4) + {0, 1}: one aligned 32-bit load); padding rows are zero. Issued before the union
+  // build so the loads are in flight during it.
+  Tensor tSrQ = make_tensor<E>(partition_shape_A(mma_s, Shape<_64, Int<D>>{}));  // (MMA, 1, D/16)
+  static_assert(decltype(size(tSrQ))::value == D / 2, "Q fragment size of the m64 layout");
 #pragma unroll
-  for (int w = 0; w < kMaskWords; ++w) {
-    const int bits = nq - 64 * w;
-    all_queries[w] = bits >= 64 ? ~0ull : bits <= 0 ? 0ull : ((1ull << bits) - 1ull);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t f = f0 + row_a + 8 * h;
+    const uint32_t* src = pos[h] >= 0 ? reinterpret_cast<const uint32_t*>(
+                                            q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1 +
+                                            (lane & 3) * 2)
+                                      : nullptr;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const uint32_t bits = src ? __ldg(src + n * 4) : 0u;
+      tSrQ(2 * h + 4 * n) = E::bitcast(uint16_t(bits & 0xffffu));
+      tSrQ(1 + 2 * h + 4 * n) = E::bitcast(uint16_t(bits >> 16));
+    }
   }
 
-  typename Mmas<E, D>::S mma_s;
-  typename Mmas<E, D>::O mma_o;
-  auto thr_s = mma_s.get_thread_slice(wt);
-  auto thr_o = mma_o.get_thread_slice(wt);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // (MMA, 1, D/16, warpgroup) descriptors
-  Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, D/16, stage) descriptors
-  Tensor tOrV = thr_o.partition_fragment_B(sV);  // (MMA, 1, kKeys/16, stage) descriptors
+  int num_union = int(local_last + 1);
+  if (!dense)
+    num_union = build_block_union<kTileThreads, kMaskWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap,
+                                                            g, q_begin, lq, lk, B, i_first, i_last, local_last);
+  auto block_at = [&](int u) -> int64_t { return dense ? int64_t(u) : int64_t(su.blocks[u]); };
+
+  // Key chunks: every 64-key sub-tile of each union block, except sub-tiles past the tile's last
+  // position.
+  const int sub_per_block = B / kKeys;
+  int num_iters = 0;
+  if (num_union > 0) {
+    const int64_t last_block = block_at(num_union - 1);
+    const int64_t last_subs = (p_last - rules::block_begin(last_block, B)) / kKeys + 1;
+    num_iters = (num_union - 1) * sub_per_block + int(last_subs < sub_per_block ? last_subs : sub_per_block);
+  }
+  auto key_start = [&](int it) -> int64_t {
+    return rules::block_begin(block_at(it / sub_per_block), B) + int64_t(it % sub_per_block) * kKeys;
+  };
+
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a row; 8 consecutive d stay contiguous in every layout
+  Tensor sK = make_tensor(make_smem_ptr(pK), typename R::LayoutK{});  // (key, d, slot)
+  Tensor sV = make_tensor(make_smem_ptr(pV), typename R::LayoutV{});  // (d, key, slot)
+  // Rows past the sequence are zero-filled (their scores are masked; zero V keeps P V finite).
+  auto load_k = [&](int it) {
+    if (it >= num_iters) return;
+    const int64_t ks = key_start(it);
+    const int slot = it % kStages;
+    for (int i = tid; i < kKeys * kChunks; i += kTileThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int64_t t = ks + r;
+      const bool in = t < lk;
+      const uint16_t* src = in ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k;
+      mma::cp_async_16(mma::smem_addr(&sK(r, c * 8, slot)), src, in ? 16 : 0);
+    }
+  };
+  auto load_v = [&](int it) {
+    if (it >= num_iters) return;
+    const int64_t ks = key_start(it);
+    const int slot = it % kStages;
+    for (int i = tid; i < kKeys * kChunks; i += kTileThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int64_t t = ks + r;
+      const bool in = t < lk;
+      const uint16_t* src = in ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v;
+      mma::cp_async_16(mma::smem_addr(&sV(c * 8, r, slot)), src, in ? 16 : 0);
+    }
+  };
+  // cp.async groups: {K_0}, {K_1, V_0}, then iteration j commits {K_{j+2}, V_{j+1}} (empty past the
+  // end). Iteration j needs K_j and V_{j-1}, both in the group committed two before its own: it
+  // waits until at most one group is pending.
+  load_k(0);
+  mma::cp_async_commit();
+  load_k(1);
+  load_v(0);
+  mma::cp_async_commit();
+
+  Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, D/16, slot) descriptors
+  Tensor tOrV = thr_o.partition_fragment_B(sV);  // (MMA, 1, kKeys/16, slot) descriptors
   Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, Int<kKeys>>{});
   Tensor tOrO = partition_fragment_C(mma_o, Shape<_64, Int<D>>{});
   Tensor tOrP = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, Int<kKeys>>{}));
@@ -253,34 +349,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
                 "fragment sizes of the m64 layouts described above");
   clear(tOrO);
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const int nq = int(i_last - i_first + 1);
+  const unsigned long long all_queries = nq >= 64 ? ~0ull : ((1ull << nq) - 1ull);
 
-  for (int it = 0; it < num_iters; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < num_iters) {
-      load_kv(it + 1, stage ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    fence_async_shared();
-    __syncthreads();
+  // Mask (unselected rows, causal tail, keys past the sequence) and online softmax of chunk `it` in
+  // tSrS (scores stay raw; exp2 with the scale folded in); returns the factors alpha[h] by which O
+  // must be rescaled before P of this chunk is added.
+  auto softmax_chunk = [&](int it, float (&alpha)[2]) {
     const int64_t ks = key_start(it);
-
-    product_s(mma_s, tSrQ(_, _, _, wg), tSrK(_, _, _, stage), tSrS);
-
-    // Mask unselected rows and the causal tail; skipped when the whole sub-tile is visible to all rows.
-    const unsigned long long* sel = su.mask + std::size_t(it / sub_per_block) * kMaskWords;
-    bool all_selected = true;
-    if (!dense) {
-#pragma unroll
-      for (int w = 0; w < kMaskWords; ++w) all_selected = all_selected && sel[w] == all_queries[w];
-    }
-    if (partial_tile || !all_selected || ks + kKeys - 1 > p_first) {
+    const unsigned long long sel = dense ? all_queries : su.mask[it / sub_per_block];
+    // Skipped when the whole chunk is visible to every row.
+    if (partial_tile || sel != all_queries || ks + kKeys - 1 > p_first) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const bool row_sel = dense || ((sel[qbit[h] >> 6] >> (qbit[h] & 63)) & 1ull);
-        const int64_t lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this sub-tile
+        const bool row_sel = (sel >> qbit[h]) & 1ull;
+        const int64_t lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this chunk
 #pragma unroll
         for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
@@ -291,8 +374,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
         }
       }
     }
-
-    // Online softmax (scores stay raw; exp2 with the scale folded in).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = m_run[h];
@@ -301,28 +382,82 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_wgmma_kernel(co
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float alpha = exp2f(m_run[h] * p.scale_log2 - m_scaled);
+      alpha[h] = exp2_ftz(m_run[h] * p.scale_log2 - m_scaled);
       m_run[h] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float e = exp2f(fmaf(tSrS(j + 2 * h + 4 * n), p.scale_log2, -m_scaled));
+          const float e = exp2_ftz(fmaf(tSrS(j + 2 * h + 4 * n), p.scale_log2, -m_scaled));
           tSrS(j + 2 * h + 4 * n) = e;
           sum += e;
         }
       }
-      l_run[h] = l_run[h] * alpha + sum;
+      l_run[h] = l_run[h] * alpha[h] + sum;
+    }
+  };
+  auto to_p = [&] {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        tOrO(2 * h + 4 * n) *= alpha;
-        tOrO(1 + 2 * h + 4 * n) *= alpha;
+    for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
+  };
+
+  if (num_iters > 0) {
+    float alpha[2];
+    mma::cp_async_wait<1>();
+    fence_async_shared();
+    __syncthreads();
+    load_k(2);
+    load_v(1);
+    mma::cp_async_commit();
+    issue_s(mma_s, tSrQ, tSrK(_, _, _, 0), tSrS);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    softmax_chunk(0, alpha);  // O is still zero: no rescale
+    to_p();
+
+    for (int it = 1; it < num_iters; ++it) {
+      mma::cp_async_wait<1>();
+      fence_async_shared();
+      __syncthreads();  // K_it, V_{it-1} visible; every product of iteration it-1 is complete
+      load_k(it + 2);
+      load_v(it + 1);
+      mma::cp_async_commit();
+
+      issue_s(mma_s, tSrQ, tSrK(_, _, _, it % kStages), tSrS);
+      issue_o(mma_o, tOrP, tOrV(_, _, _, (it - 1) % kStages), tOrO);
+      warpgroup_wait<1>();  // S_it is ready; P_{it-1} V_{it-1} may still run
+      warpgroup_fence_operand(tSrS);
+      softmax_chunk(it, alpha);
+      // The wait for P V must stay after the softmax, but ptxas hoists a wgmma wait to the top of
+      // its basic block. So the softmax is pinned (operand fences) and followed by a branch on its
+      // result: the rescale, skipped when no row's maximum moved. The condition is CTA-wide, i.e.
+      // uniform over the warpgroup (the CTA), as a wait_group inside a branch requires.
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(alpha[0]);
+      warpgroup_fence_operand(alpha[1]);
+      if (__syncthreads_or(alpha[0] != 1.f || alpha[1] != 1.f)) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          tOrO(4 * n) *= alpha[0];
+          tOrO(1 + 4 * n) *= alpha[0];
+          tOrO(2 + 4 * n) *= alpha[1];
+          tOrO(3 + 4 * n) *= alpha[1];
+        }
       }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      to_p();
     }
 
-    product_o(mma_o, tSrS, tOrP, tOrV(_, _, _, stage), tOrO);
-    __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    mma::cp_async_wait<0>();
+    fence_async_shared();
+    __syncthreads();  // V of the last chunk visible
+    issue_o(mma_o, tOrP, tOrV(_, _, _, (num_iters - 1) % kStages), tOrO);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
   }
   mma::cp_async_wait<0>();
 

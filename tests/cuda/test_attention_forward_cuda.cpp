@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/attention_cuda_testing.h"
@@ -27,9 +29,28 @@ using testing::random_topk;
 using testing::Result;
 using testing::run_cuda;
 
+// These tests pin the mma.sync kernel (MSA_ATTENTION_KERNEL=mma), which stays the fallback when the
+// wgmma kernel is compiled in (test_attention_forward_wgmma_cuda.cpp covers that one).
 class AttentionForwardCuda : public ::testing::Test {
  protected:
-  void SetUp() override { MSA_SKIP_WITHOUT_GPU(); }
+  void SetUp() override {
+    const char* prev = std::getenv(kKernelVar);  // recorded first: TearDown runs after a skip too
+    had_prev_ = prev != nullptr;
+    if (had_prev_) prev_ = prev;
+    MSA_SKIP_WITHOUT_GPU();
+    setenv(kKernelVar, "mma", 1);
+  }
+  void TearDown() override {
+    if (had_prev_)
+      setenv(kKernelVar, prev_.c_str(), 1);
+    else
+      unsetenv(kKernelVar);
+  }
+
+ private:
+  static constexpr const char* kKernelVar = "MSA_ATTENTION_KERNEL";
+  bool had_prev_ = false;
+  std::string prev_;
 };
 
 TEST_F(AttentionForwardCuda, RaggedBlockEdgesGqa16) {

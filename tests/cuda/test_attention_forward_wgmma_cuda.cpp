@@ -1,9 +1,10 @@
-// The wgmma CUDA attention forward (compiled in with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON, selected by
-// MSA_ATTENTION_KERNEL=wgmma) against the float64 oracle: the cases of the mma.sync kernel's tests,
-// plus tiles that fill both warpgroups and a second word of the per-block query mask (GQA 1 with more
-// than 64 queries per 128-row tile). On a mismatch each check prints the relative error, the first
+// The wgmma CUDA attention forward (compiled in with MSA_EXPERIMENTAL_WGMMA_ATTENTION; selected here
+// explicitly with MSA_ATTENTION_KERNEL=wgmma, on sm_90 only) against the float64 oracle: the cases of the
+// mma.sync kernel's tests, plus several 64-row tiles per sequence at GQA 1 and 2 and 192-key blocks
+// (three 64-key chunks each), so the 3-slot K/V rings wrap many times (dense runs walk every block). On a mismatch each check prints the relative error, the first
 // element out of tolerance as (token, head, d) with got / expected, and how many are out, so a device
 // log localises the fault (bench/attention_wgmma_probe.cu then checks the two products alone).
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -82,13 +83,18 @@ constexpr const char* kKernelVar = "MSA_ATTENTION_KERNEL";
 class AttentionForwardWgmmaCuda : public ::testing::Test {
  protected:
   void SetUp() override {
+    const char* prev = std::getenv(kKernelVar);  // recorded first: TearDown runs after a skip too
+    had_prev_ = prev != nullptr;
+    if (had_prev_) prev_ = prev;
 #if !defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
     GTEST_SKIP() << "the wgmma forward is compiled in only with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON";
 #endif
     MSA_SKIP_WITHOUT_GPU();
-    const char* prev = std::getenv(kKernelVar);
-    had_prev_ = prev != nullptr;
-    if (had_prev_) prev_ = prev;
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (major != 9 || minor != 0) GTEST_SKIP() << "the wgmma forward runs on sm_90 only";
     setenv(kKernelVar, "wgmma", 1);
   }
   void TearDown() override {
@@ -123,12 +129,12 @@ TEST_F(AttentionForwardWgmmaCuda, Gqa1ShortSequencesBelowK) {
   check_case_diagnosed({4, 4, 64, 64, 8, {1, 30, 129, 100}, {1, 30, 129, 250}, DType::bf16}, 15);
 }
 
-// GQA 1: a 128-row tile holds 128 queries, so the query mask of a block spans two 64-bit words.
+// GQA 1: 64 queries per tile (the whole 64-bit query mask of a block), several tiles per sequence.
 TEST_F(AttentionForwardWgmmaCuda, Gqa1TwoMaskWordsHeadDim128) {
   check_case_diagnosed({2, 2, 128, 64, 3, {300, 129}, {700, 200}, DType::bf16}, 21);
 }
 
-// GQA 2 with three 64-key sub-tiles per block and several 128-row tiles per sequence.
+// GQA 2 with three 64-key chunks per block and several 64-row tiles per sequence.
 TEST_F(AttentionForwardWgmmaCuda, Gqa2Block192Float16) {
   check_case_diagnosed({4, 2, 128, 192, 3, {200, 65}, {900, 65}, DType::f16}, 22);
 }
