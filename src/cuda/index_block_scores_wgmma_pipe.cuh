@@ -8,8 +8,14 @@
 //  - the pooling takes the max and the sum of exponentials with independent partial chains (the
 //    serial fmax / add chain of one row was latency-bound at two warps per scheduler), and each
 //    exponential is one FFMA (log2e and 1/T folded into one factor) plus one MUFU.EX2.
-// The two accumulators (2 x kKeys / 2 floats) and four buffers do not fit two CTAs per SM, so this
-// kernel runs one CTA (8 warps) per SM and relies on the overlap above instead of a second CTA.
+// The two accumulators (2 x kKeys / 2 floats; up to 250 registers per thread, no spills) and four
+// buffers (161 KB at Di 128) do not fit two CTAs per SM, so this kernel runs one CTA (8 warps) per SM
+// and relies on the overlap above instead of a second CTA.
+// ptxas keeps a wgmma batch in flight across other code only if no branch it cannot prove
+// warp-uniform is taken meanwhile; otherwise it waits after every wgmma (warning C7518). Hence the
+// sequence bounds broadcast with __shfl_sync, 32-bit chunk arithmetic (a 64-bit division is a
+// subroutine call), loads with a fixed trip count, and predicated output stores. Check with
+// -Xptxas -v that no C7517 / C7518 note appears after a change.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -290,11 +296,11 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) block_scores_wgmma_pipe_kern
     // Publishes chunk c + 1 to both warpgroups; and every warpgroup has waited for chunk c - 1's
     // product, so its buffer, (c + stages - 1) % stages, may be refilled.
     __syncthreads();
+    issue(c + 1, next);  // first, so the tensor cores get it before this thread's loads are issued
     // Unconditional: a chunk past the end has no keys (kb == ke) and zero-fills its buffer, and no
     // branch is taken while a wgmma batch is in flight.
     load_chunk(c + kPipeStages - 1);
     cp_async_commit();
-    issue(c + 1, next);
   };
   // Unrolled by two so each accumulator keeps a fixed role (registers cannot be indexed), with one
   // test of "is there a next chunk" per chunk so that on every path ptxas sees which accumulator is
