@@ -1,7 +1,7 @@
 // Host side of the CUDA attention forward (sparse over topk, or dense causal when topk is undefined):
 // checks what the kernel needs beyond the common validation, sizes the grid and shared memory, and
-// launches attention_forward_kernel (attention_forward_kernel.cuh), or the wgmma kernel
-// (attention_forward_wgmma.cuh) where it is compiled in and requested.
+// launches the wgmma kernel (attention_forward_wgmma.cuh) on sm_90 when it is compiled in, else (or
+// with MSA_ATTENTION_KERNEL=mma) attention_forward_kernel (attention_forward_kernel.cuh).
 //
 // Known limitation: ids in topk outside [0, local block of their query] (other than -1) are skipped,
 // never read out of bounds and never reported; a duplicated id counts once.
@@ -48,13 +48,14 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// The wgmma (sm_90a warpgroup) kernel, 64-row tiles of one warpgroup, is compiled in only with
-// -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON and then selected by MSA_ATTENTION_KERNEL=wgmma on sm_90
-// devices (it is built for sm_90a only).
+// The wgmma (sm_90a warpgroup) kernel, 64-row tiles of one warpgroup, is compiled in with
+// -DMSA_EXPERIMENTAL_WGMMA_ATTENTION (ON by default) and is then the default on sm_90 devices;
+// MSA_ATTENTION_KERNEL=mma selects the mma.sync kernel (the fallback, and the only kernel elsewhere).
 bool wgmma_requested() {
 #if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
-  if (e == nullptr || std::string(e) != "wgmma") return false;
+  if (e != nullptr && std::string(e) == "mma") return false;
+  // The kernel is built for sm_90a only: any other device takes the mma.sync kernel.
   int dev = 0, major = 0, minor = 0;
   MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
