@@ -13,6 +13,11 @@ copy bandwidth (torch copy of a 1 GiB tensor) measured in the same run.
     python3 bench/bench_decode.py                       # full run on the GPU, JSON to $BENCH_DIR
     python3 bench/bench_decode.py --quick               # batch 1, 32; 8K and 32K
     python3 bench/bench_decode.py --smoke               # tiny, on the CPU (tests the script)
+    python3 bench/bench_decode.py --quick --methods msa_sparse,sdpa_dense
+
+Within a case msa_paged_dense runs last, so a fault in it cannot lose the SDPA baseline of the same
+case. A CUDA fault (a sticky error: the context is lost) ends the run: the JSON of what was measured
+is written (with "fatal") and the script exits with status 3.
 """
 from __future__ import annotations
 
@@ -35,6 +40,24 @@ SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], context
 CACHES = ["bf16", "fp8"]
 INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_kernel", "select_topk_kernel")
 ATTENTION_KERNELS = ("attention_kernel", "merge_kernel")
+METHODS = ("msa_sparse", "sdpa_dense", "msa_paged_dense")  # the order within a case
+FAULT_EXIT = 3
+# Sticky CUDA errors: after one every later CUDA call fails, so the run cannot go on.
+FAULT_MARKERS = ("illegal memory access", "illegal instruction", "misaligned address",
+                 "unspecified launch failure", "device-side assert", "launch timed out",
+                 "uncorrectable ECC", "cudaErrorIllegalAddress", "cudaErrorLaunchFailure")
+
+
+class CudaFault(RuntimeError):
+    """The CUDA context is lost: the run stops, keeping what it measured."""
+
+
+def parse_methods(text):
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {','.join(METHODS)}")
+    return out
 
 
 def parse_ints(text):
@@ -54,6 +77,9 @@ def build_parser():
     p.add_argument("--contexts", type=parse_ints, default=None)
     p.add_argument("--q-lens", type=parse_ints, default=None)
     p.add_argument("--caches", default=",".join(CACHES), help="comma list of bf16, fp8")
+    p.add_argument("--methods", type=parse_methods, default=list(METHODS),
+                   help="comma list of " + ", ".join(METHODS) + " (default all; msa_paged_dense "
+                        "runs last within each case, bf16 caches only)")
     p.add_argument("--out", default=None, help="JSON file or folder (default $BENCH_DIR, else bench/results/)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
@@ -76,6 +102,7 @@ class Run:
             if v:
                 self.shape[key] = v
         self.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        self.methods = list(args.methods)
         self.dev = "cpu" if args.smoke else "cuda"
         self.budget = C.Budget(args.time_budget)
         self.device = "cpu" if args.smoke else torch.cuda.get_device_name()
@@ -90,7 +117,8 @@ class Run:
             "benchmark": "decode", "commit": self.commit, "device": self.device,
             "torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None),
             "timestamp": C.utc_timestamp(),
-            "config": dict(self.shape, caches=self.caches, warmup=args.warmup, iters=args.iters,
+            "config": dict(self.shape, caches=self.caches, methods=self.methods,
+                           warmup=args.warmup, iters=args.iters,
                            smoke=bool(args.smoke), l2_bytes=self.l2,
                            msa_module=getattr(msa, "__file__", None),
                            sdpa_note="dense baseline: SDPA over contiguous K/V [batch, Hkv, ctx, D] "
@@ -116,6 +144,30 @@ class Run:
         print(f"[{row['method']} {row.get('cache', '')} b={row['batch']} L={row['context']} "
               f"q={row['q_len']}] {msg}", flush=True)
         self.save()
+
+    # ---- CUDA faults ------------------------------------------------------------------------
+    def raise_if_fault(self, e):
+        """Turns `e` into CudaFault when the CUDA context is lost (a sticky error: the message says
+        so, or a device synchronisation now fails too); other errors leave the run going."""
+        if isinstance(e, CudaFault):
+            raise e
+        if any(m in str(e) for m in FAULT_MARKERS):
+            raise CudaFault(C.short_error(e)) from e
+        if self.dev != "cuda":
+            return
+        try:
+            self.torch.cuda.synchronize()
+        except Exception as e2:  # noqa: BLE001
+            raise CudaFault(C.short_error(e2)) from e
+
+    def free(self):
+        if self.dev != "cuda":
+            return
+        try:
+            self.torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            self.raise_if_fault(e)
+            raise
 
     # ---- timing helpers ---------------------------------------------------------------------
     def sync(self):
@@ -262,53 +314,64 @@ class Run:
         return self.cache_bytes(batch, ctx) * 1.1 + (1 << 30) < self.args.mem_fraction * free
 
     def run_case(self, batch, ctx, q_len, gen):
-        torch = self.torch
         s = self.shape
         base = dict(batch=batch, context=ctx, q_len=q_len)
         if not self.fits(batch, ctx, q_len):
-            for m in ("msa_sparse", "msa_paged_dense", "sdpa_dense"):
+            for m in self.methods:
                 self.add(method=m, **base, skipped="does not fit in GPU memory")
             return
         totals = {}
-        for cache_kind in self.caches:
-            if self.budget.exhausted(10):
-                self.add(method="msa_sparse", cache=cache_kind, **base, skipped="time budget")
-                continue
-            st = None
-            try:
-                # Caches below ~3x L2 would stay cached between timed calls: rotate among copies.
-                sets = C.rotation_sets(self.cache_bytes(batch, ctx, cache_kind), self.l2) if self.l2 else 1
-                steps = [self.make_step(batch, ctx, q_len, cache_kind, gen) for _ in range(sets)]
-                st = steps[0]
-                for dense in (False, True):
-                    method = "msa_paged_dense" if dense else "msa_sparse"
-                    if dense and cache_kind != "bf16":
-                        continue
-                    try:
-                        calls = [self.msa_call(x, dense) for x in steps]
-                        call = calls[0]
-                        t = self.time_calls(calls)
-                        idx_ms, att_ms = self.kernel_ms(call)
-                        ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
-                        row = dict(method=method, cache=cache_kind, **base, **t,
-                                   index_ms=idx_ms, attention_ms=att_ms,
-                                   index_bytes=ib, attention_bytes=ab, attention_blocks=blocks,
-                                   index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
-                                   attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
-                                   total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
-                        totals[(method, cache_kind)] = t["ms_median"]
-                        self.add(**row)
-                    except Exception as e:
-                        traceback.print_exc()
-                        self.add(method=method, cache=cache_kind, **base, error=C.short_error(e))
-            except Exception as e:
-                traceback.print_exc()
-                self.add(method="msa_sparse", cache=cache_kind, **base, error=C.short_error(e))
-            st = steps = calls = call = None
-            if self.dev == "cuda":
-                torch.cuda.empty_cache()
+        if "msa_sparse" in self.methods:
+            for cache_kind in self.caches:
+                self.run_msa(batch, ctx, q_len, gen, cache_kind, False, totals)
+        sdpa_row = self.run_sdpa(batch, ctx, q_len, totals) if "sdpa_dense" in self.methods else None
+        # Last: a fault here cannot lose this case's rows above (they are saved already).
+        if "msa_paged_dense" in self.methods and "bf16" in self.caches:
+            ms = self.run_msa(batch, ctx, q_len, gen, "bf16", True, totals)
+            if ms and sdpa_row is not None:
+                sdpa_row["speedup_msa_paged_dense_bf16"] = sdpa_row["ms_median"] / ms
+                self.save()
 
-        # Dense baseline: SDPA over a contiguous bf16 cache of the same lengths.
+    def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals):
+        """msa.paged.run on fresh paged caches of one kind; returns the median ms or None."""
+        method = "msa_paged_dense" if dense else "msa_sparse"
+        base = dict(batch=batch, context=ctx, q_len=q_len)
+        if self.budget.exhausted(10):
+            self.add(method=method, cache=cache_kind, **base, skipped="time budget")
+            return None
+        ms = None
+        steps = calls = call = st = None
+        try:
+            # Caches below ~3x L2 would stay cached between timed calls: rotate among copies.
+            sets = C.rotation_sets(self.cache_bytes(batch, ctx, cache_kind), self.l2) if self.l2 else 1
+            steps = [self.make_step(batch, ctx, q_len, cache_kind, gen) for _ in range(sets)]
+            st = steps[0]
+            calls = [self.msa_call(x, dense) for x in steps]
+            call = calls[0]
+            t = self.time_calls(calls)
+            idx_ms, att_ms = self.kernel_ms(call)
+            ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
+            row = dict(method=method, cache=cache_kind, **base, **t,
+                       index_ms=idx_ms, attention_ms=att_ms,
+                       index_bytes=ib, attention_bytes=ab, attention_blocks=blocks,
+                       index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
+                       attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
+                       total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
+            ms = totals[(method, cache_kind)] = t["ms_median"]
+            self.add(**row)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            self.add(method=method, cache=cache_kind, **base, error=C.short_error(e))
+            self.raise_if_fault(e)
+        steps = calls = call = st = None
+        self.free()
+        return ms
+
+    def run_sdpa(self, batch, ctx, q_len, totals):
+        """Dense baseline: SDPA over a contiguous bf16 cache of the same lengths; returns its row."""
+        torch, s = self.torch, self.shape
+        base = dict(batch=batch, context=ctx, q_len=q_len)
+        row = None
         try:
             bf = torch.bfloat16
             hq, hkv, d = s["hq"], s["hkv"], s["d"]
@@ -335,35 +398,49 @@ class Run:
                 row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
             self.add(**row)
             del qkv, calls
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             traceback.print_exc()
+            row = None
             self.add(method="sdpa_dense", cache="bf16", **base, error=C.short_error(e))
-        if self.dev == "cuda":
-            torch.cuda.empty_cache()
+            self.raise_if_fault(e)
+        self.free()
+        return row
 
     def main(self):
         torch = self.torch
         print(f"device={self.device} torch={torch.__version__} commit={self.commit} out={self.out_path}",
               flush=True)
+        status = 0
+        try:
+            self.run_all()
+        except CudaFault as e:
+            # Every later CUDA call would fail too: keep what was measured and stop.
+            self.doc["fatal"] = f"CUDA fault, run stopped: {e}"
+            print(f"\nbench_decode: {self.doc['fatal']}", file=sys.stderr, flush=True)
+            status = FAULT_EXIT
+        self.doc["wall_s"] = round(time.perf_counter() - self.budget.t0, 1)
+        self.save()
+        self.print_summary()
+        return status
+
+    def run_all(self):
+        torch = self.torch
         try:
             self.doc["copy_bandwidth"] = self.copy_bandwidth()
             print(f"device copy bandwidth: {self.doc['copy_bandwidth']['gb_per_s']:.0f} GB/s", flush=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self.doc["copy_bandwidth"] = dict(error=C.short_error(e))
+            self.raise_if_fault(e)
         gen = torch.Generator().manual_seed(self.args.seed)
         self.dgen = torch.Generator(device=self.dev).manual_seed(self.args.seed + 1)
         for ctx in self.shape["contexts"]:
             for batch in self.shape["batches"]:
                 for q_len in self.shape["q_lens"]:
                     if self.budget.exhausted(10):
-                        self.add(method="msa_sparse", batch=batch, context=ctx, q_len=q_len,
+                        self.add(method=self.methods[0], batch=batch, context=ctx, q_len=q_len,
                                  skipped="time budget")
                         continue
                     self.run_case(batch, ctx, q_len, gen)
-        self.doc["wall_s"] = round(time.perf_counter() - self.budget.t0, 1)
-        self.save()
-        self.print_summary()
-        return 0
 
     def print_summary(self):
         print(f"\n== decode summary ({self.device}, commit {self.commit[:12]}) -> {self.out_path}")
@@ -380,7 +457,9 @@ class Run:
             for ck in self.caches:
                 sp = next((r for r in rows if r["method"] == "msa_sparse" and r.get("cache") == ck), None)
                 if sp is None:
-                    continue
+                    if ck != self.caches[0] or not (pd or sd):
+                        continue
+                    sp = {"ms_median": None}  # --methods without msa_sparse
 
                 def f(x, fmt="{:.3f}"):
                     return fmt.format(x) if isinstance(x, (int, float)) else "-"
@@ -390,7 +469,7 @@ class Run:
                               f(sp.get("index_gb_per_s"), "{:.0f}"), f(sp.get("attention_gb_per_s"), "{:.0f}"),
                               f(pd.get("ms_median")) if pd else "-", f(sd.get("ms_median")) if sd else "-",
                               f(sd.get("total_gb_per_s"), "{:.0f}") if sd else "-",
-                              f(sd["ms_median"] / sp["ms_median"], "{:.2f}") if sd and "ms_median" in sp else "-"])
+                              f(sd["ms_median"] / sp["ms_median"], "{:.2f}") if sd and sp.get("ms_median") else "-"])
         C.print_table(headers, table)
         print(f"(device copy bandwidth {bw:.0f} GB/s; GB/s = bytes the kernel reads / its time; "
               "x_sdpa = SDPA dense ms / msa sparse total ms)" if bw else "")

@@ -47,6 +47,10 @@ struct AttentionArgs {
   float* part_o;   // [splits, total_q, Hq, D]
   float* part_ml;  // m then l: [2, splits, total_q, Hq]
   int64_t total_q, max_blocks;
+  // Entries of the shared block mask and list: max_blocks when sparse, 0 in dense mode (which has
+  // neither). The same number sized the shared memory (attention_smem_bytes), so the staging
+  // buffer behind them starts where the host counted it.
+  int64_t list_cap;
   int hkv, G, Hq, block_size;
   float qscale;  // softmax scale x log2(e)
   int tile_q, tiles, splits;
@@ -79,12 +83,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   float* row_m = ps + cap * kAttnKeys;          // running max (log2 domain)
   float* row_l = row_m + cap;                   // running sum
   float* row_alpha = row_l + cap;               // rescale of the last chunk
-  uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + cap);  // [max_blocks] query bits
-  int32_t* list = reinterpret_cast<int32_t*>(mask + a.max_blocks);     // [max_blocks] union
+  uint32_t* mask = reinterpret_cast<uint32_t*>(row_alpha + cap);  // [list_cap] query bits
+  int32_t* list = reinterpret_cast<int32_t*>(mask + a.list_cap);       // [list_cap] union
   // Raw K then V rows of a chunk as they are in the cache, [2][kAttnKeys][D / 8] slots of
   // 8 x stage_esize bytes: every load of the chunk is in flight at once (cp.async).
   unsigned char* stage = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(list + a.max_blocks) + 15) & ~uintptr_t(15));
+      (reinterpret_cast<uintptr_t>(list + a.list_cap) + 15) & ~uintptr_t(15));
   const int slot_bytes = 8 * a.stage_esize;
   __shared__ int list_len;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;

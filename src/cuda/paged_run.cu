@@ -43,7 +43,9 @@ int max_smem_per_block() {
 }
 
 // Opts a kernel into `bytes` of dynamic shared memory (an attribute, not a stream operation).
-// `allowed` is the caller's record for this kernel (one per instantiation of run_impl).
+// `allowed` must be the one record of this kernel: the attribute is per kernel, so two records of one
+// kernel (index_scores_kernel<T> is shared by the D = 64 and D = 128 paths) could lower it under
+// the other's launch (seen on the H100: "invalid argument" at that launch).
 template <class Kernel>
 void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t& allowed) {
   // Set once per kernel and size: later calls (inside a graph capture too) make no runtime call.
@@ -56,6 +58,12 @@ void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t&
 }
 
 int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
+
+template <class T>
+std::size_t& index_smem_allowed() {
+  static std::size_t allowed = 0;
+  return allowed;
+}
 
 template <class T, int D>
 void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q, const TensorView& qi,
@@ -108,8 +116,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
     const std::size_t ismem =
         index_smem_bytes(ia.row_cap, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)));
-    static std::size_t index_allowed = 0;
-    allow_smem(index_scores_kernel<T>, ismem, "index", index_allowed);
+    allow_smem(index_scores_kernel<T>, ismem, "index", index_smem_allowed<T>());
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
     index_scores_kernel<T><<<unsigned(icta), kThreads, ismem, stream>>>(ia);
     MSA_CUDA_CHECK_LAUNCH();
@@ -191,8 +198,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.splits = lay.splits;
   aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
-  const std::size_t asmem =
-      attention_smem_bytes<D>(aa.row_cap, plan.options.dense ? 0 : lay.max_blocks, aa.stage_esize);
+  aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
+  const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
   static std::size_t attention_allowed = 0;
   allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;

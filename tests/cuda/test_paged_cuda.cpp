@@ -433,6 +433,23 @@ TEST(PagedCuda, DenseMode) {
   f.num_workers = 1000;
   run_case(f);
 }
+// bench_decode.py's first case (b=1, L=8192, q=1, Hq64/Hkv4 D128 Di128 B128 k16), sparse and dense:
+// 64 full blocks of 128 keys fill the whole K/V staging buffer (the B = 16 cases above fill half of
+// it), and 132 workers give the dense plan 64 key splits. The dense kernel used to place its staging
+// buffer behind a block list that its shared memory did not count (an illegal address on the H100).
+TEST(PagedCuda, BenchDecodeShapeSparseAndDense) {
+  for (bool dense : {false, true}) {
+    Case c;
+    c.name = std::string("bench b=1 L=8192 q=1 ") + (dense ? "dense" : "sparse");
+    c.cfg = make_config(64, 4, 128, 128, 128, 16);
+    c.q_lens = {1};
+    c.kv_lens = {8192};
+    c.dense = dense;
+    c.num_workers = 132;
+    c.seed = 21;
+    run_case(c);
+  }
+}
 TEST(PagedCuda, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
   run_case(c, /*capture=*/true);
