@@ -7,8 +7,9 @@ context length.
     python3 bench/make_report.py --print         # print the table only, write nothing
 
 The prefill table goes between the markers <!-- perf-table --> and <!-- /perf-table --> of README.md,
-the training table between <!-- training-table --> and <!-- /training-table -->; without them it is
-printed. Every row names the device and commit its numbers come from. Where several
+the training table between <!-- training-table --> and <!-- /training-table -->, the decode table
+(bench_decode.py, plot bench/results/decode_speedup_vs_context.png) between <!-- decode-table --> and
+<!-- /decode-table -->; without them it is printed. Every row names the device and commit its numbers come from. Where several
 result files cover the same (device, config, context, inputs), the newest one wins.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO_ROOT = os.path.dirname(HERE)
 START, END = "<!-- perf-table -->", "<!-- /perf-table -->"
 TRAIN_START, TRAIN_END = "<!-- training-table -->", "<!-- /training-table -->"
 HF_START, HF_END = "<!-- hf-table -->", "<!-- /hf-table -->"
+DECODE_START, DECODE_END = "<!-- decode-table -->", "<!-- /decode-table -->"
 DENSE = ("cudnn_dense", "fa2_dense")
 COLUMNS = [  # (method, header)
     ("msa_index_topk", "MSA index top-k"),
@@ -395,18 +397,168 @@ def write_hf(paths, readme, print_only):
     return True
 
 
+# ---- decode step over paged caches (bench_decode.py) ---------------------------------------------
+DECODE_PLOT = os.path.join(REPO_ROOT, "bench", "results", "decode_speedup_vs_context.png")
+
+
+def collect_decode(docs):
+    """(device, batch, context, q_len, cache) -> (doc, msa_sparse row, {dense method: row}).
+
+    The newest file that measured a case wins (one that only failed it replaces nothing); smoke runs
+    are skipped. The dense baselines run on bf16 caches only: every cache kind of a case is compared
+    with the bf16 dense rows of the same file."""
+    out = {}
+    for doc in sorted(docs, key=lambda d: d.get("timestamp", "")):
+        if doc.get("config", {}).get("smoke"):
+            continue
+        dense = {}
+        for r in doc["rows"]:
+            if r.get("method") in ("sdpa_dense", "msa_paged_dense") and r.get("cache", "bf16") == "bf16":
+                dense.setdefault((r.get("batch"), r.get("context"), r.get("q_len")), {})[r["method"]] = r
+        for r in doc["rows"]:
+            if r.get("method") != "msa_sparse":
+                continue
+            key = (doc.get("device", "?"), r.get("batch"), r.get("context"), r.get("q_len"), r.get("cache"))
+            if key in out and r.get("ms_median") is None:
+                continue
+            out[key] = (doc, r, dense.get(key[1:4], {}))
+    return out
+
+
+def decode_speedup(row, dense):
+    sdpa, ms = ms_of(dense.get("sdpa_dense")), ms_of(row)
+    return sdpa / ms if sdpa and ms else None
+
+
+def _decode_shape(doc):
+    c = doc.get("config", {})
+    names = [("hq", "Hq"), ("hkv", "Hkv"), ("d", "D"), ("di", "Di"), ("block", "B"), ("topk", "k")]
+    return " ".join(f"{label}={c[k]}" for k, label in names if k in c)
+
+
+def make_decode_table(cases, plot_link=None):
+    headers = ["Device", "Commit", "Batch", "Context", "q_len", "Cache", "index (ms)", "attention (ms)",
+               "MSA total (ms)", "index GB/s", "attention GB/s", "% of copy bandwidth (index / attention)",
+               "paged dense, ours (ms)", "SDPA dense (ms)", "Speedup vs SDPA"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    errors, sources = [], []
+    for key in sorted(cases, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3] or 0, str(k[4]))):
+        device, batch, ctx, q_len, cache = key
+        doc, row, dense = cases[key]
+        where = f"{device}, batch {batch}, {fmt_ctx(ctx)}, q_len {q_len}, {cache}"
+        bw = (doc.get("copy_bandwidth") or {}).get("gb_per_s")
+
+        def gbs(x):
+            return "n/a" if x is None else f"{x:.0f}"
+
+        def pct(x):
+            return "n/a" if x is None or not bw else f"{100 * x / bw:.0f}%"
+        idx_bw, att_bw = row.get("index_gb_per_s"), row.get("attention_gb_per_s")
+        sp = decode_speedup(row, dense)
+        cells = [device, f"`{str(doc.get('commit', 'unknown'))[:10]}`", str(batch), fmt_ctx(ctx), str(q_len),
+                 str(cache), fmt_ms(row.get("index_ms")), fmt_ms(row.get("attention_ms")),
+                 _ms_cell(row, errors, f"{where}, msa_sparse"), gbs(idx_bw), gbs(att_bw),
+                 f"{pct(idx_bw)} / {pct(att_bw)}",
+                 _ms_cell(dense.get("msa_paged_dense"), errors, f"{where}, msa_paged_dense"),
+                 _ms_cell(dense.get("sdpa_dense"), errors, f"{where}, sdpa_dense"),
+                 f"{sp:.2f}x" if sp else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+        if doc["_path"] not in sources:
+            sources.append(doc["_path"])
+    shapes = ", ".join(sorted({_decode_shape(cases[k][0]) for k in cases})) or "?"
+    notes = [
+        "",
+        f"One decode step (`msa.paged.run` over paged caches), {shapes}; MSA total = median of CUDA-event "
+        "timings of the whole call, index / attention = the kernels' own device times (torch profiler, "
+        "mean of 5 calls). GB/s = bytes the kernel reads / its time; % of copy "
+        "bandwidth = that over the device's measured copy bandwidth (read + write bytes / time, in each "
+        "file). The dense columns use bf16 caches for every row: paged dense = our paged kernel over "
+        "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA). Speedup = SDPA dense / MSA total.",
+        "",
+        "Sources: " + ", ".join(f"`{s}`" for s in sources) + ".",
+    ]
+    if plot_link:
+        notes += ["", f"![decode speedup vs SDPA against context]({plot_link})"]
+    notes += error_notes(errors)
+    return "\n".join(lines) + "\n" + "\n".join(notes)
+
+
+def make_decode_plot(cases, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for (device, batch, ctx, q_len, cache), (doc, row, dense) in cases.items():
+        sp = decode_speedup(row, dense)
+        if sp is None:
+            continue
+        q = "" if q_len == 1 else f", q_len {q_len}"
+        label = f"batch {batch}, {cache} cache{q} ({device}, {str(doc.get('commit', '?'))[:8]})"
+        series.setdefault(label, []).append((ctx, sp))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y in pts:
+            ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ys = [p[1] for pts in series.values() for p in pts]
+    if max(ys) / min(ys) > 8:
+        ax.set_yscale("log", base=2)
+    ax.set_xscale("log", base=2)
+    ctxs = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ctxs)
+    ax.set_xticklabels([fmt_ctx(x) for x in ctxs])
+    ax.set_xlabel("context length (tokens per sequence, decode)")
+    ax.set_ylabel("speedup: SDPA dense (bf16) / MSA total")
+    ax.set_title("MSA decode step (index + sparse attention, paged) vs dense SDPA")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_decode(paths, readme, plot, print_only):
+    cases = collect_decode(load_results(paths, "decode"))
+    if not cases:
+        return False
+    link = os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(readme)))
+    plotted = False if print_only else make_decode_plot(cases, plot)
+    table = make_decode_table(cases, link if plotted else None)
+    if print_only:
+        print(table + "\n")
+        return True
+    if plotted:
+        print(f"make_report: decode plot written to {plot}")
+    if write_readme(readme, table, DECODE_START, DECODE_END):
+        print(f"make_report: decode table ({len(cases)} rows) written to {readme}")
+    else:
+        print(f"make_report: no {DECODE_START} ... {DECODE_END} markers in {readme}; the decode "
+              f"table:\n\n{table}\n")
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="result files (default bench/results/*.json)")
     p.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
     p.add_argument("--plot", default=os.path.join(REPO_ROOT, "bench", "results", "speedup_vs_context.png"))
+    p.add_argument("--decode-plot", default=DECODE_PLOT)
     p.add_argument("--print", dest="print_only", action="store_true", help="print the table, write nothing")
     args = p.parse_args(argv)
     paths = args.results or glob.glob(os.path.join(REPO_ROOT, "bench", "results", "*.json"))
     cases = collect_cases(load_results(paths))
     train = collect_training(load_results(paths, "training"))
     hf = write_hf(paths, args.readme, args.print_only)
-    if not cases and not train and not hf:
+    decode = write_decode(paths, args.readme, args.decode_plot, args.print_only)
+    if not cases and not train and not hf and not decode:
         print("make_report: no measured results found", file=sys.stderr)
         return 1
     if train:
