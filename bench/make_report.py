@@ -290,6 +290,37 @@ def make_training_table(cases):
     return "\n".join(lines) + "\n" + "\n".join(notes)
 
 
+def plot_speedup_series(plt, series, path, point_format, xlabel, ylabel, title):
+    """One line per label of series {label: [(context, speedup)]}, log2 context axis; False if empty."""
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y in pts:
+            ax.annotate(point_format.format(y=y), (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ys = [p[1] for pts in series.values() for p in pts]
+    if max(ys) / min(ys) > 8:
+        ax.set_yscale("log", base=2)
+    ax.set_xscale("log", base=2)
+    ctxs = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ctxs)
+    ax.set_xticklabels([fmt_ctx(x) for x in ctxs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def make_plot(cases, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -304,33 +335,10 @@ def make_plot(cases, path):
             continue
         label = f"{config_label(c['doc'], cfg)} ({device}, {str(c['doc'].get('commit', '?'))[:8]})"
         series.setdefault(label, []).append((ctx, sp))
-    if not series:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for x, y in pts:
-            ax.annotate(f"{y:.1f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                        fontsize=8)
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ys = [p[1] for pts in series.values() for p in pts]
-    if max(ys) / min(ys) > 8:
-        ax.set_yscale("log", base=2)
-    ax.set_xscale("log", base=2)
-    ctxs = sorted({p[0] for pts in series.values() for p in pts})
-    ax.set_xticks(ctxs)
-    ax.set_xticklabels([fmt_ctx(x) for x in ctxs])
-    ax.set_xlabel("context length (tokens, batch 1, prefill)")
-    ax.set_ylabel("speedup: best dense / MSA total")
-    ax.set_title("MSA prefill (index top-k + sparse forward) vs dense causal attention")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return plot_speedup_series(plt, series, path, "{y:.1f}x",
+                               xlabel="context length (tokens, batch 1, prefill)",
+                               ylabel="speedup: best dense / MSA total",
+                               title="MSA prefill (index top-k + sparse forward) vs dense causal attention")
 
 
 # ---- MiniMax-M3 in transformers (bench_hf.py) ----------------------------------------------------
@@ -496,33 +504,10 @@ def make_decode_plot(cases, path):
         q = "" if q_len == 1 else f", q_len {q_len}"
         label = f"batch {batch}, {cache} cache{q} ({device}, {str(doc.get('commit', '?'))[:8]})"
         series.setdefault(label, []).append((ctx, sp))
-    if not series:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for x, y in pts:
-            ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                        fontsize=8)
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ys = [p[1] for pts in series.values() for p in pts]
-    if max(ys) / min(ys) > 8:
-        ax.set_yscale("log", base=2)
-    ax.set_xscale("log", base=2)
-    ctxs = sorted({p[0] for pts in series.values() for p in pts})
-    ax.set_xticks(ctxs)
-    ax.set_xticklabels([fmt_ctx(x) for x in ctxs])
-    ax.set_xlabel("context length (tokens per sequence, decode)")
-    ax.set_ylabel("speedup: SDPA dense (bf16) / MSA total")
-    ax.set_title("MSA decode step (index + sparse attention, paged) vs dense SDPA")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return plot_speedup_series(plt, series, path, "{y:.2f}x",
+                               xlabel="context length (tokens per sequence, decode)",
+                               ylabel="speedup: SDPA dense (bf16) / MSA total",
+                               title="MSA decode step (index + sparse attention, paged) vs dense SDPA")
 
 
 def write_decode(paths, readme, plot, print_only):
