@@ -414,22 +414,11 @@ selected cli && run_step cli 45 step_cli
     echo "---- $s: last lines of its log"
     grep -vE '^\s*$' "$WORK/$s.log" 2>/dev/null | tail -15 | cut -c1-200
   done
-  if [ -f "$WORK/bench.log" ]; then
-    echo "---- bench table"
-    sed -n '/^== bench summary/,$p' "$WORK/bench.log" | cut -c1-200
-  fi
-  if [ -f "$WORK/training.log" ]; then
-    echo "---- training table"
-    sed -n '/^== training summary/,$p' "$WORK/training.log" | cut -c1-220
-  fi
-  if [ -f "$WORK/hf.log" ]; then
-    echo "---- hf table"
-    sed -n '/^== hf summary/,$p' "$WORK/hf.log" | cut -c1-200
-  fi
-  if [ -f "$WORK/decode.log" ]; then
-    echo "---- decode table"
-    sed -n '/^== decode summary/,$p' "$WORK/decode.log" | cut -c1-200
-  fi
+  for s in bench training hf decode; do  # each benchmark prints its table after "== <step> summary"
+    [ -f "$WORK/$s.log" ] || continue
+    echo "---- $s table"
+    sed -n "/^== $s summary/,\$p" "$WORK/$s.log" | cut -c1-220
+  done
   ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"
 } | tee "$SUMMARY"
