@@ -9,15 +9,22 @@ graphs capture them; every call runs on the current CUDA stream):
 The attention forward ops have autograd (their backward ops); ``lse`` gets no gradient. The KL op's
 gradient reaches only ``qi`` and ``ki``: the teacher (q, k, lse) is a constant (SPEC.md, Detach).
 
+Mode "dense" may run its main branch through torch's scaled_dot_product_attention (cuDNN on
+Hopper) where that is exactly the same computation: see ``dense_backend``.
+
 Configs cross the op boundary as ``cfg: int[6] = [Hq, Hkv, D, Di, B, k]`` and
 ``scales: float[2] = [scale, index_scale]`` (custom-op schemas take no Python objects).
 """
 
+import inspect
 import math
+import os
+import struct
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
@@ -35,6 +42,26 @@ __all__ = [
 ]
 
 MODES = ("sparse", "dense", "warmup")
+DENSE_BACKENDS = ("auto", "msa", "sdpa")
+
+# Which kernel runs the main branch of mode "dense" (per call: msa_attention's / MSAAttention's
+# `dense_backend`, None = this value). "auto": torch SDPA where it computes exactly our dense causal
+# attention (CUDA, bf16/f16, every sequence with q_len == k_len and the same length) - cuDNN was 4x
+# faster than our dense forward+backward (docs/python.md); "msa": always our kernels; "sdpa": SDPA
+# wherever the layout allows it, any device and dtype (CPU tests use it). Mode "warmup" always uses
+# our kernel: its KL needs the main branch's LSE, which no public SDPA API returns.
+dense_backend = os.environ.get("MSA_DENSE_BACKEND", "auto")
+
+# SDPA kernels tried first (set_priority); None leaves the choice to PyTorch's own order.
+sdpa_priority = None
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        sdpa_priority = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # torch < 2.3
+    sdpa_kernel = None
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa
 
 
 # ---- plumbing --------------------------------------------------------------------------------
@@ -257,6 +284,72 @@ def _backward_kl(ctx, dloss, ddqi, ddki):
 _kl.register_autograd(_backward_kl, setup_context=_setup_kl)
 
 
+# ---- dense main branch through torch SDPA ----------------------------------------------------
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _softmax_scale(cfg: Sequence[int], scales: Sequence[float]) -> float:
+    """Config::softmax_scale() to the bit: the float32 scale, or 1.f / std::sqrt(float(D))."""
+    if scales[0] != 0.0:
+        return _f32(scales[0])
+    return _f32(1.0 / _f32(math.sqrt(_f32(float(cfg[2])))))
+
+
+def _uniform_layout(q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+                    max_k: int) -> Optional[Tuple[int, int]]:
+    """(batch, length) when every sequence has q_len == k_len == length (SDPA's top-left causal
+    mask is then ours), else None. Decided from shapes and max_seqlen; only when max_seqlen is 0
+    and batch > 1 does it read cu_seqlens (a host copy on CUDA, as our kernel would make), and
+    never under torch.compile, where that would break the graph."""
+    batch = cu_q.shape[0] - 1
+    total = q.shape[0]
+    if batch < 1 or total == 0 or k.shape[0] != total or cu_k.shape[0] != cu_q.shape[0]:
+        return None
+    if batch == 1:  # cu_seqlens = [0, total] (validated by our ops: it ends at total_q/total_k)
+        return 1, total
+    if max_q > 0 and max_q == max_k:  # lengths <= max that sum to batch*max are all max
+        return (batch, max_q) if total == batch * max_q else None
+    if torch.compiler.is_compiling() or total % batch:
+        return None
+    length = total // batch
+    expect = torch.arange(0, total + 1, length, dtype=cu_q.dtype, device=cu_q.device)
+    return (batch, length) if torch.equal(cu_q, expect) and torch.equal(cu_k, expect) else None
+
+
+def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor, batch: int, scale: float) -> Tensor:
+    """Causal attention of `batch` equal-length sequences; packed [T, H, D] in and out, viewed as
+    [B, H, L, D] without copies. Autograd is SDPA's own."""
+    def bhld(t):
+        return t.unflatten(0, (batch, t.shape[0] // batch)).transpose(1, 2)
+
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    if sdpa_priority is not None:
+        with sdpa_kernel(sdpa_priority, set_priority=True):
+            out = F.scaled_dot_product_attention(bhld(q), bhld(k), bhld(v), is_causal=True,
+                                                 scale=scale, **gqa)
+    else:
+        out = F.scaled_dot_product_attention(bhld(q), bhld(k), bhld(v), is_causal=True,
+                                             scale=scale, **gqa)
+    return out.transpose(1, 2).flatten(0, 1)
+
+
+def _dense_main(q, k, v, cu_q, cu_k, cfg, scales, max_q, max_k, backend) -> Tensor:
+    """Output of the dense main branch (no LSE): SDPA or our kernel, per `backend`."""
+    backend = dense_backend if backend is None else backend
+    if backend not in DENSE_BACKENDS:
+        raise ArgumentError(f"msa: argument 'dense_backend': must be one of {DENSE_BACKENDS}, "
+                            f"got {backend!r}", "dense_backend")
+    use = backend == "sdpa" or (backend == "auto" and q.is_cuda
+                                and q.dtype in (torch.bfloat16, torch.float16))
+    if use and (q.shape[1] == k.shape[1] or _SDPA_GQA):
+        layout = _uniform_layout(q, k, cu_q, cu_k, max_q, max_k)
+        if layout is not None:
+            return _sdpa_dense(q, k, v, layout[0], _softmax_scale(cfg, scales))
+    return _dense_fwd(q, k, v, cu_q, cu_k, cfg, scales, max_q, max_k)[0]
+
+
 # ---- functional API --------------------------------------------------------------------------
 
 def index_topk(qi, ki, cu_seqlens_q, cu_seqlens_k, cfg, max_seqlen_q=0, max_seqlen_k=0,
@@ -278,13 +371,15 @@ def kl_alignment_loss(q, k, lse, qi, ki, topk, cu_seqlens_q, cu_seqlens_k, cfg, 
 
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg,
-                  mode="sparse", kl_coeff=0.0) -> Tuple[Tensor, Tensor]:
+                  mode="sparse", kl_coeff=0.0, dense_backend=None) -> Tuple[Tensor, Tensor]:
     """MSA over packed varlen tensors. Returns (out [total_q, Hq, D], kl_loss scalar).
 
     mode "sparse": index top-k, sparse main branch, KL over the selected tokens;
     "warmup": dense main branch, KL over all visible tokens (MSA-CPT warmup);
     "dense": dense main branch, no index branch (qi, ki may be None), kl_loss = 0.
     The KL term (skipped when kl_coeff == 0) sends gradient only into qi and ki.
+    dense_backend ("auto" | "msa" | "sdpa", None = msa.torch.dense_backend, itself from the
+    environment variable MSA_DENSE_BACKEND, default "auto") picks mode "dense"'s kernel.
     """
     if mode not in MODES:
         raise ArgumentError(f"msa: argument 'mode': must be one of {MODES}, got {mode!r}", "mode")
@@ -296,6 +391,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                               cu_seqlens_k, c, s, max_seqlen_q, max_seqlen_k, 1.0)
         out, lse = _sparse_fwd(q, k, v, topk, cu_seqlens_q, cu_seqlens_k, c, s, max_seqlen_q,
                                max_seqlen_k)
+    elif mode == "dense":
+        out = _dense_main(q, k, v, cu_seqlens_q, cu_seqlens_k, c, s, max_seqlen_q, max_seqlen_k,
+                          dense_backend)
     else:
         out, lse = _dense_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, c, s, max_seqlen_q,
                               max_seqlen_k)
@@ -373,7 +471,8 @@ class MSAAttention(nn.Module):
                  scale: float = 0.0, index_scale: float = 0.0, mode: str = "sparse",
                  kl_coeff: float = 1.0, qk_norm: bool = False, index_norm: bool = False,
                  rotary: Optional[RotaryHook] = None, index_rotary: Optional[RotaryHook] = None,
-                 bias: bool = False, norm_eps: float = 1e-6, device=None, dtype=None):
+                 bias: bool = False, norm_eps: float = 1e-6, device=None, dtype=None,
+                 dense_backend: Optional[str] = None):
         super().__init__()
         if mode not in MODES:
             raise ArgumentError(f"msa: argument 'mode': must be one of {MODES}", "mode")
@@ -384,6 +483,7 @@ class MSAAttention(nn.Module):
         self.cfg.validate()
         self._cfg_args = config_args(self.cfg)  # plain Python values: traceable by torch.compile
         self.d_model, self.mode, self.kl_coeff = d_model, mode, kl_coeff
+        self.dense_backend = dense_backend  # mode "dense"'s kernel; None = msa.torch.dense_backend
         self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
         self.head_dim, self.index_head_dim = head_dim, index_head_dim
         f = dict(device=device, dtype=dtype)
@@ -431,7 +531,7 @@ class MSAAttention(nn.Module):
         if mode != "dense":
             qi, ki = self.index_branch(hidden, positions)
         out, kl = msa_attention(q, k, v, qi, ki, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                self._cfg_args, mode, self.kl_coeff)
+                                self._cfg_args, mode, self.kl_coeff, self.dense_backend)
         return self.o_proj(out.reshape(T, self.num_q_heads * self.head_dim)), kl
 
 

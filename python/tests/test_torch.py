@@ -14,9 +14,9 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and msa.cuda_avai
                                 reason="needs a GPU and a CUDA build of msa")
 
 
-def make_cfg(hq=4, hkv=2, d=8, di=8, block=4, topk=3):
+def make_cfg(hq=4, hkv=2, d=8, di=8, block=4, topk=3, scale=0.0):
     return msa.Config(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, index_head_dim=di,
-                      block_size=block, topk=topk)
+                      block_size=block, topk=topk, scale=scale)
 
 
 def cu(lengths, which, device="cpu"):
@@ -274,6 +274,116 @@ def test_torch_op_errors_are_msa_errors():
     with pytest.raises(msa.ArgumentError) as info:
         mt.index_topk(t["qi"][:, :1], t["ki"], t["cu_q"], t["cu_k"], cfg)
     assert info.value.argument == "qi"
+
+
+# ---- dense main branch through torch SDPA --------------------------------------------------------
+
+def count_sdpa_calls(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def dense_out_and_grads(t, cfg, backend, max_q=0, max_k=0):
+    q, k, v = (t[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    out, kl = mt.msa_attention(q, k, v, None, None, t["cu_q"], t["cu_k"], max_q, max_k, cfg,
+                               "dense", dense_backend=backend)
+    assert kl.item() == 0
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(dout.to(out.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("lengths,max_len", [([(29, 29)], 0), ([(13, 13)] * 3, 0),
+                                             ([(13, 13)] * 3, 13), ([(1, 1)] * 2, 0)])
+def test_dense_sdpa_matches_msa_kernel(monkeypatch, dtype, hq, hkv, lengths, max_len):
+    cfg = make_cfg(hq, hkv, d=16, scale=0.3 if len(lengths) == 3 else 0.0)
+    t = tensors(cfg, lengths, dtype, seed=12)
+    calls = count_sdpa_calls(monkeypatch)
+    mine = dense_out_and_grads(t, cfg, "msa", max_len, max_len)
+    assert not calls
+    theirs = dense_out_and_grads(t, cfg, "sdpa", max_len, max_len)
+    assert len(calls) == 1 and calls[0]["is_causal"]
+    assert calls[0]["scale"] == (torch.tensor(0.3, dtype=torch.float32).item()
+                                 if len(lengths) == 3 else f32_inv_sqrt(16))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, a, b in zip(("out", "dq", "dk", "dv"), theirs, mine):
+        # Absolute floor: with one key per sequence dq is 0 up to rounding on both sides.
+        assert (a - b).double().norm() <= tol * (b.double().norm() + 1), name
+        assert torch.isfinite(a).all(), name
+    # "auto" keeps our kernel on CPU.
+    auto = dense_out_and_grads(t, cfg, "auto", max_len, max_len)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(auto, mine))
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("lengths,max_q,max_k", [
+    ([(5, 5), (16, 16), (23, 23)], 0, 0),   # ragged
+    ([(5, 5), (16, 16), (23, 23)], 23, 23),
+    ([(8, 8), (8, 8)], 16, 16),             # equal lengths, but max_seqlen only bounds them
+    ([(3, 17)], 0, 0),                      # a query suffix (chunked prefill)
+    ([(4, 12), (4, 12)], 4, 12)])
+def test_dense_sdpa_falls_back_to_msa_kernel(monkeypatch, backend, lengths, max_q, max_k):
+    cfg = make_cfg(8, 2, d=16)
+    t = tensors(cfg, lengths, torch.float32, seed=13)
+    calls = count_sdpa_calls(monkeypatch)
+    mine = dense_out_and_grads(t, cfg, "msa", max_q, max_k)
+    other = dense_out_and_grads(t, cfg, backend, max_q, max_k)
+    assert not calls
+    assert all(torch.equal(a, b) for a, b in zip(other, mine))
+
+
+def test_dense_backend_switches(monkeypatch):
+    torch.manual_seed(14)
+    lengths = [(9, 9), (9, 9)]
+    layer = mt.MSAAttention(32, 8, 2, 8, index_head_dim=8, block_size=4, topk=3, mode="dense",
+                            dense_backend="sdpa", dtype=torch.float64)
+    cu_seqlens = cu(lengths, "q")
+    hidden = torch.randn(18, 32, dtype=torch.float64)
+    calls = count_sdpa_calls(monkeypatch)
+    out_sdpa, _ = layer(hidden, cu_seqlens)
+    assert len(calls) == 1
+    layer.dense_backend = None
+    monkeypatch.setattr(mt, "dense_backend", "msa")  # what MSA_DENSE_BACKEND=msa sets at import
+    out_msa, _ = layer(hidden, cu_seqlens)
+    monkeypatch.setattr(mt, "dense_backend", "sdpa")
+    out_sdpa2, _ = layer(hidden, cu_seqlens)
+    assert len(calls) == 2 and torch.equal(out_sdpa, out_sdpa2) and rel(out_sdpa, out_msa) < 1e-12
+    # Warmup keeps our kernel whatever the switch says: its KL needs the main branch's LSE.
+    out_warm, kl = layer(hidden, cu_seqlens, mode="warmup")
+    assert len(calls) == 2 and torch.equal(out_warm, out_msa) and kl.item() > 0
+    with pytest.raises(msa.ArgumentError) as info:
+        mt.msa_attention(*[hidden.view(18, 4, 8)] * 3, None, None, cu_seqlens, cu_seqlens, 0, 0,
+                         make_cfg(4, 4, d=8), "dense", dense_backend="cudnn")
+    assert info.value.argument == "dense_backend"
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_dense_sdpa(backend):
+    cfg = make_cfg(8, 2, d=16)
+    t = tensors(cfg, [(12, 12)] * 2, torch.float32, seed=15)
+    c, s = mt.config_args(cfg)
+
+    def g(q, k, v, cu_q, cu_k, max_len):
+        out, _ = mt.msa_attention(q, k, v, None, None, cu_q, cu_k, max_len, max_len, (c, s),
+                                  "dense", dense_backend="sdpa")
+        return out.square().sum()
+
+    for max_len in (12, 0):  # 0: cu_seqlens unreadable under compile, so our kernel runs
+        req = [t[n].clone().requires_grad_() for n in ("q", "k", "v")]
+        eager = [a.detach().clone().requires_grad_() for a in req]
+        g(*eager, t["cu_q"], t["cu_k"], max_len).backward()
+        torch.compile(g, fullgraph=True, backend=backend)(*req, t["cu_q"], t["cu_k"],
+                                                          max_len).backward()
+        for a, b in zip(req, eager):
+            assert rel(a.grad, b.grad) < 1e-5
 
 
 # ---- CUDA --------------------------------------------------------------------------------------
