@@ -11,6 +11,7 @@
 
 #include "cuda/attention_cuda_testing.h"
 #include "cuda/device_tensor.h"
+#include "cuda/kernel_env.h"
 #include "msa/error.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"
@@ -28,29 +29,19 @@ using testing::expect_matches_oracle;
 using testing::random_topk;
 using testing::Result;
 using testing::run_cuda;
+using testing::ScopedKernelEnv;
 
 // These tests pin the mma.sync kernel (MSA_ATTENTION_KERNEL=mma), which stays the fallback when the
 // wgmma kernel is compiled in (test_attention_forward_wgmma_cuda.cpp covers that one).
 class AttentionForwardCuda : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* prev = std::getenv(kKernelVar);  // recorded first: TearDown runs after a skip too
-    had_prev_ = prev != nullptr;
-    if (had_prev_) prev_ = prev;
     MSA_SKIP_WITHOUT_GPU();
-    setenv(kKernelVar, "mma", 1);
-  }
-  void TearDown() override {
-    if (had_prev_)
-      setenv(kKernelVar, prev_.c_str(), 1);
-    else
-      unsetenv(kKernelVar);
+    kernel_.emplace("MSA_ATTENTION_KERNEL", "mma");
   }
 
  private:
-  static constexpr const char* kKernelVar = "MSA_ATTENTION_KERNEL";
-  bool had_prev_ = false;
-  std::string prev_;
+  std::optional<ScopedKernelEnv> kernel_;
 };
 
 TEST_F(AttentionForwardCuda, RaggedBlockEdgesGqa16) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/attention_cuda_testing.h"
+#include "cuda/kernel_env.h"
 #include "cuda/device_tensor.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"
@@ -28,6 +29,7 @@ using testing::Case;
 using testing::random_topk;
 using testing::Result;
 using testing::run_cuda;
+using testing::ScopedKernelEnv;
 using testing::TestProblem;
 
 // Where `got` first leaves `ref` by more than 1e-2 of ref's largest magnitude (or is not finite),
@@ -78,14 +80,9 @@ void check_case_diagnosed(const Case& c, uint64_t seed) {
   expect_matches_oracle_diagnosed(p, nullptr, run_cuda(p, nullptr));
 }
 
-constexpr const char* kKernelVar = "MSA_ATTENTION_KERNEL";
-
 class AttentionForwardWgmmaCuda : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* prev = std::getenv(kKernelVar);  // recorded first: TearDown runs after a skip too
-    had_prev_ = prev != nullptr;
-    if (had_prev_) prev_ = prev;
 #if !defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
     GTEST_SKIP() << "the wgmma forward is compiled in only with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON";
 #endif
@@ -95,18 +92,11 @@ class AttentionForwardWgmmaCuda : public ::testing::Test {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
     if (major != 9 || minor != 0) GTEST_SKIP() << "the wgmma forward runs on sm_90 only";
-    setenv(kKernelVar, "wgmma", 1);
-  }
-  void TearDown() override {
-    if (had_prev_)
-      setenv(kKernelVar, prev_.c_str(), 1);
-    else
-      unsetenv(kKernelVar);
+    kernel_.emplace("MSA_ATTENTION_KERNEL", "wgmma");
   }
 
  private:
-  bool had_prev_ = false;
-  std::string prev_;
+  std::optional<ScopedKernelEnv> kernel_;
 };
 
 TEST_F(AttentionForwardWgmmaCuda, RaggedBlockEdgesGqa16) {

@@ -12,6 +12,7 @@
 #include "common/host_tensor.h"
 #include "cuda/device_tensor.h"
 #include "cuda/index_cuda_testing.h"
+#include "cuda/kernel_env.h"
 #include "msa/error.h"
 #include "msa/ops.h"
 #include "msa/rules.h"
@@ -24,8 +25,10 @@ namespace {
 // These cases pin the mma.sync stage 1 (the wgmma one, the default, has its own test file).
 class IndexTopkCuda : public ::testing::Test {
  protected:
-  void SetUp() override { setenv("MSA_INDEX_KERNEL", "mma", 1); }
-  void TearDown() override { unsetenv("MSA_INDEX_KERNEL"); }
+  void SetUp() override { kernel_.emplace("MSA_INDEX_KERNEL", "mma"); }
+
+ private:
+  std::optional<ScopedKernelEnv> kernel_;
 };
 
 TEST_F(IndexTopkCuda, RaggedPrefillChunkedDecodeBf16Hkv4) {

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cuda/index_cuda_testing.h"
+#include "cuda/kernel_env.h"
 
 namespace msa {
 namespace testing {
@@ -16,8 +17,10 @@ namespace {
 
 class IndexTopkWgmmaCuda : public ::testing::TestWithParam<const char*> {
  protected:
-  void SetUp() override { setenv("MSA_INDEX_KERNEL", GetParam(), 1); }
-  void TearDown() override { unsetenv("MSA_INDEX_KERNEL"); }
+  void SetUp() override { kernel_.emplace("MSA_INDEX_KERNEL", GetParam()); }
+
+ private:
+  std::optional<ScopedKernelEnv> kernel_;
 };
 
 TEST_P(IndexTopkWgmmaCuda, RaggedPrefillChunkedDecodeBf16Di128) {

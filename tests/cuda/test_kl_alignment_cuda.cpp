@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/device_tensor.h"
+#include "cuda/kernel_env.h"
 #include "cuda/training_cuda_testing.h"
 #include "problem_fixture.h"
 
@@ -23,6 +24,7 @@ namespace {
 
 using testing::DeviceTensor;
 using testing::TestProblem;
+using testing::ScopedKernelEnv;
 
 struct KlOut {
   HostTensor loss, dqi, dki;
@@ -132,21 +134,11 @@ class KlAlignmentCuda : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     MSA_SKIP_WITHOUT_GPU();
-    const char* old = std::getenv("MSA_KL_KERNEL");
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv("MSA_KL_KERNEL", GetParam(), 1);
-  }
-  void TearDown() override {
-    if (had_)
-      setenv("MSA_KL_KERNEL", old_.c_str(), 1);
-    else
-      unsetenv("MSA_KL_KERNEL");
+    kernel_.emplace("MSA_KL_KERNEL", GetParam());
   }
 
  private:
-  bool had_ = false;
-  std::string old_;
+  std::optional<ScopedKernelEnv> kernel_;
 };
 
 TEST_P(KlAlignmentCuda, RaggedBlockEdgesGqa16) {
