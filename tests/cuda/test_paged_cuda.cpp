@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/float_convert.h"
@@ -25,6 +26,7 @@
 #include "msa/paged.h"
 #include "msa/rules.h"
 #include "paged_fixture.h"
+#include "paged_fp8_cache.h"
 
 namespace msa {
 namespace {
@@ -53,7 +55,8 @@ struct Case {
   uint64_t seed = 1;
 };
 
-// A cache to run on: the step's own (query dtype) or FP8 copies with per-page amax / 448 scales.
+// A cache to run on: the step's own (query dtype) or its FP8 copies with per-page amax / 448 scales
+// (the CPU FP8 tests' quantisation, paged_fp8_cache.h).
 struct HostCache {
   HostTensor k, v, ki, k_scale, v_scale, ki_scale;
   bool fp8 = false;
@@ -64,42 +67,13 @@ struct HostCache {
       ki = s.ki_cache;
       return;
     }
-    const Config& c = s.p.cfg;
-    const int B = c.block_size, hkv = c.num_kv_heads, D = c.head_dim, Di = c.index_head_dim;
-    const int64_t P = s.num_pages;
-    k_scale = HostTensor(DType::f32, {P, hkv});
-    v_scale = HostTensor(DType::f32, {P, hkv});
-    ki_scale = HostTensor(DType::f32, {P});
-    std::vector<double> ak(size_t(P * hkv), 0), av(size_t(P * hkv), 0), aki(size_t(P), 0);
-    for (size_t r = 0; r < s.kv_lens.size(); ++r)
-      for (int64_t t = 0; t < s.kv_lens[r]; ++t) {
-        const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + t / B));
-        const int64_t tok = s.p.lens.cu_k[r] + t;
-        for (int h = 0; h < hkv; ++h)
-          for (int d = 0; d < D; ++d) {
-            ak[size_t(page * hkv + h)] = std::max(ak[size_t(page * hkv + h)], std::fabs(s.p.k.get((tok * hkv + h) * D + d)));
-            av[size_t(page * hkv + h)] = std::max(av[size_t(page * hkv + h)], std::fabs(s.p.v.get((tok * hkv + h) * D + d)));
-          }
-        for (int d = 0; d < Di; ++d) aki[size_t(page)] = std::max(aki[size_t(page)], std::fabs(s.p.ki.get(tok * Di + d)));
-      }
-    auto sc = [](double a) { return a > 0 ? float(a / 448.0) : 1.f; };
-    for (int64_t p = 0; p < P; ++p) {
-      for (int h = 0; h < hkv; ++h) {
-        k_scale.set(p * hkv + h, sc(ak[size_t(p * hkv + h)]));
-        v_scale.set(p * hkv + h, sc(av[size_t(p * hkv + h)]));
-      }
-      ki_scale.set(p, sc(aki[size_t(p)]));
-    }
-    k = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
-    v = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
-    ki = HostTensor(DType::fp8_e4m3, {P, B, Di});
-    for (int64_t i = 0; i < k.numel(); ++i) {
-      const int64_t p = i / (int64_t(B) * hkv * D), h = (i / D) % hkv;
-      k.set(i, float(s.k_cache.get(i)) / float(k_scale.get(p * hkv + h)));
-      v.set(i, float(s.v_cache.get(i)) / float(v_scale.get(p * hkv + h)));
-    }
-    for (int64_t i = 0; i < ki.numel(); ++i)
-      ki.set(i, float(s.ki_cache.get(i)) / float(ki_scale.get(i / (int64_t(B) * Di))));
+    testing::Fp8Cache f(s, testing::ScalePolicy::page_amax);
+    k = std::move(f.k);
+    v = std::move(f.v);
+    ki = std::move(f.ki);
+    k_scale = std::move(f.k_scale);
+    v_scale = std::move(f.v_scale);
+    ki_scale = std::move(f.ki_scale);
   }
   PagedKVCache view() {
     if (!fp8) return {k.view(), v.view(), ki.view(), {}, {}, {}};
