@@ -19,6 +19,7 @@
 #undef select_topk_kernel
 #include "cuda/paged_attention.cuh"
 #include "cuda/paged_index.cuh"
+#include "cuda/paged_index_stream.cuh"
 #include "cuda/paged_layout.h"
 #include "msa/error.h"
 
@@ -114,11 +115,21 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.chunk = lay.index_chunk;
     ia.chunks = lay.index_chunks;
     ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
-    const std::size_t ismem =
-        index_smem_bytes(ia.row_cap, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)));
-    allow_smem(index_scores_kernel<T>, ismem, "index", index_smem_allowed<T>());
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
-    index_scores_kernel<T><<<unsigned(icta), kThreads, ismem, stream>>>(ia);
+    // Opt-in streaming kernel (paged_index_stream.cuh) for decode; same grid and score layout.
+    if (stream_index_requested() &&
+        stream_index_supported(plan.max_q_len, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)), ia.ki,
+                               ia.ki_s0, ia.ki_s1)) {
+      if (ia.ki_fp8)
+        launch_stream_index<T, true>(ia, unsigned(icta), stream);
+      else
+        launch_stream_index<T, false>(ia, unsigned(icta), stream);
+    } else {
+      const std::size_t ismem =
+          index_smem_bytes(ia.row_cap, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)));
+      allow_smem(index_scores_kernel<T>, ismem, "index", index_smem_allowed<T>());
+      index_scores_kernel<T><<<unsigned(icta), kThreads, ismem, stream>>>(ia);
+    }
     MSA_CUDA_CHECK_LAUNCH();
 
     index::SelectArgs sa{};
