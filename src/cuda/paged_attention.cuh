@@ -71,6 +71,40 @@ inline std::size_t attention_smem_bytes(int row_cap, int64_t max_blocks, int sta
          2 * std::size_t(kAttnKeys) * D * std::size_t(stage_esize) + 16;  // raw K/V staging
 }
 
+// The tile's blocks: the union of its queries' selections, each block with the bits of the
+// queries that selected it (mask[j]), listed ascending (list); dense mode: every block up to nb,
+// visible by position alone (neither array is used). Returns their number. Called by every thread
+// of the CTA (it synchronises); both attention kernels take their blocks from here.
+__device__ __forceinline__ int64_t tile_blocks(const AttentionArgs& a, uint32_t* mask, int32_t* list,
+                                               int* list_len, int g, int64_t qbase, int q0, int nq,
+                                               int64_t nb) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const bool dense = a.topk == nullptr;
+  if (!dense) {
+    for (int64_t j = t; j < nb; j += kThreads) mask[j] = 0u;
+    __syncthreads();
+    for (int i = t; i < nq * a.topk_k; i += kThreads) {
+      const int qi = i / a.topk_k, slot = i - qi * a.topk_k;
+      const int32_t j = a.topk[int64_t(g) * a.tk_s0 + (qbase + q0 + qi) * a.tk_s1 + slot];
+      if (j >= 0 && j < nb) atomicOr(&mask[j], 1u << qi);
+    }
+    __syncthreads();
+    if (warp == 0) {  // ascending compaction of the non-empty entries
+      int n = 0;
+      for (int64_t j0 = 0; j0 < nb; j0 += 32) {
+        const int64_t j = j0 + lane;
+        const bool on = j < nb && mask[j] != 0u;
+        const unsigned bal = __ballot_sync(0xffffffffu, on);
+        if (on) list[n + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
+        n += __popc(bal);
+      }
+      if (lane == 0) *list_len = n;
+    }
+  }
+  __syncthreads();
+  return dense ? nb : *list_len;
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs a) {
   constexpr int DP = D + 4, C4 = cols4<D>(), RPT = rows_per_thread<D>(), RSTEP = kThreads / C4;
@@ -126,32 +160,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     row_l[t] = 0.f;
   }
 
-  // The tile's blocks: the union of its queries' selections, each block with the bits of the
-  // queries that selected it; dense mode: every block up to nb, visible by position alone.
   const bool dense = a.topk == nullptr;
-  if (!dense) {
-    for (int64_t j = t; j < nb; j += kThreads) mask[j] = 0u;
-    __syncthreads();
-    for (int i = t; i < nq * a.topk_k; i += kThreads) {
-      const int qi = i / a.topk_k, slot = i - qi * a.topk_k;
-      const int32_t j = a.topk[int64_t(g) * a.tk_s0 + (qbase + q0 + qi) * a.tk_s1 + slot];
-      if (j >= 0 && j < nb) atomicOr(&mask[j], 1u << qi);
-    }
-    __syncthreads();
-    if (warp == 0) {  // ascending compaction of the non-empty entries
-      int n = 0;
-      for (int64_t j0 = 0; j0 < nb; j0 += 32) {
-        const int64_t j = j0 + lane;
-        const bool on = j < nb && mask[j] != 0u;
-        const unsigned bal = __ballot_sync(0xffffffffu, on);
-        if (on) list[n + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
-        n += __popc(bal);
-      }
-      if (lane == 0) list_len = n;
-    }
-  }
-  __syncthreads();
-  const int64_t count = dense ? nb : list_len;
+  const int64_t count = tile_blocks(a, mask, list, &list_len, g, qbase, q0, nq, nb);
   const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
 
   float acc[RPT][4];

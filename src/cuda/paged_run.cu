@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "core/paged_backend.h"
@@ -18,6 +19,7 @@
 #include "cuda/index_select.cuh"
 #undef select_topk_kernel
 #include "cuda/paged_attention.cuh"
+#include "cuda/paged_attention_mma.cuh"
 #include "cuda/paged_index.cuh"
 #include "cuda/paged_index_stream.cuh"
 #include "cuda/paged_layout.h"
@@ -59,6 +61,13 @@ void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t&
 }
 
 int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
+
+// MSA_PAGED_ATTENTION_KERNEL=mma selects the tensor-core attention kernel for bf16/f16 (not the
+// default until a device run verifies it; docs/serving.md "CUDA backend").
+bool paged_mma_requested() {
+  const char* e = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
+  return e != nullptr && std::string(e) == "mma";
+}
 
 template <class T>
 std::size_t& index_smem_allowed() {
@@ -210,11 +219,23 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
-  const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
-  static std::size_t attention_allowed = 0;
-  allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
-  attention_kernel<T, D><<<unsigned(acta), kThreads, asmem, stream>>>(aa);
+  bool launched = false;
+  if constexpr (sizeof(T) == 2) {  // opt-in tensor-core kernel (paged_attention_mma.cuh), 16-bit only
+    if (paged_mma_requested()) {
+      const std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8 || aa.v_fp8);
+      static std::size_t mma_allowed = 0;
+      allow_smem(attention_mma_kernel<T, D>, msmem, "attention (mma)", mma_allowed);
+      attention_mma_kernel<T, D><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
+      launched = true;
+    }
+  }
+  if (!launched) {
+    const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
+    static std::size_t attention_allowed = 0;
+    allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
+    attention_kernel<T, D><<<unsigned(acta), kThreads, asmem, stream>>>(aa);
+  }
   MSA_CUDA_CHECK_LAUNCH();
   if (lay.splits > 1) {
     const int64_t rows = plan.total_q * c.num_q_heads;

@@ -1,0 +1,440 @@
+// Tensor-core variant of the CUDA paged main branch (paged_attention.cuh), selected by
+// MSA_PAGED_ATTENTION_KERNEL=mma for 16-bit queries (f32 keeps the FFMA kernel: the products need
+// 16-bit operands). Why: with the G heads of a group packed as rows, every K/V byte costs 32 FLOP of
+// FP32 FMAs, above what the FFMA pipes sustain at full memory bandwidth; the same products on
+// mma.sync m16n8k16 (bf16/f16 operands, fp32 accumulators) leave the kernel bound by its loads.
+//
+// Same CTA (request x query tile x group x key split), rows (query * G + head), block union
+// (tile_blocks), key splits and outputs (out/lse with one split, else the partials merge_kernel
+// combines) as the FFMA kernel. The split's keys are its blocks' visible keys laid end to end
+// (B keys a block, fewer for the last), staged kMmaKeys at a time, double-buffered with cp.async
+// into swizzled 16-bit tiles that ldmatrix reads (FP8 pages: raw bytes staged, then each thread
+// dequantises the vectors it copied with the (page, group) scale). Per key the stage keeps its
+// position and the bits of the tile's queries that selected its block (0 for padding and for
+// pages outside the cache), so visibility is decided per (row, key) by the union's mask and
+// rules::causally_visible. Warps: rows are split into m-tiles of 16 (padded rows are zero and
+// fully masked); with one m-tile the four warps take a quarter of each chunk's keys each, with two
+// a half, with three or four one m-tile each; every warp keeps its own online softmax (fp32, log2
+// domain) and the key slices are combined through shared memory at the end.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/attention_forward_kernel.cuh"  // swz: the swizzled 16-bit tile ldmatrix reads
+#include "cuda/attention_mma.cuh"
+#include "cuda/paged_attention.cuh"
+#include "cuda/paged_layout.h"
+#include "cuda/paged_load.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+namespace paged {
+
+constexpr int kMmaKeys = 64;  // keys per staged chunk
+constexpr int kMmaWarps = kThreads / 32;
+
+// Per-key facts of a staged chunk, written by the thread that owns the key (t < kMmaKeys).
+struct MmaKeyMeta {
+  int32_t page[kMmaKeys];  // -1: padding or a page id outside the cache (zeros are staged)
+  int32_t off[kMmaKeys];   // key's slot in its page
+  int32_t pos[kMmaKeys];   // key position
+  uint32_t sel[kMmaKeys];  // bits of the tile's queries that may see it (0: nobody)
+  float kscale[kMmaKeys], vscale[kMmaKeys];
+};
+
+// Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
+struct MmaSmem {
+  std::size_t q, tiles, raw, meta, ml, mask, list, bytes;
+};
+__host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 127) / 128 * 128; }
+__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool any_fp8) {
+  MmaSmem s;
+  const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
+  s.q = 0;
+  s.tiles = mma_align(rows_pad * D * 2);
+  // [stage][K, V][kMmaKeys][D] 16-bit; after the key loop, the slices' O ([warp][16][D + 8] fp32).
+  s.raw = s.tiles + mma_align(std::size_t(2) * 2 * kMmaKeys * D * 2);
+  s.meta = s.raw + (any_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);  // [stage][K, V][key][D] FP8
+  s.ml = s.meta + mma_align(2 * sizeof(MmaKeyMeta));
+  // m, l of each warp's 16 rows, then the combined m, l of each row.
+  s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
+  s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
+  s.bytes = s.list + sizeof(int32_t) * std::size_t(list_cap) + 128;  // + slack to align the base
+  return s;
+}
+template <int D>
+inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool any_fp8) {
+  return mma_smem(D, row_cap, list_cap, any_fp8).bytes;
+}
+
+// 8-byte global -> shared copy; src_bytes = 0 fills zeros and reads nothing.
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+// Eight dequantised FP8 values packed as T.
+template <class T>
+__device__ __forceinline__ uint4 fp8x8_to(const unsigned char* raw, float scale) {
+  float x[8];
+  load8_fp8(raw, scale, x);
+  uint4 u;
+  u.x = mma::Elem<T>::pack(x[0], x[1]);
+  u.y = mma::Elem<T>::pack(x[2], x[3]);
+  u.z = mma::Elem<T>::pack(x[4], x[5]);
+  u.w = mma::Elem<T>::pack(x[6], x[7]);
+  return u;
+}
+
+// One warp's share of a staged chunk: keys [kbase, kbase + KS) against its m-tile's 16 rows.
+// S = Q K^T, masking, online softmax (scores raw, exp2 with qscale folded in; m_run raw, l_run a
+// lane's partial sum), O += P V.
+template <class T, int D, int KS>
+__device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV, const MmaKeyMeta& meta,
+                                          int kbase, const uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4],
+                                          float (&m_run)[2], float (&l_run)[2], const bool (&row_ok)[2],
+                                          const int (&qbit)[2], const int64_t (&qpos)[2], float qscale,
+                                          int lane) {
+  float s[KS / 8][4];
+#pragma unroll
+  for (int n = 0; n < KS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < KS / 16; ++np) {
+      uint32_t b0, b1, b2, b3;
+      const int r = kbase + np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(tK + swz<D>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(s[2 * np], qf[kk], b0, b1);
+      mma::mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < KS / 8; ++n) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int key = kbase + n * 8 + (lane & 3) * 2 + j;
+      const uint32_t sel = meta.sel[key];
+      const int64_t kp = meta.pos[key];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (!(row_ok[h] && ((sel >> qbit[h]) & 1u) && rules::causally_visible(kp, qpos[h])))
+          s[n][2 * h + j] = -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = m_run[h];
+#pragma unroll
+    for (int n = 0; n < KS / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * qscale;
+    const float alpha = exp2f(m_run[h] * qscale - m_scaled);
+    m_run[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < KS / 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float e = exp2f(fmaf(s[n][2 * h + j], qscale, -m_scaled));
+        s[n][2 * h + j] = e;
+        sum += e;
+      }
+    }
+    l_run[h] = l_run[h] * alpha + sum;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][2 * h] *= alpha;
+      o[n][2 * h + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < KS / 16; ++kk) {
+    uint32_t pa[4];
+    pa[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    pa[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    pa[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b0, b1, b2, b3;
+      const int r = kbase + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4_trans(mma::smem_addr(tV + swz<D>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(o[2 * dp], pa, b0, b1);
+      mma::mma_16816<T>(o[2 * dp + 1], pa, b2, b3);
+    }
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
+  static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
+  constexpr int kVecs = D / 8;  // 16-byte vectors of a 16-bit row
+  constexpr int kTile = kMmaKeys * D;
+  constexpr int OP = D + 8;  // fp32 row pitch of the slice combine
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
+  const bool any_fp8 = a.k_fp8 || a.v_fp8;
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, any_fp8);
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
+  uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
+  unsigned char* sRaw = smem + L.raw;
+  MmaKeyMeta* sMeta = reinterpret_cast<MmaKeyMeta*>(smem + L.meta);
+  float* warp_m = reinterpret_cast<float*>(smem + L.ml);  // [warp][16]
+  float* warp_l = warp_m + kMmaWarps * 16;
+  float* row_m = warp_l + kMmaWarps * 16;  // [kMaxRows]
+  float* row_l = row_m + kMaxRows;
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + L.mask);
+  int32_t* list = reinterpret_cast<int32_t*>(smem + L.list);
+  __shared__ int list_len;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+
+  int64_t id = blockIdx.x;
+  const int split = int(id % a.splits);
+  id /= a.splits;
+  const int g = int(id % a.hkv);
+  id /= a.hkv;
+  const int tile = int(id % a.tiles);
+  const int r = int(id / a.tiles);
+  const int64_t qbase = a.cu_q[r];
+  const int q_len = a.cu_q[r + 1] - int(qbase);
+  const int q0 = tile * a.tile_q;
+  if (q0 >= q_len) return;
+  const int nq = min(a.tile_q, q_len - q0);
+  const int64_t kv = a.kv_lens[r];
+  const int B = a.block_size, G = a.G;
+  const int rows = nq * G;  // row = query * G + head in group
+  const int mtiles = (rows + 15) / 16;
+  const int kslices = mtiles == 1 ? 4 : mtiles == 2 ? 2 : 1;  // warps sharing an m-tile
+  const int mt = warp / kslices, ks = warp % kslices;
+  const bool active = mt < mtiles;
+  const int64_t p_first = rules::query_position(q_len, kv, q0);
+  const int64_t p_last = rules::query_position(q_len, kv, q0 + nq - 1);
+  const int64_t nb = min(rules::local_block(p_last, B) + 1, a.max_blocks);
+
+  // Q rows (16-bit, unscaled; padded rows zero): the first cp.async group.
+  const T* q = static_cast<const T*>(a.q);
+  for (int i = t; i < mtiles * 16 * kVecs; i += kThreads) {
+    const int row = i / kVecs, v = i - row * kVecs;
+    const bool ok = row < rows;
+    const T* src = ok ? q + (qbase + q0 + row / G) * a.q_s0 + int64_t(g * G + row % G) * a.q_s1 + v * 8 : q;
+    mma::cp_async_16(mma::smem_addr(sQ + swz<D>(row, v * 8)), src, ok ? 16 : 0);
+  }
+  mma::cp_async_commit();
+
+  const bool dense = a.topk == nullptr;
+  const int64_t count = tile_blocks(a, mask, list, &list_len, g, qbase, q0, nq, nb);
+  const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
+  auto block_at = [&](int64_t bi) -> int64_t { return dense ? bi : int64_t(list[bi]); };
+  // The split's keys end to end: B per block, the last block's up to the tile's last query.
+  int64_t num_keys = 0;
+  if (b1 > b0) {
+    const int64_t last = block_at(b1 - 1);
+    num_keys = (b1 - b0 - 1) * B + min(int64_t(B), p_last + 1 - rules::block_begin(last, B));
+  }
+  const int64_t chunks = (num_keys + kMmaKeys - 1) / kMmaKeys;
+
+  // Key facts of chunk c (one thread per key), then its copies (every thread, all in flight).
+  auto describe = [&](int64_t c, int st) {
+    if (t >= kMmaKeys) return;
+    MmaKeyMeta& m = sMeta[st];
+    const int64_t n = c * kMmaKeys + t;
+    int32_t page = -1, off = 0, pos = 0;
+    uint32_t sel = 0u;
+    float ksc = 0.f, vsc = 0.f;
+    if (n < num_keys) {
+      const int64_t j = block_at(b0 + n / B);
+      off = int32_t(n % B);
+      const int64_t pg = a.page_table[r * a.pt_s0 + j * a.pt_s1];
+      if (pg >= 0 && pg < a.num_pages) {  // an id outside the cache is not read
+        page = int32_t(pg);
+        pos = int32_t(rules::block_begin(j, B) + off);
+        sel = dense ? 0xffffffffu : mask[j];
+        ksc = a.k_fp8 ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 1.f;
+        vsc = a.v_fp8 ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 1.f;
+      }
+    }
+    m.page[t] = page;
+    m.off[t] = off;
+    m.pos[t] = pos;
+    m.sel[t] = sel;
+    m.kscale[t] = ksc;
+    m.vscale[t] = vsc;
+  };
+  auto issue = [&](int st) {
+    const MmaKeyMeta& m = sMeta[st];
+    for (int i = t; i < 2 * kMmaKeys * kVecs; i += kThreads) {
+      const int kvi = i / (kMmaKeys * kVecs), ii = i - kvi * (kMmaKeys * kVecs);
+      const int key = ii / kVecs, v = ii - key * kVecs;
+      const int32_t page = m.page[key];
+      const bool fp8 = kvi ? a.v_fp8 : a.k_fp8;
+      const unsigned char* base = kvi ? a.v : a.k;
+      const unsigned char* src =
+          page < 0 ? base
+                   : base + int64_t(page) * (kvi ? a.v_s0 : a.k_s0) + int64_t(m.off[key]) * (kvi ? a.v_s1 : a.k_s1) +
+                         int64_t(g) * (kvi ? a.v_s2 : a.k_s2) + int64_t(v) * 8 * (fp8 ? 1 : 2);
+      if (fp8)
+        cp_async_8(mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 8), src,
+                   page < 0 ? 0 : 8);
+      else
+        mma::cp_async_16(mma::smem_addr(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)), src,
+                         page < 0 ? 0 : 16);
+    }
+  };
+  // FP8: each thread dequantises exactly the vectors it copied (its own copies are complete).
+  auto dequantise = [&](int st) {
+    const MmaKeyMeta& m = sMeta[st];
+    for (int i = t; i < 2 * kMmaKeys * kVecs; i += kThreads) {
+      const int kvi = i / (kMmaKeys * kVecs), ii = i - kvi * (kMmaKeys * kVecs);
+      if (!(kvi ? a.v_fp8 : a.k_fp8)) continue;
+      const int key = ii / kVecs, v = ii - key * kVecs;
+      const uint4 u = fp8x8_to<T>(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 8,
+                                  kvi ? m.vscale[key] : m.kscale[key]);
+      *reinterpret_cast<uint4*>(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)) = u;
+    }
+  };
+
+  if (chunks > 0) {
+    describe(0, 0);
+    __syncthreads();
+    issue(0);
+  }
+  mma::cp_async_commit();
+
+  // This thread's two rows of its m-tile: validity, query bit and position.
+  bool row_ok[2];
+  int qbit[2];
+  int64_t qpos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = mt * 16 + (lane >> 2) + 8 * h;
+    row_ok[h] = active && row < rows;
+    qbit[h] = row_ok[h] ? row / G : 0;
+    qpos[h] = p_first + qbit[h];
+  }
+  mma::cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int rr = (active ? mt : 0) * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+    mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(rr, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int st = int(c & 1);
+    if (c + 1 < chunks) {
+      describe(c + 1, st ^ 1);
+      __syncthreads();
+      issue(st ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    if (any_fp8) dequantise(st);
+    __syncthreads();
+    if (active) {
+      const uint16_t* tK = sT + (st * 2) * kTile;
+      const uint16_t* tV = tK + kTile;
+      if (kslices == 4)
+        mma_chunk<T, D, kMmaKeys / 4>(tK, tV, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok, qbit,
+                                      qpos, a.qscale, lane);
+      else if (kslices == 2)
+        mma_chunk<T, D, kMmaKeys / 2>(tK, tV, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok, qbit,
+                                      qpos, a.qscale, lane);
+      else
+        mma_chunk<T, D, kMmaKeys>(tK, tV, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
+                                  lane);
+    }
+    __syncthreads();
+  }
+
+  // Combine the key slices of each row: m and l (log2 domain) per warp, then per row, then O scaled
+  // to the row's m summed over the slices (the staging tiles hold the slices' O now).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    if ((lane & 3) == 0) {
+      warp_m[warp * 16 + (lane >> 2) + 8 * h] = m_run[h] == -INFINITY ? -INFINITY : m_run[h] * a.qscale;
+      warp_l[warp * 16 + (lane >> 2) + 8 * h] = l_run[h];
+    }
+  }
+  __syncthreads();
+  if (t < rows) {
+    const int tm = t / 16, tr = t % 16;
+    float M = -INFINITY, S = 0.f;
+    for (int w = 0; w < kslices; ++w) M = fmaxf(M, warp_m[(tm * kslices + w) * 16 + tr]);
+    if (M != -INFINITY)
+      for (int w = 0; w < kslices; ++w) {
+        const float mw = warp_m[(tm * kslices + w) * 16 + tr];
+        if (mw != -INFINITY) S += warp_l[(tm * kslices + w) * 16 + tr] * exp2f(mw - M);
+      }
+    row_m[t] = M;
+    row_l[t] = S;
+  }
+  __syncthreads();
+  float* sO = reinterpret_cast<float*>(sT);  // [warp][16][OP]
+  if (active) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int rr = (lane >> 2) + 8 * h, row = mt * 16 + rr;
+      const float mw = warp_m[warp * 16 + rr];
+      const float f = (row >= rows || mw == -INFINITY) ? 0.f : exp2f(mw - row_m[row]);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float2*>(sO + (warp * 16 + rr) * OP + n * 8 + (lane & 3) * 2) =
+            make_float2(o[n][2 * h] * f, o[n][2 * h + 1] * f);
+    }
+  }
+  __syncthreads();
+
+  constexpr float kLn2 = 0.693147180559945309f;
+  for (int i = t; i < rows * (D / 4); i += kThreads) {
+    const int row = i / (D / 4), c4 = i - row * (D / 4);
+    const int tm = row / 16, tr = row % 16;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int w = 0; w < kslices; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(sO + ((tm * kslices + w) * 16 + tr) * OP + c4 * 4);
+      acc.x += x.x;
+      acc.y += x.y;
+      acc.z += x.z;
+      acc.w += x.w;
+    }
+    const int64_t qrow = qbase + q0 + row / G;
+    const int head = g * G + row % G;
+    if (a.splits == 1) {
+      const float l = row_l[row], inv = l == 0.f ? 0.f : 1.f / l;
+      T* dst = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1 + c4 * 4;
+      uint2 u;
+      u.x = mma::Elem<T>::pack(acc.x * inv, acc.y * inv);
+      u.y = mma::Elem<T>::pack(acc.z * inv, acc.w * inv);
+      *reinterpret_cast<uint2*>(dst) = u;
+      if (c4 == 0)
+        a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = l == 0.f ? -INFINITY : (row_m[row] + log2f(l)) * kLn2;
+    } else {
+      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      reinterpret_cast<float4*>(a.part_o + prow * D)[c4] = acc;
+      if (c4 == 0) {
+        a.part_ml[prow] = row_m[row];
+        a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = row_l[row];
+      }
+    }
+  }
+}
+
+}  // namespace paged
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
