@@ -4,13 +4,15 @@
 //  - topk rows have the rules.h layout and the CPU's block sets, except where the deciding block
 //    scores (recomputed here in float64 from the cache) are tied within rounding;
 //  - out / lse equal the CPU's (relative error < 1e-2 bf16, < 1e-5 f32) on rows whose selections agree;
-//  - dense mode, one key split and many (options.num_workers), FP8 caches, chunked prefill, graph capture.
+//  - dense mode, one key split and many (options.num_workers), FP8 caches, chunked prefill, graph capture;
+//  - every case under both attention kernels (MSA_PAGED_ATTENTION_KERNEL: FFMA default, "mma").
 // Every failure names the case, the first bad index, got vs expected and the max error.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -22,6 +24,7 @@
 
 #include "common/float_convert.h"
 #include "cuda/device_tensor.h"
+#include "cuda/kernel_env.h"
 #include "msa/ops.h"
 #include "msa/paged.h"
 #include "msa/rules.h"
@@ -173,9 +176,9 @@ double ref_block_score(PagedStep& s, const HostCache& c, int r, int64_t row, int
   return best;
 }
 
-void run_case(const Case& tc, bool capture = false) {
-  MSA_SKIP_WITHOUT_GPU();
-  SCOPED_TRACE(tc.name);
+void run_case_once(const Case& tc, bool capture) {
+  const char* kernel = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
+  SCOPED_TRACE(tc.name + " [MSA_PAGED_ATTENTION_KERNEL=" + (kernel ? kernel : "unset") + "]");
   const Config& cfg = tc.cfg;
   PagedStep cpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
   PagedStep gpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
@@ -319,6 +322,16 @@ void run_case(const Case& tc, bool capture = false) {
   EXPECT_LT(max_lse_err, 10 * tol) << "max |lse - cpu lse|";
 }
 
+// Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA default and
+// the opt-in tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step.
+void run_case(const Case& tc, bool capture = false) {
+  MSA_SKIP_WITHOUT_GPU();
+  for (const char* kernel : {"ffma", "mma"}) {
+    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_KERNEL", kernel);
+    run_case_once(tc, capture);
+  }
+}
+
 // Random decode q_lens 1..16 under ragged kv lens (1, B-1, B, B+1, below k*B, long).
 Case decode_case(std::string name, Config cfg, uint64_t seed) {
   Case c;
@@ -368,6 +381,9 @@ TEST(PagedCuda, DecodeSingleTokenBatch1LongContext) {
   c.q_lens = {1};
   c.kv_lens = {3000};
   run_case(c);
+}
+TEST(PagedCuda, DecodeGroup1Bf16) {  // up to 32 one-head queries a tile: two m-tiles of the mma kernel
+  run_case(decode_case("Hq4/Hkv4 D128 bf16", make_config(4, 4, 128, 32, 16, 4), 22));
 }
 TEST(PagedCuda, ChunkedPrefill) {
   Case c;
