@@ -121,6 +121,8 @@ class Run:
                            warmup=args.warmup, iters=args.iters,
                            smoke=bool(args.smoke), l2_bytes=self.l2,
                            msa_module=getattr(msa, "__file__", None),
+                           # kernel choices (MSA_PAGED_ATTENTION_KERNEL, MSA_PAGED_INDEX_KERNEL, ...)
+                           env={k: v for k, v in sorted(os.environ.items()) if k.startswith("MSA_")},
                            sdpa_note="dense baseline: SDPA over contiguous K/V [batch, Hkv, ctx, D] "
                                      "bf16 (enable_gqa), every key visible to every new token"),
             "copy_bandwidth": None, "rows": self.rows,
