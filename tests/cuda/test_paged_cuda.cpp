@@ -348,33 +348,40 @@ Case decode_case(std::string name, Config cfg, uint64_t seed) {
   return c;
 }
 
-TEST(PagedCuda, DecodeGroup16Bf16) {
+// The index-relevant cases run under both paged index kernels: the default shared-memory kernel
+// ("smem": any value but "stream") and the opt-in streaming kernel (paged_index_stream.cuh).
+class PagedCudaIndex : public ::testing::TestWithParam<const char*> {
+ protected:
+  msa::testing::ScopedKernelEnv env_{"MSA_PAGED_INDEX_KERNEL", GetParam()};
+};
+
+TEST_P(PagedCudaIndex, DecodeGroup16Bf16) {
   run_case(decode_case("Hq16/Hkv1 D64", make_config(16, 1, 64, 32, 16, 8), 11));
 }
-TEST(PagedCuda, DecodeGroup4Bf16) {
+TEST_P(PagedCudaIndex, DecodeGroup4Bf16) {
   run_case(decode_case("Hq8/Hkv2 D128", make_config(8, 2, 128, 64, 16, 6), 12));
 }
-TEST(PagedCuda, DecodeLayerShapeBf16) {
+TEST_P(PagedCudaIndex, DecodeLayerShapeBf16) {
   run_case(decode_case("Hq64/Hkv4 D128 B32", make_config(64, 4, 128, 64, 32, 8), 13));
 }
-TEST(PagedCuda, DecodeGroup1F32) {
+TEST_P(PagedCudaIndex, DecodeGroup1F32) {
   Case c = decode_case("Hq4/Hkv4 D64 f32", make_config(4, 4, 64, 32, 16, 4), 14);
   c.dtype = DType::f32;
   run_case(c);
 }
-TEST(PagedCuda, DecodeF16) {
+TEST_P(PagedCudaIndex, DecodeF16) {
   Case c = decode_case("Hq8/Hkv2 D64 f16", make_config(8, 2, 64, 32, 16, 4), 15);
   c.dtype = DType::f16;
   run_case(c);
 }
-TEST(PagedCuda, DecodeOneSplitAndManySplits) {
+TEST_P(PagedCudaIndex, DecodeOneSplitAndManySplits) {
   for (int workers : {1, 4096}) {
     Case c = decode_case("splits workers=" + std::to_string(workers), make_config(8, 2, 64, 32, 16, 4), 16);
     c.num_workers = workers;
     run_case(c);
   }
 }
-TEST(PagedCuda, DecodeSingleTokenBatch1LongContext) {
+TEST_P(PagedCudaIndex, DecodeSingleTokenBatch1LongContext) {
   Case c;
   c.name = "q_len 1, 3000 tokens";
   c.cfg = make_config(16, 2, 128, 64, 16, 8);
@@ -393,7 +400,7 @@ TEST(PagedCuda, ChunkedPrefill) {
   c.kv_lens = {357, 40, 16, 37};
   run_case(c);
 }
-TEST(PagedCuda, RequestsWithoutNewTokens) {
+TEST_P(PagedCudaIndex, RequestsWithoutNewTokens) {
   Case c;
   c.name = "q_len 0 requests between others";
   c.cfg = make_config(8, 2, 64, 32, 16, 4);
@@ -401,7 +408,7 @@ TEST(PagedCuda, RequestsWithoutNewTokens) {
   c.kv_lens = {30, 18, 5, 200};
   run_case(c);
 }
-TEST(PagedCuda, Fp8CachesDecodeAndPrefill) {
+TEST_P(PagedCudaIndex, Fp8CachesDecodeAndPrefill) {
   Case c = decode_case("fp8 Hq16/Hkv2 D64", make_config(16, 2, 64, 32, 16, 6), 17);
   c.fp8 = true;
   run_case(c);
@@ -427,7 +434,7 @@ TEST(PagedCuda, DenseMode) {
 // 64 full blocks of 128 keys fill the whole K/V staging buffer (the B = 16 cases above fill half of
 // it), and 132 workers give the dense plan 64 key splits. The dense kernel used to place its staging
 // buffer behind a block list that its shared memory did not count (an illegal address on the H100).
-TEST(PagedCuda, BenchDecodeShapeSparseAndDense) {
+TEST_P(PagedCudaIndex, BenchDecodeShapeSparseAndDense) {
   for (bool dense : {false, true}) {
     Case c;
     c.name = std::string("bench b=1 L=8192 q=1 ") + (dense ? "dense" : "sparse");
@@ -440,10 +447,13 @@ TEST(PagedCuda, BenchDecodeShapeSparseAndDense) {
     run_case(c);
   }
 }
-TEST(PagedCuda, GraphCapturedRun) {
+TEST_P(PagedCudaIndex, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
   run_case(c, /*capture=*/true);
 }
+
+INSTANTIATE_TEST_SUITE_P(IndexKernels, PagedCudaIndex, ::testing::Values("smem", "stream"),
+                         [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
 
 }  // namespace
 }  // namespace msa
