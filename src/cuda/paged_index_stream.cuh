@@ -142,8 +142,11 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
       }
     }
 
+    // The next block's page id is read one block ahead: its latency hides behind this block's loads.
+    int64_t next_page = j0 + warp < j1 ? a.page_table[r * a.pt_s0 + (j0 + warp) * a.pt_s1] : -1;
     for (int64_t j = j0 + warp; j < j1; j += kThreads / 32) {
-      const int64_t page = a.page_table[r * a.pt_s0 + j * a.pt_s1];
+      const int64_t page = next_page;
+      if (j + kThreads / 32 < j1) next_page = a.page_table[r * a.pt_s0 + (j + kThreads / 32) * a.pt_s1];
       const bool valid = page >= 0 && page < a.num_pages;  // an id outside the cache is not read
       float best[R];
 #pragma unroll
