@@ -13,6 +13,7 @@
 
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
+#include "cuda/paged_tile.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -64,14 +65,10 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
   int64_t id = blockIdx.x;
   const int64_t chunk = id % a.chunks;
   id /= a.chunks;
-  const int tile = int(id % a.tiles);
-  const int r = int(id / a.tiles);
-  const int64_t qbase = a.cu_q[r];
-  const int q_len = a.cu_q[r + 1] - int(qbase);
-  const int q0 = tile * a.tile_q;
-  if (q0 >= q_len) return;
-  const int nq = min(a.tile_q, q_len - q0);
-  const int64_t kv = a.kv_lens[r];
+  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
+  if (qt.nq == 0) return;
+  const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
+  const int64_t qbase = qt.qbase, kv = qt.kv;
   const int B = a.block_size;
   const int64_t candidates = rules::local_block(rules::query_position(q_len, kv, q0 + nq - 1), B);
   const int64_t j0 = chunk * a.chunk;
