@@ -192,6 +192,9 @@ def _msa_indexer_forward(self, hidden_states, position_embeddings, past_key_valu
         raise _arg_error("index_local_blocks", f"the library selects exactly one local block, "
                          f"got {self.local_blocks}")
     batch, q_len, _ = hidden_states.shape
+    if q_len < self._msa_min_q_len:  # decode: the model's [q x keys] scores are small and faster
+        return self._msa_model_forward(hidden_states, position_embeddings, past_key_values,
+                                       position_ids)
     if hidden_states.device.type == "cuda" and hidden_states.dtype not in _CUDA_DTYPES:
         raise _arg_error("hidden_states", f"the CUDA index top-k takes bfloat16 or float16, the model "
                          f"runs in {hidden_states.dtype}; load it with torch_dtype=torch.bfloat16")
@@ -217,13 +220,27 @@ def _msa_indexer_forward(self, hidden_states, position_embeddings, past_key_valu
     return topk.view(self.num_heads, batch, q_len, width).permute(1, 0, 2, 3).to(torch.int64)
 
 
-def use_msa_indexer(model) -> int:
-    """Makes every MiniMax-M3 indexer in `model` select with msa.index_topk; returns how many."""
+# Below this many query tokens per call the model's own indexer stays in use: at decode its score
+# tensor is one row per query, and it was faster than msa.index_topk on the H100 (bench_hf.py,
+# a60573a, per-token decode of a real-width 2-layer model: 8.7 vs 13.5 ms at 32K, 11.4 vs 20.7 ms
+# at 128K), which runs the prefill kernel and repacks the whole index-key cache every step.
+MSA_INDEXER_MIN_Q_LEN = 17
+
+
+def use_msa_indexer(model, min_q_len: int = MSA_INDEXER_MIN_Q_LEN) -> int:
+    """Makes every MiniMax-M3 indexer in `model` select with msa.index_topk for calls of at least
+    `min_q_len` query tokens (prefill, chunked prefill; 1 = every call), keeping the model's own
+    indexer for shorter ones (decode, speculative steps); returns how many indexers it changed."""
     import types
 
+    if min_q_len < 1:
+        raise _arg_error("min_q_len", f"must be at least 1, got {min_q_len}")
     n = 0
     for m in model.modules():
         if type(m).__name__ == "MiniMaxM3VLIndexer":
+            m.__dict__.pop("forward", None)  # a second call replaces the first one's choice
+            m._msa_model_forward = m.forward
+            m._msa_min_q_len = int(min_q_len)
             m.forward = types.MethodType(_msa_indexer_forward, m)
             n += 1
     return n

@@ -197,12 +197,13 @@ def run_steps(model, ids, prefix, decode):
 
 
 def run_models(shape, dtype, device, ids, prefix, decode, attns, indexer_swap=()):
-    """attn -> (logits of prefill + decode steps, every indexer output) with the same weights."""
+    """attn -> (logits of prefill + decode steps, every indexer output) with the same weights.
+    The swapped indexers run msa.index_topk on every call, decode steps included."""
     results = {}
     for attn in attns:
         model = make_model(shape, dtype, attn=attn.split("+")[0], device=device)
         if attn in indexer_swap:
-            assert msa.hf.use_msa_indexer(model) == 2
+            assert msa.hf.use_msa_indexer(model, min_q_len=1) == 2
         sel = selections(model)
         with torch.no_grad():
             results[attn] = (run_steps(model, ids, prefix, decode), sel)
@@ -320,6 +321,32 @@ def test_bad_cuda_block_size_is_refused():
     with pytest.raises(msa.ArgumentError) as err, torch.no_grad():
         model(tokens(40, 8, "cuda"))
     assert err.value.argument in ("head_dim", "index_block_size")
+
+
+def test_msa_indexer_leaves_short_calls_to_the_model(monkeypatch):
+    """Default min_q_len: prefill through msa.index_topk, decode steps through the model's indexer."""
+    model = make_model("g4", torch.float32, attn="msa", device="cpu")
+    assert msa.hf.use_msa_indexer(model) == 2
+    calls = []
+    real = msa.torch.index_topk
+
+    def counting(qi, *args, **kwargs):
+        calls.append(qi.shape[0])
+        return real(qi, *args, **kwargs)
+
+    monkeypatch.setattr(msa.torch, "index_topk", counting)
+    ids = tokens(40, 11, "cpu")
+    with torch.no_grad():
+        run_steps(model, ids, 30, 3)
+    assert calls == [30, 30]  # two sparse layers, the prefill only
+    assert msa.hf.use_msa_indexer(model, min_q_len=1) == 2  # re-swapping replaces the choice
+    calls.clear()
+    with torch.no_grad():
+        run_steps(model, ids, 30, 2)
+    assert calls == [30, 30, 1, 1, 1, 1]
+    with pytest.raises(msa.ArgumentError) as err:
+        msa.hf.use_msa_indexer(model, min_q_len=0)
+    assert err.value.argument == "min_q_len"
 
 
 # ---- padding and bad input -------------------------------------------------------------------
