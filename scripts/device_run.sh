@@ -349,7 +349,7 @@ fallback_if_failed() {  # fallback_if_failed REGEX VAR VALUE
   fi
 }
 if [ -f "$WORK/ctest.log" ]; then
-  fallback_if_failed 'AttentionForwardWgmmaCuda' MSA_ATTENTION_KERNEL mma
+  fallback_if_failed 'Kernels/AttentionForwardCuda.*/wgmma' MSA_ATTENTION_KERNEL mma
   fallback_if_failed 'Kernels/IndexTopkWgmmaCuda.*/wgmma_pipe' MSA_INDEX_KERNEL wgmma
   fallback_if_failed 'Kernels/KlAlignmentCuda.*/default' MSA_KL_KERNEL ffma
   [ -n "$FALLBACKS" ] && echo "kernel fallbacks for the benchmarks:$FALLBACKS" >>"$LOG"

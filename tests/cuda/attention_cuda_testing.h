@@ -5,7 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <random>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "cuda/attention_case_testing.h"
@@ -45,12 +48,44 @@ inline Result run_cuda(TestProblem& p, std::vector<int32_t>* topk, int max_seqle
   return r;
 }
 
+// Where `got` first leaves `ref` by more than 1e-2 of ref's largest magnitude (or is not finite),
+// as a readable index into a [tokens, heads, inner] tensor (inner = 1 for lse).
+inline std::string first_mismatch(const std::vector<double>& got, const std::vector<double>& ref, int64_t heads,
+                           int64_t inner) {
+  double scale = 0;
+  for (double r : ref)
+    if (std::isfinite(r)) scale = std::max(scale, std::fabs(r));
+  const double tol = 1e-2 * (scale > 0 ? scale : 1.0);
+  int64_t bad = 0, first = -1;
+  double max_err = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double err = std::fabs(got[i] - ref[i]);
+    const bool ok = std::isfinite(got[i]) ? err <= tol : got[i] == ref[i];
+    if (std::isfinite(err)) max_err = std::max(max_err, err);
+    if (!ok && bad++ == 0) first = int64_t(i);
+  }
+  std::ostringstream s;
+  s << bad << " of " << ref.size() << " elements off by more than " << tol << " (max abs err " << max_err << ")";
+  if (first >= 0) {
+    const int64_t token = first / (heads * inner), head = first / inner % heads, d = first % inner;
+    s << "; first at token " << token << " head " << head;
+    if (inner > 1) s << " d " << d;
+    s << ": got " << got[first] << " expected " << ref[first];
+  }
+  return s.str();
+}
+
+// out and lse within 1e-2 relative error of the float64 oracle; a failure says where (first_mismatch).
 inline void expect_matches_oracle(TestProblem& p, const std::vector<int32_t>* topk, const Result& r) {
   std::vector<double> out_ref, lse_ref;
   reference::attention_forward(p.cfg, p.lens, p.q.to_double(), p.k.to_double(), p.v.to_double(),
                                topk ? topk->data() : nullptr, out_ref, lse_ref);
-  EXPECT_LT(relative_error(r.out.to_double(), out_ref), 1e-2);
-  EXPECT_LT(relative_error(r.lse.to_double(), lse_ref), 1e-2);
+  const std::vector<double> out = r.out.to_double(), lse = r.lse.to_double();
+  const int64_t hq = p.cfg.num_q_heads;
+  const char* what = topk ? "sparse" : "dense";
+  EXPECT_LT(relative_error(out, out_ref), 1e-2)
+      << what << " out: " << first_mismatch(out, out_ref, hq, p.cfg.head_dim);
+  EXPECT_LT(relative_error(lse, lse_ref), 1e-2) << what << " lse: " << first_mismatch(lse, lse_ref, hq, 1);
 }
 
 inline void check_case(const Case& c, uint64_t seed) {

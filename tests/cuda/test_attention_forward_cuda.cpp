@@ -1,10 +1,16 @@
 // CUDA attention forward (sparse over topk, dense causal) against the float64 oracle, on fresh random
 // data: ragged batches around block edges, chunked-prefill and decode suffixes, GQA ratios 1..16,
-// D = 64 and 128, bf16 and f16, strided rows, malformed ids, rejected arguments.
+// D = 64 and 128, bf16 and f16, several 64-row tiles per sequence, 192-key blocks (three 64-key chunks,
+// so the wgmma kernel's 3-slot K/V rings wrap), strided rows, malformed ids, rejected arguments.
+// Every case runs on both kernels (MSA_ATTENTION_KERNEL mma, the default, and wgmma: compiled in with
+// MSA_EXPERIMENTAL_WGMMA_ATTENTION, sm_90 only); a failure names the first element out of tolerance
+// (bench/attention_wgmma_probe.cu then checks the wgmma products alone).
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,40 +37,58 @@ using testing::Result;
 using testing::run_cuda;
 using testing::ScopedKernelEnv;
 
-// These tests pin the mma.sync kernel (MSA_ATTENTION_KERNEL=mma), which stays the fallback when the
-// wgmma kernel is compiled in (test_attention_forward_wgmma_cuda.cpp covers that one).
-class AttentionForwardCuda : public ::testing::Test {
+class AttentionForwardCuda : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     MSA_SKIP_WITHOUT_GPU();
-    kernel_.emplace("MSA_ATTENTION_KERNEL", "mma");
+    if (std::string(GetParam()) == "wgmma") {
+#if !defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
+      GTEST_SKIP() << "the wgmma forward is compiled in only with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON";
+#endif
+      int dev = 0, major = 0, minor = 0;
+      cudaGetDevice(&dev);
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+      if (major != 9 || minor != 0) GTEST_SKIP() << "the wgmma forward runs on sm_90 only";
+    }
+    kernel_.emplace("MSA_ATTENTION_KERNEL", GetParam());
   }
 
  private:
   std::optional<ScopedKernelEnv> kernel_;
 };
 
-TEST_F(AttentionForwardCuda, RaggedBlockEdgesGqa16) {
+TEST_P(AttentionForwardCuda, RaggedBlockEdgesGqa16) {
   check_case({64, 4, 128, 64, 3, {1, 63, 64, 65, 66}, {1, 63, 64, 65, 300}, DType::bf16}, 11);
 }
 
-TEST_F(AttentionForwardCuda, ChunkedPrefillAndDecodeGqa16Block128) {
+TEST_P(AttentionForwardCuda, ChunkedPrefillAndDecodeGqa16Block128) {
   check_case({16, 1, 128, 128, 4, {1, 16, 7, 130, 129}, {700, 529, 128, 300, 129}, DType::bf16}, 12);
 }
 
-TEST_F(AttentionForwardCuda, Gqa4HeadDim64) {
+TEST_P(AttentionForwardCuda, Gqa4HeadDim64) {
   check_case({32, 8, 64, 64, 4, {127, 3, 200}, {127, 400, 333}, DType::bf16}, 13);
 }
 
-TEST_F(AttentionForwardCuda, Gqa8Float16) {
+TEST_P(AttentionForwardCuda, Gqa8Float16) {
   check_case({8, 1, 128, 64, 5, {130, 9, 64}, {450, 260, 64}, DType::f16}, 14);
 }
 
-TEST_F(AttentionForwardCuda, Gqa1ShortSequencesBelowK) {
+TEST_P(AttentionForwardCuda, Gqa1ShortSequencesBelowK) {
   check_case({4, 4, 64, 64, 8, {1, 30, 129, 100}, {1, 30, 129, 250}, DType::bf16}, 15);
 }
 
-TEST_F(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
+// GQA 1: 64 queries per tile (the whole 64-bit query mask of a block), several tiles per sequence.
+TEST_P(AttentionForwardCuda, Gqa1TwoMaskWordsHeadDim128) {
+  check_case({2, 2, 128, 64, 3, {300, 129}, {700, 200}, DType::bf16}, 21);
+}
+
+// GQA 2 with three 64-key chunks per block and several 64-row tiles per sequence.
+TEST_P(AttentionForwardCuda, Gqa2Block192Float16) {
+  check_case({4, 2, 128, 192, 3, {200, 65}, {900, 65}, DType::f16}, 22);
+}
+
+TEST_P(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
   Config cfg = attention_config(6, 2, 64, 64, 2);
   TestProblem p(cfg, {50, 7}, {190, 7}, DType::bf16, 16);
   std::mt19937_64 rng(99);
@@ -73,7 +97,7 @@ TEST_F(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
 }
 
 // q as a slice of a wider packed buffer (outer strides larger than the shape).
-TEST_F(AttentionForwardCuda, StridedQueryRows) {
+TEST_P(AttentionForwardCuda, StridedQueryRows) {
   Config cfg = attention_config(16, 2, 128, 64, 2);
   TestProblem p(cfg, {70, 5}, {200, 80}, DType::bf16, 17);
   const int64_t tq = p.total_q(), H = cfg.num_q_heads, D = cfg.head_dim;
@@ -103,7 +127,7 @@ TEST_F(AttentionForwardCuda, StridedQueryRows) {
 }
 
 // Ids outside [0, local] (other than -1) are skipped: the result is that of the row without them.
-TEST_F(AttentionForwardCuda, MalformedIdsAreSkipped) {
+TEST_P(AttentionForwardCuda, MalformedIdsAreSkipped) {
   Config cfg = attention_config(8, 2, 64, 64, 4);
   TestProblem p(cfg, {90}, {300}, DType::bf16, 18);
   std::mt19937_64 rng(3);
@@ -117,7 +141,7 @@ TEST_F(AttentionForwardCuda, MalformedIdsAreSkipped) {
   expect_matches_oracle(p, &clean, r);
 }
 
-TEST_F(AttentionForwardCuda, RejectsUnsupportedArguments) {
+TEST_P(AttentionForwardCuda, RejectsUnsupportedArguments) {
   Config cfg = attention_config(4, 1, 64, 64, 2);
   {
     TestProblem p(cfg, {10}, {10}, DType::f32, 19);
@@ -151,6 +175,9 @@ TEST_F(AttentionForwardCuda, RejectsUnsupportedArguments) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Kernels, AttentionForwardCuda, ::testing::Values("mma", "wgmma"),
+                         [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 }  // namespace
 }  // namespace msa
