@@ -170,9 +170,13 @@ def save_checkpoint(path: str, model: Decoder, optimizer=None, step: int = 0, **
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**asdict(model.cfg), "mode": model.mode, "step": step, **meta}, f, indent=2)
+    # Written under a temporary name and renamed: a concurrent reader (MSA-CPT waiting for the dense
+    # run's checkpoint) or a resume after a kill never sees half a file.
+    tmp = os.path.join(path, "model.pt.tmp")
     torch.save({"model": model.state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "step": step}, os.path.join(path, "model.pt"))
+                "step": step}, tmp)
+    os.replace(tmp, os.path.join(path, "model.pt"))
 
 
 def load_checkpoint(path: str, device="cpu") -> Tuple[Decoder, dict, dict]:

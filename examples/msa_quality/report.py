@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 
@@ -115,13 +114,8 @@ def step_times(rows):
 def write_report(rargs, targs, eargs, logs, evals, files):
     cfg = json.load(open(os.path.join(targs.out, "train_args.json")))
     m = cfg["model"]
-    try:
-        import torch
-        dev = (torch.cuda.get_device_name() if targs.device.startswith("cuda")
-               else f"CPU ({platform.machine()})")
-        tv = torch.__version__
-    except Exception:  # noqa: BLE001
-        dev, tv = "?", "?"
+    # The machine that trained (train_args.json), not the one writing the report.
+    dev, tv = cfg.get("device_name", "?"), cfg.get("torch_version", "?")
     L = [f"# MSA quality study (issue 6)", "",
          f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
          f"`examples/msa_quality/report.py {' '.join(sys.argv[1:])}` on {dev}, torch {tv}.", "",

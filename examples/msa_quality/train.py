@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict, fields
@@ -108,6 +109,12 @@ def mode_at(regime: str, step: int, args) -> str:
 def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                              weight_decay=args.weight_decay)
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.machine()})"
 
 
 def sync(device):
@@ -237,7 +244,9 @@ def main_with(args):
     cfg = model_config(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_args.json"), "w") as f:
-        json.dump({**vars(args), "model": asdict(cfg)}, f, indent=2)
+        json.dump({**vars(args), "model": asdict(cfg), "device_name": device_name(args.device),
+                   "torch_version": torch.__version__},
+                  f, indent=2)
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     for r in regimes:
         train_regime(r, args, cfg)
