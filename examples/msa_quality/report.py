@@ -144,7 +144,18 @@ def write_report(rargs, targs, eargs, logs, evals, files):
     for reg, rs in logs.items():
         for (mode, sl, tok), t in sorted(step_times(rs).items()):
             rows.append([NAMES[reg], mode, sl, tok, f"{t * 1e3:.1f}"])
-    L += ["Wall clock per training step (median; forward, backward, optimizer):", "",
+    timing_path = os.path.join(targs.out, "eval", "step_timing.json")
+    if os.path.exists(timing_path):
+        tm = json.load(open(timing_path))
+        dense = tm["ms"].get("dense", {})
+        trow = [[mode, sl, f"{ms:.1f}", f"{dense[sl] / ms:.2f}x" if sl in dense else "-"]
+                for mode, per in tm["ms"].items() for sl, ms in per.items()]
+        L += [f"Wall clock per training step (forward, backward, AdamW; {tm['tokens_per_step']} "
+              f"tokens/step), measured alone on {tm['device_name']} by `step_timing.py` (median of "
+              f"{tm['steps']} steps):", "",
+              table(["mode", "seq len", "ms/step", "speedup vs dense"], trow), ""]
+    L += ["Median step time in the training logs (device_study.sh trains the regimes side by side "
+          "on one GPU, so these include the other runs' load):", "",
           table(["regime", "mode", "seq len", "tokens/step", "ms/step"], rows), ""]
     if evals:
         lens = list(next(iter(evals.values()))["retrieval"])

@@ -1,0 +1,83 @@
+"""Wall clock of one training step per attention mode and length, measured alone on the device.
+
+    python3 examples/msa_quality/step_timing.py [--out /tmp/msa_quality] [--device cuda] \
+        [--lengths 4096,8192,16384,32768] [--modes dense,warmup,sparse] [--steps 8]
+
+The training logs time every step too, but device_study.sh trains the regimes side by side on one
+GPU, so those times include the other runs' work. This program times the same step (train.losses,
+backward, clipping, AdamW) of a freshly initialised model of the study's configuration
+(OUT/train_args.json) with nothing else running: warm-up steps first, then the median of --steps.
+A step costs the same whatever the weights are (the selection is always k blocks), so random weights
+give the trained models' cost. Writes OUT/eval/step_timing.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from argparse import Namespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import train  # noqa: E402
+from model import Decoder, ModelConfig  # noqa: E402
+
+
+def time_mode(cfg: ModelConfig, mode: str, length: int, targs, args) -> float:
+    torch.manual_seed(0)
+    model = Decoder(cfg, mode).to(args.device)
+    opt = train.make_optimizer(model, targs)
+    times = []
+    for i in range(args.warmup + args.steps):
+        # The training step's token count at this length: batch * max_len // length sequences.
+        batch = data.make_batch(targs.seed, i, [length], targs.batch * targs.max_len // length)
+        train.sync(args.device)
+        t0 = time.perf_counter()
+        with train.autocast(args.device, targs.dtype):
+            total, *_ = train.losses(model, batch, args.device, targs.answer_weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.clip)
+        opt.step()
+        train.sync(args.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("MSA_QUALITY_RUNS", "/tmp/msa_quality"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", default=None, help="default: the training lengths")
+    ap.add_argument("--modes", default="dense,warmup,sparse")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    with open(os.path.join(args.out, "train_args.json")) as f:
+        saved = json.load(f)
+    cfg = ModelConfig(**saved["model"])
+    lengths = train.parse_lengths(args.lengths or saved["seq_len"])
+    targs = Namespace(**{k: saved[k] for k in ("seed", "batch", "dtype", "answer_weight", "clip", "lr",
+                                               "weight_decay")}, max_len=max(train.parse_lengths(
+                                                   saved["seq_len"])))
+    if targs.dtype is None:
+        targs.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    res = dict(device_name=train.device_name(args.device), tokens_per_step=targs.batch * targs.max_len,
+               steps=args.steps, ms={})
+    for mode in args.modes.split(","):
+        for L in lengths:
+            ms = 1e3 * time_mode(cfg, mode, L, targs, args)
+            res["ms"].setdefault(mode, {})[str(L)] = ms
+            print(f"[timing] {mode:7s} L={L:6d} {ms:8.1f} ms/step", flush=True)
+    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+    with open(os.path.join(args.out, "eval", "step_timing.json"), "w") as f:
+        json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
