@@ -4,7 +4,7 @@
         [--depth 0.3] [--mode sparse|dense] [--device cuda]
 
 Builds a held-out needle prompt (data.make_example: records in filler, the question
-`QUERY k1 k2 ANSWER` at the end), prefills it through the KV cache and greedily generates the two
+`QUERY k` at the end), prefills it through the KV cache and greedily generates the two
 value tokens, then prints the record, the expected and the generated answer.
 """
 
@@ -61,8 +61,8 @@ def main(argv=None):
     want = ex.tokens[int(ex.answer_pos[0]): int(ex.answer_pos[0]) + 2].tolist()
     print(f"checkpoint {args.ckpt} ({meta.get('regime')}, step {meta.get('step')}), mode {mode}")
     print(f"prompt: {len(prompt)} tokens; record at position {int(ex.record_pos[0])} "
-          f"(depth {args.depth}): {rec.tolist()}  [REC k1 k2 ARROW v1 v2 END]")
-    print(f"question: {prompt[-4:].tolist()}  [QUERY k1 k2 ANSWER]")
+          f"(depth {args.depth}): {rec.tolist()}  [REC k v1 v2 END]")
+    print(f"question: {prompt[-2:].tolist()}  [QUERY k]")
     print(f"expected {want}, generated {got}: {'CORRECT' if got == want else 'wrong'} "
           f"({time.perf_counter() - t0:.2f} s)")
     return got == want

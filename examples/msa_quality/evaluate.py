@@ -127,7 +127,7 @@ def decode_timing(model, args):
     dev = args.device
     for L in parse_lengths(args.decode_lengths):
         ex = data.make_example(np.random.default_rng([args.eval_seed, L, 99]), L, n_queries=1)
-        prompt = torch.from_numpy(ex.tokens[: int(ex.answer_pos[0])]).to(dev)  # up to ANSWER
+        prompt = torch.from_numpy(ex.tokens[: int(ex.answer_pos[0])]).to(dev)  # up to the question's key
         cache_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         cache = KVCache(model, prompt.shape[0] + args.gen_tokens, dev, cache_dtype)
         with autocast(dev, args.dtype):

@@ -128,6 +128,9 @@ def write_report(rargs, targs, eargs, logs, evals, files):
          f"{cfg['batch']} x max length tokens/step, AdamW lr {cfg['lr']}, {cfg['dtype']}, seed "
          f"{cfg['seed']}. MSA-PT: dense warmup {cfg['pt_warmup']} steps. MSA-CPT: dense checkpoint "
          f"of step {cfg['cpt_start']} converted, warmup {cfg['cpt_warmup']} steps, then sparse.",
+         f"Curriculum: the first {cfg.get('warm_steps', 0)} steps on lengths "
+         f"{cfg.get('warm_lengths', '-')} (same tokens per step); "
+         f"{cfg.get('inline_per_1k', 0):g} inline questions per 1K training tokens.",
          f"Task: records `key -> value` in Markov filler (entropy {data.filler_entropy_nats():.3f} "
          f"nats/token), {data.records_for(1024):d} records per 1K tokens, 4 questions at the end.", ""]
     L += ["## Training", "", *[f"![{f}]({f})" for f in files if f == "loss_curves.png"], ""]

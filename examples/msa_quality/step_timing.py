@@ -27,14 +27,24 @@ import train  # noqa: E402
 from model import Decoder, ModelConfig  # noqa: E402
 
 
+def profile_step(step, device: str, top: int):
+    """Runs one step under torch.profiler and prints the operators and kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        step()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60), flush=True)
+
+
 def time_mode(cfg: ModelConfig, mode: str, length: int, targs, args) -> float:
     torch.manual_seed(0)
     model = Decoder(cfg, mode).to(args.device)
     opt = train.make_optimizer(model, targs)
-    times = []
-    for i in range(args.warmup + args.steps):
+    def step(i):
         # The training step's token count at this length: batch * max_len // length sequences.
-        batch = data.make_batch(targs.seed, i, [length], targs.batch * targs.max_len // length)
+        batch = data.make_batch(targs.seed, i, [length], targs.batch * targs.max_len // length,
+                                targs.inline_per_1k)
         train.sync(args.device)
         t0 = time.perf_counter()
         with train.autocast(args.device, targs.dtype):
@@ -44,8 +54,12 @@ def time_mode(cfg: ModelConfig, mode: str, length: int, targs, args) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), targs.clip)
         opt.step()
         train.sync(args.device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    times = [step(i) for i in range(args.warmup + args.steps)][args.warmup:]
+    if args.profile:
+        print(f"[profile] {mode} L={length}")
+        profile_step(lambda: step(0), args.device, args.profile)
     return statistics.median(times)
 
 
@@ -57,13 +71,15 @@ def main(argv=None):
     ap.add_argument("--modes", default="dense,warmup,sparse")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one step per (mode, length) and print its top N operators")
     args = ap.parse_args(argv)
     with open(os.path.join(args.out, "train_args.json")) as f:
         saved = json.load(f)
     cfg = ModelConfig(**saved["model"])
     lengths = train.parse_lengths(args.lengths or saved["seq_len"])
     targs = Namespace(**{k: saved[k] for k in ("seed", "batch", "dtype", "answer_weight", "clip", "lr",
-                                               "weight_decay")}, max_len=max(train.parse_lengths(
+                                               "weight_decay", "inline_per_1k")}, max_len=max(train.parse_lengths(
                                                    saved["seq_len"])))
     if targs.dtype is None:
         targs.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
