@@ -38,8 +38,10 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
-INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_kernel", "select_topk_kernel")
-ATTENTION_KERNELS = ("attention_kernel", "merge_kernel")
+# Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
+# attention_kernel (FFMA) / attention_mma_kernel.
+INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_", "select_topk_kernel")
+ATTENTION_KERNELS = ("attention_kernel", "attention_mma_kernel", "merge_kernel")
 METHODS = ("msa_sparse", "sdpa_dense", "msa_paged_dense")  # the order within a case
 FAULT_EXIT = 3
 # Sticky CUDA errors: after one every later CUDA call fails, so the run cannot go on.

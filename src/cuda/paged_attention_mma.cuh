@@ -1,5 +1,5 @@
-// Tensor-core variant of the CUDA paged main branch (paged_attention.cuh), selected by
-// MSA_PAGED_ATTENTION_KERNEL=mma for 16-bit queries (f32 keeps the FFMA kernel: the products need
+// Tensor-core variant of the CUDA paged main branch (paged_attention.cuh), the default for 16-bit
+// queries (MSA_PAGED_ATTENTION_KERNEL=ffma keeps the FFMA kernel) (f32 keeps the FFMA kernel: the products need
 // 16-bit operands). Why: with the G heads of a group packed as rows, every K/V byte costs 32 FLOP of
 // FP32 FMAs, above what the FFMA pipes sustain at full memory bandwidth; the same products on
 // mma.sync m16n8k16 (bf16/f16 operands, fp32 accumulators) leave the kernel bound by its loads.

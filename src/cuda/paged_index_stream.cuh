@@ -1,5 +1,5 @@
-// CUDA paged index branch, stage 1, bandwidth-oriented variant for decode (opt-in:
-// MSA_PAGED_INDEX_KERNEL=stream; see docs/serving.md). Same grid, arguments and score layout as
+// CUDA paged index branch, stage 1, bandwidth-oriented variant for decode (the default where it
+// applies; MSA_PAGED_INDEX_KERNEL=smem keeps paged_index.cuh's kernel; see docs/serving.md). Same grid, arguments and score layout as
 // index_scores_kernel (paged_index.cuh), so the same top-k select follows unchanged.
 //
 // Why: the shared-memory kernel stages ki through cp.async + f32 rows in shared memory and is bound
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
   }
 }
 
-// Host side: whether MSA_PAGED_INDEX_KERNEL asks for the streaming kernel, and whether this plan and
+// Host side: whether MSA_PAGED_INDEX_KERNEL leaves the streaming kernel on, and whether this plan and
 // cache can take it (decode-sized query suffixes; Di a power-of-two number of 16-byte vectors, at
 // most one per lane; ki rows 16-byte aligned, which FP8 caches need not be).
 // Launches the instance for this Di (stream_index_supported has checked that it exists).
@@ -216,9 +216,11 @@ void launch_stream_index(const IndexArgs& a, unsigned ctas, cudaStream_t stream)
   }
 }
 
+// The default where supported (faster on the H100, docs/serving.md); MSA_PAGED_INDEX_KERNEL=smem keeps
+// the shared-memory kernel.
 inline bool stream_index_requested() {
   const char* v = std::getenv("MSA_PAGED_INDEX_KERNEL");
-  return v != nullptr && std::strcmp(v, "stream") == 0;
+  return v == nullptr || std::strcmp(v, "smem") != 0;
 }
 
 inline bool stream_index_supported(int max_q_len, int di, int elem_bytes, const void* ki, int64_t ki_s0_bytes,

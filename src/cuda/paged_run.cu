@@ -62,11 +62,11 @@ void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t&
 
 int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
 
-// MSA_PAGED_ATTENTION_KERNEL=mma selects the tensor-core attention kernel for bf16/f16 (not the
-// default until a device run verifies it; docs/serving.md "CUDA backend").
+// The tensor-core attention kernel serves bf16/f16 by default (faster on the H100, docs/serving.md
+// "CUDA backend"); MSA_PAGED_ATTENTION_KERNEL=ffma keeps the FFMA kernel.
 bool paged_mma_requested() {
   const char* e = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
-  return e != nullptr && std::string(e) == "mma";
+  return e == nullptr || std::string(e) != "ffma";
 }
 
 template <class T>

@@ -5,7 +5,7 @@
 //    scores (recomputed here in float64 from the cache) are tied within rounding;
 //  - out / lse equal the CPU's (relative error < 1e-2 bf16, < 1e-5 f32) on rows whose selections agree;
 //  - dense mode, one key split and many (options.num_workers), FP8 caches, chunked prefill, graph capture;
-//  - every case under both attention kernels (MSA_PAGED_ATTENTION_KERNEL: FFMA default, "mma").
+//  - every case under both attention kernels (MSA_PAGED_ATTENTION_KERNEL: "ffma", "mma" = default).
 // Every failure names the case, the first bad index, got vs expected and the max error.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -322,8 +322,8 @@ void run_case_once(const Case& tc, bool capture) {
   EXPECT_LT(max_lse_err, 10 * tol) << "max |lse - cpu lse|";
 }
 
-// Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA default and
-// the opt-in tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step.
+// Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA kernel and the
+// default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step.
 void run_case(const Case& tc, bool capture = false) {
   MSA_SKIP_WITHOUT_GPU();
   for (const char* kernel : {"ffma", "mma"}) {
@@ -348,8 +348,8 @@ Case decode_case(std::string name, Config cfg, uint64_t seed) {
   return c;
 }
 
-// The index-relevant cases run under both paged index kernels: the default shared-memory kernel
-// ("smem": any value but "stream") and the opt-in streaming kernel (paged_index_stream.cuh).
+// The index-relevant cases run under both paged index kernels: the shared-memory kernel ("smem") and
+// the default streaming kernel ("stream", paged_index_stream.cuh).
 class PagedCudaIndex : public ::testing::TestWithParam<const char*> {
  protected:
   msa::testing::ScopedKernelEnv env_{"MSA_PAGED_INDEX_KERNEL", GetParam()};
