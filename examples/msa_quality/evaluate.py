@@ -48,21 +48,24 @@ def answer_stats(model, batch, args):
         logits, _ = model(tokens, cu, batch.max_seqlen)
     pos = torch.from_numpy(batch.answer_pos - 1).to(dev)
     target = tokens[pos + 1]
-    ok = (logits[pos].argmax(-1) == target).view(-1, 2).all(-1)  # both tokens of each answer
+    tok_ok = logits[pos].argmax(-1) == target
+    ok = tok_ok.view(-1, 2).all(-1)  # both tokens of each answer
     nll = torch.nn.functional.cross_entropy(logits[pos], target, reduction="sum")
-    return ok.sum().item(), ok.numel(), nll.item()
+    return ok.sum().item(), ok.numel(), nll.item(), tok_ok.sum().item()
 
 
 def retrieval(model, args, lengths, n, depth=None):
     res = {}
     for L in lengths:
-        hits = total = 0
+        hits = total = tok_hits = 0
         nll = 0.0
         for i, m in enumerate(chunks(n, L, args.eval_tokens)):
             b = data.make_eval_batch(args.eval_seed + i, L, m, needle_depth=depth)
-            h, t, s = answer_stats(model, b, args)
-            hits, total, nll = hits + h, total + t, nll + s
-        res[str(L)] = dict(accuracy=hits / total, queries=total, answer_nll=nll / (2 * total))
+            h, t, s, th = answer_stats(model, b, args)
+            hits, total, nll, tok_hits = hits + h, total + t, nll + s, tok_hits + th
+        # token_accuracy: each value token on its own (chance 1/64), a finer signal than both.
+        res[str(L)] = dict(accuracy=hits / total, token_accuracy=tok_hits / (2 * total), queries=total,
+                           answer_nll=nll / (2 * total))
     return res
 
 

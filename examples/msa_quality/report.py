@@ -166,6 +166,11 @@ def write_report(rargs, targs, eargs, logs, evals, files):
               "held-out sequences:", "",
               table(["regime"] + lens, [[NAMES[r]] + [f"{e['retrieval'][x]['accuracy']:.3f}"
                                                      for x in lens] for r, e in evals.items()]),
+              "", "Per answer token (each of v1, v2 on its own; chance 1/64) and the answer tokens' "
+              "mean NLL (chance ln 64 = 4.16):", "",
+              table(["regime"] + lens, [[NAMES[r]] + [
+                  f"{e['retrieval'][x].get('token_accuracy', float('nan')):.3f} / "
+                  f"{e['retrieval'][x]['answer_nll']:.2f}" for x in lens] for r, e in evals.items()]),
               "", "![retrieval](retrieval.png)", "", "## Needle by depth", ""]
         for nl in list(next(iter(evals.values()))["needle"].values())[0]:
             ds = list(next(iter(evals.values()))["needle"])
