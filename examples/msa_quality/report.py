@@ -111,6 +111,34 @@ def step_times(rows):
     return {k: statistics.median(v[3:] if len(v) > 6 else v) for k, v in groups.items()}
 
 
+def verdict(targs, evals):
+    """The issue's two conditions, checked on what the run measured (never assumed)."""
+    out = ["## Verdict", ""]
+    if "dense" not in evals or not any(r in evals for r in ("pt", "cpt")):
+        return out + ["Not all regimes were evaluated; no verdict.", ""]
+    dense = evals["dense"]["retrieval"]
+    best = max(v["accuracy"] for v in dense.values())
+    for r in ("pt", "cpt"):
+        if r in evals:
+            gaps = {L: 100 * (evals[r]["retrieval"][L]["accuracy"] - dense[L]["accuracy"]) for L in dense}
+            worst = min(gaps.values())
+            out.append(f"- {NAMES[r]} retrieval vs dense: worst gap {worst:+.1f} points "
+                       f"({'within' if worst >= -2 else 'NOT within'} 2 points at every length).")
+    if best < 0.5:
+        out.append(f"- The dense baseline does not retrieve (best accuracy {best:.3f}): the 2-point "
+                   "comparison holds trivially and says little; see the per-token table and the "
+                   "training curves for the finer comparison.")
+    tp = os.path.join(targs.out, "eval", "step_timing.json")
+    if os.path.exists(tp):
+        ms = json.load(open(tp))["ms"]
+        L = max(ms.get("sparse", {}), key=int, default=None)
+        if L and L in ms.get("dense", {}):
+            sp, de = ms["sparse"][L], ms["dense"][L]
+            out.append(f"- Training step at {L} tokens: sparse {sp:.1f} ms vs dense {de:.1f} ms "
+                       f"({'faster' if sp < de else 'NOT faster'} than dense).")
+    return out + [""]
+
+
 def write_report(rargs, targs, eargs, logs, evals, files):
     cfg = json.load(open(os.path.join(targs.out, "train_args.json")))
     m = cfg["model"]
@@ -133,6 +161,7 @@ def write_report(rargs, targs, eargs, logs, evals, files):
          f"{cfg.get('inline_per_1k', 0):g} inline questions per 1K training tokens.",
          f"Task: records `key -> value` in Markov filler (entropy {data.filler_entropy_nats():.3f} "
          f"nats/token), {data.records_for(1024):d} records per 1K tokens, 4 questions at the end.", ""]
+    L += verdict(targs, evals)
     L += ["## Training", "", *[f"![{f}]({f})" for f in files if f == "loss_curves.png"], ""]
     rows = []
     for reg, rs in logs.items():
