@@ -12,7 +12,7 @@ BUILD=${MSA_GPUBIN_BUILD_DIR:-build-gpubin}
 PY=${MSA_DEVICE_PYTHON:-/root/.pyenv/versions/3.12.1/bin/python3.12}  # the device's Python is 3.12
 scripts/setup_deps.sh >/dev/null
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMSA_CUDA=ON -DMSA_BUILD_PYTHON=ON \
-  -DMSA_BUILD_TESTS=ON -DMSA_BUILD_TOOLS=ON -DMSA_CPU_ARCH=x86-64-v3 -DMSA_CUDART_STATIC=ON \
+  -DMSA_BUILD_TESTS=ON -DMSA_BUILD_TOOLS=ON -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON -DMSA_CPU_ARCH=x86-64-v3 -DMSA_CUDART_STATIC=ON \
   -DMSA_CUTLASS_INCLUDE_DIR="$PWD/.deps/python/cutlass_library/source/include" \
   -Dnanobind_DIR="$PWD/.deps/python/nanobind/cmake" -DPython_EXECUTABLE="$PY" "$@" >/dev/null
 cmake --build "$BUILD" -j "${MSA_JOBS:-2}" --target msa_tests msa_cli msa_python
