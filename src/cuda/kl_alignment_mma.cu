@@ -30,17 +30,32 @@ namespace {
 
 using u64 = unsigned long long;
 
-// Workspace: student LSE and loss parts per (query, group), then (sparse) the list entries twice,
-// the unique count, CUB's temporary storage and the list ranges.
+// CTAs per key tile of the key-major kernel (kl_alignment_mma_kernel.cuh): enough to cut the list
+// of a block that every query chose into shares near the average list, within a bound on the f32
+// partials (key_splits x total_k x Di floats). A function of the problem alone, so the workspace
+// size and the launch agree, and the summation order is fixed.
+constexpr int kKlMaxKeySplits = 8;
+constexpr std::size_t kKlPartialBudget = std::size_t(256) << 20;
+
+int kl_key_splits(const Problem& p) {
+  const std::size_t per_split = std::size_t(p.total_k) * p.cfg.index_head_dim * sizeof(float);
+  if (per_split == 0) return 1;
+  return int(std::max<std::size_t>(1, std::min<std::size_t>(kKlMaxKeySplits, kKlPartialBudget / per_split)));
+}
+
+// Workspace: student LSE and loss parts per (query, group), the key-major kernel's dki partials
+// (key_splits > 1), then (sparse) the list entries twice, the unique count, CUB's temporary storage
+// and the list ranges.
 struct KlMmaLayout {
   int64_t num_entries = 0;
   int64_t num_list_blocks = 0;
+  int key_splits = 1;
   std::size_t cub_bytes = 0;
   std::size_t total = 0;
 
-  KlMmaLayout(const Problem& p, bool sparse) {
+  KlMmaLayout(const Problem& p, bool sparse) : key_splits(kl_key_splits(p)) {
     const std::size_t qg = std::size_t(p.total_q) * p.cfg.num_kv_heads;
-    total = align_up(qg * sizeof(float)) + align_up(qg * sizeof(double));
+    total = align_up(qg * sizeof(float)) + align_up(qg * sizeof(double)) + align_up(partial_floats(p) * sizeof(float));
     if (!sparse) return;
     num_entries = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk * tiles_per_query_span(p.cfg.group_size());
     num_list_blocks = p.total_k / p.cfg.block_size + p.batch + 1;
@@ -54,6 +69,9 @@ struct KlMmaLayout {
     const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(num_list_blocks);
     total += 2 * align_up(std::size_t(num_entries) * sizeof(u64)) + align_up(sizeof(int)) + align_up(cub_bytes) +
              2 * align_up(lists * sizeof(int));
+  }
+  std::size_t partial_floats(const Problem& p) const {
+    return key_splits > 1 ? std::size_t(key_splits) * std::size_t(p.total_k) * p.cfg.index_head_dim : 0;
   }
 };
 
@@ -106,8 +124,15 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
   if (k_tiles > 0) {
     const std::size_t smem = S::key_bytes(kl_query_tiles(a.G));
     set_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem);
-    kl_mma_key_kernel<T, D, Di><<<dim3(unsigned(k_tiles), unsigned(p.batch)), kAttnThreads, smem, stream>>>(a);
+    kl_mma_key_kernel<T, D, Di>
+        <<<dim3(unsigned(k_tiles), unsigned(p.batch), unsigned(a.key_splits)), kAttnThreads, smem, stream>>>(a);
     MSA_CUDA_CHECK_LAUNCH();
+    if (a.key_splits > 1) {
+      const int64_t n = p.total_k * Di;
+      const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
+      kl_mma_dki_reduce_kernel<T, Di><<<grid, 256, 0, stream>>>(a);
+      MSA_CUDA_CHECK_LAUNCH();
+    }
   }
 }
 
@@ -165,6 +190,9 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
   const std::size_t qg = std::size_t(p.total_q) * p.cfg.num_kv_heads;
   a.student_lse = arena.take<float>(qg);
   a.loss_part = arena.take<double>(qg);
+  a.key_splits = lay.key_splits;
+  a.total_k = p.total_k;
+  a.dki_part = lay.key_splits > 1 ? arena.take<float>(lay.partial_floats(p)) : nullptr;
   a.q_s0 = q.stride[0], a.q_s1 = q.stride[1];
   a.k_s0 = k.stride[0], a.k_s1 = k.stride[1];
   a.lse_s0 = lse.stride[0], a.lse_s1 = lse.stride[1];

@@ -7,7 +7,11 @@
 //     query's student logsumexp, walk 2 the teacher, the loss and dqi (kept in registers, written once);
 //   - key-major (kl_mma_key_kernel): a CTA owns 64 keys and visits, group by group and in ascending
 //     order, the query tiles that selected their block (the attention backward's key -> query-tile
-//     lists), recomputing teacher and student to accumulate dki in registers, written once.
+//     lists), recomputing teacher and student to accumulate dki in registers, written once. A block
+//     that every query chooses (the first block of a trained model, every block's early keys in
+//     dense mode) has a list as long as the sequence, so each list is cut into key_splits equal
+//     shares, one CTA each (blockIdx.z), whose f32 partials kl_mma_dki_reduce_kernel sums in split
+//     order.
 // No atomics on gradients, fixed orders everywhere: results are bitwise reproducible.
 // Per chunk: P = exp2(S scale log2e - lse log2e) per row (S = q k^T by mma) -> shared memory; student
 // logits Z = qi ki^T (mma, one row per query) -> shared memory; then per (query, key) the teacher
@@ -41,6 +45,7 @@ struct KlMmaParams {
   const int32_t* cu_k;
   void* dqi;
   void* dki;
+  float* dki_part;     // [key_splits, total_k, Di] f32 workspace when key_splits > 1
   float* student_lse;  // [total_q, Hkv] workspace: written by the query-major kernel
   double* loss_part;   // [total_q, Hkv] workspace, zeroed: a tile's loss at (its first query, g)
   // Key -> query-tile lists (sparse; as BackwardParams::lists / list_begin / list_end).
@@ -50,7 +55,9 @@ struct KlMmaParams {
   int64_t num_list_blocks;
   int64_t q_s0, q_s1, k_s0, k_s1, lse_s0, lse_s1, qi_s0, qi_s1, ki_s0, topk_s0, topk_s1;
   int64_t dqi_s0, dqi_s1, dki_s0;
+  int64_t total_k;
   int hkv, G, B, topk_k;
+  int key_splits;  // CTAs sharing one key tile's query-tile lists (blockIdx.z), see kl_key_splits
   int bitmap_words, union_cap;
   float scale_log2, iscale, grad_scale;  // grad_scale = norm * iscale
 };
@@ -524,6 +531,12 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       list_begin = p.list_begin[list];
       num_tiles = p.list_end[list] - list_begin;
     }
+    if (p.key_splits > 1) {  // this CTA's share of the list
+      const int64_t per = (num_tiles + p.key_splits - 1) / p.key_splits;
+      const int64_t u0 = per * blockIdx.z < num_tiles ? per * blockIdx.z : num_tiles;
+      num_tiles = (u0 + per < num_tiles ? u0 + per : num_tiles) - u0;
+      list_begin += u0;
+    }
     if (num_tiles == 0) continue;
     __syncthreads();  // the previous group's last tile is done with s.k and every stage
     load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
@@ -597,18 +610,39 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
   }
   mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
 
-  // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected).
+  // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected); with splits,
+  // this CTA's f32 share (every split writes every key row, zeros included).
   T* dki = static_cast<T*>(p.dki);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + warp * 16 + (lane >> 2) + 8 * h;
     if (t >= lk) continue;
-    T* dst = dki + (k_begin + t) * p.dki_s0 + (lane & 3) * 2;
+    const int col = (lane & 3) * 2;
+    if (p.key_splits > 1) {
+      float* dst = p.dki_part + (int64_t(blockIdx.z) * p.total_k + k_begin + t) * Di + col;
+#pragma unroll
+      for (int n = 0; n < Di / 8; ++n)
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(acc[n][2 * h] * p.grad_scale,
+                                                              acc[n][2 * h + 1] * p.grad_scale);
+      continue;
+    }
+    T* dst = dki + (k_begin + t) * p.dki_s0 + col;
 #pragma unroll
     for (int n = 0; n < Di / 8; ++n) {
       dst[n * 8] = mma::Elem<T>::from_float(acc[n][2 * h] * p.grad_scale);
       dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[n][2 * h + 1] * p.grad_scale);
     }
+  }
+}
+
+// dki from the key-major kernel's split partials, summed in split order (bitwise reproducible).
+template <class T, int Di>
+__global__ void kl_mma_dki_reduce_kernel(const KlMmaParams p) {
+  const int64_t n = p.total_k * Di;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int z = 0; z < p.key_splits; ++z) sum += p.dki_part[int64_t(z) * n + i];
+    static_cast<T*>(p.dki)[(i / Di) * p.dki_s0 + i % Di] = mma::Elem<T>::from_float(sum);
   }
 }
 
