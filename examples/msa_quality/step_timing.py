@@ -6,7 +6,7 @@
 The training logs time every step too, but device_study.sh trains the regimes side by side on one
 GPU, so those times include the other runs' work. This program times the same step (train.losses,
 backward, clipping, AdamW) of a freshly initialised model of the study's configuration
-(OUT/train_args.json) with nothing else running: warm-up steps first, then the median of --steps.
+(OUT/train_args.json, else train.py's defaults) with nothing else running: warm-up steps first, then the median of --steps.
 A step costs the same whatever the weights are (the selection is always k blocks), so random weights
 give the trained models' cost. Writes OUT/eval/step_timing.json.
 """
@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from argparse import Namespace
+from dataclasses import asdict
 
 import torch
 
@@ -74,8 +75,13 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one step per (mode, length) and print its top N operators")
     args = ap.parse_args(argv)
-    with open(os.path.join(args.out, "train_args.json")) as f:
-        saved = json.load(f)
+    saved_path = os.path.join(args.out, "train_args.json")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+    else:  # no study run there: train.py's defaults (the study preset)
+        t = train.finish_args(train.build_parser().parse_args(["--device", args.device]))
+        saved = {**vars(t), "model": asdict(train.model_config(t))}
     cfg = ModelConfig(**saved["model"])
     lengths = train.parse_lengths(args.lengths or saved["seq_len"])
     targs = Namespace(**{k: saved[k] for k in ("seed", "batch", "dtype", "answer_weight", "clip", "lr",
