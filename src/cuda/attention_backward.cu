@@ -62,18 +62,6 @@ struct BackwardLayout {
 };
 
 template <class T, int D>
-void set_smem(const void* kernel, std::size_t smem) {
-  int dev = 0, optin = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > std::size_t(optin))
-    throw NotSupportedError("msa: CUDA attention backward needs " + std::to_string(smem) +
-                            " bytes of shared memory for this topk / sequence length (device has " +
-                            std::to_string(optin) + ")");
-  MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
-
-template <class T, int D>
 void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cudaStream_t stream) {
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention backward takes at most 65535 sequences");
   const int64_t rows = p.total_q * p.cfg.num_q_heads;
@@ -86,7 +74,7 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
   if (q_tiles > 0) {
   const std::size_t dq_smem = BackwardSmem<D>::dq_bytes(a.bitmap_words, a.union_cap);
-  set_smem<T, D>(reinterpret_cast<const void*>(attention_backward_dq_kernel<T, D>), dq_smem);
+  allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dq_kernel<T, D>), dq_smem, "attention backward");
   attention_backward_dq_kernel<T, D>
       <<<dim3(unsigned(q_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch)), kAttnThreads, dq_smem,
          stream>>>(a);
@@ -96,7 +84,8 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
   const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   if (k_tiles == 0) return;
   const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes();
-  set_smem<T, D>(reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D>), kv_smem);
+  allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D>), kv_smem,
+                     "attention backward");
   attention_backward_dkdv_kernel<T, D>
       <<<dim3(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch)), kAttnThreads, kv_smem,
          stream>>>(a);

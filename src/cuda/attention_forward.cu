@@ -31,15 +31,7 @@ namespace {
 template <class T, int D>
 void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
   const std::size_t smem = AttentionSmem<D>::bytes(params.bitmap_words, params.union_cap);
-  int dev = 0, optin = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > std::size_t(optin))
-    throw NotSupportedError("msa: CUDA attention forward needs " + std::to_string(smem) +
-                            " bytes of shared memory for this topk / sequence length (device has " +
-                            std::to_string(optin) + ")");
-  MSA_CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<T, D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  allow_dynamic_smem(reinterpret_cast<const void*>(attention_forward_kernel<T, D>), smem, "attention forward");
   const int64_t tiles = (int64_t(max_q) * params.group_size + kAttnRows - 1) / kAttnRows;
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
   MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
@@ -71,15 +63,8 @@ template <class T, int D>
 void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cudaStream_t stream) {
   using Ring = wgmma::Ring<typename wgmma::CuteElem<T>::type, D>;
   const std::size_t smem = Ring::bytes(params.bitmap_words, params.union_cap);
-  int dev = 0, optin = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > std::size_t(optin))
-    throw NotSupportedError("msa: CUDA attention forward (wgmma) needs " + std::to_string(smem) +
-                            " bytes of shared memory for this topk / sequence length (device has " +
-                            std::to_string(optin) + ")");
-  MSA_CUDA_CHECK(cudaFuncSetAttribute(wgmma::attention_forward_wgmma_kernel<T, D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  allow_dynamic_smem(reinterpret_cast<const void*>(wgmma::attention_forward_wgmma_kernel<T, D>), smem,
+                     "attention forward (wgmma)");
   const int64_t tiles = (int64_t(max_q) * params.group_size + wgmma::kTileRows - 1) / wgmma::kTileRows;
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
   MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");

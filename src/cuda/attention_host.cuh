@@ -1,6 +1,7 @@
 // Host-side pieces shared by the CUDA attention forward and backward (attention_forward.cu,
-// attention_backward.cu): argument checks, the longest sequence, the tile-union capacities and the
-// parameters both kernels' structs carry. `op` ("forward" / "backward") names the caller in errors.
+// attention_backward.cu; the tensor-core KL uses the first two): the dynamic shared-memory opt-in,
+// argument checks, the longest sequence, the tile-union capacities and the parameters both kernels'
+// structs carry. `op` ("forward" / "backward") names the caller in errors.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,6 +19,19 @@
 namespace msa {
 namespace detail {
 namespace cuda {
+
+// Opts `kernel` in to `bytes` of dynamic shared memory, or NotSupportedError naming `who` (e.g.
+// "attention forward") when the device cannot give that much to one block.
+inline void allow_dynamic_smem(const void* kernel, std::size_t bytes, const std::string& who) {
+  int dev = 0, optin = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (bytes > std::size_t(optin))
+    throw NotSupportedError("msa: CUDA " + who + " needs " + std::to_string(bytes) +
+                            " bytes of shared memory for this topk / sequence length (device has " +
+                            std::to_string(optin) + ")");
+  MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
 
 // What the HMMA/wgmma attention kernels support: 16-bit floats, head dims 64 and 128, blocks made of
 // whole 64-key tiles.

@@ -82,17 +82,6 @@ bool aligned_rows(const TensorView& t, int outer_dims) {
   return true;
 }
 
-void set_smem(const void* kernel, std::size_t smem) {
-  int dev = 0, optin = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > std::size_t(optin))
-    throw NotSupportedError("msa: CUDA KL alignment needs " + std::to_string(smem) +
-                            " bytes of shared memory for this topk / sequence length (device has " +
-                            std::to_string(optin) + ")");
-  MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
-
 __global__ void kl_mma_loss_kernel(const double* part, int64_t n, double norm, float* loss) {
   __shared__ double red[256];
   double s = 0.0;
@@ -115,7 +104,7 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
   if (q_tiles > 0) {
     const std::size_t smem = S::query_bytes(kl_query_tiles(a.G), a.bitmap_words, a.union_cap);
-    set_smem(reinterpret_cast<const void*>(kl_mma_query_kernel<T, D, Di>), smem);
+    allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_query_kernel<T, D, Di>), smem, "KL alignment");
     kl_mma_query_kernel<T, D, Di>
         <<<dim3(unsigned(q_tiles), unsigned(a.hkv), unsigned(p.batch)), kAttnThreads, smem, stream>>>(a);
     MSA_CUDA_CHECK_LAUNCH();
@@ -123,7 +112,7 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
   const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   if (k_tiles > 0) {
     const std::size_t smem = S::key_bytes(kl_query_tiles(a.G));
-    set_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem);
+    allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem, "KL alignment");
     kl_mma_key_kernel<T, D, Di>
         <<<dim3(unsigned(k_tiles), unsigned(p.batch), unsigned(a.key_splits)), kAttnThreads, smem, stream>>>(a);
     MSA_CUDA_CHECK_LAUNCH();
