@@ -21,6 +21,7 @@
 #include "cuda/paged_attention.cuh"
 #include "cuda/paged_attention_mma.cuh"
 #include "cuda/paged_index.cuh"
+#include "cuda/paged_index_mma.cuh"
 #include "cuda/paged_index_stream.cuh"
 #include "cuda/paged_layout.h"
 #include "msa/error.h"
@@ -125,10 +126,19 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.chunks = lay.index_chunks;
     ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
-    // Opt-in streaming kernel (paged_index_stream.cuh) for decode; same grid and score layout.
-    if (stream_index_requested() &&
-        stream_index_supported(plan.max_q_len, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)), ia.ki,
-                               ia.ki_s0, ia.ki_s1)) {
+    // Decode-sized plans take the tensor-core kernel (paged_index_mma.cuh) or, where it does not
+    // apply, the streaming kernel (paged_index_stream.cuh); same grid and score layout.
+    if (mma_index_requested() && mma_index_supported(plan.max_q_len, int(sizeof(T)), c.index_head_dim, ia.ki_fp8,
+                                                     c.block_size, ia.ki, ia.ki_s0, ia.ki_s1)) {
+      if constexpr (sizeof(T) == 2) {
+        if (ia.ki_fp8)
+          launch_mma_index<T, true>(ia, ia.row_cap, unsigned(icta), stream);
+        else
+          launch_mma_index<T, false>(ia, ia.row_cap, unsigned(icta), stream);
+      }
+    } else if (stream_index_requested() &&
+               stream_index_supported(plan.max_q_len, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)), ia.ki,
+                                      ia.ki_s0, ia.ki_s1)) {
       if (ia.ki_fp8)
         launch_stream_index<T, true>(ia, unsigned(icta), stream);
       else

@@ -348,8 +348,9 @@ Case decode_case(std::string name, Config cfg, uint64_t seed) {
   return c;
 }
 
-// The index-relevant cases run under both paged index kernels: the shared-memory kernel ("smem") and
-// the default streaming kernel ("stream", paged_index_stream.cuh).
+// The index-relevant cases run under the three paged index kernels: the shared-memory kernel ("smem"),
+// the streaming kernel ("stream", paged_index_stream.cuh) and the default tensor-core kernel ("mma",
+// paged_index_mma.cuh; plans it does not apply to fall back to the streaming kernel).
 class PagedCudaIndex : public ::testing::TestWithParam<const char*> {
  protected:
   msa::testing::ScopedKernelEnv env_{"MSA_PAGED_INDEX_KERNEL", GetParam()};
@@ -447,12 +448,23 @@ TEST_P(PagedCudaIndex, BenchDecodeShapeSparseAndDense) {
     run_case(c);
   }
 }
+// FP8 index keys with Di 64 and 128 (the tensor-core kernel's FP8 instances need Di a multiple of 64;
+// the Di 32 FP8 case above takes the streaming kernel), both 16-bit query dtypes.
+TEST_P(PagedCudaIndex, Fp8DecodeWideIndexKeys) {
+  Case c = decode_case("fp8 Hq64/Hkv4 D128 Di128 B32", make_config(64, 4, 128, 128, 32, 8), 23);
+  c.fp8 = true;
+  run_case(c);
+  Case h = decode_case("fp8 f16 Hq8/Hkv2 D64 Di64 B16", make_config(8, 2, 64, 64, 16, 6), 24);
+  h.fp8 = true;
+  h.dtype = DType::f16;
+  run_case(h);
+}
 TEST_P(PagedCudaIndex, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
   run_case(c, /*capture=*/true);
 }
 
-INSTANTIATE_TEST_SUITE_P(IndexKernels, PagedCudaIndex, ::testing::Values("smem", "stream"),
+INSTANTIATE_TEST_SUITE_P(IndexKernels, PagedCudaIndex, ::testing::Values("smem", "stream", "mma"),
                          [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
 
 }  // namespace
