@@ -10,9 +10,10 @@
 // (B keys a block, fewer for the last), staged kMmaKeys at a time, double-buffered with cp.async
 // into swizzled 16-bit tiles that ldmatrix reads (FP8 pages: raw bytes staged, then each thread
 // dequantises the vectors it copied with the (page, group) scale). Per key the stage keeps its
-// position and the bits of the tile's queries that selected its block (0 for padding and for
-// pages outside the cache), so visibility is decided per (row, key) by the union's mask and
-// rules::causally_visible. Warps: rows are split into m-tiles of 16 (padded rows are zero and
+// row offsets, position and the bits of the tile's queries that selected its block (0 for padding
+// and for pages outside the cache), so visibility is decided per (row, key) by the union's mask and
+// rules::causally_visible; a chunk every row selected and sees whole (decode's usual case) skips
+// the mask. Warps: rows are split into m-tiles of 16 (padded rows are zero and
 // fully masked); with one m-tile the four warps take a quarter of each chunk's keys each, with two
 // a half, with three or four one m-tile each; every warp keeps its own online softmax (fp32, log2
 // domain) and the key slices are combined through shared memory at the end.
@@ -40,8 +41,10 @@ constexpr int kMmaWarps = kThreads / 32;
 
 // Per-key facts of a staged chunk, written by the thread that owns the key (t < kMmaKeys).
 struct MmaKeyMeta {
-  int32_t page[kMmaKeys];  // -1: padding or a page id outside the cache (zeros are staged)
-  int32_t off[kMmaKeys];   // key's slot in its page
+  // Byte offsets of the key's K and V rows of this group from the cache bases; -1: padding or a
+  // page id outside the cache (zeros are staged). Kept per key so the copy loop is one shared load
+  // and an add per 16 bytes.
+  int64_t koff[kMmaKeys], voff[kMmaKeys];
   int32_t pos[kMmaKeys];   // key position
   uint32_t sel[kMmaKeys];  // bits of the tile's queries that may see it (0: nobody)
   float kscale[kMmaKeys], vscale[kMmaKeys];
@@ -72,11 +75,6 @@ inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool 
   return mma_smem(D, row_cap, list_cap, any_fp8).bytes;
 }
 
-// 8-byte global -> shared copy; src_bytes = 0 fills zeros and reads nothing.
-__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
 // Eight dequantised FP8 values packed as T.
 template <class T>
 __device__ __forceinline__ uint4 fp8x8_to(const unsigned char* raw, float scale) {
@@ -98,7 +96,7 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
                                           int kbase, const uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4],
                                           float (&m_run)[2], float (&l_run)[2], const bool (&row_ok)[2],
                                           const int (&qbit)[2], const int64_t (&qpos)[2], float qscale,
-                                          int lane) {
+                                          bool all_visible, int lane) {
   float s[KS / 8][4];
 #pragma unroll
   for (int n = 0; n < KS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -113,8 +111,9 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
       mma::mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
     }
   }
+  // A chunk whose keys every row selected and sees (decode's whole blocks) needs no mask.
 #pragma unroll
-  for (int n = 0; n < KS / 8; ++n) {
+  for (int n = 0; n < KS / 8 && !all_visible; ++n) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int key = kbase + n * 8 + (lane & 3) * 2 + j;
@@ -237,68 +236,90 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   const int64_t chunks = (num_keys + kMmaKeys - 1) / kMmaKeys;
 
   // Key facts of chunk c (one thread per key), then its copies (every thread, all in flight).
-  auto describe = [&](int64_t c, int st) {
-    if (t >= kMmaKeys) return;
+  // Returns whether the key is visible to every row of the tile (true for the threads with no key),
+  // so __syncthreads_and tells the chunk's compute whether it can skip the mask.
+  const uint32_t tile_bits = nq >= 32 ? 0xffffffffu : (1u << nq) - 1u;
+  auto describe = [&](int64_t c, int st) -> bool {
+    if (t >= kMmaKeys) return true;
     MmaKeyMeta& m = sMeta[st];
     const int64_t n = c * kMmaKeys + t;
-    int32_t page = -1, off = 0, pos = 0;
+    int64_t koff = -1, voff = -1;
+    int32_t pos = 0;
     uint32_t sel = 0u;
     float ksc = 0.f, vsc = 0.f;
     if (n < num_keys) {
       const int64_t j = block_at(b0 + n / B);
-      off = int32_t(n % B);
+      const int64_t off = n % B;
       const int64_t pg = a.page_table[r * a.pt_s0 + j * a.pt_s1];
       if (pg >= 0 && pg < a.num_pages) {  // an id outside the cache is not read
-        page = int32_t(pg);
+        koff = pg * a.k_s0 + off * a.k_s1 + g * a.k_s2;
+        voff = pg * a.v_s0 + off * a.v_s1 + g * a.v_s2;
         pos = int32_t(rules::block_begin(j, B) + off);
         sel = dense ? 0xffffffffu : mask[j];
         ksc = a.k_fp8 ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 1.f;
         vsc = a.v_fp8 ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 1.f;
       }
     }
-    m.page[t] = page;
-    m.off[t] = off;
+    m.koff[t] = koff;
+    m.voff[t] = voff;
     m.pos[t] = pos;
     m.sel[t] = sel;
     m.kscale[t] = ksc;
     m.vscale[t] = vsc;
+    return koff >= 0 && (sel & tile_bits) == tile_bits && pos <= p_first;
   };
+  // Thread t copies 16-byte vector t % V of keys t / V, t / V + kThreads / V, ... (V vectors a row):
+  // the same vectors every chunk, so it can dequantise exactly its own copies once they land.
+  constexpr int kV8 = D / 16;  // 16-byte vectors of an FP8 row
   auto issue = [&](int st) {
     const MmaKeyMeta& m = sMeta[st];
-    for (int i = t; i < 2 * kMmaKeys * kVecs; i += kThreads) {
-      const int kvi = i / (kMmaKeys * kVecs), ii = i - kvi * (kMmaKeys * kVecs);
-      const int key = ii / kVecs, v = ii - key * kVecs;
-      const int32_t page = m.page[key];
-      const bool fp8 = kvi ? a.v_fp8 : a.k_fp8;
+#pragma unroll
+    for (int kvi = 0; kvi < 2; ++kvi) {
       const unsigned char* base = kvi ? a.v : a.k;
-      const unsigned char* src =
-          page < 0 ? base
-                   : base + int64_t(page) * (kvi ? a.v_s0 : a.k_s0) + int64_t(m.off[key]) * (kvi ? a.v_s1 : a.k_s1) +
-                         int64_t(g) * (kvi ? a.v_s2 : a.k_s2) + int64_t(v) * 8 * (fp8 ? 1 : 2);
-      if (fp8)
-        cp_async_8(mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 8), src,
-                   page < 0 ? 0 : 8);
-      else
-        mma::cp_async_16(mma::smem_addr(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)), src,
-                         page < 0 ? 0 : 16);
+      const int64_t* offs = kvi ? m.voff : m.koff;
+      if (kvi ? a.v_fp8 : a.k_fp8) {
+        const int v = t % kV8;
+#pragma unroll
+        for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
+          const int key = t / kV8 + i * (kThreads / kV8);
+          const int64_t off = offs[key];
+          mma::cp_async_16(mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16),
+                           off < 0 ? base : base + off + v * 16, off < 0 ? 0 : 16);
+        }
+      } else {
+        const int v = t % kVecs;
+#pragma unroll
+        for (int i = 0; i < kMmaKeys * kVecs / kThreads; ++i) {
+          const int key = t / kVecs + i * (kThreads / kVecs);
+          const int64_t off = offs[key];
+          mma::cp_async_16(mma::smem_addr(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)),
+                           off < 0 ? base : base + off + v * 16, off < 0 ? 0 : 16);
+        }
+      }
     }
   };
   // FP8: each thread dequantises exactly the vectors it copied (its own copies are complete).
   auto dequantise = [&](int st) {
     const MmaKeyMeta& m = sMeta[st];
-    for (int i = t; i < 2 * kMmaKeys * kVecs; i += kThreads) {
-      const int kvi = i / (kMmaKeys * kVecs), ii = i - kvi * (kMmaKeys * kVecs);
+#pragma unroll
+    for (int kvi = 0; kvi < 2; ++kvi) {
       if (!(kvi ? a.v_fp8 : a.k_fp8)) continue;
-      const int key = ii / kVecs, v = ii - key * kVecs;
-      const uint4 u = fp8x8_to<T>(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 8,
-                                  kvi ? m.vscale[key] : m.kscale[key]);
-      *reinterpret_cast<uint4*>(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)) = u;
+      const int v = t % kV8;
+#pragma unroll
+      for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
+        const int key = t / kV8 + i * (kThreads / kV8);
+        const float sc = kvi ? m.vscale[key] : m.kscale[key];
+        const unsigned char* raw = sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16;
+        uint16_t* dst = sT + (st * 2 + kvi) * kTile;
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_to<T>(raw, sc);
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_to<T>(raw + 8, sc);
+      }
     }
   };
 
+  bool all_visible = false;  // of the chunk being computed
   if (chunks > 0) {
-    describe(0, 0);
-    __syncthreads();
+    all_visible = __syncthreads_and(describe(0, 0));
     issue(0);
   }
   mma::cp_async_commit();
@@ -330,9 +351,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int st = int(c & 1);
+    bool next_visible = false;
     if (c + 1 < chunks) {
-      describe(c + 1, st ^ 1);
-      __syncthreads();
+      next_visible = __syncthreads_and(describe(c + 1, st ^ 1));
       issue(st ^ 1);
       mma::cp_async_commit();
       mma::cp_async_wait<1>();
@@ -346,15 +367,18 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       const uint16_t* tV = tK + kTile;
       if (kslices == 4)
         mma_chunk<T, D, kMmaKeys / 4>(tK, tV, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, lane);
+                                      qpos, a.qscale, all_visible,
+                                      lane);
       else if (kslices == 2)
         mma_chunk<T, D, kMmaKeys / 2>(tK, tV, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, lane);
+                                      qpos, a.qscale, all_visible,
+                                      lane);
       else
         mma_chunk<T, D, kMmaKeys>(tK, tV, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
-                                  lane);
+                                  all_visible, lane);
     }
     __syncthreads();
+    all_visible = next_visible;
   }
 
   // Combine the key slices of each row: m and l (log2 domain) per warp, then per row, then O scaled
