@@ -9,7 +9,7 @@
 // combines) as the FFMA kernel. The split's keys are its blocks' visible keys laid end to end
 // (B keys a block, fewer for the last), staged kMmaKeys at a time, double-buffered with cp.async
 // into swizzled 16-bit tiles that ldmatrix reads (FP8 pages: raw bytes staged, then each thread
-// dequantises the vectors it copied with the (page, group) scale). Per key the stage keeps its
+// widens the vectors it copied to T; the (page, group) scales multiply S for K and P for V). Per key the stage keeps its
 // row offsets, position and the bits of the tile's queries that selected its block (0 for padding
 // and for pages outside the cache), so visibility is decided per (row, key) by the union's mask and
 // rules::causally_visible; a chunk every row selected and sees whole (decode's usual case) skips
@@ -55,14 +55,20 @@ struct MmaSmem {
   std::size_t q, tiles, raw, meta, ml, mask, list, bytes;
 };
 __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 127) / 128 * 128; }
-__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool any_fp8) {
+// The 16-bit tiles are double-buffered unless both caches are FP8: then the copies land in the raw
+// FP8 stages and one 16-bit stage, refilled by dequantisation each chunk, is enough (two CTAs an SM).
+__host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8) { return k_fp8 && v_fp8 ? 1 : 2; }
+__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
   s.q = 0;
   s.tiles = mma_align(rows_pad * D * 2);
   // [stage][K, V][kMmaKeys][D] 16-bit; after the key loop, the slices' O ([warp][16][D + 8] fp32).
-  s.raw = s.tiles + mma_align(std::size_t(2) * 2 * kMmaKeys * D * 2);
-  s.meta = s.raw + (any_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);  // [stage][K, V][key][D] FP8
+  const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8)) * 2 * kMmaKeys * D * 2;
+  const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
+  s.raw = s.tiles + mma_align(tile_bytes > combine_bytes ? tile_bytes : combine_bytes);
+  // [stage][K, V][key][D] FP8
+  s.meta = s.raw + (k_fp8 || v_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);
   s.ml = s.meta + mma_align(2 * sizeof(MmaKeyMeta));
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
@@ -71,8 +77,8 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   return s;
 }
 template <int D>
-inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool any_fp8) {
-  return mma_smem(D, row_cap, list_cap, any_fp8).bytes;
+inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8) {
+  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8).bytes;
 }
 
 // Eight dequantised FP8 values packed as T.
@@ -96,7 +102,7 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
                                           int kbase, const uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4],
                                           float (&m_run)[2], float (&l_run)[2], const bool (&row_ok)[2],
                                           const int (&qbit)[2], const int64_t (&qpos)[2], float qscale,
-                                          bool all_visible, int lane) {
+                                          bool all_visible, bool k_scaled, bool v_scaled, int lane) {
   float s[KS / 8][4];
 #pragma unroll
   for (int n = 0; n < KS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -110,6 +116,16 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
       mma::mma_16816<T>(s[2 * np], qf[kk], b0, b1);
       mma::mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
     }
+  }
+  if (k_scaled) {  // FP8 K: the tile holds the codes, S takes each key's page scale
+#pragma unroll
+    for (int n = 0; n < KS / 8; ++n)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float sc = meta.kscale[kbase + n * 8 + (lane & 3) * 2 + j];
+        s[n][j] *= sc;
+        s[n][2 + j] *= sc;
+      }
   }
   // A chunk whose keys every row selected and sees (decode's whole blocks) needs no mask.
 #pragma unroll
@@ -141,7 +157,8 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const float e = exp2f(fmaf(s[n][2 * h + j], qscale, -m_scaled));
-        s[n][2 * h + j] = e;
+        // FP8 V: the tile holds the codes, P takes each key's page scale (l does not).
+        s[n][2 * h + j] = v_scaled ? e * meta.vscale[kbase + n * 8 + (lane & 3) * 2 + j] : e;
         sum += e;
       }
     }
@@ -170,7 +187,8 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
   }
 }
 
-template <class T, int D>
+// kAnyFp8: an instance for plans with an FP8 cache (the 16-bit one carries none of its code).
+template <class T, int D, bool kAnyFp8>
 __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
   constexpr int kVecs = D / 8;  // 16-byte vectors of a 16-bit row
@@ -179,8 +197,10 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
-  const bool any_fp8 = a.k_fp8 || a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, any_fp8);
+  const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
+  const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8);
+  const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
   unsigned char* sRaw = smem + L.raw;
@@ -256,8 +276,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         voff = pg * a.v_s0 + off * a.v_s1 + g * a.v_s2;
         pos = int32_t(rules::block_begin(j, B) + off);
         sel = dense ? 0xffffffffu : mask[j];
-        ksc = a.k_fp8 ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 1.f;
-        vsc = a.v_fp8 ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 1.f;
+        ksc = k_fp8 ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 1.f;
+        vsc = v_fp8 ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 1.f;
       }
     }
     m.koff[t] = koff;
@@ -277,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     for (int kvi = 0; kvi < 2; ++kvi) {
       const unsigned char* base = kvi ? a.v : a.k;
       const int64_t* offs = kvi ? m.voff : m.koff;
-      if (kvi ? a.v_fp8 : a.k_fp8) {
+      if (kvi ? v_fp8 : k_fp8) {
         const int v = t % kV8;
 #pragma unroll
         for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
@@ -298,21 +318,20 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       }
     }
   };
-  // FP8: each thread dequantises exactly the vectors it copied (its own copies are complete).
+  // FP8: each thread widens exactly the vectors it copied (its own copies are complete) to T,
+  // exactly (E4M3 values are bf16 and half values); the (page, group) scales multiply S and P.
   auto dequantise = [&](int st) {
-    const MmaKeyMeta& m = sMeta[st];
 #pragma unroll
     for (int kvi = 0; kvi < 2; ++kvi) {
-      if (!(kvi ? a.v_fp8 : a.k_fp8)) continue;
+      if (!(kvi ? v_fp8 : k_fp8)) continue;
       const int v = t % kV8;
 #pragma unroll
       for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
         const int key = t / kV8 + i * (kThreads / kV8);
-        const float sc = kvi ? m.vscale[key] : m.kscale[key];
         const unsigned char* raw = sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16;
-        uint16_t* dst = sT + (st * 2 + kvi) * kTile;
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_to<T>(raw, sc);
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_to<T>(raw + 8, sc);
+        uint16_t* dst = sT + ((one_tile_stage ? 0 : st) * 2 + kvi) * kTile;
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_to<T>(raw, 1.f);
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_to<T>(raw + 8, 1.f);
       }
     }
   };
@@ -363,19 +382,19 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     if (any_fp8) dequantise(st);
     __syncthreads();
     if (active) {
-      const uint16_t* tK = sT + (st * 2) * kTile;
+      const uint16_t* tK = sT + ((one_tile_stage ? 0 : st) * 2) * kTile;
       const uint16_t* tV = tK + kTile;
       if (kslices == 4)
         mma_chunk<T, D, kMmaKeys / 4>(tK, tV, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, all_visible,
+                                      qpos, a.qscale, all_visible, k_fp8, v_fp8,
                                       lane);
       else if (kslices == 2)
         mma_chunk<T, D, kMmaKeys / 2>(tK, tV, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, all_visible,
+                                      qpos, a.qscale, all_visible, k_fp8, v_fp8,
                                       lane);
       else
         mma_chunk<T, D, kMmaKeys>(tK, tV, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
-                                  all_visible, lane);
+                                  all_visible, k_fp8, v_fp8, lane);
     }
     __syncthreads();
     all_visible = next_visible;

@@ -233,10 +233,16 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // opt-in tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (paged_mma_requested()) {
-      const std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8 || aa.v_fp8);
-      static std::size_t mma_allowed = 0;
-      allow_smem(attention_mma_kernel<T, D>, msmem, "attention (mma)", mma_allowed);
-      attention_mma_kernel<T, D><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
+      const std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8);
+      if (aa.k_fp8 || aa.v_fp8) {
+        static std::size_t mma_fp8_allowed = 0;
+        allow_smem(attention_mma_kernel<T, D, true>, msmem, "attention (mma)", mma_fp8_allowed);
+        attention_mma_kernel<T, D, true><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
+      } else {
+        static std::size_t mma_allowed = 0;
+        allow_smem(attention_mma_kernel<T, D, false>, msmem, "attention (mma)", mma_allowed);
+        attention_mma_kernel<T, D, false><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
+      }
       launched = true;
     }
   }
