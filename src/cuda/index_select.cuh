@@ -29,7 +29,8 @@ struct SelectArgs {
   const float* lses;    // same layout, or null when no selected LSE is asked for
   int64_t ld;
   const int32_t* cu_q;
-  const int32_t* cu_k;
+  const int32_t* cu_k;     // cumulative key lengths, or null when k_lens gives them per sequence
+  const int32_t* k_lens;   // (paged plans: the kv lengths, so no kernel has to accumulate them)
   int batch;
   int num_kv_heads;
   int block_size;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const
     const int mid = (lo + hi + 1) >> 1;
     if (a.cu_q[mid] <= q) lo = mid; else hi = mid - 1;
   }
-  const int64_t lq = a.cu_q[lo + 1] - a.cu_q[lo], lk = a.cu_k[lo + 1] - a.cu_k[lo];
+  const int64_t lq = a.cu_q[lo + 1] - a.cu_q[lo], lk = a.k_lens ? a.k_lens[lo] : a.cu_k[lo + 1] - a.cu_k[lo];
   const int64_t p = rules::query_position(lq, lk, q - a.cu_q[lo]);
   int64_t local = rules::local_block(p, a.block_size);
   if (local >= a.ld) local = a.ld - 1;  // only with a wrong max_seqlen_k hint: stay in bounds

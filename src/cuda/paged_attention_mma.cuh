@@ -141,6 +141,7 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
           s[n][2 * h + j] = -INFINITY;
     }
   }
+  float alpha[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = m_run[h];
@@ -149,7 +150,7 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_scaled = mx == -INFINITY ? 0.f : mx * qscale;
-    const float alpha = exp2f(m_run[h] * qscale - m_scaled);
+    alpha[h] = exp2f(m_run[h] * qscale - m_scaled);
     m_run[h] = mx;
     float sum = 0.f;
 #pragma unroll
@@ -162,11 +163,17 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
         sum += e;
       }
     }
-    l_run[h] = l_run[h] * alpha + sum;
+    l_run[h] = l_run[h] * alpha[h] + sum;
+  }
+  // An unchanged max gives alpha exactly 1 (exp2(0)): once the max settles, most chunks skip the
+  // rescale of O (bitwise the same result).
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      o[n][2 * h] *= alpha;
-      o[n][2 * h + 1] *= alpha;
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
     }
   }
 #pragma unroll

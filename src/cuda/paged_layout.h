@@ -43,8 +43,8 @@ struct Layout {
   int64_t score_ld = 4;  // floats per (group, query) score row, a multiple of 4 (float4 loads)
   // Attention: queries per tile (tile rows = queries x G), tiles per request, key splits.
   int attn_tile_q = 1, attn_tiles = 1, splits = 1;
-  // Workspace (bytes from the 256-aligned base): cu_kv [batch + 1], scores, partials.
-  std::size_t cu_kv_offset = 0, scores_offset = 0, partials_offset = 0, bytes = 0;
+  // Workspace (bytes from the 256-aligned base): scores, partials.
+  std::size_t scores_offset = 0, partials_offset = 0, bytes = 0;
 };
 
 inline Layout layout_of(const PagedPlan& plan) {
@@ -76,8 +76,7 @@ inline Layout layout_of(const PagedPlan& plan) {
   l.splits = int(std::max<int64_t>(1, std::min<int64_t>({want, max_union, kMaxSplits})));
 
   const int64_t tq = plan.total_q;
-  l.cu_kv_offset = 0;
-  l.scores_offset = align_up(sizeof(int32_t) * std::size_t(plan.batch + 1));
+  l.scores_offset = 0;
   const std::size_t score_bytes =
       plan.options.dense ? 0 : sizeof(float) * std::size_t(hkv) * std::size_t(tq) * std::size_t(l.score_ld);
   l.partials_offset = l.scores_offset + align_up(score_bytes);

@@ -1,7 +1,7 @@
-// CUDA paged_run: (1) the cumulative kv lengths into the workspace, (2) block scores
-// (paged_index.cuh), (3) top-k selection with the contiguous index branch's select kernel
-// (index_select.cuh), (4) sparse or dense attention (paged_attention.cuh), (5) the LSE merge of key
-// splits. Grids come from the plan's host maxima (paged_layout.h); every length is read on the
+// CUDA paged_run: (1) block scores (paged_index_mma.cuh, paged_index_stream.cuh or
+// paged_index.cuh), (2) top-k selection with the contiguous index branch's select kernel
+// (index_select.cuh), (3) sparse or dense attention (paged_attention_mma.cuh or paged_attention.cuh),
+// (4) the LSE merge of key splits. Grids come from the plan's host maxima (paged_layout.h); every length is read on the
 // device, nothing is allocated or synchronised: the call is graph capturable.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,13 +31,6 @@ namespace detail {
 namespace cuda {
 
 namespace {
-
-__global__ void cumulative_kv_kernel(const int32_t* kv_lens, int batch, int32_t* cu_kv) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int32_t sum = 0;
-  cu_kv[0] = 0;
-  for (int r = 0; r < batch; ++r) cu_kv[r + 1] = sum += kv_lens[r];
-}
 
 int max_smem_per_block() {
   int dev = 0, bytes = 0;  // cheap attribute queries, legal inside a capture
@@ -92,10 +85,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   const int64_t num_pages = cache.k.shape[0];
 
   if (!plan.options.dense) {
-    int32_t* cu_kv = reinterpret_cast<int32_t*>(ws + lay.cu_kv_offset);
     float* scores = reinterpret_cast<float*>(ws + lay.scores_offset);
-    cumulative_kv_kernel<<<1, 32, 0, stream>>>(kv_lens, plan.batch, cu_kv);
-    MSA_CUDA_CHECK_LAUNCH();
 
     IndexArgs ia{};
     ia.qi = qi.data;
@@ -156,7 +146,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     sa.lses = nullptr;
     sa.ld = lay.score_ld;
     sa.cu_q = cu_q;
-    sa.cu_k = cu_kv;
+    sa.cu_k = nullptr;
+    sa.k_lens = kv_lens;
     sa.batch = plan.batch;
     sa.num_kv_heads = c.num_kv_heads;
     sa.block_size = c.block_size;
