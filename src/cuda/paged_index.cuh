@@ -44,6 +44,32 @@ struct IndexArgs {
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
 };
 
+// The CTA's share of an index grid (request x query tile x block chunk): its query tile, rows
+// (query * Hkv + group) and candidate blocks [j0, j1); ok is false when it has nothing to score.
+// Shared by the three block-score kernels (this one, paged_index_stream.cuh, paged_index_mma.cuh).
+struct IndexWork {
+  QueryTile qt;
+  int64_t j0, j1;
+  int rows;
+  bool ok;
+};
+__device__ __forceinline__ IndexWork index_work(const IndexArgs& a) {
+  IndexWork w;
+  int64_t id = blockIdx.x;
+  const int64_t chunk = id % a.chunks;
+  id /= a.chunks;
+  w.qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
+  w.rows = w.qt.nq * a.hkv;
+  const int64_t candidates =
+      w.qt.nq == 0 ? 0
+                   : rules::local_block(rules::query_position(w.qt.q_len, w.qt.kv, w.qt.q0 + w.qt.nq - 1),
+                                        a.block_size);
+  w.j0 = chunk * a.chunk;
+  w.j1 = min(candidates, w.j0 + a.chunk);
+  w.ok = w.j0 < candidates;
+  return w;
+}
+
 // + raw staging of a chunk's ki rows (cp.async), 8 x esize bytes per 8-element vector.
 inline std::size_t index_smem_bytes(int row_cap, int di, int esize) {
   return sizeof(float) * (std::size_t(row_cap + kIndexKeys) * (di + 4) + std::size_t(row_cap)) + 16 +
@@ -62,19 +88,11 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
       (reinterpret_cast<uintptr_t>(bmax + a.row_cap) + 15) & ~uintptr_t(15));
   const int t = threadIdx.x, lane = t & 31;
 
-  int64_t id = blockIdx.x;
-  const int64_t chunk = id % a.chunks;
-  id /= a.chunks;
-  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
-  if (qt.nq == 0) return;
-  const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
-  const int64_t qbase = qt.qbase, kv = qt.kv;
+  const IndexWork w = index_work(a);
+  if (!w.ok) return;
+  const int r = w.qt.r, q_len = w.qt.q_len, q0 = w.qt.q0, rows = w.rows;
+  const int64_t qbase = w.qt.qbase, kv = w.qt.kv, j0 = w.j0, j1 = w.j1;
   const int B = a.block_size;
-  const int64_t candidates = rules::local_block(rules::query_position(q_len, kv, q0 + nq - 1), B);
-  const int64_t j0 = chunk * a.chunk;
-  if (j0 >= candidates) return;
-  const int64_t j1 = min(candidates, j0 + a.chunk);
-  const int rows = nq * a.hkv;  // row = query * Hkv + group
   const int vecs = a.di / 8;
 
   for (int i = t; i < rows * vecs; i += kThreads) {

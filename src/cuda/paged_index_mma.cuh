@@ -74,19 +74,11 @@ __global__ void __launch_bounds__(kThreads, kNT >= 4 ? 2 : 4) index_scores_mma_k
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
 
-  int64_t id = blockIdx.x;
-  const int64_t chunk = id % a.chunks;
-  id /= a.chunks;
-  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
-  if (qt.nq == 0) return;
-  const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
-  const int64_t qbase = qt.qbase, kv = qt.kv;
+  const IndexWork w = index_work(a);
+  if (!w.ok) return;
+  const int r = w.qt.r, q_len = w.qt.q_len, q0 = w.qt.q0, rows = w.rows;
+  const int64_t qbase = w.qt.qbase, kv = w.qt.kv, j0 = w.j0, j1 = w.j1;
   const int B = a.block_size;
-  const int64_t candidates = rules::local_block(rules::query_position(q_len, kv, q0 + nq - 1), B);
-  const int64_t j0 = chunk * a.chunk;
-  if (j0 >= candidates) return;
-  const int64_t j1 = min(candidates, j0 + a.chunk);
-  const int rows = nq * a.hkv;  // row = query * Hkv + group
   const T* qi = static_cast<const T*>(a.qi);
 
   for (int r0 = 0; r0 < rows; r0 += 8 * kNT) {

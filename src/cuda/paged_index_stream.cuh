@@ -103,19 +103,11 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
   constexpr int E = StreamShape<T, kFp8>::kElems, U = StreamShape<T, kFp8>::kUnroll, R = kStreamRows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  int64_t id = blockIdx.x;
-  const int64_t chunk = id % a.chunks;
-  id /= a.chunks;
-  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
-  if (qt.nq == 0) return;
-  const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
-  const int64_t qbase = qt.qbase, kv = qt.kv;
+  const IndexWork w = index_work(a);
+  if (!w.ok) return;
+  const int r = w.qt.r, q_len = w.qt.q_len, q0 = w.qt.q0, rows = w.rows;
+  const int64_t qbase = w.qt.qbase, kv = w.qt.kv, j0 = w.j0, j1 = w.j1;
   const int B = a.block_size;
-  const int64_t candidates = rules::local_block(rules::query_position(q_len, kv, q0 + nq - 1), B);
-  const int64_t j0 = chunk * a.chunk;
-  if (j0 >= candidates) return;
-  const int64_t j1 = min(candidates, j0 + a.chunk);
-  const int rows = nq * a.hkv;  // row = query * Hkv + group
 
   constexpr int kpw = 32 / kLanes;  // keys per warp-wide load
   const int sub = lane & (kLanes - 1), slot = lane / kLanes;
