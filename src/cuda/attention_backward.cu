@@ -23,6 +23,7 @@
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
+#include "cuda/key_splits.h"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 
@@ -34,16 +35,26 @@ namespace {
 
 using u64 = unsigned long long;
 
-// Workspace plan: delta, then (sparse) the list entries twice (unsorted, sorted), the unique count,
-// CUB's temporary storage and the list ranges.
+// CTAs per key tile of the dK/dV kernel: key_splits_within (workspace.cuh) over its partials
+// (total_k x Hkv x 2D floats a split), and at most 65535 in grid z with the sequences.
+int dkdv_key_splits(const Problem& p) {
+  const int splits =
+      key_splits_within(std::size_t(p.total_k) * p.cfg.num_kv_heads * 2 * p.cfg.head_dim * sizeof(float));
+  return std::max(1, std::min(splits, 65535 / std::max(1, p.batch)));
+}
+
+// Workspace plan: delta, the dK/dV split partials (key_splits > 1), then (sparse) the list entries
+// twice (unsorted, sorted), the unique count, CUB's temporary storage and the list ranges.
 struct BackwardLayout {
   int64_t num_entries = 0;    // list entries (sparse)
   int64_t num_list_blocks = 0;
+  int key_splits = 1;
   std::size_t cub_bytes = 0;
   std::size_t total = 0;
 
-  BackwardLayout(const Problem& p, bool sparse) {
-    total = align_up(std::size_t(p.total_q) * p.cfg.num_q_heads * sizeof(float));
+  BackwardLayout(const Problem& p, bool sparse) : key_splits(dkdv_key_splits(p)) {
+    total = align_up(std::size_t(p.total_q) * p.cfg.num_q_heads * sizeof(float)) +
+            align_up(partial_floats(p) * sizeof(float));
     if (!sparse) return;
     num_entries = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk *
                   tiles_per_query_span(p.cfg.group_size());
@@ -58,6 +69,11 @@ struct BackwardLayout {
     const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(num_list_blocks);
     total += 2 * align_up(std::size_t(num_entries) * sizeof(u64)) + align_up(sizeof(int)) +
              align_up(cub_bytes) + 2 * align_up(lists * sizeof(int));
+  }
+  std::size_t partial_floats(const Problem& p) const {
+    return key_splits > 1 ? std::size_t(key_splits) * std::size_t(p.total_k) * p.cfg.num_kv_heads * 2 *
+                                std::size_t(p.cfg.head_dim)
+                          : 0;
   }
 };
 
@@ -87,9 +103,15 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
   allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D>), kv_smem,
                      "attention backward");
   attention_backward_dkdv_kernel<T, D>
-      <<<dim3(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch)), kAttnThreads, kv_smem,
-         stream>>>(a);
+      <<<dim3(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits)), kAttnThreads,
+         kv_smem, stream>>>(a);
   MSA_CUDA_CHECK_LAUNCH();
+  if (a.key_splits > 1) {
+    const int64_t n = p.total_k * p.cfg.num_kv_heads * 2 * D;
+    const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
+    attention_backward_dkdv_reduce_kernel<T, D><<<grid, 256, 0, stream>>>(a);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace
@@ -135,6 +157,10 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
   a.dk = dk.data;
   a.dv = dv.data;
   a.delta = arena.take<float>(std::size_t(p.total_q) * p.cfg.num_q_heads);
+  a.key_splits = lay.key_splits;
+  a.dkdv_part = lay.key_splits > 1 ? arena.take<float>(lay.partial_floats(p)) : nullptr;
+  a.total_k = p.total_k;
+  a.num_kv_heads = p.cfg.num_kv_heads;
   a.do_s0 = dout.stride[0], a.do_s1 = dout.stride[1];
   a.dq_s0 = dq.stride[0], a.dq_s1 = dq.stride[1];
   a.dk_s0 = dk.stride[0], a.dk_s1 = dk.stride[1];

@@ -57,6 +57,13 @@ struct BackwardParams {
   int union_cap;
   float scale_log2;
   float scale;
+  // dK/dV kernel: CTAs per key tile (blockIdx.z = sequence * key_splits + split), each taking a share
+  // of the tile's query-tile list; with more than one, f32 partials [split][total_k][Hkv][dK, dV][D]
+  // that attention_backward_dkdv_reduce_kernel sums in split order.
+  int key_splits;
+  float* dkdv_part;
+  int64_t total_k;
+  int num_kv_heads;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -358,7 +365,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   float* s_delta = s_lse2 + 2 * kAttnRows;                                               // [2][64]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int b = blockIdx.z, g = blockIdx.y;
+  const int b = int(blockIdx.z) / p.key_splits, split = int(blockIdx.z) % p.key_splits, g = blockIdx.y;
   const int G = p.group_size, B = p.block_size;
   const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
   const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
@@ -381,6 +388,12 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
     const int64_t list = int64_t(g) * p.num_list_blocks + global_block(k_begin, b, block, B);
     list_begin = p.list_begin[list];
     num_tiles = p.list_end[list] - list_begin;
+  }
+  if (p.key_splits > 1) {  // this CTA's share of the list (hot blocks: every query's tile)
+    const int64_t per = (num_tiles + p.key_splits - 1) / p.key_splits;
+    const int64_t u0 = per * split < num_tiles ? per * split : num_tiles;
+    num_tiles = (u0 + per < num_tiles ? u0 + per : num_tiles) - u0;
+    list_begin += u0;
   }
   auto tile_at = [&](int64_t u) -> int64_t {
     return dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
@@ -544,6 +557,16 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + key_row + 8 * h;
     if (t >= lk) continue;
+    if (p.key_splits > 1) {  // every split writes every key row (zeros included)
+      float* dst = p.dkdv_part + ((int64_t(split) * p.total_k + k_begin + t) * p.num_kv_heads + g) * (2 * D) +
+                   (lane & 3) * 2;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
+        *reinterpret_cast<float2*>(dst + D + n * 8) = make_float2(dv[n][2 * h], dv[n][2 * h + 1]);
+      }
+      continue;
+    }
     T* dkd = dk_out + (k_begin + t) * p.dk_s0 + int64_t(g) * p.dk_s1 + (lane & 3) * 2;
     T* dvd = dv_out + (k_begin + t) * p.dv_s0 + int64_t(g) * p.dv_s1 + (lane & 3) * 2;
 #pragma unroll
@@ -552,6 +575,21 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
           mma::Elem<T>::pack(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(dv[n][2 * h], dv[n][2 * h + 1]);
     }
+  }
+}
+
+// dK, dV from the split partials, summed in split order (bitwise reproducible).
+template <class T, int D>
+__global__ void attention_backward_dkdv_reduce_kernel(const BackwardParams p) {
+  const int64_t n = p.total_k * p.num_kv_heads * (2 * D);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int z = 0; z < p.key_splits; ++z) sum += p.dkdv_part[int64_t(z) * n + i];
+    const int64_t row = i / (2 * D), key = row / p.num_kv_heads;
+    const int g = int(row % p.num_kv_heads), e = int(i % (2 * D));
+    T* dst = e < D ? static_cast<T*>(p.dk) + key * p.dk_s0 + int64_t(g) * p.dk_s1 + e
+                   : static_cast<T*>(p.dv) + key * p.dv_s0 + int64_t(g) * p.dv_s1 + (e - D);
+    *dst = mma::Elem<T>::from_float(sum);
   }
 }
 

@@ -17,6 +17,7 @@
 #include "cuda/attention_backward_kernel.cuh"  // list kernels, tiles_per_query_span
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
+#include "cuda/key_splits.h"
 #include "cuda/kl_alignment_mma.h"
 #include "cuda/kl_alignment_mma_kernel.cuh"
 #include "cuda/workspace.cuh"
@@ -30,17 +31,10 @@ namespace {
 
 using u64 = unsigned long long;
 
-// CTAs per key tile of the key-major kernel (kl_alignment_mma_kernel.cuh): enough to cut the list
-// of a block that every query chose into shares near the average list, within a bound on the f32
-// partials (key_splits x total_k x Di floats). A function of the problem alone, so the workspace
-// size and the launch agree, and the summation order is fixed.
-constexpr int kKlMaxKeySplits = 8;
-constexpr std::size_t kKlPartialBudget = std::size_t(256) << 20;
-
+// CTAs per key tile of the key-major kernel (kl_alignment_mma_kernel.cuh): key_splits_within
+// (workspace.cuh) over its dki partials (total_k x Di floats a split).
 int kl_key_splits(const Problem& p) {
-  const std::size_t per_split = std::size_t(p.total_k) * p.cfg.index_head_dim * sizeof(float);
-  if (per_split == 0) return 1;
-  return int(std::max<std::size_t>(1, std::min<std::size_t>(kKlMaxKeySplits, kKlPartialBudget / per_split)));
+  return key_splits_within(std::size_t(p.total_k) * p.cfg.index_head_dim * sizeof(float));
 }
 
 // Workspace: student LSE and loss parts per (query, group), the key-major kernel's dki partials
