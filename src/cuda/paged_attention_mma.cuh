@@ -68,8 +68,9 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
   s.raw = s.tiles + mma_align(tile_bytes > combine_bytes ? tile_bytes : combine_bytes);
   // [stage][K, V][key][D] FP8
+  // The two stages' MmaKeyMeta are static shared memory (see the kernel), not carved from here.
   s.meta = s.raw + (k_fp8 || v_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);
-  s.ml = s.meta + mma_align(2 * sizeof(MmaKeyMeta));
+  s.ml = s.meta;
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
@@ -211,7 +212,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
   unsigned char* sRaw = smem + L.raw;
-  MmaKeyMeta* sMeta = reinterpret_cast<MmaKeyMeta*>(smem + L.meta);
+  // Static, so every access is a shared-memory load: carved from the dynamic buffer, the copy loop's
+  // per-key offsets compiled to generic 64-bit loads (seen in the H100 SASS, ~15 instructions a copy).
+  __shared__ MmaKeyMeta sMeta[2];
   float* warp_m = reinterpret_cast<float*>(smem + L.ml);  // [warp][16]
   float* warp_l = warp_m + kMmaWarps * 16;
   float* row_m = warp_l + kMmaWarps * 16;  // [kMaxRows]
@@ -269,14 +272,16 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   auto describe = [&](int64_t c, int st) -> bool {
     if (t >= kMmaKeys) return true;
     MmaKeyMeta& m = sMeta[st];
-    const int64_t n = c * kMmaKeys + t;
+    // 32-bit: a split's keys (blocks x B) are far below 2^31; 64-bit division was a library call.
+    const int n = int(c) * kMmaKeys + t;
     int64_t koff = -1, voff = -1;
     int32_t pos = 0;
     uint32_t sel = 0u;
     float ksc = 0.f, vsc = 0.f;
     if (n < num_keys) {
-      const int64_t j = block_at(b0 + n / B);
-      const int64_t off = n % B;
+      const int nb_in = n / B;
+      const int64_t j = block_at(b0 + nb_in);
+      const int64_t off = n - nb_in * B;
       const int64_t pg = a.page_table[r * a.pt_s0 + j * a.pt_s1];
       if (pg >= 0 && pg < a.num_pages) {  // an id outside the cache is not read
         koff = pg * a.k_s0 + off * a.k_s1 + g * a.k_s2;
@@ -310,8 +315,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
           const int key = t / kV8 + i * (kThreads / kV8);
           const int64_t off = offs[key];
-          mma::cp_async_16(mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16),
-                           off < 0 ? base : base + off + v * 16, off < 0 ? 0 : 16);
+          mma::cp_async_16_or_zero(
+              mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16),
+              base + (off < 0 ? 0 : off) + v * 16, off < 0);
         }
       } else {
         const int v = t % kVecs;
@@ -319,8 +325,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         for (int i = 0; i < kMmaKeys * kVecs / kThreads; ++i) {
           const int key = t / kVecs + i * (kThreads / kVecs);
           const int64_t off = offs[key];
-          mma::cp_async_16(mma::smem_addr(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)),
-                           off < 0 ? base : base + off + v * 16, off < 0 ? 0 : 16);
+          mma::cp_async_16_or_zero(mma::smem_addr(sT + (st * 2 + kvi) * kTile + swz<D>(key, v * 8)),
+                                   base + (off < 0 ? 0 : off) + v * 16, off < 0);
         }
       }
     }
