@@ -52,7 +52,7 @@ struct MmaKeyMeta {
 
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
 struct MmaSmem {
-  std::size_t q, tiles, raw, meta, ml, mask, list, bytes;
+  std::size_t q, tiles, raw, meta, ml, mask, list, pages, scales, bytes;
 };
 __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 127) / 128 * 128; }
 // The 16-bit tiles are double-buffered unless both caches are FP8: then the copies land in the raw
@@ -74,7 +74,10 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
-  s.bytes = s.list + sizeof(int32_t) * std::size_t(list_cap) + 128;  // + slack to align the base
+  // Per block of the CTA's split (sparse): its page id, then (FP8) its K and V scales.
+  s.pages = s.list + sizeof(int32_t) * std::size_t(list_cap);
+  s.scales = s.pages + sizeof(int32_t) * std::size_t(list_cap);
+  s.bytes = s.scales + (k_fp8 || v_fp8 ? 2 * sizeof(float) * std::size_t(list_cap) : 0) + 128;  // + align slack
   return s;
 }
 template <int D>
@@ -221,6 +224,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   float* row_l = row_m + kMaxRows;
   uint32_t* mask = reinterpret_cast<uint32_t*>(smem + L.mask);
   int32_t* list = reinterpret_cast<int32_t*>(smem + L.list);
+  int32_t* bpage = reinterpret_cast<int32_t*>(smem + L.pages);  // [block of the split]
+  float* bscale = reinterpret_cast<float*>(smem + L.scales);    // [K, V][block of the split]
   __shared__ int list_len;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
 
@@ -264,6 +269,19 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     num_keys = (b1 - b0 - 1) * B + min(int64_t(B), p_last + 1 - rules::block_begin(last, B));
   }
   const int64_t chunks = (num_keys + kMmaKeys - 1) / kMmaKeys;
+  // Sparse: the split's page ids (and FP8 scales) in one round of loads up front, so that each
+  // chunk's describe reads shared memory only (its global page-table load was a latency on every
+  // chunk's critical path: long-scoreboard and barrier stalls in ncu).
+  if (!dense) {
+    for (int64_t i = t; i < b1 - b0; i += kThreads) {
+      const int64_t pg = a.page_table[r * a.pt_s0 + int64_t(list[b0 + i]) * a.pt_s1];
+      const bool ok = pg >= 0 && pg < a.num_pages;  // an id outside the cache is not read
+      bpage[i] = ok ? int32_t(pg) : -1;
+      if (k_fp8) bscale[i] = ok ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 0.f;
+      if (v_fp8) bscale[a.list_cap + i] = ok ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 0.f;
+    }
+    __syncthreads();
+  }
 
   // Key facts of chunk c (one thread per key), then its copies (every thread, all in flight).
   // Returns whether the key is visible to every row of the tile (true for the threads with no key),
@@ -282,14 +300,14 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       const int nb_in = n / B;
       const int64_t j = block_at(b0 + nb_in);
       const int64_t off = n - nb_in * B;
-      const int64_t pg = a.page_table[r * a.pt_s0 + j * a.pt_s1];
+      const int64_t pg = dense ? a.page_table[r * a.pt_s0 + j * a.pt_s1] : int64_t(bpage[nb_in]);
       if (pg >= 0 && pg < a.num_pages) {  // an id outside the cache is not read
         koff = pg * a.k_s0 + off * a.k_s1 + g * a.k_s2;
         voff = pg * a.v_s0 + off * a.v_s1 + g * a.v_s2;
         pos = int32_t(rules::block_begin(j, B) + off);
         sel = dense ? 0xffffffffu : mask[j];
-        ksc = k_fp8 ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 1.f;
-        vsc = v_fp8 ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 1.f;
+        ksc = !k_fp8 ? 1.f : dense ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : bscale[nb_in];
+        vsc = !v_fp8 ? 1.f : dense ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : bscale[a.list_cap + nb_in];
       }
     }
     m.koff[t] = koff;
