@@ -57,7 +57,6 @@ struct AttentionArgs {
   int tile_q, tiles, splits;
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
   int stage_esize;  // bytes per element of the staging slots: the larger of the K and V caches'
-  int l2_prefetch;  // mma kernel, sparse: chunks ahead of the copies whose rows are prefetched to L2 (0: off)
 };
 
 template <int D>

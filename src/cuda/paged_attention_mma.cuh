@@ -367,25 +367,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     }
   };
 
-  // Sparse: L2 prefetch of chunk cc's K/V rows (no shared memory: raises the bytes in flight per SM
-  // beyond the one chunk a CTA's two stages leave in flight while it computes).
-  auto prefetch_l2 = [&](int64_t cc) {
-    const int row_lines = (k_fp8 ? D : 2 * D) / 128 > 0 ? (k_fp8 ? D : 2 * D) / 128 : 1;
-    for (int i = t; i < kMmaKeys * 2 * row_lines; i += kThreads) {
-      const int key = i / (2 * row_lines), rest = i - key * (2 * row_lines), kvi = rest / row_lines;
-      const int line = rest - kvi * row_lines;
-      const int n = int(cc) * kMmaKeys + key;
-      if (n >= num_keys) continue;
-      const int nb_in = n / B;
-      const int32_t pg = bpage[nb_in];
-      if (pg < 0) continue;
-      const int64_t off = n - int64_t(nb_in) * B;
-      const unsigned char* p = kvi ? a.v + pg * a.v_s0 + off * a.v_s1 + g * a.v_s2 + line * 128
-                                   : a.k + pg * a.k_s0 + off * a.k_s1 + g * a.k_s2 + line * 128;
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-    }
-  };
-
   bool all_visible = false;  // of the chunk being computed
   if (chunks > 0) {
     all_visible = __syncthreads_and(describe(0, 0));
@@ -425,7 +406,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       next_visible = __syncthreads_and(describe(c + 1, st ^ 1));
       issue(st ^ 1);
       mma::cp_async_commit();
-      if (!dense && a.l2_prefetch > 0 && c + 1 + a.l2_prefetch < chunks) prefetch_l2(c + 1 + a.l2_prefetch);
       mma::cp_async_wait<1>();
     } else {
       mma::cp_async_wait<0>();

@@ -63,13 +63,6 @@ bool paged_mma_requested() {
   return e == nullptr || std::string(e) != "ffma";
 }
 
-// Chunks ahead of its copies whose K/V rows the mma attention prefetches to L2 (sparse plans);
-// MSA_PAGED_ATTENTION_PREFETCH=N overrides (0: off), for measurements.
-int paged_l2_prefetch_chunks() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_PREFETCH");
-  return e == nullptr ? 1 : std::max(0, std::atoi(e));
-}
-
 template <class T>
 std::size_t& index_smem_allowed() {
   static std::size_t allowed = 0;
@@ -227,7 +220,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
-  aa.l2_prefetch = paged_l2_prefetch_chunks();
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // opt-in tensor-core kernel (paged_attention_mma.cuh), 16-bit only
