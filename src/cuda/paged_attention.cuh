@@ -57,6 +57,9 @@ struct AttentionArgs {
   int tile_q, tiles, splits;
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
   int stage_esize;  // bytes per element of the staging slots: the larger of the K and V caches'
+  // mma kernel, sparse: 1 when the split's page ids (and FP8 scales) are staged in shared memory up
+  // front; 0 when that would not fit (very long requests): each chunk reads the page table then.
+  int stage_pages;
 };
 
 template <int D>

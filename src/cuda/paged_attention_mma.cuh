@@ -50,6 +50,9 @@ struct MmaKeyMeta {
   float kscale[kMmaKeys], vscale[kMmaKeys];
 };
 
+// The kernel's static shared memory (two stages of MmaKeyMeta, list_len), on top of the dynamic bytes.
+constexpr std::size_t kMmaStaticSmem = 2 * sizeof(MmaKeyMeta) + 16;
+
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
 struct MmaSmem {
   std::size_t q, tiles, raw, meta, ml, mask, list, pages, scales, bytes;
@@ -58,7 +61,8 @@ __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 12
 // The 16-bit tiles are double-buffered unless both caches are FP8: then the copies land in the raw
 // FP8 stages and one 16-bit stage, refilled by dequantisation each chunk, is enough (two CTAs an SM).
 __host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8) { return k_fp8 && v_fp8 ? 1 : 2; }
-__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8) {
+__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
+                                             bool stage_pages) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
   s.q = 0;
@@ -74,15 +78,17 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
-  // Per block of the CTA's split (sparse): its page id, then (FP8) its K and V scales.
+  // Per block of the CTA's split (sparse, stage_pages): its page id, then (FP8) its K and V scales.
+  const std::size_t staged = stage_pages ? std::size_t(list_cap) : 0;
   s.pages = s.list + sizeof(int32_t) * std::size_t(list_cap);
-  s.scales = s.pages + sizeof(int32_t) * std::size_t(list_cap);
-  s.bytes = s.scales + (k_fp8 || v_fp8 ? 2 * sizeof(float) * std::size_t(list_cap) : 0) + 128;  // + align slack
+  s.scales = s.pages + sizeof(int32_t) * staged;
+  s.bytes = s.scales + (k_fp8 || v_fp8 ? 2 * sizeof(float) * staged : 0) + 128;  // + slack to align the base
   return s;
 }
 template <int D>
-inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8) {
-  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8).bytes;
+inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
+                                            bool stage_pages) {
+  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8, stage_pages).bytes;
 }
 
 // Eight dequantised FP8 values packed as T.
@@ -210,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
   const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
   const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8);
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8, a.stage_pages != 0);
   const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
@@ -272,7 +278,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   // Sparse: the split's page ids (and FP8 scales) in one round of loads up front, so that each
   // chunk's describe reads shared memory only (its global page-table load was a latency on every
   // chunk's critical path: long-scoreboard and barrier stalls in ncu).
-  if (!dense) {
+  const bool staged = !dense && a.stage_pages != 0;
+  if (staged) {
     for (int64_t i = t; i < b1 - b0; i += kThreads) {
       const int64_t pg = a.page_table[r * a.pt_s0 + int64_t(list[b0 + i]) * a.pt_s1];
       const bool ok = pg >= 0 && pg < a.num_pages;  // an id outside the cache is not read
@@ -300,14 +307,14 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       const int nb_in = n / B;
       const int64_t j = block_at(b0 + nb_in);
       const int64_t off = n - nb_in * B;
-      const int64_t pg = dense ? a.page_table[r * a.pt_s0 + j * a.pt_s1] : int64_t(bpage[nb_in]);
+      const int64_t pg = staged ? int64_t(bpage[nb_in]) : a.page_table[r * a.pt_s0 + j * a.pt_s1];
       if (pg >= 0 && pg < a.num_pages) {  // an id outside the cache is not read
         koff = pg * a.k_s0 + off * a.k_s1 + g * a.k_s2;
         voff = pg * a.v_s0 + off * a.v_s1 + g * a.v_s2;
         pos = int32_t(rules::block_begin(j, B) + off);
         sel = dense ? 0xffffffffu : mask[j];
-        ksc = !k_fp8 ? 1.f : dense ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : bscale[nb_in];
-        vsc = !v_fp8 ? 1.f : dense ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : bscale[a.list_cap + nb_in];
+        ksc = !k_fp8 ? 1.f : staged ? bscale[nb_in] : a.k_scale[pg * a.ks_s0 + g * a.ks_s1];
+        vsc = !v_fp8 ? 1.f : staged ? bscale[a.list_cap + nb_in] : a.v_scale[pg * a.vs_s0 + g * a.vs_s1];
       }
     }
     m.koff[t] = koff;

@@ -63,6 +63,13 @@ bool paged_mma_requested() {
   return e == nullptr || std::string(e) != "ffma";
 }
 
+// MSA_PAGED_ATTENTION_STAGE_PAGES=0 makes the mma attention read page ids per chunk (the path very
+// long requests take when staging them does not fit), so tests can run it at small sizes.
+bool paged_stage_pages_requested() {
+  const char* e = std::getenv("MSA_PAGED_ATTENTION_STAGE_PAGES");
+  return e == nullptr || std::string(e) != "0";
+}
+
 template <class T>
 std::size_t& index_smem_allowed() {
   static std::size_t allowed = 0;
@@ -224,7 +231,18 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // opt-in tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (paged_mma_requested()) {
-      const std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8);
+      // Staging the split's page ids costs 4 (FP8: 12) bytes of shared memory per block of the longest
+      // request; past what the device has (FP8 near 1M tokens), chunks read the page table instead.
+      aa.stage_pages = paged_stage_pages_requested() ? 1 : 0;
+      std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, true);
+      const std::size_t smem_max = std::size_t(max_smem_per_block());
+      if (!aa.stage_pages || msmem + kMmaStaticSmem > smem_max) {
+        aa.stage_pages = 0;
+        msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, false);
+      }
+      if (msmem + kMmaStaticSmem > smem_max)
+        throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(msmem + kMmaStaticSmem) +
+                                " bytes of shared memory, more than the device has per block");
       if (aa.k_fp8 || aa.v_fp8) {
         static std::size_t mma_fp8_allowed = 0;
         allow_smem(attention_mma_kernel<T, D, true>, msmem, "attention (mma)", mma_fp8_allowed);

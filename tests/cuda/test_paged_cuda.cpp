@@ -459,6 +459,15 @@ TEST_P(PagedCudaIndex, Fp8DecodeWideIndexKeys) {
   h.dtype = DType::f16;
   run_case(h);
 }
+// The mma attention's per-chunk page-table path (taken when staging the split's page ids would not
+// fit in shared memory, e.g. FP8 caches near 1M tokens), forced at small sizes, bf16 and FP8.
+TEST(PagedCuda, AttentionPageIdsReadPerChunk) {
+  msa::testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_STAGE_PAGES", "0");
+  run_case(decode_case("per-chunk page ids Hq16/Hkv2 D128", make_config(16, 2, 128, 64, 32, 6), 25));
+  Case f = decode_case("per-chunk page ids fp8 Hq64/Hkv4 D128", make_config(64, 4, 128, 128, 32, 8), 26);
+  f.fp8 = true;
+  run_case(f);
+}
 TEST_P(PagedCudaIndex, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
   run_case(c, /*capture=*/true);
