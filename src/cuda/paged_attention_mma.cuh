@@ -55,7 +55,7 @@ constexpr std::size_t kMmaStaticSmem = 2 * sizeof(MmaKeyMeta) + 16;
 
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
 struct MmaSmem {
-  std::size_t q, tiles, raw, meta, ml, mask, list, pages, scales, bytes;
+  std::size_t q, tiles, raw, ml, mask, list, pages, scales, bytes;
 };
 __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 127) / 128 * 128; }
 // The 16-bit tiles are double-buffered unless both caches are FP8: then the copies land in the raw
@@ -71,10 +71,8 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8)) * 2 * kMmaKeys * D * 2;
   const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
   s.raw = s.tiles + mma_align(tile_bytes > combine_bytes ? tile_bytes : combine_bytes);
-  // [stage][K, V][key][D] FP8
-  // The two stages' MmaKeyMeta are static shared memory (see the kernel), not carved from here.
-  s.meta = s.raw + (k_fp8 || v_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);
-  s.ml = s.meta;
+  // FP8 raw stages [stage][K, V][key][D]. (The two stages' MmaKeyMeta are static shared memory.)
+  s.ml = s.raw + (k_fp8 || v_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
@@ -91,17 +89,12 @@ inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool 
   return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8, stage_pages).bytes;
 }
 
-// Eight dequantised FP8 values packed as T.
+// Eight FP8 codes widened exactly to T (no scale: the page scales go on S and P).
 template <class T>
-__device__ __forceinline__ uint4 fp8x8_to(const unsigned char* raw, float scale) {
-  float x[8];
-  load8_fp8(raw, scale, x);
-  uint4 u;
-  u.x = mma::Elem<T>::pack(x[0], x[1]);
-  u.y = mma::Elem<T>::pack(x[2], x[3]);
-  u.z = mma::Elem<T>::pack(x[4], x[5]);
-  u.w = mma::Elem<T>::pack(x[6], x[7]);
-  return u;
+__device__ __forceinline__ uint4 fp8x8_widen(const unsigned char* raw) {
+  const uint2 c = *reinterpret_cast<const uint2*>(raw);
+  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&c);
+  return make_uint4(fp8x2_to_pair<T>(p[0]), fp8x2_to_pair<T>(p[1]), fp8x2_to_pair<T>(p[2]), fp8x2_to_pair<T>(p[3]));
 }
 
 // One warp's share of a staged chunk: keys [kbase, kbase + KS) against its m-tile's 16 rows.
@@ -368,8 +361,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         const int key = t / kV8 + i * (kThreads / kV8);
         const unsigned char* raw = sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16;
         uint16_t* dst = sT + ((one_tile_stage ? 0 : st) * 2 + kvi) * kTile;
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_to<T>(raw, 1.f);
-        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_to<T>(raw + 8, 1.f);
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_widen<T>(raw);
+        *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_widen<T>(raw + 8);
       }
     }
   };

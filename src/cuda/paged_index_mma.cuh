@@ -32,6 +32,7 @@
 #include "cuda/paged_index.cuh"
 #include "cuda/paged_index_stream.cuh"  // kStreamMaxQueries
 #include "cuda/paged_layout.h"
+#include "cuda/paged_load.cuh"  // fp8x2_to_pair
 #include "cuda/paged_tile.cuh"
 #include "msa/rules.h"
 
@@ -39,21 +40,6 @@ namespace msa {
 namespace detail {
 namespace cuda {
 namespace paged {
-
-// Two E4M3 codes as a packed pair of T (exact: E4M3 -> half is exact, and every E4M3 value is a bf16).
-template <class T>
-__device__ __forceinline__ uint32_t fp8x2_to_pair(__nv_fp8x2_storage_t codes);
-template <>
-__device__ __forceinline__ uint32_t fp8x2_to_pair<__half>(__nv_fp8x2_storage_t codes) {
-  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
-  return uint32_t(r.x) | (uint32_t(r.y) << 16);
-}
-template <>
-__device__ __forceinline__ uint32_t fp8x2_to_pair<__nv_bfloat16>(__nv_fp8x2_storage_t codes) {
-  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r));
-  return mma::Elem<__nv_bfloat16>::pack(f.x, f.y);
-}
 
 // The shape of one instance: E elements per 16-byte chunk, kCpr chunks per lane and key row
 // (Di = 4 * E * kCpr), kNT n-tiles of 8 rows per pass over the block, kTiles 16-key tiles loaded

@@ -104,6 +104,23 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 
+// Two E4M3 codes as a packed pair of T (exact: E4M3 -> half is exact, and every E4M3 value is a bf16):
+// the tensor-core kernels' operands for FP8 caches, widened without their page scale.
+template <class T>
+__device__ __forceinline__ uint32_t fp8x2_to_pair(__nv_fp8x2_storage_t codes);
+template <>
+__device__ __forceinline__ uint32_t fp8x2_to_pair<__half>(__nv_fp8x2_storage_t codes) {
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
+  return uint32_t(r.x) | (uint32_t(r.y) << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t fp8x2_to_pair<__nv_bfloat16>(__nv_fp8x2_storage_t codes) {
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r));
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+
 }  // namespace paged
 }  // namespace cuda
 }  // namespace detail
