@@ -63,6 +63,15 @@ bool paged_mma_requested() {
   return e == nullptr || std::string(e) != "ffma";
 }
 
+// CTAs of the mma attention (launch bound: 2) that fit on an SM with `bytes` of shared memory each.
+int mma_ctas_per_sm(std::size_t bytes) {
+  int dev = 0, per_sm = 0, reserved = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  return int(std::min<std::size_t>(2, std::size_t(per_sm) / (bytes + std::size_t(reserved))));
+}
+
 // MSA_PAGED_ATTENTION_STAGE_PAGES=0 makes the mma attention read page ids per chunk (the path very
 // long requests take when staging them does not fit), so tests can run it at small sizes.
 bool paged_stage_pages_requested() {
@@ -235,10 +244,14 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
       // request; past what the device has (FP8 near 1M tokens), chunks read the page table instead.
       aa.stage_pages = paged_stage_pages_requested() ? 1 : 0;
       std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, true);
+      // Staging must not cost occupancy either: at 512K (bf16) it dropped the kernel from two CTAs
+      // per SM to one and the attention took 1.6x as long on the H200.
       const std::size_t smem_max = std::size_t(max_smem_per_block());
-      if (!aa.stage_pages || msmem + kMmaStaticSmem > smem_max) {
+      const std::size_t without = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, false);
+      if (!aa.stage_pages || msmem + kMmaStaticSmem > smem_max ||
+          mma_ctas_per_sm(msmem + kMmaStaticSmem) < mma_ctas_per_sm(without + kMmaStaticSmem)) {
         aa.stage_pages = 0;
-        msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, false);
+        msmem = without;
       }
       if (msmem + kMmaStaticSmem > smem_max)
         throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(msmem + kMmaStaticSmem) +
