@@ -1,8 +1,8 @@
 // CUDA paged_run: (1) block scores (paged_index_mma.cuh, paged_index_stream.cuh or
 // paged_index.cuh), (2) top-k selection with the contiguous index branch's select kernel
 // (index_select.cuh), (3) sparse or dense attention (paged_attention_mma.cuh or paged_attention.cuh),
-// (4) the LSE merge of key splits. Grids come from the plan's host maxima (paged_layout.h); every length is read on the
-// device, nothing is allocated or synchronised: the call is graph capturable.
+// (4) the LSE merge of key splits. Grids come from the plan's host maxima (paged_layout.h); every
+// length is read on the device, nothing is allocated or synchronised: the call is graph capturable.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -77,6 +77,25 @@ int mma_ctas_per_sm(std::size_t bytes) {
 bool paged_stage_pages_requested() {
   const char* e = std::getenv("MSA_PAGED_ATTENTION_STAGE_PAGES");
   return e == nullptr || std::string(e) != "0";
+}
+
+// Dynamic shared memory of the mma attention for `a`, deciding a.stage_pages: staging the split's page
+// ids costs 4 (FP8: 12) bytes per block of the longest request, so it is dropped where it does not fit
+// (FP8 near 1M tokens) or would cost a CTA per SM (bf16 at 512K: 1.6x the attention time on the H200).
+template <int D>
+std::size_t mma_attention_smem(paged::AttentionArgs& a) {
+  using namespace paged;
+  const std::size_t smem_max = std::size_t(max_smem_per_block());
+  const std::size_t with = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, true);
+  const std::size_t without = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, false);
+  const bool stage = paged_stage_pages_requested() && with + kMmaStaticSmem <= smem_max &&
+                     mma_ctas_per_sm(with + kMmaStaticSmem) >= mma_ctas_per_sm(without + kMmaStaticSmem);
+  a.stage_pages = stage ? 1 : 0;
+  const std::size_t bytes = stage ? with : without;
+  if (bytes + kMmaStaticSmem > smem_max)
+    throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(bytes + kMmaStaticSmem) +
+                            " bytes of shared memory, more than the device has per block");
+  return bytes;
 }
 
 template <class T>
@@ -238,24 +257,9 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   bool launched = false;
-  if constexpr (sizeof(T) == 2) {  // opt-in tensor-core kernel (paged_attention_mma.cuh), 16-bit only
+  if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (paged_mma_requested()) {
-      // Staging the split's page ids costs 4 (FP8: 12) bytes of shared memory per block of the longest
-      // request; past what the device has (FP8 near 1M tokens), chunks read the page table instead.
-      aa.stage_pages = paged_stage_pages_requested() ? 1 : 0;
-      std::size_t msmem = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, true);
-      // Staging must not cost occupancy either: at 512K (bf16) it dropped the kernel from two CTAs
-      // per SM to one and the attention took 1.6x as long on the H200.
-      const std::size_t smem_max = std::size_t(max_smem_per_block());
-      const std::size_t without = attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.k_fp8, aa.v_fp8, false);
-      if (!aa.stage_pages || msmem + kMmaStaticSmem > smem_max ||
-          mma_ctas_per_sm(msmem + kMmaStaticSmem) < mma_ctas_per_sm(without + kMmaStaticSmem)) {
-        aa.stage_pages = 0;
-        msmem = without;
-      }
-      if (msmem + kMmaStaticSmem > smem_max)
-        throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(msmem + kMmaStaticSmem) +
-                                " bytes of shared memory, more than the device has per block");
+      const std::size_t msmem = mma_attention_smem<D>(aa);
       if (aa.k_fp8 || aa.v_fp8) {
         static std::size_t mma_fp8_allowed = 0;
         allow_smem(attention_mma_kernel<T, D, true>, msmem, "attention (mma)", mma_fp8_allowed);
