@@ -19,6 +19,7 @@
 
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
+#include "cuda/key_splits.h"
 #include "cuda/attention_block_union.cuh"
 #include "cuda/sequence_of_row.cuh"
 #include "msa/rules.h"
@@ -389,12 +390,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
     list_begin = p.list_begin[list];
     num_tiles = p.list_end[list] - list_begin;
   }
-  if (p.key_splits > 1) {  // this CTA's share of the list (hot blocks: every query's tile)
-    const int64_t per = (num_tiles + p.key_splits - 1) / p.key_splits;
-    const int64_t u0 = per * split < num_tiles ? per * split : num_tiles;
-    num_tiles = (u0 + per < num_tiles ? u0 + per : num_tiles) - u0;
-    list_begin += u0;
-  }
+  // This CTA's share of the list (hot blocks: every query's tile).
+  key_split_share(list_begin, num_tiles, p.key_splits, split);
   auto tile_at = [&](int64_t u) -> int64_t {
     return dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
   };

@@ -1,7 +1,9 @@
-// How many CTAs share one key tile in the key-major backward kernels (attention dK/dV, KL dki).
+// How many CTAs share one key tile in the key-major backward kernels (attention dK/dV, KL dki), and
+// which part of the tile's list each takes. CUDA sources only (host and device).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace msa {
 namespace detail {
@@ -18,6 +20,16 @@ inline int key_splits_within(std::size_t bytes_per_split) {
   if (bytes_per_split == 0) return 1;
   const std::size_t fit = kKeySplitPartialBudget / bytes_per_split;
   return int(fit < 1 ? 1 : fit > std::size_t(kMaxKeySplits) ? std::size_t(kMaxKeySplits) : fit);
+}
+
+// Split `split` of `splits`' share of a key tile's list [begin, begin + count): equal shares in list
+// order, the last ones possibly short or empty. Narrows begin and count in place.
+__host__ __device__ inline void key_split_share(int64_t& begin, int64_t& count, int splits, int split) {
+  if (splits <= 1) return;
+  const int64_t per = (count + splits - 1) / splits;
+  const int64_t u0 = per * split < count ? per * split : count;
+  count = (u0 + per < count ? u0 + per : count) - u0;
+  begin += u0;
 }
 
 }  // namespace cuda

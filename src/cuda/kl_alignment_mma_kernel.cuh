@@ -28,6 +28,7 @@
 #include "cuda/attention_block_union.cuh"
 #include "cuda/attention_forward_kernel.cuh"  // kAttnRows, kAttnKeys, kAttnThreads, swz, load_tile
 #include "cuda/attention_mma.cuh"
+#include "cuda/key_splits.h"
 #include "msa/rules.h"
 
 namespace msa {
@@ -531,12 +532,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       list_begin = p.list_begin[list];
       num_tiles = p.list_end[list] - list_begin;
     }
-    if (p.key_splits > 1) {  // this CTA's share of the list
-      const int64_t per = (num_tiles + p.key_splits - 1) / p.key_splits;
-      const int64_t u0 = per * blockIdx.z < num_tiles ? per * blockIdx.z : num_tiles;
-      num_tiles = (u0 + per < num_tiles ? u0 + per : num_tiles) - u0;
-      list_begin += u0;
-    }
+    key_split_share(list_begin, num_tiles, p.key_splits, int(blockIdx.z));  // this CTA's share
     if (num_tiles == 0) continue;
     __syncthreads();  // the previous group's last tile is done with s.k and every stage
     load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
