@@ -1,7 +1,7 @@
 // Host side of the CUDA attention backward (sparse over topk, or dense causal when topk is
 // undefined): checks what the kernels need beyond the common validation, plans the workspace, builds
-// the key -> query-tile lists on the device (entries, CUB radix sort, unique, ranges: no host round
-// trip) and launches the delta, dQ and dK/dV kernels (attention_backward_kernel.cuh).
+// the key -> query lists on the device (key_query_lists.cuh: no host round trip) and launches the
+// delta, dQ and dK/dV kernels (attention_backward_kernel.cuh).
 //
 // Every launch is deterministic (no floating-point atomics, fixed accumulation orders), so results
 // are bitwise identical run to run whatever Context::deterministic says.
@@ -10,11 +10,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_select.cuh>
-
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -23,7 +22,9 @@
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
+#include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
+#include "cuda/query_partials.cuh"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 
@@ -33,9 +34,7 @@ namespace cuda {
 
 namespace {
 
-using u64 = unsigned long long;
-
-// CTAs per key tile of the dK/dV kernel: key_splits_within (workspace.cuh) over its partials
+// CTAs per key tile of the dK/dV kernel: key_splits_within (key_splits.h) over its partials
 // (total_k x Hkv x 2D floats a split), and at most 65535 in grid z with the sequences.
 int dkdv_key_splits(const Problem& p) {
   const int splits =
@@ -43,32 +42,34 @@ int dkdv_key_splits(const Problem& p) {
   return std::max(1, std::min(splits, 65535 / std::max(1, p.batch)));
 }
 
-// Workspace plan: delta, the dK/dV split partials (key_splits > 1), then (sparse) the list entries
-// twice (unsorted, sorted), the unique count, CUB's temporary storage and the list ranges.
+// dQ from partials written by the dK/dV kernel (sparse, where they fit), or by the query-major dQ
+// kernel over the forward's tile unions: its memory does not grow with k, and MSA_ATTENTION_DQ=tiles
+// forces it (tests use that to cover both).
+bool dq_from_partials(const Problem& p, bool sparse) {
+  if (!sparse || !query_partials_fit(p.total_q, p.cfg.num_q_heads, p.cfg.topk, p.cfg.block_size, p.cfg.head_dim))
+    return false;
+  const char* e = std::getenv("MSA_ATTENTION_DQ");
+  return e == nullptr || std::string(e) != "tiles";
+}
+
+// Workspace plan: delta, the dK/dV split partials (key_splits > 1), then (sparse) the key -> query
+// lists and, where they fit, the dQ partials.
 struct BackwardLayout {
-  int64_t num_entries = 0;    // list entries (sparse)
-  int64_t num_list_blocks = 0;
   int key_splits = 1;
-  std::size_t cub_bytes = 0;
+  bool dq_partials = false;
   std::size_t total = 0;
 
-  BackwardLayout(const Problem& p, bool sparse) : key_splits(dkdv_key_splits(p)) {
+  BackwardLayout(const Problem& p, const KeyQueryListPlan* lists)
+      : key_splits(dkdv_key_splits(p)),
+        dq_partials(dq_from_partials(p, lists != nullptr)) {
     total = align_up(std::size_t(p.total_q) * p.cfg.num_q_heads * sizeof(float)) +
-            align_up(partial_floats(p) * sizeof(float));
-    if (!sparse) return;
-    num_entries = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk *
-                  tiles_per_query_span(p.cfg.group_size());
-    num_list_blocks = p.total_k / p.cfg.block_size + p.batch + 1;
-    std::size_t sort_bytes = 0, unique_bytes = 0;
-    const int n = int(num_entries);
-    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, static_cast<const u64*>(nullptr),
-                                                  static_cast<u64*>(nullptr), n));
-    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(nullptr, unique_bytes, static_cast<const u64*>(nullptr),
-                                             static_cast<u64*>(nullptr), static_cast<int*>(nullptr), n));
-    cub_bytes = std::max(sort_bytes, unique_bytes);
-    const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(num_list_blocks);
-    total += 2 * align_up(std::size_t(num_entries) * sizeof(u64)) + align_up(sizeof(int)) +
-             align_up(cub_bytes) + 2 * align_up(lists * sizeof(int));
+            align_up(partial_floats(p) * sizeof(float)) + (lists ? lists->bytes() : 0) +
+            align_up(dq_partial_floats(p) * sizeof(float));
+  }
+  std::size_t dq_partial_floats(const Problem& p) const {
+    return dq_partials ? std::size_t(p.total_q) * p.cfg.num_q_heads *
+                             partials_per_row(p.cfg.topk, p.cfg.block_size) * std::size_t(p.cfg.head_dim)
+                       : 0;
   }
   std::size_t partial_floats(const Problem& p) const {
     return key_splits > 1 ? std::size_t(key_splits) * std::size_t(p.total_k) * p.cfg.num_kv_heads * 2 *
@@ -88,7 +89,8 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
 
   const int64_t q_tiles = (int64_t(max_q) * a.group_size + kAttnRows - 1) / kAttnRows;
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
-  if (q_tiles > 0) {
+  const bool dq_partials = a.dq_part != nullptr;
+  if (q_tiles > 0 && !dq_partials) {
   const std::size_t dq_smem = BackwardSmem<D>::dq_bytes(a.bitmap_words, a.union_cap);
   allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dq_kernel<T, D>), dq_smem, "attention backward");
   attention_backward_dq_kernel<T, D>
@@ -99,17 +101,24 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
 
   const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   if (k_tiles == 0) return;
-  const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes();
-  allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D>), kv_smem,
-                     "attention backward");
-  attention_backward_dkdv_kernel<T, D>
-      <<<dim3(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits)), kAttnThreads,
-         kv_smem, stream>>>(a);
+  const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes(dq_partials);
+  const void* dkdv = dq_partials ? reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, true>)
+                                 : reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, false>);
+  allow_dynamic_smem(dkdv, kv_smem, "attention backward");
+  const dim3 grid(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits));
+  if (dq_partials)
+    attention_backward_dkdv_kernel<T, D, true><<<grid, kAttnThreads, kv_smem, stream>>>(a);
+  else
+    attention_backward_dkdv_kernel<T, D, false><<<grid, kAttnThreads, kv_smem, stream>>>(a);
   MSA_CUDA_CHECK_LAUNCH();
   if (a.key_splits > 1) {
     const int64_t n = p.total_k * p.cfg.num_kv_heads * 2 * D;
-    const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
-    attention_backward_dkdv_reduce_kernel<T, D><<<grid, 256, 0, stream>>>(a);
+    const unsigned rgrid = unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
+    attention_backward_dkdv_reduce_kernel<T, D><<<rgrid, 256, 0, stream>>>(a);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
+  if (dq_partials && rows > 0) {
+    attention_backward_dq_reduce_kernel<T, D><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, p.batch, rows);
     MSA_CUDA_CHECK_LAUNCH();
   }
 }
@@ -117,7 +126,9 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
 }  // namespace
 
 std::size_t attention_backward_workspace_bytes(const Problem& p, bool sparse) {
-  return BackwardLayout(p, sparse).total;
+  if (!sparse) return BackwardLayout(p, nullptr).total;
+  const KeyQueryListPlan lists(p, "attention backward");
+  return BackwardLayout(p, &lists).total;
 }
 
 void attention_backward(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -143,11 +154,9 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
   const int64_t D = p.cfg.head_dim;
   if (max_k == 0) return;  // no key: dq has no row either (Lk >= Lq)
 
-  const BackwardLayout lay(p, sparse);
-  MSA_CHECK_ARG(lay.num_entries < (int64_t(1) << 31), "topk",
-                "too many (group, query, slot) entries for the CUDA attention backward");
-  MSA_CHECK_ARG(uint64_t(p.cfg.num_kv_heads) * uint64_t(lay.num_list_blocks) < 0xffffffffull, "k",
-                "too many key blocks for the CUDA attention backward");
+  std::unique_ptr<KeyQueryListPlan> list_plan;
+  if (sparse) list_plan = std::make_unique<KeyQueryListPlan>(p, "attention backward");
+  const BackwardLayout lay(p, list_plan.get());
   ScratchArena arena(ctx, lay.total);
 
   BackwardParams a{};
@@ -167,38 +176,14 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
   a.dv_s0 = dv.stride[0], a.dv_s1 = dv.stride[1];
   a.num_q_heads = p.cfg.num_q_heads;
   a.scale_log2 = a.scale * kLog2e;
-  a.num_list_blocks = lay.num_list_blocks;
 
   if (sparse) {
     set_union_capacity(a, max_k, kAttnRows, p.cfg);  // as the forward's HMMA tiles
-
-    u64* entries = arena.take<u64>(std::size_t(lay.num_entries));
-    u64* sorted = arena.take<u64>(std::size_t(lay.num_entries));
-    int* num_unique = arena.take<int>(1);
-    void* cub_tmp = arena.take<unsigned char>(lay.cub_bytes);
-    const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(lay.num_list_blocks);
-    int* begin = arena.take<int>(lists);
-    int* end = arena.take<int>(lists);
-    const int n = int(lay.num_entries);
-    MSA_CUDA_CHECK(cudaMemsetAsync(begin, 0, lists * sizeof(int), stream));
-    MSA_CUDA_CHECK(cudaMemsetAsync(end, 0, lists * sizeof(int), stream));
-    if (n > 0) {
-    const int64_t slots = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk;
-    const unsigned grid = unsigned(std::min<int64_t>((slots + 255) / 256, 65535));
-    attention_backward_list_entries_kernel<<<grid, 256, 0, stream>>>(a, p.batch, p.total_q,
-                                                                      p.cfg.num_kv_heads, entries);
-    MSA_CUDA_CHECK_LAUNCH();
-    std::size_t tmp = lay.cub_bytes;
-    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(cub_tmp, tmp, entries, sorted, n, 0, 64, stream));
-    tmp = lay.cub_bytes;
-    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(cub_tmp, tmp, sorted, entries, num_unique, n, stream));
-    const unsigned rgrid = unsigned(std::min<int64_t>((lay.num_entries + 255) / 256, 65535));
-    attention_backward_list_ranges_kernel<<<rgrid, 256, 0, stream>>>(entries, num_unique, begin, end);
-    MSA_CUDA_CHECK_LAUNCH();
+    a.lists = list_plan->build(p, a.topk, a.topk_s0, a.topk_s1, arena, stream);
+    if (lay.dq_partials) {
+      a.dq_part = arena.take<float>(lay.dq_partial_floats(p));
+      a.dq_partials_per_row = partials_per_row(p.cfg.topk, p.cfg.block_size);
     }
-    a.lists = entries;
-    a.list_begin = begin;
-    a.list_end = end;
   }
 
   if (p.dtype == DType::bf16) {

@@ -5,8 +5,9 @@
 //      same union of selected blocks (attention_block_union.cuh), recompute P = exp(scale QK^T - lse),
 //      dP = dO V^T, dS = P (dP - delta) and keep dQ = scale dS K in registers; written once.
 //   3. dK, dV, key-major: a CTA owns 64 keys of one group and loops, in ascending order, over the
-//      query tiles whose queries selected the keys' block (the key -> query-tile lists, built on the
-//      device by attention_backward.cu), accumulating dV = P^T dO and dK = scale dS^T Q in registers.
+//      queries that selected the keys' block (key_query_lists.cuh), gathered 64 / G at a time into
+//      tiles of rows that all use the block, accumulating dV = P^T dO and dK = scale dS^T Q in
+//      registers.
 // Fragment layouts mirror the forward (attention_forward_kernel.cuh): A operands from registers or
 // ldmatrix of a swizzled row-major tile, B operands by ldmatrix (non-transposed for a product with
 // the tile's rows as n, transposed for the tile's rows as k).
@@ -19,9 +20,11 @@
 
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
+#include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
-#include "cuda/attention_block_union.cuh"
 #include "cuda/sequence_of_row.cuh"
+#include "cuda/query_partials.cuh"
+#include "cuda/attention_block_union.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -39,15 +42,14 @@ struct BackwardParams {
   void* dk;
   void* dv;
   float* delta;         // [total_q, Hq] workspace
+  // Sparse, when they fit (query_partials.cuh): the dK/dV kernel also writes dQ / scale per
+  // (query, head, slot part) and attention_backward_dq_reduce_kernel sums them (no dQ kernel).
+  float* dq_part;
+  int dq_partials_per_row;
   const int32_t* topk;  // nullptr: dense causal
   const int32_t* cu_q;
   const int32_t* cu_k;
-  // Key -> query-tile lists (sparse only): sorted unique keys (list id << 32 | query tile) and, per
-  // list id = g * num_list_blocks + global block, the range [begin, end) of its entries.
-  const unsigned long long* lists;
-  const int* list_begin;
-  const int* list_end;
-  int64_t num_list_blocks;
+  KeyQueryLists lists;  // sparse only: the queries that selected each (group, key block)
   int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1, o_s0, o_s1, do_s0, do_s1, lse_s0, lse_s1;
   int64_t dq_s0, dq_s1, dk_s0, dk_s1, dv_s0, dv_s1, topk_s0, topk_s1;
   int num_q_heads;
@@ -69,13 +71,6 @@ struct BackwardParams {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Global id of block j of a sequence whose keys start at packed row k_begin: k_begin / B + b + j is
-// unique across the batch (sequence b has at most floor((k_begin + Lk) / B) - floor(k_begin / B) + 1
-// blocks) and below total_k / B + batch + 1.
-__host__ __device__ __forceinline__ int64_t global_block(int64_t k_begin, int b, int64_t j, int B) {
-  return k_begin / B + b + j;
-}
-
 // 1. delta[row, head] = sum_d dout * out (one warp per (row, head)).
 template <class T, int D>
 __global__ void __launch_bounds__(128) attention_backward_delta_kernel(const BackwardParams p,
@@ -94,49 +89,6 @@ __global__ void __launch_bounds__(128) attention_backward_delta_kernel(const Bac
   if (lane == 0) p.delta[r] = acc;
 }
 
-// --- Key -> query-tile lists (sparse). One entry per (group, valid id, query tile the query's rows
-// fall in); sorting and deduplicating gives each list its tiles in ascending order, whatever order
-// the entries were written in, so the dK/dV accumulation order is fixed.
-__host__ __device__ __forceinline__ int tiles_per_query_span(int G) { return (G - 1) / kAttnRows + 2; }
-
-static __global__ void attention_backward_list_entries_kernel(const BackwardParams p, int batch,
-                                                       int64_t total_q, int num_kv_heads,
-                                                       unsigned long long* entries) {
-  const int span = tiles_per_query_span(p.group_size);
-  const int64_t n = int64_t(num_kv_heads) * total_q * p.topk_k;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int slot = int(e % p.topk_k);
-    const int64_t row = (e / p.topk_k) % total_q;
-    const int g = int(e / (int64_t(p.topk_k) * total_q));
-    unsigned long long* out = entries + e * span;
-    for (int s = 0; s < span; ++s) out[s] = ~0ull;
-    const int b = sequence_of_row(p.cu_q, batch, row);
-    const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
-    const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
-    const int64_t i = row - q_begin;
-    const int id = p.topk[int64_t(g) * p.topk_s0 + row * p.topk_s1 + slot];
-    if (id < 0 || id > rules::local_block(rules::query_position(lq, lk, i), p.block_size)) continue;
-    const unsigned long long list =
-        static_cast<unsigned long long>(g) * p.num_list_blocks + global_block(k_begin, b, id, p.block_size);
-    const int64_t t_lo = i * p.group_size / kAttnRows;
-    const int64_t t_hi = (i * p.group_size + p.group_size - 1) / kAttnRows;
-    for (int64_t t = t_lo; t <= t_hi; ++t) out[t - t_lo] = (list << 32) | static_cast<unsigned long long>(t);
-  }
-}
-
-// Range of each list in the sorted, deduplicated entries (lists absent from it keep [0, 0)).
-static __global__ void attention_backward_list_ranges_kernel(const unsigned long long* keys,
-                                                      const int* num_keys, int* begin, int* end) {
-  const int n = *num_keys;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const unsigned long long list = keys[i] >> 32;
-    if (list == 0xffffffffull) continue;  // the unused-entry sentinel
-    if (i == 0 || (keys[i - 1] >> 32) != list) begin[list] = i;
-    if (i == n - 1 || (keys[i + 1] >> 32) != list) end[list] = i + 1;
-  }
-}
-
 template <int D>
 struct BackwardSmem {
   static constexpr int kTileElems = kAttnRows * D;
@@ -146,9 +98,14 @@ struct BackwardSmem {
   static std::size_t dq_bytes(int bitmap_words, int union_cap) {
     return kFixedBytes + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
-  // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse * log2 e, delta.
-  static constexpr std::size_t kRowMetaBytes = 2 * 3 * kAttnRows * 8;
-  static constexpr std::size_t dkdv_bytes() { return kFixedBytes + kRowMetaBytes; }
+  // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse * log2 e, delta;
+  // with dQ partials also per stage and row the partial's index, and dS of each 32-row half.
+  static constexpr std::size_t kRowMetaBytes = 2 * 3 * kAttnRows * 4;
+  static constexpr std::size_t kPartIndexBytes = 2 * kAttnRows * 8;
+  static constexpr std::size_t kDsBytes = 2 * 32 * kAttnKeys * 2;
+  static constexpr std::size_t dkdv_bytes(bool dq_partials) {
+    return kFixedBytes + kRowMetaBytes + (dq_partials ? kPartIndexBytes + kDsBytes : 0);
+  }
 };
 
 // 2. dQ: one CTA per forward tile.
@@ -353,7 +310,9 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
 }
 
 // 3. dK, dV: one CTA per 64 keys of one group; warp w owns keys w*16 .. w*16+15 as the M dimension.
-template <class T, int D>
+// kDqPartials: also dQ's share of these keys for every gathered row, through shared memory (dS is
+// spread over the warps by key), written as that row's partial.
+template <class T, int D, bool kDqPartials>
 __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kernel(const BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr int kTile = BackwardSmem<D>::kTileElems;
@@ -364,6 +323,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   int* s_lim = reinterpret_cast<int*>(smem_raw + BackwardSmem<D>::kFixedBytes);  // [2][64]
   float* s_lse2 = reinterpret_cast<float*>(s_lim + 2 * kAttnRows);                       // [2][64]
   float* s_delta = s_lse2 + 2 * kAttnRows;                                               // [2][64]
+  int64_t* s_part = reinterpret_cast<int64_t*>(s_delta + 2 * kAttnRows);                  // [2][64]
+  uint16_t* sDs = reinterpret_cast<uint16_t*>(s_part + 2 * kAttnRows);                    // [2][32][64]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = int(blockIdx.z) / p.key_splits, split = int(blockIdx.z) % p.key_splits, g = blockIdx.y;
@@ -372,29 +333,9 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
   const int64_t ks = int64_t(blockIdx.x) * kAttnKeys;
   if (ks >= lk) return;
-  const int64_t rows_total = lq * G;
   const int64_t block = rules::block_of(ks, B);
-  const bool dense = p.topk == nullptr;
-
-  // Query tiles to visit, ascending: dense, every tile holding a query at position >= ks; sparse,
-  // the key -> query-tile list of (group, block).
-  int64_t list_begin = 0, num_tiles = 0;
-  if (dense) {
-    const int64_t first_q = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
-    if (first_q < lq) {
-      list_begin = first_q * G / kAttnRows;
-      num_tiles = (rows_total + kAttnRows - 1) / kAttnRows - list_begin;
-    }
-  } else {
-    const int64_t list = int64_t(g) * p.num_list_blocks + global_block(k_begin, b, block, B);
-    list_begin = p.list_begin[list];
-    num_tiles = p.list_end[list] - list_begin;
-  }
-  // This CTA's share of the list (hot blocks: every query's tile).
-  key_split_share(list_begin, num_tiles, p.key_splits, split);
-  auto tile_at = [&](int64_t u) -> int64_t {
-    return dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
-  };
+  const GatheredWalk walk(p.lists, p.topk == nullptr, G, g, b, k_begin, ks, lq, lk, B, p.key_splits, split);
+  const int64_t num_tiles = walk.num_tiles();
 
   const uint16_t* q = static_cast<const uint16_t*>(p.q);
   const uint16_t* dout = static_cast<const uint16_t*>(p.dout);
@@ -411,40 +352,43 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   });
   mma::cp_async_commit();
 
-  // Loads query tile u into `stage`: Q and dO rows by cp.async, and per row the last key offset in
-  // this key tile it may see (-1: padding row, or its query did not select the block; 32-bit to keep
+  // Loads tile u into `stage`: its Q and dO rows by cp.async, and per row the last key offset in this
+  // key tile it may see (-1: padding row, or its query's position is before the tile; 32-bit to keep
   // registers for the accumulators), lse and delta.
   auto load_q = [&](int64_t u, int stage) {
-    const int64_t f0 = tile_at(u) * kAttnRows;
-    load_tile<D>(sQ + stage * kTile, q, [&](int r) -> const uint16_t* {
-      const int64_t f = f0 + r;
-      if (f >= rows_total) return nullptr;
-      return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
-    });
-    load_tile<D>(sdO + stage * kTile, dout, [&](int r) -> const uint16_t* {
-      const int64_t f = f0 + r;
-      if (f >= rows_total) return nullptr;
-      return dout + (q_begin + f / G) * p.do_s0 + (int64_t(g) * G + f % G) * p.do_s1;
-    });
+    constexpr int kChunks = D / 8;
+#pragma unroll
+    for (int m = 0; m < kAttnRows * kChunks / kAttnThreads; ++m) {
+      const int i = tid + m * kAttnThreads, r = i / kChunks, c = i % kChunks;
+      int head;
+      const int64_t qi = walk.row_query(u, r, head);
+      const int64_t hq = int64_t(g) * G + head;
+      const uint16_t* qs = qi < 0 ? q : q + (q_begin + qi) * p.q_s0 + hq * p.q_s1 + c * 8;
+      const uint16_t* ds = qi < 0 ? dout : dout + (q_begin + qi) * p.do_s0 + hq * p.do_s1 + c * 8;
+      mma::cp_async_16(mma::smem_addr(sQ + stage * kTile + swz<D>(r, c * 8)), qs, qi < 0 ? 0 : 16);
+      mma::cp_async_16(mma::smem_addr(sdO + stage * kTile + swz<D>(r, c * 8)), ds, qi < 0 ? 0 : 16);
+    }
     if (tid < kAttnRows) {
-      const int64_t f = f0 + tid;
+      int head;
+      const int64_t i = walk.row_query(u, tid, head);
       int lim = -1;
       float l2 = 0.f, dl = 0.f;
-      if (f < rows_total) {
-        const int64_t i = f / G, row = q_begin + i, head = int64_t(g) * G + f % G;
+      int64_t part = -1;
+      if (i >= 0) {
+        const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
         const int64_t pos = rules::query_position(lq, lk, i);
-        bool selected = dense;
-        if (!dense) {
-          const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
-          for (int s = 0; s < p.topk_k; ++s) selected |= ids[s] == block;
-        }
-        // A selected block is 0..local by construction of the lists; the causal limit does the rest.
-        if (selected && rules::causally_visible(ks, pos)) {
+        // Every listed query selected the block (0..local by construction); the causal limit does
+        // the rest.
+        if (rules::causally_visible(ks, pos)) {
           lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          l2 = p.lse[row * p.lse_s0 + head * p.lse_s1] * kLog2e;
-          dl = p.delta[row * p.num_q_heads + head];
+          l2 = p.lse[row * p.lse_s0 + hq * p.lse_s1] * kLog2e;
+          dl = p.delta[row * p.num_q_heads + hq];
+          if constexpr (kDqPartials)
+            part = (row * p.num_q_heads + hq) * p.dq_partials_per_row +
+                   partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k, block, ks, B);
         }
       }
+      if constexpr (kDqPartials) s_part[stage * kAttnRows + tid] = part;
       s_lim[stage * kAttnRows + tid] = lim;
       s_lse2[stage * kAttnRows + tid] = l2;
       s_delta[stage * kAttnRows + tid] = dl;
@@ -517,6 +461,15 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
           dpt[n][e] = pr * (dpt[n][e] - dlt[col]);
         }
       }
+      uint16_t* tDs = sDs + half * 32 * kAttnKeys;
+      if constexpr (kDqPartials) {  // dS of these 32 rows as [row][key], 16-bit
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            tDs[swz<kAttnKeys>(n * 8 + (lane & 3) * 2 + (e & 1), key_row + 8 * (e >> 1))] =
+                uint16_t(mma::Elem<T>::pack(dpt[n][e], 0.f) & 0xffffu);
+      }
 
       // dV += P^T dO and dK += dS^T Q over these 32 rows (rows are the k dimension: transposed loads).
 #pragma unroll
@@ -541,6 +494,40 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
           mma::ldmatrix_x4_trans(mma::smem_addr(tQ + swz<D>(r, c)), b0, b1, b2, b3);
           mma::mma_16816<T>(dk[2 * dpair], ad, b0, b1);
           mma::mma_16816<T>(dk[2 * dpair + 1], ad, b2, b3);
+        }
+      }
+      if constexpr (kDqPartials) {
+        // dQ of these 32 rows against the 64 keys: warp w takes rows 16 (w & 1) .. + 15 and the
+        // columns of half w >> 1 of D; each row's share goes to its partial, written once.
+        __syncthreads();
+        const int mt = warp & 1, c0 = (warp >> 1) * (D / 2);
+        float dq[D / 16][4];
+#pragma unroll
+        for (int n = 0; n < D / 16; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+          uint32_t a[4];
+          {
+            const int r = mt * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+            mma::ldmatrix_x4(mma::smem_addr(tDs + swz<kAttnKeys>(r, c)), a[0], a[1], a[2], a[3]);
+          }
+#pragma unroll
+          for (int dpair = 0; dpair < D / 32; ++dpair) {
+            uint32_t b0, b1, b2, b3;
+            const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = c0 + dpair * 16 + (lane >> 4) * 8;
+            mma::ldmatrix_x4_trans(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
+            mma::mma_16816<T>(dq[2 * dpair], a, b0, b1);
+            mma::mma_16816<T>(dq[2 * dpair + 1], a, b2, b3);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t part = s_part[stage * kAttnRows + half * 32 + mt * 16 + (lane >> 2) + 8 * h];
+          if (part < 0) continue;
+          float* dst = p.dq_part + part * D + c0 + (lane & 3) * 2;
+#pragma unroll
+          for (int n = 0; n < D / 16; ++n)
+            *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dq[n][2 * h], dq[n][2 * h + 1]);
         }
       }
     }
@@ -588,6 +575,30 @@ __global__ void attention_backward_dkdv_reduce_kernel(const BackwardParams p) {
                    : static_cast<T*>(p.dv) + key * p.dv_s0 + int64_t(g) * p.dv_s1 + (e - D);
     *dst = mma::Elem<T>::from_float(sum);
   }
+}
+
+// dQ from the dK/dV kernel's partials: one warp per (query, head) row sums the partials that exist
+// (partial_used) in slot order, times the softmax scale.
+template <class T, int D>
+__global__ void __launch_bounds__(128) attention_backward_dq_reduce_kernel(const BackwardParams p, int batch,
+                                                                           int64_t total_rows) {
+  const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (r >= total_rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = r / p.num_q_heads, hq = r % p.num_q_heads;
+  const int g = int(hq / p.group_size);
+  const int b = sequence_of_row(p.cu_q, batch, row);
+  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
+  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+  float acc[D / 32];
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
+  sum_used_partials<D>(p.dq_part + r * p.dq_partials_per_row * D, ids, p.topk_k, p.block_size / kAttnKeys, pos,
+                       p.block_size, [](int) { return 1.f; }, acc);
+  T* dst = static_cast<T*>(p.dq) + row * p.dq_s0 + hq * p.dq_s1;
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * p.scale);
 }
 
 }  // namespace cuda

@@ -1,7 +1,14 @@
 // Host side of the CUDA attention forward (sparse over topk, or dense causal when topk is undefined):
-// checks what the kernel needs beyond the common validation, sizes the grid and shared memory, and
-// launches the wgmma kernel (attention_forward_wgmma.cuh) on sm_90 when it is compiled in, else (or
-// with MSA_ATTENTION_KERNEL=mma) attention_forward_kernel (attention_forward_kernel.cuh).
+// checks what the kernels need beyond the common validation, sizes grids and shared memory, and
+// launches one of
+//   - the query-major mma.sync kernel over tile unions (attention_forward_kernel.cuh), the default;
+//   - the key-major gathered kernel and its merge (attention_forward_gathered.cuh) with
+//     MSA_ATTENTION_KERNEL=gathered, sparse, where the per-row partials fit (query_partials.cuh);
+//   - the wgmma kernel (attention_forward_wgmma.cuh) with MSA_ATTENTION_KERNEL=wgmma on sm_90a.
+// The gathered kernel is not the default: it wins when neighbouring queries select unrelated blocks
+// (H100, bench/profile_layer.py, 32K, Hq 8 / Hkv 2 / D 64 / B 64, iid selections: 1.24 + 1.11 ms vs
+// 4.56 ms), but loses on the study model's selections (examples/msa_quality step at 32K: 102.2 vs
+// 94.5 ms), where its partials' traffic (4 KB per query head) outweighs the masked tile work.
 //
 // Known limitation: ids in topk outside [0, local block of their query] (other than -1) are skipped,
 // never read out of bounds and never reported; a duplicated id counts once.
@@ -9,17 +16,23 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <memory>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "cuda/attention_forward_gathered.cuh"
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_forward_wgmma.cuh"
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
+#include "cuda/key_query_lists.cuh"
+#include "cuda/key_splits.h"
+#include "cuda/query_partials.cuh"
+#include "cuda/workspace.cuh"
 #include "msa/error.h"
 
 namespace msa {
@@ -73,6 +86,50 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   MSA_CUDA_CHECK_LAUNCH();
 }
 
+// The key-major gathered kernel: sparse, requested, and its partials (D floats and an lse per
+// (row, slot part)) within budget. One rule for the workspace size and the launch.
+bool gathered_forward(const Problem& p, bool sparse) {
+  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
+  return sparse && e != nullptr && std::string(e) == "gathered" &&
+         query_partials_fit(p.total_q, p.cfg.num_q_heads, p.cfg.topk, p.cfg.block_size, p.cfg.head_dim + 1);
+}
+
+// Workspace of the gathered path: the key -> query lists, then the partials.
+struct GatheredForwardLayout {
+  KeyQueryListPlan lists;
+  std::size_t partials;  // (row, slot part) pairs
+  explicit GatheredForwardLayout(const Problem& p)
+      : lists(p, "attention forward"),
+        partials(std::size_t(p.total_q) * p.cfg.num_q_heads * partials_per_row(p.cfg.topk, p.cfg.block_size)) {}
+  std::size_t bytes(const Problem& p) const {
+    return lists.bytes() + align_up(partials * p.cfg.head_dim * sizeof(float)) + align_up(partials * sizeof(float));
+  }
+};
+
+template <class T, int D>
+void launch_gathered(const Problem& p, GatheredForwardParams& gp, int64_t max_k, ScratchArena& arena,
+                     const GatheredForwardLayout& lay, cudaStream_t stream) {
+  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
+  gp.lists = lay.lists.build(p, gp.a.topk, gp.a.topk_s0, gp.a.topk_s1, arena, stream);
+  gp.part_out = arena.take<float>(lay.partials * D);
+  gp.part_lse = arena.take<float>(lay.partials);
+  gp.partials_per_row = partials_per_row(p.cfg.topk, p.cfg.block_size);
+  gp.num_q_heads = p.cfg.num_q_heads;
+  gp.key_splits = std::max(1, std::min(kMaxKeySplits, 65535 / p.batch));
+  const int64_t k_tiles = (max_k + kAttnKeys - 1) / kAttnKeys;
+  if (k_tiles > 0) {
+    constexpr std::size_t smem = GatheredForwardSmem<D>::kBytes;
+    allow_dynamic_smem(reinterpret_cast<const void*>(attention_forward_gathered_kernel<T, D>), smem,
+                       "attention forward");
+    const dim3 grid(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * gp.key_splits));
+    attention_forward_gathered_kernel<T, D><<<grid, kAttnThreads, smem, stream>>>(gp);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
+  const int64_t rows = p.total_q * p.cfg.num_q_heads;
+  attention_forward_merge_kernel<T, D><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(gp, p.batch, rows);
+  MSA_CUDA_CHECK_LAUNCH();
+}
+
 template <class T>
 void launch_dim(const Problem& p, const AttentionParams& params, int max_q, bool use_wgmma, cudaStream_t stream) {
   if (use_wgmma) {
@@ -85,7 +142,9 @@ void launch_dim(const Problem& p, const AttentionParams& params, int max_q, bool
 
 }  // namespace
 
-std::size_t attention_forward_workspace_bytes(const Problem&) { return 0; }
+std::size_t attention_forward_workspace_bytes(const Problem& p, bool sparse) {
+  return gathered_forward(p, sparse) ? GatheredForwardLayout(p).bytes(p) : 0;
+}
 
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
                        const TensorView& topk, const TensorView& out, const TensorView& lse,
@@ -102,11 +161,21 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
   AttentionParams a{};
   set_shared_params(a, p, q, k, v, topk, out, lse);
   a.scale_log2 = a.scale * 1.4426950408889634f;
-  if (a.topk) {
-    // The longest sequence is bounded by total_k when the caller gave no max_seqlen_k.
-    const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
-    set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);
+  // The longest sequence is bounded by total_k when the caller gave no max_seqlen_k.
+  const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
+  if (!use_wgmma && gathered_forward(p, topk.defined())) {
+    const GatheredForwardLayout lay(p);
+    ScratchArena arena(ctx, lay.bytes(p));
+    GatheredForwardParams gp{};
+    gp.a = a;
+    if (p.dtype == DType::bf16) {
+      if (p.cfg.head_dim == 128) return launch_gathered<__nv_bfloat16, 128>(p, gp, max_k, arena, lay, stream);
+      return launch_gathered<__nv_bfloat16, 64>(p, gp, max_k, arena, lay, stream);
+    }
+    if (p.cfg.head_dim == 128) return launch_gathered<__half, 128>(p, gp, max_k, arena, lay, stream);
+    return launch_gathered<__half, 64>(p, gp, max_k, arena, lay, stream);
   }
+  if (a.topk) set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);
   const int max_q =
       max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q, p.varlen.host_cu_seqlens_q, stream);
   if (max_q == 0) return;

@@ -19,8 +19,8 @@ int device_count() {
 std::size_t workspace_bytes(Op op, const Problem& p, int /*num_threads*/) {
   switch (op) {
     case Op::index_topk: return index_topk_workspace_bytes(p);
-    case Op::sparse_forward:
-    case Op::dense_forward: return attention_forward_workspace_bytes(p);
+    case Op::sparse_forward: return attention_forward_workspace_bytes(p, true);
+    case Op::dense_forward: return attention_forward_workspace_bytes(p, false);
     case Op::sparse_backward: return attention_backward_workspace_bytes(p, true);
     case Op::dense_backward: return attention_backward_workspace_bytes(p, false);
     case Op::kl_alignment: return kl_alignment_workspace_bytes(p);

@@ -10,7 +10,7 @@ namespace detail {
 namespace cuda {
 
 std::size_t index_topk_workspace_bytes(const Problem& p);
-std::size_t attention_forward_workspace_bytes(const Problem& p);
+std::size_t attention_forward_workspace_bytes(const Problem& p, bool sparse);
 std::size_t attention_backward_workspace_bytes(const Problem& p, bool sparse);
 std::size_t kl_alignment_workspace_bytes(const Problem& p);
 

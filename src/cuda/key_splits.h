@@ -9,7 +9,7 @@ namespace msa {
 namespace detail {
 namespace cuda {
 
-// CTAs that share one key tile's query-tile list in the key-major backward kernels (attention dK/dV,
+// CTAs that share one key tile's query list in the key-major backward kernels (attention dK/dV,
 // KL dki): enough to cut the list of a block every query chose (block 0, the local blocks) into
 // shares near the average list, within a bound on their f32 partials (bytes_per_split each, summed
 // in split order afterwards: deterministic). A function of the problem alone, so the workspace size
@@ -23,10 +23,12 @@ inline int key_splits_within(std::size_t bytes_per_split) {
 }
 
 // Split `split` of `splits`' share of a key tile's list [begin, begin + count): equal shares in list
-// order, the last ones possibly short or empty. Narrows begin and count in place.
-__host__ __device__ inline void key_split_share(int64_t& begin, int64_t& count, int splits, int split) {
+// order, each a multiple of `granule` entries (the entries of one gathered tile) but the last ones,
+// which may be short or empty. Narrows begin and count in place.
+__host__ __device__ inline void key_split_share(int64_t& begin, int64_t& count, int splits, int split,
+                                                int granule = 1) {
   if (splits <= 1) return;
-  const int64_t per = (count + splits - 1) / splits;
+  const int64_t per = ((count + splits - 1) / splits + granule - 1) / granule * granule;
   const int64_t u0 = per * split < count ? per * split : count;
   count = (u0 + per < count ? u0 + per : count) - u0;
   begin += u0;

@@ -1,25 +1,26 @@
 // Host side of the tensor-core KL alignment (kl_alignment_mma_kernel.cuh): workspace plan, the
-// key -> query-tile lists (sparse; built exactly as the attention backward builds them, with its
-// list kernels, so both walk the same tiles), the query-major kernel (student LSE, loss parts, dqi),
+// key -> query lists (sparse; key_query_lists.cuh, as the attention backward), the query-major kernel (student LSE, loss parts, dqi),
 // the key-major kernel (dki) and the loss sum in a fixed order.
 // Ids outside [0, local block of their query] other than -1 are skipped, and a duplicated id counts
 // once, as in the CUDA attention forward and backward (the CPU backend rejects both).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_select.cuh>
-
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <string>
 
-#include "cuda/attention_backward_kernel.cuh"  // list kernels, tiles_per_query_span
+#include "cuda/attention_backward_kernel.cuh"  // kLog2e
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
+#include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
+#include "cuda/query_partials.cuh"
 #include "cuda/kl_alignment_mma.h"
 #include "cuda/kl_alignment_mma_kernel.cuh"
+#include "cuda/kl_student_lse.cuh"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 
@@ -29,40 +30,49 @@ namespace cuda {
 
 namespace {
 
-using u64 = unsigned long long;
-
 // CTAs per key tile of the key-major kernel (kl_alignment_mma_kernel.cuh): key_splits_within
 // (workspace.cuh) over its dki partials (total_k x Di floats a split).
 int kl_key_splits(const Problem& p) {
   return key_splits_within(std::size_t(p.total_k) * p.cfg.index_head_dim * sizeof(float));
 }
 
+// dqi and the loss from the key-major kernel (sparse, where the per-query partials fit), or from
+// walk 2 of the query-major kernel over tile unions (MSA_KL_KERNEL=tiles forces it; tests cover both).
+bool kl_dqi_from_partials(const Problem& p, bool sparse) {
+  if (!sparse ||
+      !query_partials_fit(p.total_q, p.cfg.num_kv_heads, p.cfg.topk, p.cfg.block_size, p.cfg.index_head_dim))
+    return false;
+  const char* e = std::getenv("MSA_KL_KERNEL");
+  return e == nullptr || std::string(e) != "tiles";
+}
+
 // Workspace: student LSE and loss parts per (query, group), the key-major kernel's dki partials
-// (key_splits > 1), then (sparse) the list entries twice, the unique count, CUB's temporary storage
-// and the list ranges.
+// (key_splits > 1), then (sparse) the key -> query lists and, with dqi partials, those, the key
+// tiles' loss parts and the student LSE's partials.
 struct KlMmaLayout {
-  int64_t num_entries = 0;
-  int64_t num_list_blocks = 0;
   int key_splits = 1;
-  std::size_t cub_bytes = 0;
+  bool dqi_partials = false;
   std::size_t total = 0;
 
-  KlMmaLayout(const Problem& p, bool sparse) : key_splits(kl_key_splits(p)) {
+  KlMmaLayout(const Problem& p, const KeyQueryListPlan* lists)
+      : key_splits(kl_key_splits(p)), dqi_partials(kl_dqi_from_partials(p, lists != nullptr)) {
     const std::size_t qg = std::size_t(p.total_q) * p.cfg.num_kv_heads;
-    total = align_up(qg * sizeof(float)) + align_up(qg * sizeof(double)) + align_up(partial_floats(p) * sizeof(float));
-    if (!sparse) return;
-    num_entries = int64_t(p.cfg.num_kv_heads) * p.total_q * p.cfg.topk * tiles_per_query_span(p.cfg.group_size());
-    num_list_blocks = p.total_k / p.cfg.block_size + p.batch + 1;
-    std::size_t sort_bytes = 0, unique_bytes = 0;
-    const int n = int(std::min<int64_t>(num_entries, INT32_MAX));
-    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, static_cast<const u64*>(nullptr),
-                                                  static_cast<u64*>(nullptr), n));
-    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(nullptr, unique_bytes, static_cast<const u64*>(nullptr),
-                                             static_cast<u64*>(nullptr), static_cast<int*>(nullptr), n));
-    cub_bytes = std::max(sort_bytes, unique_bytes);
-    const std::size_t lists = std::size_t(p.cfg.num_kv_heads) * std::size_t(num_list_blocks);
-    total += 2 * align_up(std::size_t(num_entries) * sizeof(u64)) + align_up(sizeof(int)) + align_up(cub_bytes) +
-             2 * align_up(lists * sizeof(int));
+    total = align_up(qg * sizeof(float)) + align_up(qg * sizeof(double)) +
+            align_up(partial_floats(p) * sizeof(float)) + (lists ? lists->bytes() : 0) +
+            align_up(dqi_partial_floats(p) * sizeof(float)) + align_up(key_loss_parts(p) * sizeof(double)) +
+            align_up(student_partial_floats(p) * sizeof(float));
+  }
+  std::size_t student_partial_floats(const Problem& p) const {
+    return dqi_partials ? std::size_t(p.total_q) * p.cfg.num_kv_heads * partials_per_row(p.cfg.topk, p.cfg.block_size)
+                        : 0;
+  }
+  std::size_t dqi_partial_floats(const Problem& p) const {
+    return dqi_partials ? std::size_t(p.total_q) * p.cfg.num_kv_heads *
+                              partials_per_row(p.cfg.topk, p.cfg.block_size) * std::size_t(p.cfg.index_head_dim)
+                        : 0;
+  }
+  std::size_t key_loss_parts(const Problem& p) const {
+    return dqi_partials ? (std::size_t(p.total_k) / kAttnKeys + p.batch + 1) * std::size_t(key_splits) : 0;
   }
   std::size_t partial_floats(const Problem& p) const {
     return key_splits > 1 ? std::size_t(key_splits) * std::size_t(p.total_k) * p.cfg.index_head_dim : 0;
@@ -76,10 +86,14 @@ bool aligned_rows(const TensorView& t, int outer_dims) {
   return true;
 }
 
-__global__ void kl_mma_loss_kernel(const double* part, int64_t n, double norm, float* loss) {
+// The loss: the query-major parts, then the key-major ones (zeros where the other kernel took it),
+// summed in a fixed order.
+__global__ void kl_mma_loss_kernel(const double* part, int64_t n, const double* key_part, int64_t key_n, double norm,
+                                   float* loss) {
   __shared__ double red[256];
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += 256) s += part[i];
+  for (int64_t i = threadIdx.x; i < key_n; i += 256) s += key_part[i];
   red[threadIdx.x] = s;
   __syncthreads();
   for (int w = 128; w > 0; w >>= 1) {
@@ -96,14 +110,27 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
   using S = KlMmaSmem<D, Di>;
   const int64_t q_tiles = (int64_t(max_q) * a.G + kAttnRows - 1) / kAttnRows;
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
-  if (q_tiles > 0) {
+  const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
+  const int64_t rows = p.total_q * a.hkv;
+  if (a.dqi_part) {  // student LSE key-major, then merged: the query-major kernel is not needed
+    if (k_tiles > 0) {
+      constexpr std::size_t smem = KlStudentSmem<Di>::kBytes;
+      allow_dynamic_smem(reinterpret_cast<const void*>(kl_student_lse_partials_kernel<T, Di>), smem, "KL alignment");
+      kl_student_lse_partials_kernel<T, Di>
+          <<<dim3(unsigned(k_tiles), unsigned(p.batch), unsigned(a.key_splits)), kAttnThreads, smem, stream>>>(a);
+      MSA_CUDA_CHECK_LAUNCH();
+    }
+    if (rows > 0) {
+      kl_student_lse_merge_kernel<<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, p.batch, rows);
+      MSA_CUDA_CHECK_LAUNCH();
+    }
+  } else if (q_tiles > 0) {
     const std::size_t smem = S::query_bytes(kl_query_tiles(a.G), a.bitmap_words, a.union_cap);
     allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_query_kernel<T, D, Di>), smem, "KL alignment");
     kl_mma_query_kernel<T, D, Di>
         <<<dim3(unsigned(q_tiles), unsigned(a.hkv), unsigned(p.batch)), kAttnThreads, smem, stream>>>(a);
     MSA_CUDA_CHECK_LAUNCH();
   }
-  const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   if (k_tiles > 0) {
     const std::size_t smem = S::key_bytes(kl_query_tiles(a.G));
     allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem, "KL alignment");
@@ -116,6 +143,10 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
       kl_mma_dki_reduce_kernel<T, Di><<<grid, 256, 0, stream>>>(a);
       MSA_CUDA_CHECK_LAUNCH();
     }
+  }
+  if (a.dqi_part && rows > 0) {
+    kl_mma_dqi_reduce_kernel<T, Di><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, p.batch, rows);
+    MSA_CUDA_CHECK_LAUNCH();
   }
 }
 
@@ -139,7 +170,10 @@ bool kl_alignment_mma_supports(const Problem& p, const TensorView& q, const Tens
          aligned_rows(qi, 2) && aligned_rows(ki, 1);
 }
 
-std::size_t kl_alignment_mma_workspace_bytes(const Problem& p) { return KlMmaLayout(p, true).total; }
+std::size_t kl_alignment_mma_workspace_bytes(const Problem& p) {
+  const KeyQueryListPlan lists(p, "KL alignment");
+  return KlMmaLayout(p, &lists).total;
+}
 
 void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& lse,
                       const TensorView& qi, const TensorView& ki, const TensorView& topk, float coeff,
@@ -152,11 +186,9 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
   const int max_k = p.total_k == 0 ? 0
                                    : max_length(p, p.varlen.max_seqlen_k, p.varlen.cu_seqlens_k,
                                                 p.varlen.host_cu_seqlens_k, stream);
-  const KlMmaLayout lay(p, sparse);
-  MSA_CHECK_ARG(lay.num_entries < (int64_t(1) << 31), "topk",
-                "too many (group, query, slot) entries for the CUDA KL alignment");
-  MSA_CHECK_ARG(uint64_t(p.cfg.num_kv_heads) * uint64_t(lay.num_list_blocks) < 0xffffffffull, "ki",
-                "too many key blocks for the CUDA KL alignment");
+  std::unique_ptr<KeyQueryListPlan> list_plan;
+  if (sparse) list_plan = std::make_unique<KeyQueryListPlan>(p, "KL alignment");
+  const KlMmaLayout lay(p, list_plan.get());
   ScratchArena arena(ctx, lay.total);
 
   KlMmaParams a{};
@@ -194,7 +226,6 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
   // As the CPU backend: norm = coeff / (Hkv total_q), rounded once to f32.
   const float norm = p.total_q > 0 ? float(double(coeff) / (double(a.hkv) * double(p.total_q))) : 0.f;
   a.grad_scale = norm * a.iscale;
-  a.num_list_blocks = lay.num_list_blocks;
 
   if (qg > 0) MSA_CUDA_CHECK(cudaMemsetAsync(a.loss_part, 0, qg * sizeof(double), stream));
   if (sparse && max_k > 0) {
@@ -204,50 +235,23 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
     a.bitmap_words = int(blocks / 32 + 1);
     a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, kAttnRows) * a.topk_k, blocks));
 
-    u64* entries = arena.take<u64>(std::size_t(lay.num_entries));
-    u64* sorted = arena.take<u64>(std::size_t(lay.num_entries));
-    int* num_unique = arena.take<int>(1);
-    void* cub_tmp = arena.take<unsigned char>(lay.cub_bytes);
-    const std::size_t lists = std::size_t(a.hkv) * std::size_t(lay.num_list_blocks);
-    int* begin = arena.take<int>(lists);
-    int* end = arena.take<int>(lists);
-    MSA_CUDA_CHECK(cudaMemsetAsync(begin, 0, lists * sizeof(int), stream));
-    MSA_CUDA_CHECK(cudaMemsetAsync(end, 0, lists * sizeof(int), stream));
-    const int n = int(lay.num_entries);
-    if (n > 0) {
-      // The backward's list kernels read only these fields of its parameters.
-      BackwardParams lp{};
-      lp.topk = a.topk;
-      lp.cu_q = a.cu_q;
-      lp.cu_k = a.cu_k;
-      lp.topk_s0 = a.topk_s0;
-      lp.topk_s1 = a.topk_s1;
-      lp.topk_k = a.topk_k;
-      lp.group_size = a.G;
-      lp.block_size = a.B;
-      lp.num_list_blocks = lay.num_list_blocks;
-      const int64_t slots = int64_t(a.hkv) * p.total_q * a.topk_k;
-      const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>((slots + 255) / 256, 65535)));
-      attention_backward_list_entries_kernel<<<grid, 256, 0, stream>>>(lp, p.batch, p.total_q, a.hkv, entries);
-      MSA_CUDA_CHECK_LAUNCH();
-      std::size_t tmp = lay.cub_bytes;
-      MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(cub_tmp, tmp, entries, sorted, n, 0, 64, stream));
-      tmp = lay.cub_bytes;
-      MSA_CUDA_CHECK(cub::DeviceSelect::Unique(cub_tmp, tmp, sorted, entries, num_unique, n, stream));
-      const unsigned rgrid = unsigned(std::max<int64_t>(1, std::min<int64_t>((lay.num_entries + 255) / 256, 65535)));
-      attention_backward_list_ranges_kernel<<<rgrid, 256, 0, stream>>>(entries, num_unique, begin, end);
-      MSA_CUDA_CHECK_LAUNCH();
+    a.lists = list_plan->build(p, a.topk, a.topk_s0, a.topk_s1, arena, stream);
+    if (lay.dqi_partials) {
+      a.dqi_part = arena.take<float>(lay.dqi_partial_floats(p));
+      a.partials_per_row = partials_per_row(a.topk_k, a.B);
+      a.key_loss_part = arena.take<double>(lay.key_loss_parts(p));
+      a.student_part = arena.take<float>(lay.student_partial_floats(p));
+      MSA_CUDA_CHECK(cudaMemsetAsync(a.key_loss_part, 0, lay.key_loss_parts(p) * sizeof(double), stream));
     }
-    a.lists = entries;
-    a.list_begin = begin;
-    a.list_end = end;
   }
 
   if (p.dtype == DType::bf16)
     launch_dims<__nv_bfloat16>(p, a, max_q, max_k, stream);
   else
     launch_dims<__half>(p, a, max_q, max_k, stream);
-  kl_mma_loss_kernel<<<1, 256, 0, stream>>>(a.loss_part, int64_t(qg), double(norm), loss.ptr<float>());
+  kl_mma_loss_kernel<<<1, 256, 0, stream>>>(a.loss_part, int64_t(qg), a.key_loss_part,
+                                            a.dqi_part ? int64_t(lay.key_loss_parts(p)) : 0, double(norm),
+                                            loss.ptr<float>());
   MSA_CUDA_CHECK_LAUNCH();
 }
 

@@ -6,12 +6,15 @@
 //     blocks (attention_block_union.cuh, every visible block in dense mode) twice: walk 1 takes each
 //     query's student logsumexp, walk 2 the teacher, the loss and dqi (kept in registers, written once);
 //   - key-major (kl_mma_key_kernel): a CTA owns 64 keys and visits, group by group and in ascending
-//     order, the query tiles that selected their block (the attention backward's key -> query-tile
-//     lists), recomputing teacher and student to accumulate dki in registers, written once. A block
+//     order, the queries that selected their block (key_query_lists.cuh), gathered 64 / G at a time
+//     into tiles, recomputing teacher and student to accumulate dki in registers, written once. A block
 //     that every query chooses (the first block of a trained model, every block's early keys in
 //     dense mode) has a list as long as the sequence, so each list is cut into key_splits equal
 //     shares, one CTA each (blockIdx.z), whose f32 partials kl_mma_dki_reduce_kernel sums in split
-//     order.
+//     order. Where the per-query partials fit (sparse), this kernel also writes each query's dqi
+//     share of its 64 keys and the loss, the student LSE comes from kl_student_lse.cuh and the
+//     query-major kernel is not run: its tiles of consecutive queries share few blocks when G is
+//     small.
 // No atomics on gradients, fixed orders everywhere: results are bitwise reproducible.
 // Per chunk: P = exp2(S scale log2e - lse log2e) per row (S = q k^T by mma) -> shared memory; student
 // logits Z = qi ki^T (mma, one row per query) -> shared memory; then per (query, key) the teacher
@@ -28,7 +31,10 @@
 #include "cuda/attention_block_union.cuh"
 #include "cuda/attention_forward_kernel.cuh"  // kAttnRows, kAttnKeys, kAttnThreads, swz, load_tile
 #include "cuda/attention_mma.cuh"
+#include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
+#include "cuda/query_partials.cuh"
+#include "cuda/sequence_of_row.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -49,16 +55,19 @@ struct KlMmaParams {
   float* dki_part;     // [key_splits, total_k, Di] f32 workspace when key_splits > 1
   float* student_lse;  // [total_q, Hkv] workspace: written by the query-major kernel
   double* loss_part;   // [total_q, Hkv] workspace, zeroed: a tile's loss at (its first query, g)
-  // Key -> query-tile lists (sparse; as BackwardParams::lists / list_begin / list_end).
-  const unsigned long long* lists;
-  const int* list_begin;
-  const int* list_end;
-  int64_t num_list_blocks;
+  KeyQueryLists lists;  // sparse only: the queries that selected each (group, key block)
+  // Sparse, when they fit (query_partials.cuh): the key-major kernel also writes dqi per (query,
+  // group, slot part) and the loss per key tile, kl_mma_dqi_reduce_kernel sums the partials, and the
+  // student LSE comes from kl_student_lse.cuh instead of the query-major kernel.
+  float* dqi_part;
+  float* student_part;  // with dqi_part: the student LSE's partials (kl_student_lse.cuh)
+  int partials_per_row;
+  double* key_loss_part;  // [(total_k / 64 + batch + 1) * key_splits], zeroed
   int64_t q_s0, q_s1, k_s0, k_s1, lse_s0, lse_s1, qi_s0, qi_s1, ki_s0, topk_s0, topk_s1;
   int64_t dqi_s0, dqi_s1, dki_s0;
   int64_t total_k;
   int hkv, G, B, topk_k;
-  int key_splits;  // CTAs sharing one key tile's query-tile lists (blockIdx.z), see kl_key_splits
+  int key_splits;  // CTAs sharing one key tile's query lists (blockIdx.z), see kl_key_splits
   int bitmap_words, union_cap;
   float scale_log2, iscale, grad_scale;  // grad_scale = norm * iscale
 };
@@ -90,7 +99,7 @@ struct KlMmaSmem {
   static std::size_t query_bytes(int qt, int bitmap_words, int union_cap) {
     return fixed_bytes(qt, 1, 2) + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
-  static std::size_t key_bytes(int qt) { return fixed_bytes(qt, 2, 1); }
+  static std::size_t key_bytes(int qt) { return fixed_bytes(qt, 2, 1) + 2 * kAttnRows * 8; }
 };
 
 // The shared-memory pieces, carved in KlMmaSmem's order (each a multiple of 128 bytes but the small
@@ -266,31 +275,38 @@ __device__ __forceinline__ double kl_terms(const float* sP, const float* sZ, con
   return loss;
 }
 
-// dqi[16 qt queries][Di] += dZ @ ki: warp w owns columns w * Di / 4 .. (w + 1) * Di / 4.
+// dqi[16 queries of m-tile mt][Di] += dZ @ ki: warp w owns columns w * Di / 4 .. (w + 1) * Di / 4.
+template <class T, int Di>
+__device__ __forceinline__ void kl_dqi_mma_tile(const uint16_t* sDz, const uint16_t* sKi, int mt,
+                                                float (&acc)[Di / 32][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+    uint32_t a[4];
+    {
+      const int r = mt * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sDz + swz<kAttnKeys>(r, c)), a[0], a[1], a[2], a[3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < Di / 64; ++dp) {
+      uint32_t b0, b1, b2, b3;
+      const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int c = warp * (Di / 4) + dp * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4_trans(mma::smem_addr(sKi + swz<Di>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(acc[2 * dp], a, b0, b1);
+      mma::mma_16816<T>(acc[2 * dp + 1], a, b2, b3);
+    }
+  }
+}
+
+// dqi[16 qt queries][Di] += dZ @ ki, m-tile by m-tile.
 template <class T, int Di>
 __device__ __forceinline__ void kl_dqi_mma(const uint16_t* sDz, const uint16_t* sKi, int qt,
                                            float (&acc)[kAttnRows / 16][Di / 32][4]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int mt = 0; mt < kAttnRows / 16; ++mt) {
     if (mt >= qt) break;
-#pragma unroll
-    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
-      uint32_t a[4];
-      {
-        const int r = mt * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4(mma::smem_addr(sDz + swz<kAttnKeys>(r, c)), a[0], a[1], a[2], a[3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < Di / 64; ++dp) {
-        uint32_t b0, b1, b2, b3;
-        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int c = warp * (Di / 4) + dp * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(mma::smem_addr(sKi + swz<Di>(r, c)), b0, b1, b2, b3);
-        mma::mma_16816<T>(acc[mt][2 * dp], a, b0, b1);
-        mma::mma_16816<T>(acc[mt][2 * dp + 1], a, b2, b3);
-      }
-    }
+    kl_dqi_mma_tile<T, Di>(sDz, sKi, mt, acc[mt]);
   }
 }
 
@@ -490,6 +506,7 @@ template <class T, int D, int Di>
 __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G), 2, 1);
+  int64_t* s_qpart = reinterpret_cast<int64_t*>(s.tail);  // [2][64] per query: its dqi partial (-1: none)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.y;
@@ -498,8 +515,6 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
   const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
   const int64_t ks = int64_t(blockIdx.x) * kAttnKeys;
   if (ks >= lk) return;
-  const int64_t rows_total = lq * G;
-  const int64_t block = rules::block_of(ks, B);
   const bool dense = p.topk == nullptr;
   const int qt = kl_query_tiles(G);
 
@@ -517,22 +532,12 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
   float acc[Di / 8][4];
 #pragma unroll
   for (int n = 0; n < Di / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  double loss = 0.0;
 
   for (int g = 0; g < p.hkv; ++g) {
-    int64_t list_begin = 0, num_tiles = 0;
-    if (dense) {
-      const int64_t first_q = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
-      if (first_q < lq) {
-        list_begin = first_q * G / kAttnRows;
-        num_tiles = (rows_total + kAttnRows - 1) / kAttnRows - list_begin;
-      }
-    } else {
-      // global_block() of attention_backward_kernel.cuh, restated by its definition there.
-      const int64_t list = int64_t(g) * p.num_list_blocks + (k_begin / B + b + block);
-      list_begin = p.list_begin[list];
-      num_tiles = p.list_end[list] - list_begin;
-    }
-    key_split_share(list_begin, num_tiles, p.key_splits, int(blockIdx.z));  // this CTA's share
+    // G divides 64 here: each tile holds 64 / G whole queries.
+    const GatheredWalk walk(p.lists, dense, G, g, b, k_begin, ks, lq, lk, B, p.key_splits, int(blockIdx.z));
+    const int64_t num_tiles = walk.num_tiles();
     if (num_tiles == 0) continue;
     __syncthreads();  // the previous group's last tile is done with s.k and every stage
     load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
@@ -540,40 +545,42 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
     });
     mma::cp_async_commit();
-    // Query tile u into `stage`: Q rows and qi by cp.async (not committed); per row lse * log2(e),
-    // per query its limit in this key tile (-1: padding, or the block is not selected) and student LSE.
+    // Tile u into `stage`: Q rows and qi by cp.async (not committed); per row lse * log2(e), per
+    // query its limit in this key tile (-1: padding, or before the tile) and student LSE.
     auto issue_tile = [&](int64_t u, int stage) {
-      const int64_t tile = dense ? list_begin + u : int64_t(p.lists[list_begin + u] & 0xffffffffull);
-      const int64_t f0 = tile * kAttnRows;
-      const int64_t i_first = f0 / G;
-      const int nq = int(((f0 + kAttnRows < rows_total ? f0 + kAttnRows : rows_total) / G) - i_first);
+      const int nq = walk.queries_in(u);
       load_tile<D>(s.q + stage * s.q_stride, q, [&](int r) -> const uint16_t* {
-        const int64_t f = f0 + r;
-        if (f >= rows_total) return nullptr;
-        return q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1;
+        const int64_t i = walk.query(u, r / G);
+        if (i < 0) return nullptr;
+        return q + (q_begin + i) * p.q_s0 + (int64_t(g) * G + r % G) * p.q_s1;
       });
       load_query_rows<Di>(s.qi + stage * s.qi_stride, qt * 16, qi, [&](int r) -> const uint16_t* {
-        return r < nq ? qi + (q_begin + i_first + r) * p.qi_s0 + int64_t(g) * p.qi_s1 : nullptr;
+        const int64_t i = r < nq ? walk.query(u, r) : -1;
+        return i < 0 ? nullptr : qi + (q_begin + i) * p.qi_s0 + int64_t(g) * p.qi_s1;
       });
       if (tid < kAttnRows) {
-        const int64_t f = f0 + tid;
+        const int64_t ir = walk.query(u, tid / G);
         s.lse2[stage * kAttnRows + tid] =
-            f < rows_total ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] *
-                                 1.4426950408889634f
-                           : 0.f;
+            ir >= 0 ? p.lse[(q_begin + ir) * p.lse_s0 + (int64_t(g) * G + tid % G) * p.lse_s1] *
+                          1.4426950408889634f
+                    : 0.f;
         int lim = -1;
         float sl = 0.f;
-        if (tid < nq) {
-          const int64_t i = i_first + tid, row = q_begin + i;
+        int64_t part = -1;
+        const int64_t i = tid < nq ? walk.query(u, tid) : -1;
+        if (i >= 0) {
           const int64_t pos = rules::query_position(lq, lk, i);
-          bool selected = dense;
-          if (!dense) {
-            const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
-            for (int slot = 0; slot < p.topk_k; ++slot) selected |= ids[slot] == block;
+          // Every listed query selected the block; the causal limit does the rest.
+          if (rules::causally_visible(ks, pos)) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+          if (lim >= 0) sl = p.student_lse[(q_begin + i) * p.hkv + g];
+          if (lim >= 0 && p.dqi_part) {
+            const int64_t row = q_begin + i;
+            part = (row * p.hkv + g) * p.partials_per_row +
+                   partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k,
+                                 rules::block_of(ks, B), ks, B);
           }
-          if (selected && rules::causally_visible(ks, pos)) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          if (lim >= 0) sl = p.student_lse[row * p.hkv + g];
         }
+        s_qpart[stage * kAttnRows + tid] = part;
         s.qlim[stage * kAttnRows + tid] = lim;
         s.slse[stage * kAttnRows + tid] = sl;
       }
@@ -598,13 +605,39 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       kl_teacher_rows<T, D>(tq, s.k, qlim, s.lse2 + stage * kAttnRows, G, p.scale_log2, s.p);
       kl_student_logits<T, Di>(tqi, s.ki, qt, s.z);
       __syncthreads();
-      kl_terms<T>(s.p, s.z, qlim, s.slse + stage * kAttnRows, G, nq, qt, p.iscale, s.dz);
+      loss += kl_terms<T>(s.p, s.z, qlim, s.slse + stage * kAttnRows, G, nq, qt, p.iscale, s.dz);
       __syncthreads();
       kl_dki_mma<T, Di>(s.dz, tqi, qt, acc);
+      if (p.dqi_part) {  // each query's dqi share of these keys, one m-tile of queries at a time
+#pragma unroll 1
+        for (int mt = 0; mt < qt; ++mt) {
+          float dq[Di / 32][4];
+#pragma unroll
+          for (int n = 0; n < Di / 32; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+          kl_dqi_mma_tile<T, Di>(s.dz, s.ki, mt, dq);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t part = s_qpart[stage * kAttnRows + mt * 16 + (lane >> 2) + 8 * h];
+            if (part < 0) continue;
+            float* dst = p.dqi_part + part * Di + warp * (Di / 4) + (lane & 3) * 2;
+#pragma unroll
+            for (int n = 0; n < Di / 32; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dq[n][2 * h], dq[n][2 * h + 1]);
+          }
+        }
+      }
       __syncthreads();
     }
   }
   mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
+  if (p.dqi_part) {  // this CTA's loss, at its key tile's global index (as global_block with B = 64)
+    s.red[tid] = loss;
+    __syncthreads();
+    if (tid == 0) {
+      double sum = 0.0;
+      for (int t = 0; t < kAttnThreads; ++t) sum += s.red[t];
+      p.key_loss_part[(k_begin / kAttnKeys + b + blockIdx.x) * p.key_splits + blockIdx.z] = sum;
+    }
+  }
 
   // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected); with splits,
   // this CTA's f32 share (every split writes every key row, zeros included).
@@ -640,6 +673,28 @@ __global__ void kl_mma_dki_reduce_kernel(const KlMmaParams p) {
     for (int z = 0; z < p.key_splits; ++z) sum += p.dki_part[int64_t(z) * n + i];
     static_cast<T*>(p.dki)[(i / Di) * p.dki_s0 + i % Di] = mma::Elem<T>::from_float(sum);
   }
+}
+
+// dqi from the key-major kernel's partials: one warp per (query, group) row sums the partials that
+// exist (partial_used) in slot order, times norm * iscale; a query without keys gets 0.
+template <class T, int Di>
+__global__ void __launch_bounds__(128) kl_mma_dqi_reduce_kernel(const KlMmaParams p, int batch, int64_t total_rows) {
+  const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (r >= total_rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = r / p.hkv;
+  const int g = int(r % p.hkv);
+  const int b = sequence_of_row(p.cu_q, batch, row);
+  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
+  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  float acc[Di / 32];
+#pragma unroll
+  for (int j = 0; j < Di / 32; ++j) acc[j] = 0.f;
+  sum_used_partials<Di>(p.dqi_part + r * p.partials_per_row * Di, p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1,
+                        p.topk_k, p.B / kAttnKeys, pos, p.B, [](int) { return 1.f; }, acc);
+  T* dst = static_cast<T*>(p.dqi) + row * p.dqi_s0 + int64_t(g) * p.dqi_s1;
+#pragma unroll
+  for (int j = 0; j < Di / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * p.grad_scale);
 }
 
 }  // namespace cuda

@@ -1,13 +1,14 @@
 // CUDA attention backward (sparse over topk, dense causal) against the CPU backend on the same fresh
 // random inputs: ragged batches around block edges, chunked-prefill and decode suffixes, sequences
-// shorter than k blocks, GQA ratios 1..16, D = 64 and 128, bf16 and f16; outputs poisoned before each
-// call; deterministic mode bitwise equal across runs.
+// shorter than k blocks, GQA ratios 1..128, D = 64 and 128, bf16 and f16, dQ from partials and from
+// tile unions; outputs poisoned before each call; deterministic mode bitwise equal across runs.
 #include <gtest/gtest.h>
 
 #include <random>
 #include <vector>
 
 #include "cuda/device_tensor.h"
+#include "cuda/kernel_env.h"
 #include "cuda/training_cuda_testing.h"
 #include "problem_fixture.h"
 
@@ -129,6 +130,18 @@ TEST_F(AttentionBackwardCuda, Gqa1ShortSequencesBelowK) {
 
 TEST_F(AttentionBackwardCuda, Gqa3OddGroups) {
   check_case({6, 2, 64, 64, 2, {50, 7}, {190, 7}, DType::bf16}, 36);
+}
+
+// A group wider than a 64-row tile: each gathered query takes two tiles.
+TEST_F(AttentionBackwardCuda, Gqa128WiderThanTile) {
+  check_case({128, 1, 64, 128, 3, {70, 5}, {300, 5}, DType::bf16}, 37);
+}
+
+// The query-major dQ kernel (tile unions), which large problems use instead of dQ partials.
+TEST_F(AttentionBackwardCuda, DqFromTileUnions) {
+  testing::ScopedKernelEnv env("MSA_ATTENTION_DQ", "tiles");
+  check_case({64, 4, 128, 64, 3, {1, 63, 64, 65, 66}, {1, 63, 64, 65, 300}, DType::bf16}, 38);
+  check_case({32, 8, 64, 128, 4, {127, 3, 200}, {127, 400, 333}, DType::f16}, 39);
 }
 
 }  // namespace

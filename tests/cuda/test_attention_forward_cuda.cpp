@@ -2,7 +2,8 @@
 // data: ragged batches around block edges, chunked-prefill and decode suffixes, GQA ratios 1..16,
 // D = 64 and 128, bf16 and f16, several 64-row tiles per sequence, 192-key blocks (three 64-key chunks,
 // so the wgmma kernel's 3-slot K/V rings wrap), strided rows, malformed ids, rejected arguments.
-// Every case runs on both kernels (MSA_ATTENTION_KERNEL mma, the default, and wgmma: compiled in with
+// Every case runs on each kernel (MSA_ATTENTION_KERNEL mma, the default query-major tile-union kernel;
+// gathered, key-major with a merge, sparse only, dense falls to mma; and wgmma: compiled in with
 // MSA_EXPERIMENTAL_WGMMA_ATTENTION, sm_90 only); a failure names the first element out of tolerance
 // (bench/attention_wgmma_probe.cu then checks the wgmma products alone).
 #include <cuda_runtime.h>
@@ -86,6 +87,11 @@ TEST_P(AttentionForwardCuda, Gqa1TwoMaskWordsHeadDim128) {
 // GQA 2 with three 64-key chunks per block and several 64-row tiles per sequence.
 TEST_P(AttentionForwardCuda, Gqa2Block192Float16) {
   check_case({4, 2, 128, 192, 3, {200, 65}, {900, 65}, DType::f16}, 22);
+}
+
+// A group wider than a 64-row tile (the gathered kernel gives each query two tiles).
+TEST_P(AttentionForwardCuda, Gqa128WiderThanTile) {
+  check_case({128, 1, 64, 128, 3, {70, 5}, {300, 5}, DType::bf16}, 23);
 }
 
 TEST_P(AttentionForwardCuda, Gqa3UnalignedRowsAndCallerMaxSeqlen) {
@@ -176,7 +182,7 @@ TEST_P(AttentionForwardCuda, RejectsUnsupportedArguments) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, AttentionForwardCuda, ::testing::Values("mma", "wgmma"),
+INSTANTIATE_TEST_SUITE_P(Kernels, AttentionForwardCuda, ::testing::Values("gathered", "mma", "wgmma"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 }  // namespace

@@ -1,9 +1,11 @@
 // CUDA KL alignment against the CPU backend on the same fresh random inputs (teacher lse from the CPU
 // main-branch forward): sparse over topk and dense warmup, ragged batches, chunked prefill, decode,
 // sequences shorter than k blocks, GQA ratios 1..64, D and Di 64/128; outputs poisoned before each
-// call; bitwise reproducible. Every case runs under both kernels: the FFMA one (MSA_KL_KERNEL=ffma)
-// and the default (tensor-core kernels where the shape allows: block_size a multiple of 64, D and Di
-// in {64, 128}, G dividing 64; the FFMA kernel otherwise). On a mismatch the first element out of
+// call; bitwise reproducible. Every case runs under each kernel choice: the FFMA one
+// (MSA_KL_KERNEL=ffma), the default (tensor-core kernels where the shape allows: block_size a multiple
+// of 64, D and Di in {64, 128}, G dividing 64; the FFMA kernel otherwise; sparse dqi and loss from the
+// key-major kernel's per-query partials) and `tiles` (the same with dqi and loss from the query-major
+// kernel's tile unions, as large problems run). On a mismatch the first element out of
 // tolerance is printed (index, got, expected) with the largest error.
 #include <gtest/gtest.h>
 
@@ -178,7 +180,7 @@ TEST_P(KlAlignmentCuda, Gqa8HeadDim128Block128Float16) {
   check_case({16, 2, 128, 128, 128, 2, {140, 9}, {400, 129}, DType::f16}, 49);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, KlAlignmentCuda, ::testing::Values("ffma", "default"),
+INSTANTIATE_TEST_SUITE_P(Kernels, KlAlignmentCuda, ::testing::Values("ffma", "default", "tiles"),
                          [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
 
 // The default kernel skips ids outside [0, local] and counts a duplicated id once, as the CUDA

@@ -1,0 +1,63 @@
+"""Where one MSA attention layer's training step spends its GPU time, kernel by kernel.
+
+    python3 bench/profile_layer.py [--seq 32768] [--hq 8] [--hkv 2] [--d 64] [--di 64] \
+        [--block 64] [--topk 16] [--steps 3]
+
+Runs msa.torch.msa_attention (mode sparse: index top-k, sparse forward, backward, KL) on one packed
+sequence of random bf16 inputs under torch.profiler and prints each CUDA kernel's time per step.
+Random index queries give iid selections, the worst case for tiles of consecutive queries. The
+kernel-choice variables (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_KL_KERNEL) apply as usual.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import msa  # noqa: E402
+import msa.torch as mt  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    for name, default in (("seq", 32768), ("hq", 8), ("hkv", 2), ("d", 64), ("di", 64), ("block", 64),
+                          ("topk", 16), ("steps", 3)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    a = ap.parse_args()
+    dev = "cuda"
+    cfg = msa.Config(num_q_heads=a.hq, num_kv_heads=a.hkv, head_dim=a.d, index_head_dim=a.di,
+                     block_size=a.block, topk=a.topk)
+    g = torch.Generator(device=dev).manual_seed(0)
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+    q, k, v = rnd(a.seq, a.hq, a.d), rnd(a.seq, a.hkv, a.d), rnd(a.seq, a.hkv, a.d)
+    qi, ki = rnd(a.seq, a.hkv, a.di), rnd(a.seq, a.di)
+    cu = torch.tensor([0, a.seq], device=dev, dtype=torch.int32)
+
+    def step():
+        out, kl = mt.msa_attention(q, k, v, qi, ki, cu, cu, a.seq, a.seq, cfg, mode="sparse", kl_coeff=1.0)
+        (out.float().square().mean() + kl).backward()
+
+    step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.key.startswith(("void msa", "msa::detail")):
+            rows.append((t / 1000.0 / a.steps, e.count // a.steps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"seq {a.seq} Hq {a.hq} Hkv {a.hkv} D {a.d} Di {a.di} B {a.block} k {a.topk}: "
+          f"msa kernels {total:.3f} ms per step")
+    for ms, n, name in rows:
+        print(f"  {ms:8.3f} ms  x{n:<3d} {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+// Block-sparse attention forward, key-major: a CTA owns 64 keys of one group and walks the queries
+// that selected their block (key_query_lists.cuh), 64 / G at a time, so every row of the matrix unit
+// uses the keys it multiplies. Each (query, head) row gets a softmax over those keys alone, written
+// as one partial (query_partials.cuh: out / l in f32 and its log-sum-exp); the merge kernel combines
+// a row's partials in slot order. An alternative to the query-major kernel (attention_forward_kernel.cuh)
+// for selections that neighbouring queries do not share (with a small group, the 64 / G consecutive
+// queries of a query tile then share few blocks and the union walk masks most of each tile);
+// attention_forward.cu says when it is used.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention_forward_kernel.cuh"
+#include "cuda/attention_mma.cuh"
+#include "cuda/key_query_lists.cuh"
+#include "cuda/query_partials.cuh"
+#include "cuda/sequence_of_row.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+struct GatheredForwardParams {
+  AttentionParams a;
+  KeyQueryLists lists;
+  float* part_out;  // [total_q * Hq * partials_per_row][D]: softmax(S) V over one partial's keys
+  float* part_lse;  // [total_q * Hq * partials_per_row]: their log-sum-exp (natural log)
+  int partials_per_row;
+  int num_q_heads;
+  int key_splits;   // CTAs sharing one key tile's query list (blockIdx.z = sequence * splits + split)
+};
+
+template <int D>
+struct GatheredForwardSmem {
+  static constexpr int kTileElems = kAttnRows * D;
+  // K, V, Q[2], then per stage and row: visible limit and partial index.
+  static constexpr std::size_t kBytes = 4 * std::size_t(kTileElems) * 2 + 2 * kAttnRows * (4 + 8);
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_kernel(const GatheredForwardParams gp) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  constexpr int kTile = GatheredForwardSmem<D>::kTileElems;
+  const AttentionParams& p = gp.a;
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sV = sK + kTile;
+  uint16_t* sQ = sV + kTile;  // two stages
+  int* s_lim = reinterpret_cast<int*>(sQ + 2 * kTile);                // [2][64]
+  int64_t* s_part = reinterpret_cast<int64_t*>(s_lim + 2 * kAttnRows);  // [2][64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = int(blockIdx.z) / gp.key_splits, split = int(blockIdx.z) % gp.key_splits, g = blockIdx.y;
+  const int G = p.group_size, B = p.block_size;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t ks = int64_t(blockIdx.x) * kAttnKeys;
+  if (ks >= lk) return;
+  const int64_t block = rules::block_of(ks, B);
+  const GatheredWalk walk(gp.lists, false, G, g, b, k_begin, ks, lq, lk, B, gp.key_splits, split);
+  const int64_t num_tiles = walk.num_tiles();
+  if (num_tiles == 0) return;
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v);
+  load_tile<D>(sK, k, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
+  });
+  load_tile<D>(sV, v, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 : nullptr;
+  });
+  mma::cp_async_commit();
+
+  // Tile u into `stage`: its Q rows by cp.async; per row the last visible key offset here (-1: a
+  // padding row, or the query is before these keys) and the index of the partial it writes.
+  auto load_q = [&](int64_t u, int stage) {
+    constexpr int kChunks = D / 8;
+#pragma unroll
+    for (int m = 0; m < kAttnRows * kChunks / kAttnThreads; ++m) {
+      const int i = tid + m * kAttnThreads, r = i / kChunks, c = i % kChunks;
+      int head;
+      const int64_t qi = walk.row_query(u, r, head);
+      const uint16_t* src = qi < 0 ? q : q + (q_begin + qi) * p.q_s0 + (int64_t(g) * G + head) * p.q_s1 + c * 8;
+      mma::cp_async_16(mma::smem_addr(sQ + stage * kTile + swz<D>(r, c * 8)), src, qi < 0 ? 0 : 16);
+    }
+    if (tid < kAttnRows) {
+      int head;
+      const int64_t i = walk.row_query(u, tid, head);
+      int lim = -1;
+      int64_t part = -1;
+      if (i >= 0) {
+        const int64_t pos = rules::query_position(lq, lk, i);
+        if (rules::causally_visible(ks, pos)) {  // every listed query selected the block
+          const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
+          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+          part = (row * gp.num_q_heads + hq) * gp.partials_per_row +
+                 partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k, block, ks, B);
+        }
+      }
+      s_lim[stage * kAttnRows + tid] = lim;
+      s_part[stage * kAttnRows + tid] = part;
+    }
+  };
+  load_q(0, 0);
+  mma::cp_async_commit();
+
+  const int row_a = warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
+  for (int64_t u = 0; u < num_tiles; ++u) {
+    const int stage = int(u & 1);
+    if (u + 1 < num_tiles) {
+      load_q(u + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* tQ = sQ + stage * kTile;
+
+    float s[kAttnKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kAttnKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      {
+        const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(tQ + swz<D>(r, c)), a[0], a[1], a[2], a[3]);
+      }
+#pragma unroll
+      for (int np = 0; np < kAttnKeys / 16; ++np) {
+        uint32_t b0, b1, b2, b3;
+        const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+        mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(s[2 * np], a, b0, b1);
+        mma::mma_16816<T>(s[2 * np + 1], a, b2, b3);
+      }
+    }
+
+    // Softmax over these keys per row (scores raw; exp2 with the scale folded in).
+    float m_scaled[2], l[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int lim = s_lim[stage * kAttnRows + row_a + 8 * h];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kAttnKeys / 8; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (n * 8 + (lane & 3) * 2 + j > lim) s[n][2 * h + j] = -INFINITY;
+          mx = fmaxf(mx, s[n][2 * h + j]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      m_scaled[h] = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kAttnKeys / 8; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float e = exp2f(fmaf(s[n][2 * h + j], p.scale_log2, -m_scaled[h]));
+          s[n][2 * h + j] = e;
+          sum += e;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      l[h] = sum;
+    }
+
+    // O = P V, P re-packed from the score accumulators into A fragments.
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b0, b1, b2, b3;
+        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
+        mma::ldmatrix_x4_trans(mma::smem_addr(sV + swz<D>(r, c)), b0, b1, b2, b3);
+        mma::mma_16816<T>(o[2 * dp], a, b0, b1);
+        mma::mma_16816<T>(o[2 * dp + 1], a, b2, b3);
+      }
+    }
+
+    // Each row's partial: out / l and lse (rows that see none of these keys write nothing).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t part = s_part[stage * kAttnRows + row_a + 8 * h];
+      if (part < 0) continue;
+      const float inv = 1.f / l[h];  // >= 1: the row sees key 0 of the tile
+      float* dst = gp.part_out + part * D + (lane & 3) * 2;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+      if ((lane & 3) == 0) gp.part_lse[part] = (m_scaled[h] + log2f(l[h])) * 0.6931471805599453f;
+    }
+    __syncthreads();
+  }
+}
+
+// out and lse of each (query, head) row from its partials (partial_used), in slot order; a row with
+// none (only with malformed topk rows) gets out = 0 and lse = -inf, as the query-major kernel.
+template <class T, int D>
+__global__ void __launch_bounds__(128) attention_forward_merge_kernel(const GatheredForwardParams gp, int batch,
+                                                                      int64_t total_rows) {
+  const AttentionParams& p = gp.a;
+  const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (r >= total_rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = r / gp.num_q_heads, hq = r % gp.num_q_heads;
+  const int g = int(hq / p.group_size);
+  const int b = sequence_of_row(p.cu_q, batch, row);
+  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
+  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+  const int parts = p.block_size / kAttnKeys;
+  const float* lse_parts = gp.part_lse + r * gp.partials_per_row;
+  float mx, l;
+  merge_used_lse(lse_parts, ids, p.topk_k, parts, pos, p.block_size, mx, l);
+  float acc[D / 32];
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
+  if (l > 0.f)
+    sum_used_partials<D>(gp.part_out + r * gp.partials_per_row * D, ids, p.topk_k, parts, pos, p.block_size,
+                         [&](int idx) { return expf(lse_parts[idx] - mx); }, acc);
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  T* dst = static_cast<T*>(p.out) + row * p.o_s0 + hq * p.o_s1;
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * inv);
+  if (lane == 0) p.lse[row * p.lse_s0 + hq * p.lse_s1] = l > 0.f ? mx + logf(l) : -INFINITY;
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa

@@ -1,0 +1,121 @@
+// Per-query partial results of the key-major kernels: a kernel that owns 64 keys and gathers the
+// queries that selected their block (key_query_lists.cuh) writes, for each (query, head) row, one
+// partial per (topk slot, 64-key part of the block) -- the forward its softmax over those keys, the
+// backward its share of dQ -- and a reduce kernel combines a row's partials in slot order
+// (deterministic). Which partials exist is one rule, partial_used(), so writers and readers agree
+// without zero-filling the buffer.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/attention_forward_kernel.cuh"  // kAttnKeys
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+// Partials a row may have: topk slots times 64-key parts of a block.
+__host__ __device__ __forceinline__ int partials_per_row(int topk_k, int block_size) {
+  return topk_k * (block_size / kAttnKeys);
+}
+
+// f32 partials of `floats_per_partial` each for every (query, head) row, within this budget: beyond
+// it the query-major kernels (tile unions) are used instead.
+constexpr std::size_t kQueryPartialBudget = std::size_t(2) << 30;
+inline bool query_partials_fit(int64_t total_q, int num_q_heads, int topk_k, int block_size,
+                               int floats_per_partial) {
+  const double bytes = double(total_q) * num_q_heads * partials_per_row(topk_k, block_size) *
+                       double(floats_per_partial) * sizeof(float);
+  return bytes <= double(kQueryPartialBudget);
+}
+
+// Index of the partial that keys [ks, ks + 64) of `block` give a query whose topk row is `ids`:
+// its first slot holding the block (a repeated id counts once), times the parts of a block.
+__device__ __forceinline__ int partial_index(const int32_t* ids, int topk_k, int64_t block, int64_t ks, int B) {
+  int slot = 0;
+  while (slot < topk_k && ids[slot] != block) ++slot;
+  return slot * (B / kAttnKeys) + int((ks - rules::block_begin(block, B)) / kAttnKeys);
+}
+
+// Whether partial (slot, part) of a query at position `pos` was written: a valid id (0..local
+// block), not repeated in an earlier slot, and a part starting at or before the query.
+__device__ __forceinline__ bool partial_used(const int32_t* ids, int slot, int part, int64_t pos, int B) {
+  const int id = ids[slot];
+  if (id < 0 || id > rules::local_block(pos, B)) return false;
+  for (int s = 0; s < slot; ++s)
+    if (ids[s] == id) return false;
+  return rules::block_begin(id, B) + int64_t(part) * kAttnKeys <= pos;
+}
+
+// Warp-wide: the used partials (partial_used) of a row, ascending, as a bit per partial index; lane
+// l tests index base + l. Rows have at most 64 partials here (topk_k * parts <= 64 per call: the
+// caller loops over bases).
+__device__ __forceinline__ unsigned used_partials_ballot(const int32_t* ids, int topk_k, int parts, int base,
+                                                         int64_t pos, int B) {
+  const int idx = base + int(threadIdx.x & 31);
+  const bool used = idx < topk_k * parts && partial_used(ids, idx / parts, idx % parts, pos, B);
+  return __ballot_sync(0xffffffffu, used);
+}
+
+// Warp-wide: the max and the sum of exp(lse - max) over a row's used partials' log-sum-exps
+// (lane-parallel, reduced in a fixed order); sum 0 when the row has none.
+__device__ __forceinline__ void merge_used_lse(const float* lse_parts, const int32_t* ids, int topk_k, int parts,
+                                               int64_t pos, int B, float& mx, float& sum) {
+  const int lane = int(threadIdx.x & 31);
+  mx = -INFINITY;
+  for (int base = 0; base < topk_k * parts; base += 32) {
+    const unsigned used = used_partials_ballot(ids, topk_k, parts, base, pos, B);
+    if ((used >> lane) & 1u) mx = fmaxf(mx, lse_parts[base + lane]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  sum = 0.f;
+  for (int base = 0; base < topk_k * parts; base += 32) {
+    const unsigned used = used_partials_ballot(ids, topk_k, parts, base, pos, B);
+    if ((used >> lane) & 1u) sum += expf(lse_parts[base + lane] - mx);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+}
+
+// Warp-wide sum over a row's used partials, in ascending index order (deterministic), of w(index)
+// times the partial's D floats (lane l holds elements l, l + 32, ...). Loads are issued 8 partials
+// at a time so that a row's reads overlap.
+template <int D, class Weight>
+__device__ __forceinline__ void sum_used_partials(const float* row_parts, const int32_t* ids, int topk_k, int parts,
+                                                  int64_t pos, int B, Weight weight, float (&acc)[D / 32]) {
+  const int lane = int(threadIdx.x & 31);
+  for (int base = 0; base < topk_k * parts; base += 32) {
+    unsigned mask = used_partials_ballot(ids, topk_k, parts, base, pos, B);
+    while (mask) {
+      int idx[8];
+      int n = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        idx[j] = mask ? base + __ffs(mask) - 1 : -1;
+        if (mask) mask &= mask - 1, ++n;
+      }
+      float v[8][D / 32];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < D / 32; ++e) v[j][e] = idx[j] >= 0 ? row_parts[int64_t(idx[j]) * D + lane + 32 * e] : 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j >= n) break;
+        const float w = weight(idx[j]);
+#pragma unroll
+        for (int e = 0; e < D / 32; ++e) acc[e] = fmaf(w, v[j][e], acc[e]);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
