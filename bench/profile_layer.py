@@ -24,6 +24,8 @@ def main():
     for name, default in (("seq", 32768), ("hq", 8), ("hkv", 2), ("d", 64), ("di", 64), ("block", 64),
                           ("topk", 16), ("steps", 3)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--cpu-top", type=int, default=0, metavar="N",
+                    help="also print the N operators with the most host (CPU) time per step")
     a = ap.parse_args()
     dev = "cuda"
     cfg = msa.Config(num_q_heads=a.hq, num_kv_heads=a.hkv, head_dim=a.d, index_head_dim=a.di,
@@ -42,7 +44,8 @@ def main():
     step()
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if a.cpu_top else [])
+    with profile(activities=acts) as prof:
         for _ in range(a.steps):
             step()
         torch.cuda.synchronize()
@@ -57,6 +60,12 @@ def main():
           f"msa kernels {total:.3f} ms per step")
     for ms, n, name in rows:
         print(f"  {ms:8.3f} ms  x{n:<3d} {name[:110]}")
+    if a.cpu_top:
+        cpu = sorted(((e.self_cpu_time_total / 1000.0 / a.steps, e.count // a.steps, e.key)
+                      for e in prof.key_averages() if e.self_cpu_time_total > 0), reverse=True)
+        print(f"host time per step: {sum(c[0] for c in cpu):.3f} ms; most:")
+        for ms, n, name in cpu[:a.cpu_top]:
+            print(f"  {ms:8.3f} ms  x{n:<3d} {name[:110]}")
 
 
 if __name__ == "__main__":

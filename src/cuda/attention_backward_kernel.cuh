@@ -98,13 +98,13 @@ struct BackwardSmem {
   static std::size_t dq_bytes(int bitmap_words, int union_cap) {
     return kFixedBytes + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
-  // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse * log2 e, delta;
-  // with dQ partials also per stage and row the partial's index, and dS of each 32-row half.
+  // dK/dV kernel: K, V, Q[2], dO[2], then per stage and row: visible limit, lse, delta, the
+  // partial's index (dQ partials), then dS of each 32-row half (dQ partials) and the staged queries.
   static constexpr std::size_t kRowMetaBytes = 2 * 3 * kAttnRows * 4;
   static constexpr std::size_t kPartIndexBytes = 2 * kAttnRows * 8;
   static constexpr std::size_t kDsBytes = 2 * 32 * kAttnKeys * 2;
   static constexpr std::size_t dkdv_bytes(bool dq_partials) {
-    return kFixedBytes + kRowMetaBytes + (dq_partials ? kPartIndexBytes + kDsBytes : 0);
+    return kFixedBytes + kRowMetaBytes + kPartIndexBytes + (dq_partials ? kDsBytes : 0) + GatheredQueryStage::kBytes;
   }
 };
 
@@ -321,10 +321,11 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   uint16_t* sQ = sV + kTile;        // two stages
   uint16_t* sdO = sQ + 2 * kTile;   // two stages
   int* s_lim = reinterpret_cast<int*>(smem_raw + BackwardSmem<D>::kFixedBytes);  // [2][64]
-  float* s_lse2 = reinterpret_cast<float*>(s_lim + 2 * kAttnRows);                       // [2][64]
-  float* s_delta = s_lse2 + 2 * kAttnRows;                                               // [2][64]
+  float* s_lse = reinterpret_cast<float*>(s_lim + 2 * kAttnRows);                        // [2][64]
+  float* s_delta = s_lse + 2 * kAttnRows;                                                // [2][64]
   int64_t* s_part = reinterpret_cast<int64_t*>(s_delta + 2 * kAttnRows);                  // [2][64]
   uint16_t* sDs = reinterpret_cast<uint16_t*>(s_part + 2 * kAttnRows);                    // [2][32][64]
+  GatheredQueryStage staged(reinterpret_cast<int*>(sDs + (kDqPartials ? 2 * 32 * kAttnKeys : 0)));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = int(blockIdx.z) / p.key_splits, split = int(blockIdx.z) % p.key_splits, g = blockIdx.y;
@@ -352,50 +353,55 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   });
   mma::cp_async_commit();
 
-  // Loads tile u into `stage`: its Q and dO rows by cp.async, and per row the last key offset in this
-  // key tile it may see (-1: padding row, or its query's position is before the tile; 32-bit to keep
-  // registers for the accumulators), lse and delta.
+  // Loads tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q and dO rows, lse
+  // and delta by cp.async, and per row the last key offset in this key tile it may see (-1: padding
+  // row, or its query's position is before the tile; 32-bit to keep registers for the accumulators)
+  // and its dQ partial. Waits on no global read.
   auto load_q = [&](int64_t u, int stage) {
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int m = 0; m < kAttnRows * kChunks / kAttnThreads; ++m) {
       const int i = tid + m * kAttnThreads, r = i / kChunks, c = i % kChunks;
       int head;
-      const int64_t qi = walk.row_query(u, r, head);
+      const int qi = staged.row_query(walk.tiles, stage, u, r, head);
       const int64_t hq = int64_t(g) * G + head;
       const uint16_t* qs = qi < 0 ? q : q + (q_begin + qi) * p.q_s0 + hq * p.q_s1 + c * 8;
       const uint16_t* ds = qi < 0 ? dout : dout + (q_begin + qi) * p.do_s0 + hq * p.do_s1 + c * 8;
-      mma::cp_async_16(mma::smem_addr(sQ + stage * kTile + swz<D>(r, c * 8)), qs, qi < 0 ? 0 : 16);
-      mma::cp_async_16(mma::smem_addr(sdO + stage * kTile + swz<D>(r, c * 8)), ds, qi < 0 ? 0 : 16);
+      mma::cp_async_16_or_zero(mma::smem_addr(sQ + stage * kTile + swz<D>(r, c * 8)), qs, qi < 0);
+      mma::cp_async_16_or_zero(mma::smem_addr(sdO + stage * kTile + swz<D>(r, c * 8)), ds, qi < 0);
     }
     if (tid < kAttnRows) {
       int head;
-      const int64_t i = walk.row_query(u, tid, head);
+      const int i = staged.row_query(walk.tiles, stage, u, tid, head);
+      const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
       int lim = -1;
-      float l2 = 0.f, dl = 0.f;
       int64_t part = -1;
-      if (i >= 0) {
-        const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
-        const int64_t pos = rules::query_position(lq, lk, i);
-        // Every listed query selected the block (0..local by construction); the causal limit does
-        // the rest.
-        if (rules::causally_visible(ks, pos)) {
-          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          l2 = p.lse[row * p.lse_s0 + hq * p.lse_s1] * kLog2e;
-          dl = p.delta[row * p.num_q_heads + hq];
-          if constexpr (kDqPartials)
-            part = (row * p.num_q_heads + hq) * p.dq_partials_per_row +
-                   partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k, block, ks, B);
-        }
+      // Every listed query selected the block (0..local by construction); the causal limit does the
+      // rest.
+      const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
+      const bool visible = i >= 0 && rules::causally_visible(ks, pos);
+      if (visible) {
+        lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+        if constexpr (kDqPartials)
+          part = (row * p.num_q_heads + hq) * p.dq_partials_per_row +
+                 partial_index(staged.slot[stage * kAttnRows + walk.tiles.entry(tid)], block, ks, B);
       }
-      if constexpr (kDqPartials) s_part[stage * kAttnRows + tid] = part;
+      mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * kAttnRows + tid),
+                              visible ? p.lse + row * p.lse_s0 + hq * p.lse_s1 : p.lse, !visible);
+      mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * kAttnRows + tid),
+                              visible ? p.delta + row * p.num_q_heads + hq : p.delta, !visible);
+      s_part[stage * kAttnRows + tid] = part;
       s_lim[stage * kAttnRows + tid] = lim;
-      s_lse2[stage * kAttnRows + tid] = l2;
-      s_delta[stage * kAttnRows + tid] = dl;
     }
   };
+  staged.fetch(walk, 0);
+  staged.store(0);
+  staged.fetch(walk, 1);
+  staged.store(1);
+  __syncthreads();
   if (num_tiles > 0) load_q(0, 0);
   mma::cp_async_commit();
+  staged.fetch(walk, 2);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -417,7 +423,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
     const uint16_t* tQ = sQ + stage * kTile;
     const uint16_t* tdO = sdO + stage * kTile;
     const int* lim = s_lim + stage * kAttnRows;
-    const float* lse2 = s_lse2 + stage * kAttnRows;
+    const float* lse = s_lse + stage * kAttnRows;
     const float* dlt = s_delta + stage * kAttnRows;
 
     // Two halves of 32 query rows keep the score registers small.
@@ -456,7 +462,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
         for (int e = 0; e < 4; ++e) {
           const int col = half * 32 + n * 8 + (lane & 3) * 2 + (e & 1);
           const int key = key_row + 8 * (e >> 1);
-          const float pr = key > lim[col] ? 0.f : exp2f(fmaf(s[n][e], p.scale_log2, -lse2[col]));
+          const float pr = key > lim[col] ? 0.f : exp2f(fmaf(s[n][e], p.scale_log2, -lse[col] * kLog2e));
           s[n][e] = pr;
           dpt[n][e] = pr * (dpt[n][e] - dlt[col]);
         }
@@ -531,6 +537,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
         }
       }
     }
+    staged.store(stage);  // tile u + 2, into the buffer whose copies load_q(u) issued
+    staged.fetch(walk, u + 3);
     __syncthreads();
   }
   mma::cp_async_wait<0>();  // the K/V group when no query tile was visited

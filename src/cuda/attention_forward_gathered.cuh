@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
           const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
           lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
           part = (row * gp.num_q_heads + hq) * gp.partials_per_row +
-                 partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k, block, ks, B);
+                 partial_index(walk.slot(u, walk.tiles.entry(tid)), block, ks, B);
         }
       }
       s_lim[stage * kAttnRows + tid] = lim;

@@ -27,6 +27,12 @@ __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* sr
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, p;\n}\n" ::"r"(dst),
       "l"(src), "r"(int(zero)));
 }
+// 4-byte global -> shared copy (a per-row scalar), zeros when `zero`.
+__device__ __forceinline__ void cp_async_4_or_zero(uint32_t dst, const void* src, bool zero) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n cp.async.ca.shared.global [%0], [%1], 4, p;\n}\n" ::"r"(dst),
+      "l"(src), "r"(int(zero)));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

@@ -1,7 +1,9 @@
 // Key -> query lists for the key-major backward kernels (attention dK/dV, KL dki): for each (group,
 // key block), the queries (sequence-local index) whose topk row selected that block, ascending and
-// without repeats. Built on the device with no host round trip: one entry per (group, query, valid
-// slot), a CUB radix sort, a unique pass (a duplicated id counts once) and each list's range.
+// without repeats, each with the slot of its topk row that holds the block (the first one: a
+// duplicated id counts once). Built on the device with no host round trip: one entry per (group,
+// query, valid slot), a stable CUB radix sort of (entry, slot) pairs, a unique-by-entry pass that
+// keeps the first slot, and each list's range.
 //
 // The kernels walk a list in gathered tiles (GatheredTiles): 64 / G queries at a time, each query's
 // G heads consecutive rows of the matrix unit, so every row of a tile selected the tile's block.
@@ -38,10 +40,11 @@ __host__ __device__ __forceinline__ int64_t global_block(int64_t k_begin, int b,
   return k_begin / B + b + j;
 }
 
-// The lists as the kernels read them: sorted unique entries (list id << 32 | query) and, per list
-// id = g * num_list_blocks + global block, the range [begin, end) of its entries.
+// The lists as the kernels read them: sorted unique entries (list id << 32 | query), each entry's
+// slot and, per list id = g * num_list_blocks + global block, the range [begin, end) of its entries.
 struct KeyQueryLists {
   const unsigned long long* entries = nullptr;
+  const int* slots = nullptr;
   const int* begin = nullptr;
   const int* end = nullptr;
   int64_t num_list_blocks = 0;
@@ -80,11 +83,12 @@ struct GatheredTiles {
 struct GatheredWalk {
   GatheredTiles tiles;
   const unsigned long long* entries;  // nullptr: dense
+  const int* slots;
   int64_t begin = 0, count = 0;
 
   __device__ GatheredWalk(const KeyQueryLists& lists, bool dense, int G, int g, int b, int64_t k_begin,
                           int64_t ks, int64_t lq, int64_t lk, int B, int splits, int split)
-      : tiles(G), entries(dense ? nullptr : lists.entries) {
+      : tiles(G), entries(dense ? nullptr : lists.entries), slots(lists.slots) {
     if (dense) {
       begin = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
       count = lq > begin ? lq - begin : 0;
@@ -107,10 +111,51 @@ struct GatheredWalk {
     if (j < 0 || j >= tiles.queries_per_tile || e >= count) return -1;
     return entries ? int64_t(entries[begin + e] & 0xffffffffull) : begin + e;
   }
+  // Slot of query j of tile u (sparse, a query of the list).
+  __device__ int slot(int64_t u, int j) const { return slots[begin + tiles.first_entry(u) + j]; }
   // Row r of tile u: its query (-1: a padding row) and its head within the group.
   __device__ int64_t row_query(int64_t u, int r, int& head) const {
     head = tiles.head(u, r);
     return head < tiles.G ? query(u, tiles.entry(r)) : -1;
+  }
+};
+
+// The queries (and slots) of gathered tiles staged in shared memory one tile before their loads are
+// issued, so that issuing a tile's copies waits on no global read: each thread below the tile's
+// query count fetches one entry into registers a whole tile ahead (fetch), and writes it to one of
+// two buffers (store) between the barriers of the tile loop.
+struct GatheredQueryStage {
+  int* query;  // [2][64]: -1 past the list
+  int* slot;   // [2][64]: slot of the query's topk row holding the block (sparse)
+  int next_query = -1, next_slot = -1;
+
+  __device__ GatheredQueryStage(int* smem) : query(smem), slot(smem + 2 * kAttnRows) {}
+  static constexpr std::size_t kBytes = 4 * kAttnRows * sizeof(int);
+
+  __device__ void fetch(const GatheredWalk& w, int64_t u) {
+    next_query = -1, next_slot = -1;
+    const int j = int(threadIdx.x);
+    if (u >= w.num_tiles() || j >= w.tiles.queries_per_tile) return;
+    const int64_t e = w.tiles.first_entry(u) + j;
+    if (e >= w.count) return;
+    if (w.entries) {
+      next_query = int(w.entries[w.begin + e] & 0xffffffffull);
+      next_slot = w.slots[w.begin + e];
+    } else {
+      next_query = int(w.begin + e);
+    }
+  }
+  __device__ void store(int buf) const {
+    if (int(threadIdx.x) < kAttnRows) {
+      query[buf * kAttnRows + threadIdx.x] = next_query;
+      slot[buf * kAttnRows + threadIdx.x] = next_slot;
+    }
+  }
+  // Row r of a tile staged in `buf` (tile index u): query (-1: padding) and head within the group.
+  __device__ int row_query(const GatheredTiles& t, int buf, int64_t u, int r, int& head) const {
+    head = t.head(u, r);
+    const int j = t.entry(r);
+    return (j < 0 || head >= t.G) ? -1 : query[buf * kAttnRows + j];
   }
 };
 
@@ -124,15 +169,17 @@ struct KeyQueryListSource {
   int64_t num_list_blocks;
 };
 
-// One entry per (group, query row, slot); invalid ids (outside [0, local block]) give the sentinel.
+// One entry per (group, query row, slot) with its slot; invalid ids (outside [0, local block]) give
+// the sentinel.
 static __global__ void key_query_list_entries_kernel(const KeyQueryListSource s, int batch, int64_t total_q,
-                                                     int num_kv_heads, unsigned long long* entries) {
+                                                     int num_kv_heads, unsigned long long* entries, int* slots) {
   const int64_t n = int64_t(num_kv_heads) * total_q * s.topk_k;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int slot = int(e % s.topk_k);
     const int64_t row = (e / s.topk_k) % total_q;
     const int g = int(e / (int64_t(s.topk_k) * total_q));
     entries[e] = ~0ull;
+    slots[e] = slot;
     const int b = sequence_of_row(s.cu_q, batch, row);
     const int64_t q_begin = s.cu_q[b], lq = s.cu_q[b + 1] - q_begin;
     const int64_t k_begin = s.cu_k[b], lk = s.cu_k[b + 1] - k_begin;
@@ -171,15 +218,18 @@ class KeyQueryListPlan {
     std::size_t sort_bytes = 0, unique_bytes = 0;
     const int n = int(num_entries_);
     using u64 = unsigned long long;
-    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, static_cast<const u64*>(nullptr),
-                                                  static_cast<u64*>(nullptr), n));
-    MSA_CUDA_CHECK(cub::DeviceSelect::Unique(nullptr, unique_bytes, static_cast<const u64*>(nullptr),
-                                             static_cast<u64*>(nullptr), static_cast<int*>(nullptr), n));
+    MSA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const u64*>(nullptr),
+                                                   static_cast<u64*>(nullptr), static_cast<const int*>(nullptr),
+                                                   static_cast<int*>(nullptr), n));
+    MSA_CUDA_CHECK(cub::DeviceSelect::UniqueByKey(nullptr, unique_bytes, static_cast<const u64*>(nullptr),
+                                                  static_cast<const int*>(nullptr), static_cast<u64*>(nullptr),
+                                                  static_cast<int*>(nullptr), static_cast<int*>(nullptr), n));
     cub_bytes_ = std::max(sort_bytes, unique_bytes);
   }
   std::size_t bytes() const {
-    return 2 * align_up(std::size_t(num_entries_) * sizeof(unsigned long long)) + align_up(sizeof(int)) +
-           align_up(cub_bytes_) + 2 * align_up(num_lists_ * sizeof(int));
+    return 2 * align_up(std::size_t(num_entries_) * sizeof(unsigned long long)) +
+           2 * align_up(std::size_t(num_entries_) * sizeof(int)) + align_up(sizeof(int)) + align_up(cub_bytes_) +
+           2 * align_up(num_lists_ * sizeof(int));
   }
 
   // Builds the lists of topk (strides s0: group, s1: query row) into workspace taken from `arena`.
@@ -188,6 +238,8 @@ class KeyQueryListPlan {
     using u64 = unsigned long long;
     u64* entries = arena.take<u64>(std::size_t(num_entries_));
     u64* sorted = arena.take<u64>(std::size_t(num_entries_));
+    int* slots = arena.take<int>(std::size_t(num_entries_));
+    int* sorted_slots = arena.take<int>(std::size_t(num_entries_));
     int* num_unique = arena.take<int>(1);
     void* cub_tmp = arena.take<unsigned char>(cub_bytes_);
     int* begin = arena.take<int>(num_lists_);
@@ -205,20 +257,25 @@ class KeyQueryListPlan {
                                    p.cfg.block_size,
                                    num_list_blocks_};
       const unsigned grid = unsigned(std::max<int64_t>(1, std::min<int64_t>((num_entries_ + 255) / 256, 65535)));
-      key_query_list_entries_kernel<<<grid, 256, 0, stream>>>(src, p.batch, p.total_q, p.cfg.num_kv_heads, entries);
+      key_query_list_entries_kernel<<<grid, 256, 0, stream>>>(src, p.batch, p.total_q, p.cfg.num_kv_heads, entries,
+                                                              slots);
       MSA_CUDA_CHECK_LAUNCH();
       std::size_t tmp = cub_bytes_;
       // Only the bits a list id can use: the all-ones sentinel still sorts last.
       int end_bit = 33;
       while (end_bit < 64 && (uint64_t(1) << (end_bit - 32)) <= uint64_t(num_lists_)) ++end_bit;
-      MSA_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(cub_tmp, tmp, entries, sorted, n, 0, end_bit, stream));
+      // Radix sort is stable: equal entries keep slot order, and the unique pass keeps the first.
+      MSA_CUDA_CHECK(
+          cub::DeviceRadixSort::SortPairs(cub_tmp, tmp, entries, sorted, slots, sorted_slots, n, 0, end_bit, stream));
       tmp = cub_bytes_;
-      MSA_CUDA_CHECK(cub::DeviceSelect::Unique(cub_tmp, tmp, sorted, entries, num_unique, n, stream));
+      MSA_CUDA_CHECK(cub::DeviceSelect::UniqueByKey(cub_tmp, tmp, sorted, sorted_slots, entries, slots, num_unique, n,
+                                                    stream));
       key_query_list_ranges_kernel<<<grid, 256, 0, stream>>>(entries, num_unique, begin, end);
       MSA_CUDA_CHECK_LAUNCH();
     }
     KeyQueryLists lists;
     lists.entries = entries;
+    lists.slots = slots;
     lists.begin = begin;
     lists.end = end;
     lists.num_list_blocks = num_list_blocks_;

@@ -80,7 +80,7 @@ constexpr int kKlPStride = kAttnKeys + 8;  // fp32 row stride of the P and Z buf
 // the key-major kernel the query side (Q, qi and the per-row values).
 __host__ __device__ __forceinline__ int kl_query_tiles(int G) { return (kAttnRows / G + 15) / 16; }
 
-constexpr int kKlSmallArrays = 2 * 3 + 2;  // qlim, lse2, slse per stage; walk-1 max and sum
+constexpr int kKlSmallArrays = 2 * 3 + 2;  // qlim, lse, slse per stage; walk-1 max and sum
 
 template <int D, int Di>
 struct KlMmaSmem {
@@ -99,7 +99,7 @@ struct KlMmaSmem {
   static std::size_t query_bytes(int qt, int bitmap_words, int union_cap) {
     return fixed_bytes(qt, 1, 2) + BlockUnionSmem<1>::bytes(bitmap_words, union_cap);
   }
-  static std::size_t key_bytes(int qt) { return fixed_bytes(qt, 2, 1) + 2 * kAttnRows * 8; }
+  static std::size_t key_bytes(int qt) { return fixed_bytes(qt, 2, 1) + 2 * kAttnRows * 8 + GatheredQueryStage::kBytes; }
 };
 
 // The shared-memory pieces, carved in KlMmaSmem's order (each a multiple of 128 bytes but the small
@@ -111,7 +111,7 @@ struct KlTiles {
   float *p, *z;
   double* red;    // [kAttnThreads] loss reduction
   int* qlim;      // [2][64] per query of the tile: last visible key offset in the chunk (-1: none)
-  float* lse2;    // [2][64] per row: lse * log2(e)
+  float* lse;     // [2][64] per row: the main branch's lse
   float* slse;    // [2][64] per query: student logsumexp
   float *sm, *sl; // [64] per query: walk-1 running max and sum
   unsigned char* tail;
@@ -129,8 +129,8 @@ struct KlTiles {
     dz = reinterpret_cast<uint16_t*>(at), at += S::dz_bytes(qt);
     red = reinterpret_cast<double*>(at), at += kAttnThreads * 8;
     qlim = reinterpret_cast<int*>(at);
-    lse2 = reinterpret_cast<float*>(qlim + 2 * kAttnRows);
-    slse = lse2 + 2 * kAttnRows;
+    lse = reinterpret_cast<float*>(qlim + 2 * kAttnRows);
+    slse = lse + 2 * kAttnRows;
     sm = slse + 2 * kAttnRows;
     sl = sm + kAttnRows;
     tail = base + S::fixed_bytes(qt, q_stages, k_stages);
@@ -148,10 +148,11 @@ __device__ __forceinline__ void load_query_rows(uint16_t* tile, int rows, const 
   }
 }
 
-// P rows: each warp its 16 rows; P = 0 where the row's query does not see the key.
+// P rows: each warp its 16 rows; P = 0 where the row's query does not see the key. `lse`: the
+// main branch's, per row.
 template <class T, int D>
 __device__ __forceinline__ void kl_teacher_rows(const uint16_t* sQ, const uint16_t* sK, const int* qlim,
-                                                const float* lse2, int G, float scale_log2, float* sP) {
+                                                const float* lse, int G, float scale_log2, float* sP) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float s[kAttnKeys / 8][4];
 #pragma unroll
@@ -176,7 +177,7 @@ __device__ __forceinline__ void kl_teacher_rows(const uint16_t* sQ, const uint16
   for (int h = 0; h < 2; ++h) {
     const int row = warp * 16 + (lane >> 2) + 8 * h;
     const int lim = qlim[row / G];
-    const float l2 = lse2[row];
+    const float l2 = lse[row] * 1.4426950408889634f;
 #pragma unroll
     for (int n = 0; n < kAttnKeys / 8; ++n) {
       const int key = n * 8 + (lane & 3) * 2;
@@ -373,9 +374,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
   mma::cp_async_commit();
   if (tid < kAttnRows) {
     const int64_t f = f0 + tid;
-    s.lse2[tid] = f < rows_total
-                      ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] * 1.4426950408889634f
-                      : 0.f;
+    s.lse[tid] = f < rows_total ? p.lse[(q_begin + f / G) * p.lse_s0 + (int64_t(g) * G + f % G) * p.lse_s1] : 0.f;
     s.sm[tid] = -INFINITY;
     s.sl[tid] = 0.f;
   }
@@ -467,7 +466,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
   double loss = 0.0;
   walk(true, [&](int stage) {
     const uint16_t* tki = s.ki + stage * s.ki_stride;
-    kl_teacher_rows<T, D>(s.q, s.k + stage * s.k_stride, s.qlim, s.lse2, G, p.scale_log2, s.p);
+    kl_teacher_rows<T, D>(s.q, s.k + stage * s.k_stride, s.qlim, s.lse, G, p.scale_log2, s.p);
     kl_student_logits<T, Di>(s.qi, tki, qt, s.z);
     __syncthreads();
     loss += kl_terms<T>(s.p, s.z, s.qlim, s.slse, G, nq, qt, p.iscale, s.dz);
@@ -507,6 +506,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
   extern __shared__ __align__(128) unsigned char smem_raw[];
   KlTiles<D, Di> s(smem_raw, kl_query_tiles(p.G), 2, 1);
   int64_t* s_qpart = reinterpret_cast<int64_t*>(s.tail);  // [2][64] per query: its dqi partial (-1: none)
+  GatheredQueryStage staged(reinterpret_cast<int*>(s_qpart + 2 * kAttnRows));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.y;
@@ -539,55 +539,58 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
     const GatheredWalk walk(p.lists, dense, G, g, b, k_begin, ks, lq, lk, B, p.key_splits, int(blockIdx.z));
     const int64_t num_tiles = walk.num_tiles();
     if (num_tiles == 0) continue;
-    __syncthreads();  // the previous group's last tile is done with s.k and every stage
+    __syncthreads();  // the previous group's last tile is done with s.k, every stage and the staging
+    staged.fetch(walk, 0);
+    staged.store(0);
+    staged.fetch(walk, 1);
+    staged.store(1);
     load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
       const int64_t t = ks + r;
       return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
     });
     mma::cp_async_commit();
-    // Tile u into `stage`: Q rows and qi by cp.async (not committed); per row lse * log2(e), per
-    // query its limit in this key tile (-1: padding, or before the tile) and student LSE.
+    __syncthreads();  // the staged queries
+    // Tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q rows, qi, per row the
+    // main lse and per query the student LSE by cp.async (not committed); per query its limit in
+    // this key tile (-1: padding, or before the tile) and its dqi partial. Waits on no global read.
     auto issue_tile = [&](int64_t u, int stage) {
       const int nq = walk.queries_in(u);
+      const int* staged_query = staged.query + stage * kAttnRows;
       load_tile<D>(s.q + stage * s.q_stride, q, [&](int r) -> const uint16_t* {
-        const int64_t i = walk.query(u, r / G);
-        if (i < 0) return nullptr;
-        return q + (q_begin + i) * p.q_s0 + (int64_t(g) * G + r % G) * p.q_s1;
+        const int i = staged_query[r / G];
+        return i < 0 ? nullptr : q + (q_begin + i) * p.q_s0 + (int64_t(g) * G + r % G) * p.q_s1;
       });
       load_query_rows<Di>(s.qi + stage * s.qi_stride, qt * 16, qi, [&](int r) -> const uint16_t* {
-        const int64_t i = r < nq ? walk.query(u, r) : -1;
+        const int i = r < nq ? staged_query[r] : -1;
         return i < 0 ? nullptr : qi + (q_begin + i) * p.qi_s0 + int64_t(g) * p.qi_s1;
       });
       if (tid < kAttnRows) {
-        const int64_t ir = walk.query(u, tid / G);
-        s.lse2[stage * kAttnRows + tid] =
-            ir >= 0 ? p.lse[(q_begin + ir) * p.lse_s0 + (int64_t(g) * G + tid % G) * p.lse_s1] *
-                          1.4426950408889634f
-                    : 0.f;
+        const int ir = staged_query[tid / G];
+        mma::cp_async_4_or_zero(
+            mma::smem_addr(s.lse + stage * kAttnRows + tid),
+            ir >= 0 ? p.lse + (q_begin + ir) * p.lse_s0 + (int64_t(g) * G + tid % G) * p.lse_s1 : p.lse, ir < 0);
         int lim = -1;
-        float sl = 0.f;
         int64_t part = -1;
-        const int64_t i = tid < nq ? walk.query(u, tid) : -1;
-        if (i >= 0) {
-          const int64_t pos = rules::query_position(lq, lk, i);
-          // Every listed query selected the block; the causal limit does the rest.
-          if (rules::causally_visible(ks, pos)) lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          if (lim >= 0) sl = p.student_lse[(q_begin + i) * p.hkv + g];
-          if (lim >= 0 && p.dqi_part) {
-            const int64_t row = q_begin + i;
-            part = (row * p.hkv + g) * p.partials_per_row +
-                   partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k,
-                                 rules::block_of(ks, B), ks, B);
-          }
+        const int i = tid < nq ? staged_query[tid] : -1;
+        const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
+        // Every listed query selected the block; the causal limit does the rest.
+        const bool visible = i >= 0 && rules::causally_visible(ks, pos);
+        if (visible) {
+          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
+          if (p.dqi_part)
+            part = ((q_begin + i) * p.hkv + g) * p.partials_per_row +
+                   partial_index(staged.slot[stage * kAttnRows + tid], rules::block_of(ks, B), ks, B);
         }
+        mma::cp_async_4_or_zero(mma::smem_addr(s.slse + stage * kAttnRows + tid),
+                                visible ? p.student_lse + (q_begin + i) * p.hkv + g : p.student_lse, !visible);
         s_qpart[stage * kAttnRows + tid] = part;
         s.qlim[stage * kAttnRows + tid] = lim;
-        s.slse[stage * kAttnRows + tid] = sl;
       }
       return nq;
     };
     int nq_next = issue_tile(0, 0);
     mma::cp_async_commit();
+    staged.fetch(walk, 2);
     for (int64_t u = 0; u < num_tiles; ++u) {
       const int stage = int(u & 1);
       const int nq = nq_next;
@@ -602,7 +605,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
       const uint16_t* tq = s.q + stage * s.q_stride;
       const uint16_t* tqi = s.qi + stage * s.qi_stride;
       const int* qlim = s.qlim + stage * kAttnRows;
-      kl_teacher_rows<T, D>(tq, s.k, qlim, s.lse2 + stage * kAttnRows, G, p.scale_log2, s.p);
+      kl_teacher_rows<T, D>(tq, s.k, qlim, s.lse + stage * kAttnRows, G, p.scale_log2, s.p);
       kl_student_logits<T, Di>(tqi, s.ki, qt, s.z);
       __syncthreads();
       loss += kl_terms<T>(s.p, s.z, qlim, s.slse + stage * kAttnRows, G, nq, qt, p.iscale, s.dz);
@@ -621,10 +624,13 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
             if (part < 0) continue;
             float* dst = p.dqi_part + part * Di + warp * (Di / 4) + (lane & 3) * 2;
 #pragma unroll
-            for (int n = 0; n < Di / 32; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dq[n][2 * h], dq[n][2 * h + 1]);
+            for (int n = 0; n < Di / 32; ++n)
+              *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dq[n][2 * h], dq[n][2 * h + 1]);
           }
         }
       }
+      staged.store(stage);  // tile u + 2, into the buffer whose copies issue_tile(u) issued
+      staged.fetch(walk, u + 3);
       __syncthreads();
     }
   }

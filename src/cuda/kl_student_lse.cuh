@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_student_lse_partials_kernel(c
             const int64_t row = q_begin + i;
             lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
             part = (row * p.hkv + g) * p.partials_per_row +
-                   partial_index(p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1, p.topk_k, block, ks, B);
+                   partial_index(walk.slot(u, tid), block, ks, B);
           }
         }
         s_lim[stage * kAttnRows + tid] = lim;

@@ -34,11 +34,9 @@ inline bool query_partials_fit(int64_t total_q, int num_q_heads, int topk_k, int
   return bytes <= double(kQueryPartialBudget);
 }
 
-// Index of the partial that keys [ks, ks + 64) of `block` give a query whose topk row is `ids`:
-// its first slot holding the block (a repeated id counts once), times the parts of a block.
-__device__ __forceinline__ int partial_index(const int32_t* ids, int topk_k, int64_t block, int64_t ks, int B) {
-  int slot = 0;
-  while (slot < topk_k && ids[slot] != block) ++slot;
+// Index of the partial that keys [ks, ks + 64) of `block` give a query whose first slot holding the
+// block (a repeated id counts once; the key -> query lists carry it) is `slot`.
+__device__ __forceinline__ int partial_index(int slot, int64_t block, int64_t ks, int B) {
   return slot * (B / kAttnKeys) + int((ks - rules::block_begin(block, B)) / kAttnKeys);
 }
 
