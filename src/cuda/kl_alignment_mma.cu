@@ -47,15 +47,16 @@ bool kl_dqi_from_partials(const Problem& p, bool sparse) {
 }
 
 // Workspace: student LSE and loss parts per (query, group), the key-major kernel's dki partials
-// (key_splits > 1), then (sparse) the key -> query lists and, with dqi partials, those, the key
-// tiles' loss parts and the student LSE's partials.
+// (key_splits > 1), then (sparse) the key -> query lists, the student LSE's partials and, with dqi
+// partials, those and the key tiles' loss parts.
 struct KlMmaLayout {
   int key_splits = 1;
+  bool sparse = false;
   bool dqi_partials = false;
   std::size_t total = 0;
 
   KlMmaLayout(const Problem& p, const KeyQueryListPlan* lists)
-      : key_splits(kl_key_splits(p)), dqi_partials(kl_dqi_from_partials(p, lists != nullptr)) {
+      : key_splits(kl_key_splits(p)), sparse(lists != nullptr), dqi_partials(kl_dqi_from_partials(p, sparse)) {
     const std::size_t qg = std::size_t(p.total_q) * p.cfg.num_kv_heads;
     total = align_up(qg * sizeof(float)) + align_up(qg * sizeof(double)) +
             align_up(partial_floats(p) * sizeof(float)) + (lists ? lists->bytes() : 0) +
@@ -63,8 +64,7 @@ struct KlMmaLayout {
             align_up(student_partial_floats(p) * sizeof(float));
   }
   std::size_t student_partial_floats(const Problem& p) const {
-    return dqi_partials ? std::size_t(p.total_q) * p.cfg.num_kv_heads * partials_per_row(p.cfg.topk, p.cfg.block_size)
-                        : 0;
+    return sparse ? std::size_t(p.total_q) * p.cfg.num_kv_heads * partials_per_row(p.cfg.topk, p.cfg.block_size) : 0;
   }
   std::size_t dqi_partial_floats(const Problem& p) const {
     return dqi_partials ? std::size_t(p.total_q) * p.cfg.num_kv_heads *
@@ -112,7 +112,7 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
   const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   const int64_t rows = p.total_q * a.hkv;
-  if (a.dqi_part) {  // student LSE key-major, then merged: the query-major kernel is not needed
+  if (a.student_part) {  // sparse: student LSE key-major, then merged
     if (k_tiles > 0) {
       constexpr std::size_t smem = KlStudentSmem<Di>::kBytes;
       allow_dynamic_smem(reinterpret_cast<const void*>(kl_student_lse_partials_kernel<T, Di>), smem, "KL alignment");
@@ -124,7 +124,8 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
       kl_student_lse_merge_kernel<<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, p.batch, rows);
       MSA_CUDA_CHECK_LAUNCH();
     }
-  } else if (q_tiles > 0) {
+  }
+  if (!a.dqi_part && q_tiles > 0) {  // dqi and the loss over tile unions (and the student LSE, dense)
     const std::size_t smem = S::query_bytes(kl_query_tiles(a.G), a.bitmap_words, a.union_cap);
     allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_query_kernel<T, D, Di>), smem, "KL alignment");
     kl_mma_query_kernel<T, D, Di>
@@ -236,11 +237,11 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
     a.union_cap = int(std::min<int64_t>(std::min<int64_t>(tile_queries, kAttnRows) * a.topk_k, blocks));
 
     a.lists = list_plan->build(p, a.topk, a.topk_s0, a.topk_s1, arena, stream);
+    a.partials_per_row = partials_per_row(a.topk_k, a.B);
+    a.student_part = arena.take<float>(lay.student_partial_floats(p));
     if (lay.dqi_partials) {
       a.dqi_part = arena.take<float>(lay.dqi_partial_floats(p));
-      a.partials_per_row = partials_per_row(a.topk_k, a.B);
       a.key_loss_part = arena.take<double>(lay.key_loss_parts(p));
-      a.student_part = arena.take<float>(lay.student_partial_floats(p));
       MSA_CUDA_CHECK(cudaMemsetAsync(a.key_loss_part, 0, lay.key_loss_parts(p) * sizeof(double), stream));
     }
   }

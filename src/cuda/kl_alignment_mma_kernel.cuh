@@ -12,9 +12,10 @@
 //     dense mode) has a list as long as the sequence, so each list is cut into key_splits equal
 //     shares, one CTA each (blockIdx.z), whose f32 partials kl_mma_dki_reduce_kernel sums in split
 //     order. Where the per-query partials fit (sparse), this kernel also writes each query's dqi
-//     share of its 64 keys and the loss, the student LSE comes from kl_student_lse.cuh and the
-//     query-major kernel is not run: its tiles of consecutive queries share few blocks when G is
-//     small.
+//     share of its 64 keys and the loss, and the query-major kernel is not run: its tiles of
+//     consecutive queries share few blocks when G is small. Sparse, the student LSE always comes
+//     from kl_student_lse.cuh (one float per query partial: it always fits), so walk 1 runs only
+//     in dense mode.
 // No atomics on gradients, fixed orders everywhere: results are bitwise reproducible.
 // Per chunk: P = exp2(S scale log2e - lse log2e) per row (S = q k^T by mma) -> shared memory; student
 // logits Z = qi ki^T (mma, one row per query) -> shared memory; then per (query, key) the teacher
@@ -58,9 +59,9 @@ struct KlMmaParams {
   KeyQueryLists lists;  // sparse only: the queries that selected each (group, key block)
   // Sparse, when they fit (query_partials.cuh): the key-major kernel also writes dqi per (query,
   // group, slot part) and the loss per key tile, kl_mma_dqi_reduce_kernel sums the partials, and the
-  // student LSE comes from kl_student_lse.cuh instead of the query-major kernel.
+  // query-major kernel is not run.
   float* dqi_part;
-  float* student_part;  // with dqi_part: the student LSE's partials (kl_student_lse.cuh)
+  float* student_part;  // sparse: the student LSE's partials (kl_student_lse.cuh), merged first
   int partials_per_row;
   double* key_loss_part;  // [(total_k / 64 + batch + 1) * key_splits], zeroed
   int64_t q_s0, q_s1, k_s0, k_s1, lse_s0, lse_s1, qi_s0, qi_s1, ki_s0, topk_s0, topk_s1;
@@ -443,17 +444,21 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_query_kernel(const KlMmaP
     mma::cp_async_wait<0>();  // the Q tiles, when there was no chunk to wait for
   };
 
-  // Walk 1: student logsumexp per query.
-  walk(false, [&](int stage) {
-    kl_student_logits<T, Di>(s.qi, s.ki + stage * s.ki_stride, qt, s.z);
-    __syncthreads();
-    kl_student_lse_update(s.z, s.qlim, nq, p.iscale, s.sm, s.sl);
-  });
-  if (tid < kAttnRows) {
-    const float l = s.sl[tid];
-    const float lse = l > 0.f ? s.sm[tid] + logf(l) : -INFINITY;
-    s.slse[tid] = lse;
-    if (tid < nq) p.student_lse[(q_begin + i_first + tid) * p.hkv + g] = lse;
+  if (p.student_part) {  // sparse: the student LSE came from kl_student_lse.cuh
+    if (tid < nq) s.slse[tid] = p.student_lse[(q_begin + i_first + tid) * p.hkv + g];
+  } else {
+    // Walk 1: student logsumexp per query.
+    walk(false, [&](int stage) {
+      kl_student_logits<T, Di>(s.qi, s.ki + stage * s.ki_stride, qt, s.z);
+      __syncthreads();
+      kl_student_lse_update(s.z, s.qlim, nq, p.iscale, s.sm, s.sl);
+    });
+    if (tid < kAttnRows) {
+      const float l = s.sl[tid];
+      const float lse = l > 0.f ? s.sm[tid] + logf(l) : -INFINITY;
+      s.slse[tid] = lse;
+      if (tid < nq) p.student_lse[(q_begin + i_first + tid) * p.hkv + g] = lse;
+    }
   }
   __syncthreads();
 
