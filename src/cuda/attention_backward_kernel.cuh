@@ -343,14 +343,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   const uint16_t* k = static_cast<const uint16_t*>(p.k);
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
 
-  load_tile<D>(sK, k, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
-  });
-  load_tile<D>(sV, v, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 : nullptr;
-  });
+  load_key_rows<D>(sK, k, k_begin, ks, lk, p.k_s0, int64_t(g) * p.k_s1);
+  load_key_rows<D>(sV, v, k_begin, ks, lk, p.v_s0, int64_t(g) * p.v_s1);
   mma::cp_async_commit();
 
   // Loads tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q and dO rows, lse
@@ -595,9 +589,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_reduce_kernel(const
   const int lane = threadIdx.x & 31;
   const int64_t row = r / p.num_q_heads, hq = r % p.num_q_heads;
   const int g = int(hq / p.group_size);
-  const int b = sequence_of_row(p.cu_q, batch, row);
-  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
-  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
   const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
   float acc[D / 32];
 #pragma unroll

@@ -67,14 +67,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
   const uint16_t* q = static_cast<const uint16_t*>(p.q);
   const uint16_t* k = static_cast<const uint16_t*>(p.k);
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
-  load_tile<D>(sK, k, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
-  });
-  load_tile<D>(sV, v, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? v + (k_begin + t) * p.v_s0 + int64_t(g) * p.v_s1 : nullptr;
-  });
+  load_key_rows<D>(sK, k, k_begin, ks, lk, p.k_s0, int64_t(g) * p.k_s1);
+  load_key_rows<D>(sV, v, k_begin, ks, lk, p.v_s0, int64_t(g) * p.v_s1);
   mma::cp_async_commit();
 
   // Tile u into `stage`: its Q rows by cp.async; per row the last visible key offset here (-1: a
@@ -124,24 +118,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
     const uint16_t* tQ = sQ + stage * kTile;
 
     float s[kAttnKeys / 8][4];
-#pragma unroll
-    for (int n = 0; n < kAttnKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      {
-        const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4(mma::smem_addr(tQ + swz<D>(r, c)), a[0], a[1], a[2], a[3]);
-      }
-#pragma unroll
-      for (int np = 0; np < kAttnKeys / 16; ++np) {
-        uint32_t b0, b1, b2, b3;
-        const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
-        mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
-        mma::mma_16816<T>(s[2 * np], a, b0, b1);
-        mma::mma_16816<T>(s[2 * np + 1], a, b2, b3);
-      }
-    }
+    warp_scores<T, D>(tQ, sK, s);
 
     // Softmax over these keys per row (scores raw; exp2 with the scale folded in).
     float m_scaled[2], l[2];
@@ -221,9 +198,7 @@ __global__ void __launch_bounds__(128) attention_forward_merge_kernel(const Gath
   const int lane = threadIdx.x & 31;
   const int64_t row = r / gp.num_q_heads, hq = r % gp.num_q_heads;
   const int g = int(hq / p.group_size);
-  const int b = sequence_of_row(p.cu_q, batch, row);
-  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
-  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
   const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
   const int parts = p.block_size / kAttnKeys;
   const float* lse_parts = gp.part_lse + r * gp.partials_per_row;

@@ -72,6 +72,43 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* any_ro
   }
 }
 
+// Keys [ks, ks + 64) of a sequence whose keys start at packed row k_begin (row stride s0, column
+// offset col0: a group's slice) into a swizzled tile; rows at or past lk are zeros.
+template <int D>
+__device__ __forceinline__ void load_key_rows(uint16_t* tile, const uint16_t* base, int64_t k_begin, int64_t ks,
+                                              int64_t lk, int64_t s0, int64_t col0) {
+  load_tile<D>(tile, base, [&](int r) -> const uint16_t* {
+    const int64_t t = ks + r;
+    return t < lk ? base + (k_begin + t) * s0 + col0 : nullptr;
+  });
+}
+
+// s = A K^T for this warp's 16 rows of A (rows 16 warp .. of a swizzled [64][D] tile) against the 64
+// rows of the swizzled [64][D] tile K: the score product of every 64-row tile kernel that keeps its
+// A rows in shared memory. fp32 accumulators in the mma.sync C layout, zeroed first.
+template <class T, int D>
+__device__ __forceinline__ void warp_scores(const uint16_t* sA, const uint16_t* sK, float (&s)[kAttnKeys / 8][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < kAttnKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    {
+      const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sA + swz<D>(r, c)), a[0], a[1], a[2], a[3]);
+    }
+#pragma unroll
+    for (int np = 0; np < kAttnKeys / 16; ++np) {
+      uint32_t b0, b1, b2, b3;
+      const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(s[2 * np], a, b0, b1);
+      mma::mma_16816<T>(s[2 * np + 1], a, b2, b3);
+    }
+  }
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];

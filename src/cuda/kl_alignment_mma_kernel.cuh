@@ -156,24 +156,7 @@ __device__ __forceinline__ void kl_teacher_rows(const uint16_t* sQ, const uint16
                                                 const float* lse, int G, float scale_log2, float* sP) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float s[kAttnKeys / 8][4];
-#pragma unroll
-  for (int n = 0; n < kAttnKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    {
-      const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
-      mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(r, c)), a[0], a[1], a[2], a[3]);
-    }
-#pragma unroll
-    for (int np = 0; np < kAttnKeys / 16; ++np) {
-      uint32_t b0, b1, b2, b3;
-      const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
-      mma::ldmatrix_x4(mma::smem_addr(sK + swz<D>(r, c)), b0, b1, b2, b3);
-      mma::mma_16816<T>(s[2 * np], a, b0, b1);
-      mma::mma_16816<T>(s[2 * np + 1], a, b2, b3);
-    }
-  }
+  warp_scores<T, D>(sQ, sK, s);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = warp * 16 + (lane >> 2) + 8 * h;
@@ -528,10 +511,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
   const uint16_t* qi = static_cast<const uint16_t*>(p.qi);
   const uint16_t* ki = static_cast<const uint16_t*>(p.ki);
 
-  load_tile<Di>(s.ki, ki, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? ki + (k_begin + t) * p.ki_s0 : nullptr;
-  });
+  load_key_rows<Di>(s.ki, ki, k_begin, ks, lk, p.ki_s0, 0);
   mma::cp_async_commit();
 
   float acc[Di / 8][4];
@@ -549,10 +529,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
     staged.store(0);
     staged.fetch(walk, 1);
     staged.store(1);
-    load_tile<D>(s.k, k, [&](int r) -> const uint16_t* {
-      const int64_t t = ks + r;
-      return t < lk ? k + (k_begin + t) * p.k_s0 + int64_t(g) * p.k_s1 : nullptr;
-    });
+    load_key_rows<D>(s.k, k, k_begin, ks, lk, p.k_s0, int64_t(g) * p.k_s1);
     mma::cp_async_commit();
     __syncthreads();  // the staged queries
     // Tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q rows, qi, per row the
@@ -695,9 +672,7 @@ __global__ void __launch_bounds__(128) kl_mma_dqi_reduce_kernel(const KlMmaParam
   const int lane = threadIdx.x & 31;
   const int64_t row = r / p.hkv;
   const int g = int(r % p.hkv);
-  const int b = sequence_of_row(p.cu_q, batch, row);
-  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
-  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
   float acc[Di / 32];
 #pragma unroll
   for (int j = 0; j < Di / 32; ++j) acc[j] = 0.f;

@@ -50,10 +50,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_student_lse_partials_kernel(c
   const uint16_t* qi = static_cast<const uint16_t*>(p.qi);
   const uint16_t* ki = static_cast<const uint16_t*>(p.ki);
 
-  load_tile<Di>(sKi, ki, [&](int r) -> const uint16_t* {
-    const int64_t t = ks + r;
-    return t < lk ? ki + (k_begin + t) * p.ki_s0 : nullptr;
-  });
+  load_key_rows<Di>(sKi, ki, k_begin, ks, lk, p.ki_s0, 0);
   mma::cp_async_commit();
 
   const int row_a = warp * 16 + (lane >> 2);  // this thread's query rows: row_a and row_a + 8
@@ -99,24 +96,7 @@ __global__ void __launch_bounds__(kAttnThreads) kl_student_lse_partials_kernel(c
       // Z = qi ki^T for this warp's 16 query rows and the 64 keys.
       const uint16_t* tQi = sQi + stage * kTile;
       float z[kAttnKeys / 8][4];
-#pragma unroll
-      for (int n = 0; n < kAttnKeys / 8; ++n) z[n][0] = z[n][1] = z[n][2] = z[n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < Di / 16; ++kk) {
-        uint32_t a[4];
-        {
-          const int r = warp * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
-          mma::ldmatrix_x4(mma::smem_addr(tQi + swz<Di>(r, c)), a[0], a[1], a[2], a[3]);
-        }
-#pragma unroll
-        for (int np = 0; np < kAttnKeys / 16; ++np) {
-          uint32_t b0, b1, b2, b3;
-          const int r = np * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 16 + ((lane >> 3) & 1) * 8;
-          mma::ldmatrix_x4(mma::smem_addr(sKi + swz<Di>(r, c)), b0, b1, b2, b3);
-          mma::mma_16816<T>(z[2 * np], a, b0, b1);
-          mma::mma_16816<T>(z[2 * np + 1], a, b2, b3);
-        }
-      }
+      warp_scores<T, Di>(tQi, sKi, z);
       // Per row: log-sum-exp of iscale * z over the visible keys, as walk 1 of the query kernel.
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -154,9 +134,7 @@ __global__ void __launch_bounds__(128) kl_student_lse_merge_kernel(const KlMmaPa
   const int lane = threadIdx.x & 31;
   const int64_t row = r / p.hkv;
   const int g = int(r % p.hkv);
-  const int b = sequence_of_row(p.cu_q, batch, row);
-  const int64_t lq = p.cu_q[b + 1] - p.cu_q[b], lk = p.cu_k[b + 1] - p.cu_k[b];
-  const int64_t pos = rules::query_position(lq, lk, row - p.cu_q[b]);
+  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
   const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
   float mx, l;
   merge_used_lse(p.student_part + r * p.partials_per_row, ids, p.topk_k, p.B / kAttnKeys, pos, p.B, mx, l);

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cuda/attention_forward_kernel.cuh"  // kAttnKeys
+#include "cuda/sequence_of_row.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -38,6 +39,14 @@ inline bool query_partials_fit(int64_t total_q, int num_q_heads, int topk_k, int
 // block (a repeated id counts once; the key -> query lists carry it) is `slot`.
 __device__ __forceinline__ int partial_index(int slot, int64_t block, int64_t ks, int B) {
   return slot * (B / kAttnKeys) + int((ks - rules::block_begin(block, B)) / kAttnKeys);
+}
+
+// Position of packed query row `row` in its sequence's keys (the suffix rule), for the reduce
+// kernels' partial_used.
+__device__ __forceinline__ int64_t packed_query_position(const int32_t* cu_q, const int32_t* cu_k, int batch,
+                                                         int64_t row) {
+  const int b = sequence_of_row(cu_q, batch, row);
+  return rules::query_position(cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], row - cu_q[b]);
 }
 
 // Whether partial (slot, part) of a query at position `pos` was written: a valid id (0..local
