@@ -61,7 +61,7 @@ struct BackwardParams {
   float scale_log2;
   float scale;
   // dK/dV kernel: CTAs per key tile (blockIdx.z = sequence * key_splits + split), each taking a share
-  // of the tile's query-tile list; with more than one, f32 partials [split][total_k][Hkv][dK, dV][D]
+  // of the tile's query list; with more than one, f32 partials [split][total_k][Hkv][dK, dV][D]
   // that attention_backward_dkdv_reduce_kernel sums in split order.
   int key_splits;
   float* dkdv_part;

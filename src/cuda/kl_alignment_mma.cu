@@ -1,6 +1,8 @@
 // Host side of the tensor-core KL alignment (kl_alignment_mma_kernel.cuh): workspace plan, the
-// key -> query lists (sparse; key_query_lists.cuh, as the attention backward), the query-major kernel (student LSE, loss parts, dqi),
-// the key-major kernel (dki) and the loss sum in a fixed order.
+// key -> query lists (sparse; key_query_lists.cuh, as the attention backward), the student LSE
+// (sparse: key-major partials and their merge, kl_student_lse.cuh), the query-major kernel (student
+// LSE in dense mode, loss parts, dqi; skipped where dqi partials fit), the key-major kernel (dki, and
+// dqi partials and loss where they fit), the reduces and the loss sum in a fixed order.
 // Ids outside [0, local block of their query] other than -1 are skipped, and a duplicated id counts
 // once, as in the CUDA attention forward and backward (the CPU backend rejects both).
 #include <cuda_bf16.h>
@@ -31,7 +33,7 @@ namespace cuda {
 namespace {
 
 // CTAs per key tile of the key-major kernel (kl_alignment_mma_kernel.cuh): key_splits_within
-// (workspace.cuh) over its dki partials (total_k x Di floats a split).
+// (key_splits.h) over its dki partials (total_k x Di floats a split).
 int kl_key_splits(const Problem& p) {
   return key_splits_within(std::size_t(p.total_k) * p.cfg.index_head_dim * sizeof(float));
 }
