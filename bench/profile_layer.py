@@ -5,8 +5,10 @@
 
 Runs msa.torch.msa_attention (mode sparse: index top-k, sparse forward, backward, KL) on one packed
 sequence of random bf16 inputs under torch.profiler and prints each CUDA kernel's time per step.
-Random index queries give iid selections, the worst case for tiles of consecutive queries. The
-kernel-choice variables (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_KL_KERNEL) apply as usual.
+--index iid: random index queries, iid selections, the worst case for tiles of consecutive queries;
+--index smooth: index keys with a per-block topic and index queries drifting with position, as
+bench_prefill.py / bench_training.py make them (neighbours share blocks). The kernel-choice
+variables (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_KL_KERNEL) apply as usual.
 """
 import argparse
 import os
@@ -24,6 +26,7 @@ def main():
     for name, default in (("seq", 32768), ("hq", 8), ("hkv", 2), ("d", 64), ("di", 64), ("block", 64),
                           ("topk", 16), ("steps", 3)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--index", choices=("iid", "smooth"), default="iid")
     ap.add_argument("--cpu-top", type=int, default=0, metavar="N",
                     help="also print the N operators with the most host (CPU) time per step")
     a = ap.parse_args()
@@ -35,6 +38,19 @@ def main():
         return torch.randn(*shape, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
     q, k, v = rnd(a.seq, a.hq, a.d), rnd(a.seq, a.hkv, a.d), rnd(a.seq, a.hkv, a.d)
     qi, ki = rnd(a.seq, a.hkv, a.di), rnd(a.seq, a.di)
+    if a.index == "smooth":  # bench_prefill.make_inputs' 'smooth' mode (period 512, noise 0.1)
+        with torch.no_grad():
+            nb = (a.seq + a.block - 1) // a.block
+            topic = torch.randn(nb, a.di, device=dev, generator=g)
+            ki.add_(topic.repeat_interleave(a.block, dim=0)[:a.seq].to(ki.dtype))
+            period = 512
+            anchors = torch.randn(a.seq // period + 2, a.hkv, a.di, device=dev, generator=g)
+            pos = torch.arange(a.seq, device=dev, dtype=torch.float32) / period
+            i0 = pos.floor().long()
+            w = (pos - i0)[:, None, None]
+            smooth = anchors[i0] * (1 - w) + anchors[i0 + 1] * w
+            smooth = smooth / smooth.norm(dim=-1, keepdim=True).clamp_min(1e-6) * a.di ** 0.5
+            qi.copy_(smooth + 0.1 * torch.randn(a.seq, a.hkv, a.di, device=dev, generator=g))
     cu = torch.tensor([0, a.seq], device=dev, dtype=torch.int32)
 
     def step():
