@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cuda/attention_forward_kernel.cuh"  // kAttnKeys
 #include "cuda/sequence_of_row.cuh"
@@ -25,14 +26,35 @@ __host__ __device__ __forceinline__ int partials_per_row(int topk_k, int block_s
   return topk_k * (block_size / kAttnKeys);
 }
 
-// f32 partials of `floats_per_partial` each for every (query, head) row, within this budget: beyond
-// it the query-major kernels (tile unions) are used instead.
-constexpr std::size_t kQueryPartialBudget = std::size_t(2) << 30;
+// f32 partials of `floats_per_partial` each for every (query, head) row, within a budget: beyond it
+// the query-major kernels (tile unions) are used instead. The budget is an eighth of the device's
+// memory (10 GB on an H100 80GB: room for the KL's dqi partials at 128K, which take the KL from 194
+// to 108 ms there), at least 2 GiB, or MSA_PARTIALS_BUDGET_MB for a caller who wants another trade
+// (the workspace grows by the partials). Read by workspace_bytes and by the call alike: both must
+// see the same value. Host only.
+constexpr std::size_t kMinQueryPartialBudget = std::size_t(2) << 30;
+inline double query_partial_budget_bytes() {
+  if (const char* e = std::getenv("MSA_PARTIALS_BUDGET_MB")) {
+    const double mb = std::atof(e);
+    if (mb > 0.0) return mb * double(1 << 20);
+  }
+  // Total memory per device, queried once (a host-side property: no stream work, safe while a
+  // stream is being captured).
+  static double total[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return double(kMinQueryPartialBudget);
+  if (total[dev] == 0.0) {
+    cudaDeviceProp prop{};
+    total[dev] = cudaGetDeviceProperties(&prop, dev) == cudaSuccess ? double(prop.totalGlobalMem) : -1.0;
+  }
+  const double eighth = total[dev] / 8.0;
+  return eighth > double(kMinQueryPartialBudget) ? eighth : double(kMinQueryPartialBudget);
+}
 inline bool query_partials_fit(int64_t total_q, int num_q_heads, int topk_k, int block_size,
                                int floats_per_partial) {
   const double bytes = double(total_q) * num_q_heads * partials_per_row(topk_k, block_size) *
                        double(floats_per_partial) * sizeof(float);
-  return bytes <= double(kQueryPartialBudget);
+  return bytes <= query_partial_budget_bytes();
 }
 
 // Index of the partial that keys [ks, ks + 64) of `block` give a query whose first slot holding the
