@@ -204,8 +204,8 @@ static __global__ void key_query_list_ranges_kernel(const unsigned long long* ke
   }
 }
 
-// Workspace of the lists: entries twice (unsorted, sorted), the unique count, CUB's temporary
-// storage and the two range arrays. `what` names the caller in errors.
+// Workspace of the lists: entries and slots twice each (unsorted, sorted), the unique count, CUB's
+// temporary storage and the two range arrays. `what` names the caller in errors.
 class KeyQueryListPlan {
  public:
   KeyQueryListPlan(const Problem& p, const char* what)
