@@ -273,23 +273,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
       }
     }
 
-    // dQ += dS K, dS re-packed from the accumulators into A fragments (as P in the forward).
-#pragma unroll
-    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dpair = 0; dpair < D / 16; ++dpair) {
-        uint32_t b0, b1, b2, b3;
-        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dpair * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(mma::smem_addr(tK + swz<D>(r, c)), b0, b1, b2, b3);
-        mma::mma_16816<T>(dq[2 * dpair], a, b0, b1);
-        mma::mma_16816<T>(dq[2 * dpair + 1], a, b2, b3);
-      }
-    }
+    // dQ += dS K (dS in the score accumulators, as P in the forward).
+    warp_acc_times_tile<T, D>(s, tK, dq);
     __syncthreads();
   }
 

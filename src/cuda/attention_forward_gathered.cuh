@@ -150,26 +150,11 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
       l[h] = sum;
     }
 
-    // O = P V, P re-packed from the score accumulators into A fragments.
+    // O = P V.
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b0, b1, b2, b3;
-        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(mma::smem_addr(sV + swz<D>(r, c)), b0, b1, b2, b3);
-        mma::mma_16816<T>(o[2 * dp], a, b0, b1);
-        mma::mma_16816<T>(o[2 * dp + 1], a, b2, b3);
-      }
-    }
+    warp_acc_times_tile<T, D>(s, sV, o);
 
     // Each row's partial: out / l and lse (rows that see none of these keys write nothing).
 #pragma unroll

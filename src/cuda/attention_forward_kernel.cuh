@@ -109,6 +109,30 @@ __device__ __forceinline__ void warp_scores(const uint16_t* sA, const uint16_t* 
   }
 }
 
+// o += s V for this warp's 16 rows: s, a [16 rows][64 keys] accumulator tile (P, or dS), re-packed to
+// 16-bit A fragments in place of a trip through shared memory; V the swizzled [64 keys][D] tile.
+template <class T, int D>
+__device__ __forceinline__ void warp_acc_times_tile(const float (&s)[kAttnKeys / 8][4], const uint16_t* sV,
+                                                    float (&o)[D / 8][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b0, b1, b2, b3;
+      const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4_trans(mma::smem_addr(sV + swz<D>(r, c)), b0, b1, b2, b3);
+      mma::mma_16816<T>(o[2 * dp], a, b0, b1);
+      mma::mma_16816<T>(o[2 * dp + 1], a, b2, b3);
+    }
+  }
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -284,23 +308,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_kernel(cons
       }
     }
 
-    // O += P V, P re-packed from the score accumulators into A fragments.
-#pragma unroll
-    for (int kk = 0; kk < kAttnKeys / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b0, b1, b2, b3;
-        const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = dp * 16 + (lane >> 4) * 8;
-        mma::ldmatrix_x4_trans(mma::smem_addr(tV + swz<D>(r, c)), b0, b1, b2, b3);
-        mma::mma_16816<T>(o[2 * dp], a, b0, b1);
-        mma::mma_16816<T>(o[2 * dp + 1], a, b2, b3);
-      }
-    }
+    // O += P V.
+    warp_acc_times_tile<T, D>(s, tV, o);
     __syncthreads();
   }
 
