@@ -572,16 +572,13 @@ __global__ void __launch_bounds__(128) attention_backward_dq_reduce_kernel(const
   const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (r >= total_rows) return;
   const int lane = threadIdx.x & 31;
-  const int64_t row = r / p.num_q_heads, hq = r % p.num_q_heads;
-  const int g = int(hq / p.group_size);
-  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
-  const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+  const PartialRow pr(r, p.num_q_heads, p.group_size, p.cu_q, p.cu_k, batch, p.topk, p.topk_s0, p.topk_s1);
   float acc[D / 32];
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
-  sum_used_partials<D>(p.dq_part + r * p.dq_partials_per_row * D, ids, p.topk_k, p.block_size / kAttnKeys, pos,
-                       p.block_size, [](int) { return 1.f; }, acc);
-  T* dst = static_cast<T*>(p.dq) + row * p.dq_s0 + hq * p.dq_s1;
+  sum_used_partials<D>(p.dq_part + r * p.dq_partials_per_row * D, pr.ids, p.topk_k, p.block_size / kAttnKeys,
+                       pr.pos, p.block_size, [](int) { return 1.f; }, acc);
+  T* dst = static_cast<T*>(p.dq) + pr.row * p.dq_s0 + (r % p.num_q_heads) * p.dq_s1;
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * p.scale);
 }

@@ -181,19 +181,17 @@ __global__ void __launch_bounds__(128) attention_forward_merge_kernel(const Gath
   const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (r >= total_rows) return;
   const int lane = threadIdx.x & 31;
-  const int64_t row = r / gp.num_q_heads, hq = r % gp.num_q_heads;
-  const int g = int(hq / p.group_size);
-  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
-  const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+  const PartialRow pr(r, gp.num_q_heads, p.group_size, p.cu_q, p.cu_k, batch, p.topk, p.topk_s0, p.topk_s1);
+  const int64_t row = pr.row, hq = r % gp.num_q_heads;
   const int parts = p.block_size / kAttnKeys;
   const float* lse_parts = gp.part_lse + r * gp.partials_per_row;
   float mx, l;
-  merge_used_lse(lse_parts, ids, p.topk_k, parts, pos, p.block_size, mx, l);
+  merge_used_lse(lse_parts, pr.ids, p.topk_k, parts, pr.pos, p.block_size, mx, l);
   float acc[D / 32];
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
   if (l > 0.f)
-    sum_used_partials<D>(gp.part_out + r * gp.partials_per_row * D, ids, p.topk_k, parts, pos, p.block_size,
+    sum_used_partials<D>(gp.part_out + r * gp.partials_per_row * D, pr.ids, p.topk_k, parts, pr.pos, p.block_size,
                          [&](int idx) { return expf(lse_parts[idx] - mx); }, acc);
   const float inv = l > 0.f ? 1.f / l : 0.f;
   T* dst = static_cast<T*>(p.out) + row * p.o_s0 + hq * p.o_s1;

@@ -88,7 +88,7 @@ bool aligned_rows(const TensorView& t, int outer_dims) {
   return true;
 }
 
-// The loss: the query-major parts, then the key-major ones (zeros where the other kernel took it),
+// The loss: the query-major kernel's parts or the key-major kernel's (whichever computed it),
 // summed in a fixed order.
 __global__ void kl_mma_loss_kernel(const double* part, int64_t n, const double* key_part, int64_t key_n, double norm,
                                    float* loss) {
@@ -230,7 +230,6 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
   const float norm = p.total_q > 0 ? float(double(coeff) / (double(a.hkv) * double(p.total_q))) : 0.f;
   a.grad_scale = norm * a.iscale;
 
-  if (qg > 0) MSA_CUDA_CHECK(cudaMemsetAsync(a.loss_part, 0, qg * sizeof(double), stream));
   if (sparse && max_k > 0) {
     // The union capacity of the query-major tiles (as the HMMA forward's).
     const int64_t blocks = (int64_t(max_k) + a.B - 1) / a.B + 1;
@@ -247,12 +246,14 @@ void kl_alignment_mma(const Problem& p, const TensorView& q, const TensorView& k
       MSA_CUDA_CHECK(cudaMemsetAsync(a.key_loss_part, 0, lay.key_loss_parts(p) * sizeof(double), stream));
     }
   }
+  // The query-major kernel's loss parts (a tile's at its first query): only when it runs.
+  if (!a.dqi_part && qg > 0) MSA_CUDA_CHECK(cudaMemsetAsync(a.loss_part, 0, qg * sizeof(double), stream));
 
   if (p.dtype == DType::bf16)
     launch_dims<__nv_bfloat16>(p, a, max_q, max_k, stream);
   else
     launch_dims<__half>(p, a, max_q, max_k, stream);
-  kl_mma_loss_kernel<<<1, 256, 0, stream>>>(a.loss_part, int64_t(qg), a.key_loss_part,
+  kl_mma_loss_kernel<<<1, 256, 0, stream>>>(a.loss_part, a.dqi_part ? 0 : int64_t(qg), a.key_loss_part,
                                             a.dqi_part ? int64_t(lay.key_loss_parts(p)) : 0, double(norm),
                                             loss.ptr<float>());
   MSA_CUDA_CHECK_LAUNCH();

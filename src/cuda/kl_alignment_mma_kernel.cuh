@@ -670,15 +670,13 @@ __global__ void __launch_bounds__(128) kl_mma_dqi_reduce_kernel(const KlMmaParam
   const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (r >= total_rows) return;
   const int lane = threadIdx.x & 31;
-  const int64_t row = r / p.hkv;
-  const int g = int(r % p.hkv);
-  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
+  const PartialRow pr(r, p.hkv, 1, p.cu_q, p.cu_k, batch, p.topk, p.topk_s0, p.topk_s1);
   float acc[Di / 32];
 #pragma unroll
   for (int j = 0; j < Di / 32; ++j) acc[j] = 0.f;
-  sum_used_partials<Di>(p.dqi_part + r * p.partials_per_row * Di, p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1,
-                        p.topk_k, p.B / kAttnKeys, pos, p.B, [](int) { return 1.f; }, acc);
-  T* dst = static_cast<T*>(p.dqi) + row * p.dqi_s0 + int64_t(g) * p.dqi_s1;
+  sum_used_partials<Di>(p.dqi_part + r * p.partials_per_row * Di, pr.ids, p.topk_k, p.B / kAttnKeys, pr.pos, p.B,
+                        [](int) { return 1.f; }, acc);
+  T* dst = static_cast<T*>(p.dqi) + pr.row * p.dqi_s0 + int64_t(pr.g) * p.dqi_s1;
 #pragma unroll
   for (int j = 0; j < Di / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * p.grad_scale);
 }

@@ -132,12 +132,9 @@ __global__ void __launch_bounds__(128) kl_student_lse_merge_kernel(const KlMmaPa
   const int64_t r = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (r >= total_rows) return;
   const int lane = threadIdx.x & 31;
-  const int64_t row = r / p.hkv;
-  const int g = int(r % p.hkv);
-  const int64_t pos = packed_query_position(p.cu_q, p.cu_k, batch, row);
-  const int32_t* ids = p.topk + int64_t(g) * p.topk_s0 + row * p.topk_s1;
+  const PartialRow pr(r, p.hkv, 1, p.cu_q, p.cu_k, batch, p.topk, p.topk_s0, p.topk_s1);
   float mx, l;
-  merge_used_lse(p.student_part + r * p.partials_per_row, ids, p.topk_k, p.B / kAttnKeys, pos, p.B, mx, l);
+  merge_used_lse(p.student_part + r * p.partials_per_row, pr.ids, p.topk_k, p.B / kAttnKeys, pr.pos, p.B, mx, l);
   if (lane == 0) p.student_lse[r] = l > 0.f ? mx + logf(l) : -INFINITY;
 }
 

@@ -63,13 +63,23 @@ __device__ __forceinline__ int partial_index(int slot, int64_t block, int64_t ks
   return slot * (B / kAttnKeys) + int((ks - rules::block_begin(block, B)) / kAttnKeys);
 }
 
-// Position of packed query row `row` in its sequence's keys (the suffix rule), for the reduce
-// kernels' partial_used.
-__device__ __forceinline__ int64_t packed_query_position(const int32_t* cu_q, const int32_t* cu_k, int batch,
-                                                         int64_t row) {
-  const int b = sequence_of_row(cu_q, batch, row);
-  return rules::query_position(cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], row - cu_q[b]);
-}
+// Row r of a per-row reduce kernel (one warp a row): r = query row * rows_per_query + j, and j's
+// group is j / rows_per_group (attention: Hq rows of G heads a group; KL: Hkv rows, one a group).
+// Gives the packed query row, its group, its position in its sequence's keys (the suffix rule, for
+// partial_used) and its topk row.
+struct PartialRow {
+  int64_t row;
+  int g;
+  int64_t pos;
+  const int32_t* ids;
+  __device__ PartialRow(int64_t r, int rows_per_query, int rows_per_group, const int32_t* cu_q, const int32_t* cu_k,
+                        int batch, const int32_t* topk, int64_t topk_s0, int64_t topk_s1)
+      : row(r / rows_per_query), g(int(r % rows_per_query) / rows_per_group) {
+    const int b = sequence_of_row(cu_q, batch, row);
+    pos = rules::query_position(cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], row - cu_q[b]);
+    ids = topk + int64_t(g) * topk_s0 + row * topk_s1;
+  }
+};
 
 // Whether partial (slot, part) of a query at position `pos` was written: a valid id (0..local
 // block), not repeated in an earlier slot, and a part starting at or before the query.
