@@ -2,24 +2,25 @@
 
 One sequence of exactly `length` tokens:
 
-    BOS  filler ... [REC k v1 v2 END] filler ... [QUERY k v1 v2] ... [REC ...] filler ...
-         [QUERY k v1 v2] x n_queries
+    BOS  filler ... [REC k v END] filler ... [QUERY k v] ... [REC ...] filler ...
+         [QUERY k v] x n_queries
 
-- a key is one key token (192 of them, distinct within a sequence), a value two value tokens
-  (64^2 values), uniform random: only attention back to the record can predict a value. The
-  question repeats the key and the value follows it, as in the record, so answering is finding the
-  earlier occurrence of the key and copying what came after it (an induction head's job);
-- filler comes from a fixed sparse first-order Markov chain (each filler token has 4 successors
-  with probabilities 0.55/0.25/0.15/0.05, entropy ~1.1 nats), so the plain LM loss is learnable
-  and attention over the filler is not trivial;
-- the questions at the end ask for `n_queries` distinct records; the answer tokens (v1, v2 after
-  the question's key) are the retrieval targets; training sequences also hold questions inside the
-  text (inline_questions_for), each after the record it asks for;
+- keys and values are tokens of one 128-token alphabet: a key is one token (distinct within a
+  sequence), a value one uniform random token. Only attention back to the record can predict a
+  value. The question repeats the key and the value follows it, as in the record, so answering is
+  finding the earlier occurrence of the key and copying what came after it (an induction head's job);
+- filler comes from a fixed sparse second-order Markov chain (each context has 4 successors with
+  probabilities 0.55/0.25/0.15/0.05, entropy ~1.1 nats), so the plain LM loss is learnable and
+  attention over the filler is not trivial;
+- the questions at the end ask for `n_queries` distinct records; the answer token (v after the
+  question's key) is the retrieval target; training sequences also hold questions inside the text
+  (inline_questions_for), each at a uniform place and about a uniform one of the records before it;
 - the needle variant puts the first queried record at a chosen depth (0 = start of the filler,
   1 = its end) and asks only for it.
 
 Everything is a pure function of (seed, index): batch `step` of a run is `make_batch(seed, step, ...)`,
-so every regime sees the same data in the same order.
+so every regime sees the same data in the same order. README ("Task design") says which earlier
+designs a dense model failed to learn and why this one is what it is.
 """
 
 from dataclasses import dataclass
@@ -29,36 +30,50 @@ import numpy as np
 
 VOCAB_SIZE = 512
 PAD, BOS, REC, END, QUERY, EOS = range(6)
-KEY_BASE, NUM_KEY_TOKENS = 16, 192
-VALUE_BASE, NUM_VALUE_TOKENS = 208, 64
-FILLER_BASE = 272
+# Keys and values share one alphabet: with keys from their own 192 tokens the dense model learnt
+# only to copy the most recent record's value (README, "Task design").
+VALUE_BASE, NUM_VALUE_TOKENS = 208, 128
+KEY_BASE, NUM_KEY_TOKENS = VALUE_BASE, NUM_VALUE_TOKENS
+VALUE_LEN = 1  # value tokens per record
+FILLER_BASE = 336
 NUM_FILLER = VOCAB_SIZE - FILLER_BASE
-RECORD_LEN, QUERY_LEN = 5, 4  # REC k v1 v2 END; QUERY k v1 v2
 WORLD_SEED = 20240601  # the Markov chain is the same for every run and split
 _BRANCH_PROBS = np.array([0.55, 0.25, 0.15, 0.05])
 
 
 def _successors() -> np.ndarray:
+    """[NUM_FILLER, CONTEXT_CLASSES, 4]: successors of (last token, class of the token before)."""
     rng = np.random.default_rng(WORLD_SEED)
-    return np.stack([rng.choice(NUM_FILLER, size=len(_BRANCH_PROBS), replace=False)
-                     for _ in range(NUM_FILLER)])
+    return np.stack([np.stack([rng.choice(NUM_FILLER, size=len(_BRANCH_PROBS), replace=False)
+                               for _ in range(CONTEXT_CLASSES)]) for _ in range(NUM_FILLER)])
 
 
-_SUCC = _successors()  # [NUM_FILLER, 4]
+CONTEXT_CLASSES = 4  # the token before the last counts through its index mod 4
+_SUCC = _successors()
 
 
 def filler(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n tokens of the Markov chain, started at a uniform state."""
+    """n tokens of the Markov chain, started at a uniform state. Second order: a token's successors
+    depend on the token before it too (its index mod CONTEXT_CLASSES), so the LM loss rewards a
+    head that reads the previous token, the first half of the induction circuit retrieval needs."""
     out = np.empty(n, dtype=np.int64)
     if n == 0:
         return out
-    branch = rng.choice(len(_BRANCH_PROBS), size=n, p=_BRANCH_PROBS)
-    state = int(rng.integers(NUM_FILLER))
+    branch = rng.choice(len(_BRANCH_PROBS), size=n, p=_BRANCH_PROBS).tolist()
+    state, before = int(rng.integers(NUM_FILLER)), int(rng.integers(NUM_FILLER))
     succ = _SUCC.tolist()
-    for i, b in enumerate(branch.tolist()):
+    for i in range(n):
         out[i] = state
-        state = succ[state][b]
+        state, before = succ[state][before % CONTEXT_CLASSES][branch[i]], state
     return out + FILLER_BASE
+
+
+def record_len() -> int:
+    return VALUE_LEN + 3  # REC k v.. END
+
+
+def query_len() -> int:
+    return VALUE_LEN + 2  # QUERY k v..
 
 
 def filler_entropy_nats() -> float:
@@ -78,6 +93,18 @@ def inline_questions_for(length: int, per_1k: float = 32.0) -> int:
     return int(length * per_1k / 1024)
 
 
+def _inline_questions(rng, cuts, n_fill, n_inline):
+    """(record, cut) of each inline question: a uniform place (none before the first record), about
+    a uniform one of the records before it, so retrieval is practised at every distance."""
+    order = np.argsort(cuts, kind="stable")
+    sorted_cuts = cuts[order]
+    at = rng.integers(0, n_fill + 1, size=n_inline)
+    at = np.maximum(at, sorted_cuts[0])  # none before the first record
+    before = np.searchsorted(sorted_cuts, at, side="right")
+    pick = (rng.random(n_inline) * before).astype(np.int64)
+    return order[pick], at
+
+
 @dataclass
 class Example:
     tokens: np.ndarray        # [length] int64
@@ -93,22 +120,19 @@ def make_example(rng: np.random.Generator, length: int, n_records: Optional[int]
     if needle_depth is not None:
         n_queries = 1
     n_queries = min(n_queries, n_records)
-    n_fill = length - 1 - RECORD_LEN * n_records - QUERY_LEN * (n_queries + n_inline)
+    n_fill = length - 1 - record_len() * n_records - query_len() * (n_queries + n_inline)
     if n_fill < 0:
         raise ValueError(f"length {length} too short for {n_records} records")
     if n_records > NUM_KEY_TOKENS:
         raise ValueError(f"{n_records} records need more than {NUM_KEY_TOKENS} distinct keys")
     keys = rng.choice(NUM_KEY_TOKENS, size=n_records, replace=False) + KEY_BASE
-    values = rng.integers(NUM_VALUE_TOKENS, size=(n_records, 2)) + VALUE_BASE
+    values = rng.integers(NUM_VALUE_TOKENS, size=(n_records, VALUE_LEN)) + VALUE_BASE
     asked = rng.choice(n_records, size=n_queries, replace=False)
     # Insertion points into the filler; the needle (record asked[0]) goes at its depth.
     cuts = rng.integers(0, n_fill + 1, size=n_records)
     if needle_depth is not None:
         cuts[asked[0]] = int(round(needle_depth * n_fill))
-    # Inline questions (training only): each asks a random record somewhere after it, so retrieval
-    # is practised at every distance, the short ones first learnt, and many times per sequence.
-    inline_rec = rng.integers(n_records, size=n_inline)
-    inline_cut = rng.integers(cuts[inline_rec], n_fill + 1) if n_inline else inline_rec
+    inline_rec, inline_cut = _inline_questions(rng, cuts, n_fill, n_inline)
     # Events in filler order; at one cut a record comes before the questions about it.
     events = sorted([(int(cuts[r]), 0, r) for r in range(n_records)] +
                     [(int(c), 1, int(r)) for c, r in zip(inline_cut, inline_rec)])
@@ -120,9 +144,9 @@ def make_example(rng: np.random.Generator, length: int, n_records: Optional[int]
 
     def question(r):
         nonlocal pos
-        parts.append(np.array([QUERY, keys[r], values[r, 0], values[r, 1]]))
-        answers.extend([pos + 2, pos + 3])
-        pos += QUERY_LEN
+        parts.append(np.array([QUERY, keys[r], *values[r]]))
+        answers.extend(range(pos + 2, pos + 2 + VALUE_LEN))
+        pos += query_len()
 
     for c, is_question, r in events:
         parts.append(fill[prev:c])
@@ -132,8 +156,8 @@ def make_example(rng: np.random.Generator, length: int, n_records: Optional[int]
             question(r)
             continue
         start[r] = pos
-        parts.append(np.array([REC, keys[r], values[r, 0], values[r, 1], END]))
-        pos += RECORD_LEN
+        parts.append(np.array([REC, keys[r], *values[r], END]))
+        pos += record_len()
     parts.append(fill[prev:])
     pos += n_fill - prev
     for r in asked.tolist():

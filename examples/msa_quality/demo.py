@@ -4,8 +4,8 @@
         [--depth 0.3] [--mode sparse|dense] [--device cuda]
 
 Builds a held-out needle prompt (data.make_example: records in filler, the question
-`QUERY k` at the end), prefills it through the KV cache and greedily generates the two
-value tokens, then prints the record, the expected and the generated answer.
+`QUERY k` at the end), prefills it through the KV cache and greedily generates the value
+token(s), then prints the record, the expected and the generated answer.
 """
 
 import argparse
@@ -22,7 +22,7 @@ from model import KVCache, extend, load_checkpoint  # noqa: E402
 from train import autocast, sync  # noqa: E402
 
 
-def answer(model, prompt: np.ndarray, device: str, dtype: str, n: int = 2):
+def answer(model, prompt: np.ndarray, device: str, dtype: str, n: int = data.VALUE_LEN):
     cache = KVCache(model, len(prompt) + n, device,
                     torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     out = []
@@ -53,15 +53,15 @@ def main(argv=None):
     model.set_mode(mode)
     ex = data.make_example(np.random.default_rng(args.seed), args.length, needle_depth=args.depth)
     prompt = ex.tokens[: int(ex.answer_pos[0])]
-    rec = ex.tokens[int(ex.record_pos[0]): int(ex.record_pos[0]) + data.RECORD_LEN]
+    rec = ex.tokens[int(ex.record_pos[0]): int(ex.record_pos[0]) + data.record_len()]
     sync(args.device)
     t0 = time.perf_counter()
     got = answer(model, prompt, args.device, dtype)
     sync(args.device)
-    want = ex.tokens[int(ex.answer_pos[0]): int(ex.answer_pos[0]) + 2].tolist()
+    want = ex.tokens[int(ex.answer_pos[0]): int(ex.answer_pos[0]) + data.VALUE_LEN].tolist()
     print(f"checkpoint {args.ckpt} ({meta.get('regime')}, step {meta.get('step')}), mode {mode}")
     print(f"prompt: {len(prompt)} tokens; record at position {int(ex.record_pos[0])} "
-          f"(depth {args.depth}): {rec.tolist()}  [REC k v1 v2 END]")
+          f"(depth {args.depth}): {rec.tolist()}  [REC k v END]")
     print(f"question: {prompt[-2:].tolist()}  [QUERY k]")
     print(f"expected {want}, generated {got}: {'CORRECT' if got == want else 'wrong'} "
           f"({time.perf_counter() - t0:.2f} s)")

@@ -49,7 +49,7 @@ def answer_stats(model, batch, args):
     pos = torch.from_numpy(batch.answer_pos - 1).to(dev)
     target = tokens[pos + 1]
     tok_ok = logits[pos].argmax(-1) == target
-    ok = tok_ok.view(-1, 2).all(-1)  # both tokens of each answer
+    ok = tok_ok.view(-1, data.VALUE_LEN).all(-1)  # every token of each answer
     nll = torch.nn.functional.cross_entropy(logits[pos], target, reduction="sum")
     return ok.sum().item(), ok.numel(), nll.item(), tok_ok.sum().item()
 
@@ -63,9 +63,10 @@ def retrieval(model, args, lengths, n, depth=None):
             b = data.make_eval_batch(args.eval_seed + i, L, m, needle_depth=depth)
             h, t, s, th = answer_stats(model, b, args)
             hits, total, nll, tok_hits = hits + h, total + t, nll + s, tok_hits + th
-        # token_accuracy: each value token on its own (chance 1/64), a finer signal than both.
-        res[str(L)] = dict(accuracy=hits / total, token_accuracy=tok_hits / (2 * total), queries=total,
-                           answer_nll=nll / (2 * total))
+        # token_accuracy: each value token on its own (chance 1 / NUM_VALUE_TOKENS).
+        n_tok = data.VALUE_LEN * total
+        res[str(L)] = dict(accuracy=hits / total, token_accuracy=tok_hits / n_tok, queries=total,
+                           answer_nll=nll / n_tok)
     return res
 
 

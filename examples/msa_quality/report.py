@@ -12,6 +12,7 @@ REPORT.md, loss_curves.png, needle.png and retrieval.png into --report-dir.
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -191,12 +192,12 @@ def write_report(rargs, targs, eargs, logs, evals, files):
           table(["regime", "mode", "seq len", "tokens/step", "ms/step"], rows), ""]
     if evals:
         lens = list(next(iter(evals.values()))["retrieval"])
-        L += ["## Multi-key retrieval", "", "Accuracy (both answer tokens right, teacher forced), "
+        L += ["## Multi-key retrieval", "", "Accuracy (the answer token right, teacher forced), "
               "held-out sequences:", "",
               table(["regime"] + lens, [[NAMES[r]] + [f"{e['retrieval'][x]['accuracy']:.3f}"
                                                      for x in lens] for r, e in evals.items()]),
-              "", "Per answer token (each of v1, v2 on its own; chance 1/64) and the answer tokens' "
-              "mean NLL (chance ln 64 = 4.16):", "",
+              "", f"Per answer token (chance 1/{data.NUM_VALUE_TOKENS}) and the answer tokens' "
+              f"mean NLL (chance ln {data.NUM_VALUE_TOKENS} = {math.log(data.NUM_VALUE_TOKENS):.2f}):", "",
               table(["regime"] + lens, [[NAMES[r]] + [
                   f"{e['retrieval'][x].get('token_accuracy', float('nan')):.3f} / "
                   f"{e['retrieval'][x]['answer_nll']:.2f}" for x in lens] for r, e in evals.items()]),

@@ -29,22 +29,29 @@ def test_generator_is_seeded_and_places_the_needle():
     b = data.make_batch(3, 5, [256, 512], 2)
     assert np.array_equal(a.tokens, b.tokens) and a.tokens.shape[0] == 1024
     assert a.tokens.max() < data.VOCAB_SIZE
-    # Training sequences ask inline questions too: every answer is the value of an earlier record.
-    for i in range(len(a.answer_pos) // 2):
-        p = int(a.answer_pos[2 * i])
-        key, value = a.tokens[p - 1], a.tokens[p:p + 2]
-        seq_start = int(a.cu_seqlens[a.answer_seq[2 * i]])
+    # Training sequences ask inline questions too: every answer is the value of an earlier record,
+    # and not mostly the most recent one (a model that copies the last record's value must fail).
+    n_val = data.VALUE_LEN
+    most_recent = 0
+    for i in range(len(a.answer_pos) // n_val):
+        p = int(a.answer_pos[n_val * i])
+        key, value = a.tokens[p - 1], a.tokens[p:p + n_val]
+        seq_start = int(a.cu_seqlens[a.answer_seq[n_val * i]])
         recs = [j for j in range(seq_start, p - 1) if a.tokens[j] == data.REC and a.tokens[j + 1] == key]
-        assert len(recs) == 1 and np.array_equal(a.tokens[recs[0] + 2:recs[0] + 4], value)
-    assert len(a.answer_pos) // 2 > 2 * 4  # more questions than the 4 final ones per sequence
+        assert len(recs) == 1 and np.array_equal(a.tokens[recs[0] + 2:recs[0] + 2 + n_val], value)
+        later = [j for j in range(recs[0] + 1, p - 1) if a.tokens[j] == data.REC]
+        most_recent += not later
+    n_questions = len(a.answer_pos) // n_val
+    assert n_questions > 2 * 4  # more questions than the 4 final ones per sequence
+    assert most_recent < 0.8 * n_questions
     for depth in (0.0, 0.5, 1.0):
         ex = data.make_example(np.random.default_rng(1), 512, needle_depth=depth)
-        assert ex.tokens.shape[0] == 512 and len(ex.answer_pos) == 2
+        assert ex.tokens.shape[0] == 512 and len(ex.answer_pos) == n_val
         r = int(ex.record_pos[0])
-        rec, q = ex.tokens[r:r + data.RECORD_LEN], ex.tokens[-data.QUERY_LEN:]
+        rec, q = ex.tokens[r:r + data.record_len()], ex.tokens[-data.query_len():]
         assert rec[0] == data.REC and q[0] == data.QUERY
-        assert rec[1] == q[1] and np.array_equal(rec[2:4], q[2:4])  # key, then its value
-        n_fill = 512 - 1 - data.RECORD_LEN * data.records_for(512) - data.QUERY_LEN
+        assert rec[1] == q[1] and np.array_equal(rec[2:2 + n_val], q[2:2 + n_val])  # key, then its value
+        n_fill = 512 - 1 - data.record_len() * data.records_for(512) - data.query_len()
         assert abs((r - 1) / n_fill - depth) < 0.2  # other records before it shift it a little
 
 
