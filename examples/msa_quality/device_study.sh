@@ -6,7 +6,7 @@
 # finishes. What the report needs (train logs, evaluations, arguments, the console log) is packed into
 # $OUT/quality_runs.tgz; unpack it into the --out folder and run `report.py --no-train --no-eval`.
 #
-#   [MSA_STUDY_STEPS=2000] [MSA_STUDY_DEADLINE_S=560] [MSA_STUDY_REGIMES=dense,pt,cpt] \
+#   [MSA_STUDY_STEPS=2400] [MSA_STUDY_DEADLINE_S=560] [MSA_STUDY_REGIMES=dense,pt,cpt] \
 #   [MSA_STUDY_EVAL_ARGS=...] [MSA_STUDY_TIMING=1] examples/msa_quality/device_study.sh [train.py args]
 #
 # Where the three do not fit in one call, split them: MSA_STUDY_REGIMES=dense,cpt then
@@ -16,7 +16,7 @@
 # back even when the study does not fit (the report then shows the steps that ran).
 set -uo pipefail
 cd "$(dirname "$0")"
-STEPS=${MSA_STUDY_STEPS:-2000}
+STEPS=${MSA_STUDY_STEPS:-2400}
 RUNS=${MSA_QUALITY_RUNS:-/tmp/msa_quality}
 OUTDIR=${OUT:-/tmp/msa_quality_out}
 DEADLINE=${MSA_STUDY_DEADLINE_S:-560}

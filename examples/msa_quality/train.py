@@ -14,7 +14,7 @@ OUT/<regime>/train.jsonl; checkpoints (model.py's format) to OUT/<regime>/final 
 OUT/dense/step<cpt_start>; every --save-every steps OUT/<regime>/last, from which a stopped run
 resumes (rerun the same command).
 
-    python3 examples/msa_quality/train.py --regime all --steps 2000 --seq-len 4096,8192,16384,32768 --batch 1 \
+    python3 examples/msa_quality/train.py --regime all --steps 2400 --seq-len 4096,8192,16384,32768 --batch 1 \
         --device cuda --out /tmp/msa_quality
 """
 
@@ -93,8 +93,9 @@ def losses(model, batch, device, answer_weight: float):
 def step_lengths(step: int, args):
     """(lengths, sequences at the longest) of training step `step`: the short curriculum lengths for
     the first --warm-steps, then the study lengths; always batch x max(--seq-len) tokens. A model
-    trained on 4K-32K from the start did not learn to retrieve in 2000 steps; at 128 tokens it did
-    within 200 (README)."""
+    trained on 4K-32K from the start did not learn to retrieve in 2000 steps; on 128-512 tokens it
+    learns within 300-600 steps, on 512-2048 in 500-800 steps or not at all (README, "Task design").
+    """
     lengths = parse_lengths(args.seq_len)
     now = parse_lengths(args.warm_lengths) if step < args.warm_steps else lengths
     return now, max(1, args.batch * max(lengths) // max(now))
@@ -203,7 +204,7 @@ def train_regime(regime: str, args, cfg: ModelConfig):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--regime", default="all", choices=REGIMES + ("all",))
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--seq-len", default="4096,8192,16384,32768",
                     help="training length, or a comma list cycled step by step")
     ap.add_argument("--batch", type=int, default=1,
@@ -218,10 +219,10 @@ def build_parser():
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="weight of the answer tokens' cross entropy added to the LM loss")
-    ap.add_argument("--warm-lengths", default="512,1024,2048",
+    ap.add_argument("--warm-lengths", default="128,256,512",
                     help="sequence lengths (cycled) of the first --warm-steps steps: a curriculum")
     ap.add_argument("--warm-steps", type=int, default=None,
-                    help="steps on --warm-lengths (default 25%% of --steps; 0 = none)")
+                    help="steps on --warm-lengths (default a third of --steps; 0 = none)")
     ap.add_argument("--inline-per-1k", type=float, default=32.0,
                     help="questions inside each training sequence per 1K tokens (data.py)")
     ap.add_argument("--pt-warmup", type=int, default=None, help="MSA-PT dense warmup steps "
@@ -246,7 +247,7 @@ def finish_args(args):
     if args.cpt_start is None:
         args.cpt_start = max(1, (3 * args.steps) // 4)
     if args.warm_steps is None:
-        args.warm_steps = args.steps // 4
+        args.warm_steps = args.steps // 3
     if args.cpt_warmup is None:
         args.cpt_warmup = max(1, args.steps // 20)
     if not 0 < args.cpt_start < args.steps:
