@@ -58,7 +58,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     got = answer(model, prompt, args.device, dtype)
     sync(args.device)
-    want = ex.tokens[int(ex.answer_pos[0]): int(ex.answer_pos[0]) + data.VALUE_LEN].tolist()
+    want = ex.answer_tok[: data.VALUE_LEN].tolist()
     print(f"checkpoint {args.ckpt} ({meta.get('regime')}, step {meta.get('step')}), mode {mode}")
     print(f"prompt: {len(prompt)} tokens; record at position {int(ex.record_pos[0])} "
           f"(depth {args.depth}): {rec.tolist()}  [REC k v END]")

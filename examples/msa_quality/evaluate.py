@@ -47,7 +47,7 @@ def answer_stats(model, batch, args):
     with autocast(dev, args.dtype):
         logits, _ = model(tokens, cu, batch.max_seqlen)
     pos = torch.from_numpy(batch.answer_pos - 1).to(dev)
-    target = tokens[pos + 1]
+    target = torch.from_numpy(batch.answer_tok).to(dev)
     tok_ok = logits[pos].argmax(-1) == target
     ok = tok_ok.view(-1, data.VALUE_LEN).all(-1)  # every token of each answer
     nll = torch.nn.functional.cross_entropy(logits[pos], target, reduction="sum")

@@ -78,15 +78,17 @@ def losses(model, batch, device, answer_weight: float):
     tokens = torch.from_numpy(batch.tokens).to(device)
     cu = torch.from_numpy(batch.cu_seqlens).to(device)
     logits, kl = model(tokens, cu, batch.max_seqlen)
-    # Next-token targets; the last token of each sequence predicts nothing.
+    # Next-token targets; the last token of each sequence predicts nothing, and the positions that
+    # predict an answer count in the answer loss only (an inline question's next token is BLANK).
     target = torch.roll(tokens, -1)
     valid = torch.ones_like(tokens, dtype=torch.bool)
     valid[cu[1:].long() - 1] = False
-    lm = F.cross_entropy(logits[valid], target[valid])
     pred_pos = torch.from_numpy(batch.answer_pos - 1).to(device)
-    ans_logits = logits[pred_pos]
-    ans = F.cross_entropy(ans_logits, tokens[pred_pos + 1])
-    acc = (ans_logits.argmax(-1) == tokens[pred_pos + 1]).float().mean()
+    valid[pred_pos] = False
+    lm = F.cross_entropy(logits[valid], target[valid])
+    ans_logits, ans_target = logits[pred_pos], torch.from_numpy(batch.answer_tok).to(device)
+    ans = F.cross_entropy(ans_logits, ans_target)
+    acc = (ans_logits.argmax(-1) == ans_target).float().mean()
     return lm + answer_weight * ans + kl, lm, ans, kl, acc
 
 

@@ -30,19 +30,26 @@ def test_generator_is_seeded_and_places_the_needle():
     assert np.array_equal(a.tokens, b.tokens) and a.tokens.shape[0] == 1024
     assert a.tokens.max() < data.VOCAB_SIZE
     # Training sequences ask inline questions too: every answer is the value of an earlier record,
-    # and not mostly the most recent one (a model that copies the last record's value must fail).
+    # not mostly the most recent one (a model that copies the last record's value must fail), and
+    # the record is the only place before the question where the key is followed by the value
+    # (inline answers are BLANK in the text, so no earlier question gives it away).
     n_val = data.VALUE_LEN
-    most_recent = 0
+    most_recent = hidden = 0
     for i in range(len(a.answer_pos) // n_val):
         p = int(a.answer_pos[n_val * i])
-        key, value = a.tokens[p - 1], a.tokens[p:p + n_val]
+        key, value = a.tokens[p - 1], a.answer_tok[n_val * i:n_val * (i + 1)]
         seq_start = int(a.cu_seqlens[a.answer_seq[n_val * i]])
         recs = [j for j in range(seq_start, p - 1) if a.tokens[j] == data.REC and a.tokens[j + 1] == key]
         assert len(recs) == 1 and np.array_equal(a.tokens[recs[0] + 2:recs[0] + 2 + n_val], value)
+        shown = [j for j in range(seq_start, p - 1)
+                 if a.tokens[j] == key and np.array_equal(a.tokens[j + 1:j + 1 + n_val], value)]
+        assert shown == [recs[0] + 1]
+        hidden += bool((a.tokens[p:p + n_val] == data.BLANK).all())
         later = [j for j in range(recs[0] + 1, p - 1) if a.tokens[j] == data.REC]
         most_recent += not later
     n_questions = len(a.answer_pos) // n_val
     assert n_questions > 2 * 4  # more questions than the 4 final ones per sequence
+    assert hidden == n_questions - 2 * 4  # all but the final ones
     assert most_recent < 0.8 * n_questions
     for depth in (0.0, 0.5, 1.0):
         ex = data.make_example(np.random.default_rng(1), 512, needle_depth=depth)
