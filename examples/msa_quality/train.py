@@ -43,7 +43,8 @@ PRESETS = {
                   index_head_dim=64, block_size=64, topk=16, mlp_hidden=1408),
     # CPU smoke test: small enough for seconds per step, blocks small enough that top-k routes.
     "tiny": dict(d_model=64, n_layers=2, n_q_heads=8, n_kv_heads=2, head_dim=16,
-                 index_head_dim=16, block_size=16, topk=4, mlp_hidden=128),
+                 index_head_dim=16, block_size=16, topk=4, mlp_hidden=128, rotary_dim=8,
+                 index_rotary_dim=8),
 }
 
 
@@ -103,10 +104,15 @@ def step_lengths(step: int, args):
     return now, max(1, args.batch * max(lengths) // max(now))
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, group: int = 0) -> float:
+    """Group 0 (main): linear warmup over 5% of the steps, cosine to 10%. Group 1 (index): constant
+    --index-lr after the warmup, since MSA-CPT's fresh index projections start late in the main
+    schedule (at 75% its lr is a quarter of the peak; the index then still lost records past ~8K)."""
     warm = max(1, int(0.05 * args.steps))
     if step < warm:
-        return args.lr * (step + 1) / warm
+        return (args.lr if group == 0 else args.index_lr) * (step + 1) / warm
+    if group == 1:
+        return args.index_lr
     t = (step - warm) / max(1, args.steps - warm)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -119,9 +125,18 @@ def mode_at(regime: str, step: int, args) -> str:
     return "warmup" if step < args.cpt_start + args.cpt_warmup else "sparse"
 
 
+INDEX_PARAMS = ("qi_proj", "ki_proj", "qi_norm", "ki_norm")
+
+
 def make_optimizer(model, args):
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                             weight_decay=args.weight_decay)
+    """AdamW with two groups, [main, index]: the index projections learn only from the KL and have
+    their own learning rate (lr_at); a dense model has them too (unused), so its optimizer state
+    loads into MSA-CPT's."""
+    groups = ([], [])
+    for name, p in model.named_parameters():
+        groups[any(k in name for k in INDEX_PARAMS)].append(p)
+    return torch.optim.AdamW([dict(params=groups[0]), dict(params=groups[1])], lr=args.lr,
+                             betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
 
 def device_name(device: str) -> str:
@@ -174,8 +189,8 @@ def train_regime(regime: str, args, cfg: ModelConfig):
         if regime == "dense" and step == args.cpt_start and step > 0:
             save_checkpoint(os.path.join(out, f"step{step}"), model, opt, step, **meta)
         model.set_mode(mode_at(regime, step, args))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+        for i, g in enumerate(opt.param_groups):
+            g["lr"] = lr_at(step, args, i)
         batch = data.make_batch(args.seed, step, *step_lengths(step, args), args.inline_per_1k)
         sync(args.device)
         t0 = time.perf_counter()
@@ -217,6 +232,8 @@ def build_parser():
     ap.add_argument("--out", default=os.environ.get("MSA_QUALITY_RUNS", "/tmp/msa_quality"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--index-lr", type=float, default=1e-3,
+                    help="learning rate of the index projections (constant after the warmup)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--answer-weight", type=float, default=1.0,
@@ -232,7 +249,7 @@ def build_parser():
     ap.add_argument("--cpt-start", type=int, default=None,
                     help="dense step converted for MSA-CPT (default 75%% of --steps)")
     ap.add_argument("--cpt-warmup", type=int, default=None,
-                    help="MSA-CPT warmup steps after conversion (default 5%% of --steps)")
+                    help="MSA-CPT warmup steps after conversion (default 10%% of --steps)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--save-every", type=int, default=100,
                     help="steps between resumable checkpoints (OUT/<regime>/last); 0 = none")
@@ -251,7 +268,7 @@ def finish_args(args):
     if args.warm_steps is None:
         args.warm_steps = args.steps // 3
     if args.cpt_warmup is None:
-        args.cpt_warmup = max(1, args.steps // 20)
+        args.cpt_warmup = max(1, args.steps // 10)
     if not 0 < args.cpt_start < args.steps:
         raise SystemExit("--cpt-start must be inside (0, --steps)")
     return args

@@ -21,7 +21,8 @@ import model as qm  # noqa: E402
 import report  # noqa: E402
 
 TINY = dict(vocab_size=data.VOCAB_SIZE, d_model=32, n_layers=2, n_q_heads=8, n_kv_heads=2,
-            head_dim=16, index_head_dim=16, block_size=16, topk=4, mlp_hidden=64)
+            head_dim=16, index_head_dim=16, block_size=16, topk=4, mlp_hidden=64, rotary_dim=8,
+            index_rotary_dim=8)
 
 
 def test_generator_is_seeded_and_places_the_needle():
