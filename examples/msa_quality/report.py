@@ -33,6 +33,8 @@ def split_args(argv):
                                                          "report"))
     rp.add_argument("--no-train", action="store_true")
     rp.add_argument("--no-eval", action="store_true")
+    rp.add_argument("--commit", default=None, help="the commit the runs were made at, for the report "
+                    "(the device's copy of the tree has no git history)")
     rargs, rest = rp.parse_known_args(argv)
     tp, ep = train.build_parser(), evaluate.build_parser()
     targs, t_rest = tp.parse_known_args(rest)
@@ -147,19 +149,24 @@ def write_report(rargs, targs, eargs, logs, evals, files):
     dev, tv = cfg.get("device_name", "?"), cfg.get("torch_version", "?")
     L = [f"# MSA quality study (issue 6)", "",
          f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-         f"`examples/msa_quality/report.py {' '.join(sys.argv[1:])}` on {dev}, torch {tv}.", "",
+         f"`examples/msa_quality/report.py {' '.join(sys.argv[1:])}`; trained and evaluated on "
+         f"{dev}, torch {tv}" + (f", at commit {rargs.commit}." if rargs.commit else "."), "",
          "## Setup", "",
          f"Decoder: {m['n_layers']} layers, d_model {m['d_model']}, Hq {m['n_q_heads']}, "
-         f"Hkv {m['n_kv_heads']}, head_dim {m['head_dim']}, SwiGLU {m['mlp_hidden']}, RoPE; "
-         f"index head dim {m['index_head_dim']}, block {m['block_size']}, top-k {m['topk']} blocks "
+         f"Hkv {m['n_kv_heads']}, head_dim {m['head_dim']}, SwiGLU {m['mlp_hidden']}, RoPE (base "
+         f"{m['rope_base']:g}) on {m.get('rotary_dim', m['head_dim'])} of {m['head_dim']} channels; "
+         f"index head dim {m['index_head_dim']} (RoPE on {m.get('index_rotary_dim', m['index_head_dim'])}), "
+         f"block {m['block_size']}, top-k {m['topk']} blocks "
          f"({m['block_size'] * m['topk']} keys), KL coefficient {m['kl_coeff']}.",
          f"Training: {cfg['steps']} steps, lengths {cfg['seq_len']} (cycled), "
-         f"{cfg['batch']} x max length tokens/step, AdamW lr {cfg['lr']}, {cfg['dtype']}, seed "
+         f"{cfg['batch']} x max length tokens/step, AdamW lr {cfg['lr']} (index projections: "
+         f"{cfg.get('index_lr', cfg['lr'])} constant), {cfg['dtype']}, seed "
          f"{cfg['seed']}. MSA-PT: dense warmup {cfg['pt_warmup']} steps. MSA-CPT: dense checkpoint "
          f"of step {cfg['cpt_start']} converted, warmup {cfg['cpt_warmup']} steps, then sparse.",
          f"Curriculum: the first {cfg.get('warm_steps', 0)} steps on lengths "
          f"{cfg.get('warm_lengths', '-')} (same tokens per step); "
-         f"{cfg.get('inline_per_1k', 0):g} inline questions per 1K training tokens.",
+         f"{cfg.get('inline_per_1k', 0):g} inline questions per 1K training tokens (their answers "
+         f"are targets but not shown in the text).",
          f"Task: records `key -> value` in Markov filler (entropy {data.filler_entropy_nats():.3f} "
          f"nats/token), {data.records_for(1024):d} records per 1K tokens, 4 questions at the end.", ""]
     L += verdict(targs, evals)
