@@ -216,7 +216,7 @@ def _msa_indexer_forward(self, hidden_states, position_embeddings, past_key_valu
     ki = _pack_keys(idx_k, key_lens)[:, 0]
     cfg = ([self.num_heads, self.num_heads, self.head_dim, self.head_dim, self.block_size, width],
            [0.0, 0.0])
-    topk, _ = msa_torch.index_topk(qi, ki, cu_q, cu_k, cfg, q_len, max(key_lens))
+    topk, _ = msa_torch.index_topk(qi, ki, cu_q, cu_k, cfg, q_len, max(key_lens), with_lse=False)
     return topk.view(self.num_heads, batch, q_len, width).permute(1, 0, 2, 3).to(torch.int64)
 
 

@@ -112,22 +112,26 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("msa::index_topk", mutates_args=())
 def _index_topk(qi: Tensor, ki: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                 cfg: List[int], scales: List[float], max_seqlen_q: int, max_seqlen_k: int,
-                temperature: float) -> Tuple[Tensor, Tensor]:
+                temperature: float, with_lse: bool) -> Tuple[Tensor, Tensor]:
+    """(topk, selected_lse); without with_lse the LSE is [Hkv, 0] and never computed: the pooling
+    then takes only each block's max, no exponential per score (the training step's case)."""
     c = _config(cfg, scales)
     tq, tk = qi.shape[0], ki.shape[0]
     topk = torch.empty((cfg[1], tq, cfg[5]), dtype=torch.int32, device=qi.device)
-    lse = torch.empty((cfg[1], tq), dtype=_stats_dtype(qi.dtype), device=qi.device)
+    lse = torch.empty((cfg[1], tq if with_lse else 0), dtype=_stats_dtype(qi.dtype),
+                      device=qi.device)
     kw = _common(qi, max_seqlen_q, max_seqlen_k, "index_topk", c, cu_seqlens_q, cu_seqlens_k, tq, tk)
     _C.index_topk(c, _dl(qi), _dl(ki), _dl(cu_seqlens_q), _dl(cu_seqlens_k), _dl(topk),
-                  selected_lse=_dl(lse), temperature=temperature, **kw)
+                  selected_lse=_dl(lse) if with_lse else None, temperature=temperature, **kw)
     return topk, lse
 
 
 @_index_topk.register_fake
-def _(qi, ki, cu_seqlens_q, cu_seqlens_k, cfg, scales, max_seqlen_q, max_seqlen_k, temperature):
+def _(qi, ki, cu_seqlens_q, cu_seqlens_k, cfg, scales, max_seqlen_q, max_seqlen_k, temperature,
+      with_lse):
     tq = qi.shape[0]
     return (qi.new_empty((cfg[1], tq, cfg[5]), dtype=torch.int32),
-            qi.new_empty((cfg[1], tq), dtype=_stats_dtype(qi.dtype)))
+            qi.new_empty((cfg[1], tq if with_lse else 0), dtype=_stats_dtype(qi.dtype)))
 
 
 def _forward_impl(q, k, v, topk, cu_q, cu_k, cfg, scales, max_q, max_k):
@@ -353,11 +357,13 @@ def _dense_main(q, k, v, cu_q, cu_k, cfg, scales, max_q, max_k, backend) -> Tens
 # ---- functional API --------------------------------------------------------------------------
 
 def index_topk(qi, ki, cu_seqlens_q, cu_seqlens_k, cfg, max_seqlen_q=0, max_seqlen_k=0,
-               temperature=1.0) -> Tuple[Tensor, Tensor]:
-    """(topk [Hkv, total_q, k] int32, selected_lse [Hkv, total_q]); no gradient."""
+               temperature=1.0, with_lse=True) -> Tuple[Tensor, Optional[Tensor]]:
+    """(topk [Hkv, total_q, k] int32, selected_lse [Hkv, total_q], or None without with_lse: the
+    ranking alone skips an exponential per score); no gradient."""
     c, s = config_args(cfg)
-    return _index_topk(_contig(qi.detach()), _contig(ki.detach()), cu_seqlens_q, cu_seqlens_k, c, s,
-                       max_seqlen_q, max_seqlen_k, temperature)
+    topk, lse = _index_topk(_contig(qi.detach()), _contig(ki.detach()), cu_seqlens_q, cu_seqlens_k,
+                            c, s, max_seqlen_q, max_seqlen_k, temperature, bool(with_lse))
+    return topk, lse if with_lse else None
 
 
 def kl_alignment_loss(q, k, lse, qi, ki, topk, cu_seqlens_q, cu_seqlens_k, cfg, coeff=1.0,
@@ -388,7 +394,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     topk = None
     if mode == "sparse":
         topk, _ = _index_topk(_contig(qi.detach()), _contig(ki.detach()), cu_seqlens_q,
-                              cu_seqlens_k, c, s, max_seqlen_q, max_seqlen_k, 1.0)
+                              cu_seqlens_k, c, s, max_seqlen_q, max_seqlen_k, 1.0, False)
         out, lse = _sparse_fwd(q, k, v, topk, cu_seqlens_q, cu_seqlens_k, c, s, max_seqlen_q,
                                max_seqlen_k)
     elif mode == "dense":
@@ -437,18 +443,24 @@ class RotaryEmbedding:
             raise ValueError("rotary_dim must be even")
         self.rotary_dim, self.base = rotary_dim, base
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+    def cos_sin(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
+        """(cos, sin) [T, 1, rotary_dim / 2] of every position."""
         r = self.rotary_dim
-        inv = self.base ** (-torch.arange(0, r, 2, device=x.device, dtype=torch.float32) / r)
+        inv = self.base ** (-torch.arange(0, r, 2, device=positions.device, dtype=torch.float32) / r)
         ang = positions.to(torch.float32)[:, None] * inv[None, :]  # [T, r/2]
-        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+    def rotate(self, x: Tensor, positions: Tensor, cos_sin=None) -> Tensor:
+        r = self.rotary_dim
+        cos, sin = self.cos_sin(positions) if cos_sin is None else cos_sin
         xr = x[..., :r].float()
         x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
         rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
         return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
 
     def __call__(self, q: Tensor, k: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor]:
-        return self.rotate(q, positions), self.rotate(k, positions)
+        cs = self.cos_sin(positions)  # once for q and k
+        return self.rotate(q, positions, cs), self.rotate(k, positions, cs)
 
 
 RotaryHook = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]

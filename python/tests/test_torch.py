@@ -96,6 +96,15 @@ def reference_kl(cfg, scores, qi, ki, mask, coeff):
 
 # ---- ops ---------------------------------------------------------------------------------------
 
+def test_index_topk_without_lse_selects_the_same_blocks():
+    cfg = make_cfg()
+    t = tensors(cfg, LENGTHS, torch.float32, seed=3)
+    topk, lse = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg)
+    topk_only, none = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg, with_lse=False)
+    assert none is None and lse.shape == (cfg.num_kv_heads, t["qi"].shape[0])
+    assert torch.equal(topk, topk_only)
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_gradcheck_attention(mode):
     cfg = make_cfg()
@@ -248,7 +257,7 @@ def test_torch_compile_fullgraph(backend):
     c, s = mt.config_args(cfg)
 
     def f(q, k, v, qi, ki, cu_q, cu_k):
-        topk, _ = torch.ops.msa.index_topk(qi, ki, cu_q, cu_k, c, s, 0, 0, 1.0)
+        topk, _ = torch.ops.msa.index_topk(qi, ki, cu_q, cu_k, c, s, 0, 0, 1.0, False)
         out, lse = torch.ops.msa.sparse_attention_fwd(q, k, v, topk, cu_q, cu_k, c, s, 0, 0)
         loss, _, _ = torch.ops.msa.kl_alignment(q, k, lse, qi, ki, topk, cu_q, cu_k, c, s, 0, 0, 1.0)
         return out * 2, loss
@@ -401,7 +410,9 @@ def test_cuda_index_topk_matches_cpu(dtype, hq, hkv):
     g = {n: x.cuda() for n, x in t.items()}
     topk_c, lse_c = mt.index_topk(t["qi"], t["ki"], t["cu_q"], t["cu_k"], cfg)
     topk_g, lse_g = mt.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], cfg)
+    topk_only, _ = mt.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], cfg, with_lse=False)
     torch.cuda.synchronize()
+    assert torch.equal(topk_only, topk_g)  # the max-only pooling ranks exactly as with the LSE
     # Selection compared as sets; near-ties in low precision may differ, so allow a few rows.
     same = (topk_c.sort(-1).values == topk_g.cpu().sort(-1).values).all(-1).float().mean().item()
     assert same >= 0.97, same
@@ -436,7 +447,7 @@ def test_cuda_graph_capture_of_forward():
     maxq, maxk = 16, 200  # host-side bounds: no device-to-host copy inside the graph
 
     def step():
-        topk, _ = torch.ops.msa.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], c, s, maxq, maxk, 1.0)
+        topk, _ = torch.ops.msa.index_topk(g["qi"], g["ki"], g["cu_q"], g["cu_k"], c, s, maxq, maxk, 1.0, False)
         return torch.ops.msa.sparse_attention_fwd(g["q"], g["k"], g["v"], topk, g["cu_q"], g["cu_k"], c, s, maxq, maxk)[0]
 
     side = torch.cuda.Stream()
