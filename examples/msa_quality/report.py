@@ -139,6 +139,10 @@ def verdict(targs, evals):
             sp, de = ms["sparse"][L], ms["dense"][L]
             out.append(f"- Training step at {L} tokens: sparse {sp:.1f} ms vs dense {de:.1f} ms "
                        f"({'faster' if sp < de else 'NOT faster'} than dense).")
+            for name, per in ms.items():
+                if name.startswith("sparse (") and L in per:
+                    out.append(f"  With the {name[8:-1]}: {per[L]:.1f} ms "
+                               f"({'faster' if per[L] < de else 'NOT faster'} than dense).")
     return out + [""]
 
 
@@ -190,9 +194,10 @@ def write_report(rargs, targs, eargs, logs, evals, files):
         dense = tm["ms"].get("dense", {})
         trow = [[mode, sl, f"{ms:.1f}", f"{dense[sl] / ms:.2f}x" if sl in dense else "-"]
                 for mode, per in tm["ms"].items() for sl, ms in per.items()]
+        at = f" at commit {tm['commit']}" if tm.get("commit") else ""
         L += [f"Wall clock per training step (forward, backward, AdamW; {tm['tokens_per_step']} "
-              f"tokens/step), measured alone on {tm['device_name']} by `step_timing.py` (median of "
-              f"{tm['steps']} steps):", "",
+              f"tokens/step), measured alone on {tm['device_name']}{at} by `step_timing.py` (median "
+              f"of {tm['steps']} steps; a freshly initialised model of the same configuration):", "",
               table(["mode", "seq len", "ms/step", "speedup vs dense"], trow), ""]
     L += ["Median step time in the training logs (device_study.sh trains the regimes side by side "
           "on one GPU, so these include the other runs' load):", "",

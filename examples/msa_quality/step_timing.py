@@ -72,9 +72,16 @@ def main(argv=None):
     ap.add_argument("--modes", default="dense,warmup,sparse")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sparse-kernels", default=None,
+                    help="sparse forward kernels to time (MSA_ATTENTION_KERNEL): 'default' is the "
+                         "library's choice, 'gathered' the opt-in key-major forward (CUDA only; "
+                         "default: both on CUDA)")
+    ap.add_argument("--commit", default=None, help="the commit timed, recorded in the JSON")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one step per (mode, length) and print its top N operators")
     args = ap.parse_args(argv)
+    if args.sparse_kernels is None:
+        args.sparse_kernels = "default,gathered" if args.device.startswith("cuda") else "default"
     saved_path = os.path.join(args.out, "train_args.json")
     if os.path.exists(saved_path):
         with open(saved_path) as f:
@@ -90,12 +97,26 @@ def main(argv=None):
     if targs.dtype is None:
         targs.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
     res = dict(device_name=train.device_name(args.device), tokens_per_step=targs.batch * targs.max_len,
-               steps=args.steps, ms={})
+               steps=args.steps, commit=args.commit, ms={})
+    runs = []
     for mode in args.modes.split(","):
+        kernels = args.sparse_kernels.split(",") if mode == "sparse" else ["default"]
+        runs += [(mode, k) for k in kernels]
+    user_choice = os.environ.get("MSA_ATTENTION_KERNEL")
+    for mode, kernel in runs:
+        name = mode if kernel == "default" else f"{mode} ({kernel} forward)"
+        if kernel == "default" and user_choice is None:
+            os.environ.pop("MSA_ATTENTION_KERNEL", None)
+        elif kernel != "default":
+            os.environ["MSA_ATTENTION_KERNEL"] = kernel  # read by the CUDA backend at every call
         for L in lengths:
             ms = 1e3 * time_mode(cfg, mode, L, targs, args)
-            res["ms"].setdefault(mode, {})[str(L)] = ms
-            print(f"[timing] {mode:7s} L={L:6d} {ms:8.1f} ms/step", flush=True)
+            res["ms"].setdefault(name, {})[str(L)] = ms
+            print(f"[timing] {name:7s} L={L:6d} {ms:8.1f} ms/step", flush=True)
+        if user_choice is None:
+            os.environ.pop("MSA_ATTENTION_KERNEL", None)
+        else:
+            os.environ["MSA_ATTENTION_KERNEL"] = user_choice
     os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
     with open(os.path.join(args.out, "eval", "step_timing.json"), "w") as f:
         json.dump(res, f, indent=2)

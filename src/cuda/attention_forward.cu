@@ -7,8 +7,9 @@
 //   - the wgmma kernel (attention_forward_wgmma.cuh) with MSA_ATTENTION_KERNEL=wgmma on sm_90a.
 // The gathered kernel is not the default: it wins when neighbouring queries select unrelated blocks
 // (H100, bench/profile_layer.py, 32K, Hq 8 / Hkv 2 / D 64 / B 64, iid selections: 1.24 + 1.11 ms vs
-// 4.56 ms), but loses on the study model's selections (examples/msa_quality step at 32K: 102.2 vs
-// 94.5 ms), where its partials' traffic (4 KB per query head) outweighs the masked tile work.
+// 4.56 ms; the current quality-study model, examples/msa_quality step at 32K: 92.3 vs 104.9 ms), but
+// lost on the session-5 study model's selections (102.2 vs 94.5 ms), where its partials' traffic
+// (4 KB per query head) outweighed the masked tile work. No rule picks between them yet.
 //
 // Known limitation: ids in topk outside [0, local block of their query] (other than -1) are skipped,
 // never read out of bounds and never reported; a duplicated id counts once.
