@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
@@ -172,6 +173,50 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
   }
 }
 
+// Rows of at most 32 partials (topk_k * block_size / 64 <= 32, the usual case): lane i owns partial
+// i's used bit, log-sum-exp and weight, found once, and each partial's D floats are read as one
+// vector per lane (lane l holds elements D/32 * l ..), all of a row's loads in flight together. The
+// same sums in the same order as the general path (max and weight sum by one butterfly, outputs in
+// ascending partial order), so the result does not depend on which path ran.
+template <int D>
+__device__ __forceinline__ void merge_row_vector(const float* row_parts, const float* lse_parts, const int32_t* ids,
+                                                 int topk_k, int parts, int64_t pos, int B, float& mx, float& l,
+                                                 float (&acc)[D / 32]) {
+  constexpr int kVec = D / 32;
+  using Vec = typename std::conditional<kVec == 4, float4, float2>::type;
+  static_assert(kVec == 2 || kVec == 4, "D 64 or 128");
+  const int lane = int(threadIdx.x & 31);
+  const unsigned used = used_partials_ballot(ids, topk_k, parts, 0, pos, B);
+  const float my_lse = (used >> lane) & 1u ? lse_parts[lane] : -INFINITY;
+  mx = my_lse;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const float my_w = (used >> lane) & 1u ? expf(my_lse - mx) : 0.f;
+  l = my_w;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+  // Sixteen partials' loads in flight at a time (16 x D/32 registers), a half with none used skipped.
+#pragma unroll
+  for (int half = 0; half < 32; half += 16) {
+    if (((used >> half) & 0xffffu) == 0) continue;
+    Vec v[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if ((used >> (half + j)) & 1u) v[j] = reinterpret_cast<const Vec*>(row_parts + int64_t(half + j) * D)[lane];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float w = __shfl_sync(0xffffffffu, my_w, half + j);
+      if ((used >> (half + j)) & 1u) {
+        const float* x = reinterpret_cast<const float*>(&v[j]);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] = fmaf(w, x[e], acc[e]);
+      }
+    }
+  }
+}
+
 // out and lse of each (query, head) row from its partials (partial_used), in slot order; a row with
 // none (only with malformed topk rows) gets out = 0 and lse = -inf, as the query-major kernel.
 template <class T, int D>
@@ -185,18 +230,26 @@ __global__ void __launch_bounds__(128) attention_forward_merge_kernel(const Gath
   const int64_t row = pr.row, hq = r % gp.num_q_heads;
   const int parts = p.block_size / kAttnKeys;
   const float* lse_parts = gp.part_lse + r * gp.partials_per_row;
-  float mx, l;
-  merge_used_lse(lse_parts, pr.ids, p.topk_k, parts, pr.pos, p.block_size, mx, l);
-  float acc[D / 32];
-#pragma unroll
-  for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
-  if (l > 0.f)
-    sum_used_partials<D>(gp.part_out + r * gp.partials_per_row * D, pr.ids, p.topk_k, parts, pr.pos, p.block_size,
-                         [&](int idx) { return expf(lse_parts[idx] - mx); }, acc);
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float* row_parts = gp.part_out + r * gp.partials_per_row * D;
   T* dst = static_cast<T*>(p.out) + row * p.o_s0 + hq * p.o_s1;
+  float mx, l;
+  float acc[D / 32];
+  if (p.topk_k * parts <= 32) {
+    merge_row_vector<D>(row_parts, lse_parts, pr.ids, p.topk_k, parts, pr.pos, p.block_size, mx, l, acc);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
-  for (int j = 0; j < D / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * inv);
+    for (int e = 0; e < D / 32; ++e) dst[D / 32 * lane + e] = mma::Elem<T>::from_float(acc[e] * inv);
+  } else {
+    merge_used_lse(lse_parts, pr.ids, p.topk_k, parts, pr.pos, p.block_size, mx, l);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) acc[j] = 0.f;
+    if (l > 0.f)
+      sum_used_partials<D>(row_parts, pr.ids, p.topk_k, parts, pr.pos, p.block_size,
+                           [&](int idx) { return expf(lse_parts[idx] - mx); }, acc);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) dst[lane + 32 * j] = mma::Elem<T>::from_float(acc[j] * inv);
+  }
   if (lane == 0) p.lse[row * p.lse_s0 + hq * p.lse_s1] = l > 0.f ? mx + logf(l) : -INFINITY;
 }
 
