@@ -1,15 +1,21 @@
 // Host side of the CUDA attention forward (sparse over topk, or dense causal when topk is undefined):
 // checks what the kernels need beyond the common validation, sizes grids and shared memory, and
 // launches one of
-//   - the query-major mma.sync kernel over tile unions (attention_forward_kernel.cuh), the default;
-//   - the key-major gathered kernel and its merge (attention_forward_gathered.cuh) with
-//     MSA_ATTENTION_KERNEL=gathered, sparse, where the per-row partials fit (query_partials.cuh);
+//   - the query-major mma.sync kernel over tile unions (attention_forward_kernel.cuh): dense, groups
+//     wider than kGatheredMaxGroup heads, or MSA_ATTENTION_KERNEL=mma;
+//   - the key-major gathered kernel and its merge (attention_forward_gathered.cuh), sparse, where the
+//     per-row partials fit (query_partials.cuh): groups of at most kGatheredMaxGroup heads, or
+//     MSA_ATTENTION_KERNEL=gathered;
 //   - the wgmma kernel (attention_forward_wgmma.cuh) with MSA_ATTENTION_KERNEL=wgmma on sm_90a.
-// The gathered kernel is not the default: it wins when neighbouring queries select unrelated blocks
-// (H100, bench/profile_layer.py, 32K, Hq 8 / Hkv 2 / D 64 / B 64, iid selections: 1.24 + 1.11 ms vs
-// 4.56 ms; the current quality-study model, examples/msa_quality step at 32K: 92.3 vs 104.9 ms), but
-// lost on the session-5 study model's selections (102.2 vs 94.5 ms), where its partials' traffic
-// (4 KB per query head) outweighed the masked tile work. No rule picks between them yet.
+// The gathered kernel is the default for groups of at most kGatheredMaxGroup heads (a 64-row query
+// tile then holds 16 or more queries, whose block unions the tile kernel walks mostly masked) where
+// its partials fit; MSA_ATTENTION_KERNEL=mma forces the tile kernel. Measured on the H100 at
+// Hq 8 / Hkv 2 / D 64 / B 64, 32K: iid selections 1.24 + 1.11 ms vs 4.56 ms (bench/profile_layer.py);
+// the quality-study model's training step (examples/msa_quality/step_timing.py, 0ff415e) 76.8 vs
+// 92.6 ms, 73.4 vs 84.1 ms at 16K. It lost on one selection pattern, the session-5 study model's
+// nearly uniform fresh index (102.2 vs 94.5 ms, before the merge read its partials as vectors).
+// Wider groups (Hq 64 / Hkv 4, the prefill benchmark) keep the tile kernel: 4 queries a tile share
+// most blocks.
 //
 // Known limitation: ids in topk outside [0, local block of their query] (other than -1) are skipped,
 // never read out of bounds and never reported; a duplicated id counts once.
@@ -87,11 +93,18 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// The key-major gathered kernel: sparse, requested, and its partials (D floats and an lse per
-// (row, slot part)) within budget. One rule for the workspace size and the launch.
+constexpr int kGatheredMaxGroup = 4;
+
+// The key-major gathered kernel: sparse, asked for (MSA_ATTENTION_KERNEL=gathered) or by default for
+// groups of at most kGatheredMaxGroup heads (any other MSA_ATTENTION_KERNEL value opts out), and its
+// partials (D floats and an lse per (row, slot part)) within budget. One rule for the workspace size
+// and the launch.
 bool gathered_forward(const Problem& p, bool sparse) {
+  if (!sparse) return false;
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
-  return sparse && e != nullptr && std::string(e) == "gathered" &&
+  const bool wanted = e == nullptr || *e == '\0' ? p.cfg.group_size() <= kGatheredMaxGroup
+                                                 : std::string(e) == "gathered";
+  return wanted &&
          query_partials_fit(p.total_q, p.cfg.num_q_heads, p.cfg.topk, p.cfg.block_size, p.cfg.head_dim + 1);
 }
 

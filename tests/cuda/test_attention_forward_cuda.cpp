@@ -2,8 +2,9 @@
 // data: ragged batches around block edges, chunked-prefill and decode suffixes, GQA ratios 1..16,
 // D = 64 and 128, bf16 and f16, several 64-row tiles per sequence, 192-key blocks (three 64-key chunks,
 // so the wgmma kernel's 3-slot K/V rings wrap), strided rows, malformed ids, rejected arguments.
-// Every case runs on each kernel (MSA_ATTENTION_KERNEL mma, the default query-major tile-union kernel;
-// gathered, key-major with a merge, sparse only, dense falls to mma; and wgmma: compiled in with
+// Every case runs on each kernel (MSA_ATTENTION_KERNEL mma, the query-major tile-union kernel, the
+// default for groups wider than 4 heads; gathered, key-major with a merge, sparse only, the default
+// for groups of at most 4, dense falls to mma; and wgmma: compiled in with
 // MSA_EXPERIMENTAL_WGMMA_ATTENTION, sm_90 only); a failure names the first element out of tolerance
 // (bench/attention_wgmma_probe.cu then checks the wgmma products alone).
 #include <cuda_runtime.h>
