@@ -90,6 +90,16 @@ TEST_P(AttentionForwardCuda, Gqa2Block192Float16) {
   check_case({4, 2, 128, 192, 3, {200, 65}, {900, 65}, DType::f16}, 22);
 }
 
+// Rows of 32 partials (16 slots x two 64-key parts: the gathered merge's vector path, both halves)
+// and of 34 (17 slots: its general path).
+TEST_P(AttentionForwardCuda, Gqa4Block128With32Partials) {
+  check_case({8, 2, 64, 128, 16, {300, 70}, {2400, 900}, DType::bf16}, 24);
+}
+
+TEST_P(AttentionForwardCuda, Gqa4Block128With34Partials) {
+  check_case({8, 2, 128, 128, 17, {200, 129}, {2500, 129}, DType::bf16}, 25);
+}
+
 // A group wider than a 64-row tile (the gathered kernel gives each query two tiles).
 TEST_P(AttentionForwardCuda, Gqa128WiderThanTile) {
   check_case({128, 1, 64, 128, 3, {70, 5}, {300, 5}, DType::bf16}, 23);
