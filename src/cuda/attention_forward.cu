@@ -32,6 +32,7 @@
 #include "core/backend.h"
 #include "cuda/attention_forward_gathered.cuh"
 #include "cuda/attention_forward_kernel.cuh"
+#include "cuda/attention_forward_tma.cuh"
 #include "cuda/attention_forward_wgmma.cuh"
 #include "cuda/attention_host.cuh"
 #include "cuda/cuda_check.cuh"
@@ -39,6 +40,7 @@
 #include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
 #include "cuda/query_partials.cuh"
+#include "cuda/tensor_map.h"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 
@@ -64,16 +66,21 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
 // -DMSA_EXPERIMENTAL_WGMMA_ATTENTION (ON by default) and selected by MSA_ATTENTION_KERNEL=wgmma. It is
 // not the default: on the H100 (commit 5a06e48, bench_prefill / bench_training) it was slower than
 // the mma.sync kernel both sparse (128K, Hq64/Hkv4: 72.2 vs 66.4 ms) and dense (1698 vs 1552 ms).
-bool wgmma_requested() {
-#if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
-  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
-  if (e == nullptr || std::string(e) != "wgmma") return false;
-  // The kernel is built for sm_90a only: any other device takes the mma.sync kernel.
+// The wgmma kernels are built for sm_90a only.
+bool is_sm90() {
   int dev = 0, major = 0, minor = 0;
   MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   return major == 9 && minor == 0;
+}
+
+bool wgmma_requested() {
+#if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
+  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
+  if (e == nullptr || std::string(e) != "wgmma") return false;
+  // The kernel is built for sm_90a only: any other device takes the mma.sync kernel.
+  return is_sm90();
 #else
   return false;
 #endif
@@ -91,6 +98,51 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   const dim3 grid(unsigned(tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch));
   wgmma::attention_forward_wgmma_kernel<T, D><<<grid, wgmma::kTileThreads, smem, stream>>>(params);
   MSA_CUDA_CHECK_LAUNCH();
+}
+
+// The warp-specialised TMA kernel (attention_forward_tma.cuh): asked for with
+// MSA_ATTENTION_KERNEL=tma, on sm_90 only, where K and V can be described as TMA tensors.
+bool tma_requested(const Problem& p) {
+  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
+  if (e == nullptr || std::string(e) != "tma") return false;
+  return is_sm90() && p.total_k < (int64_t(1) << 31);
+}
+
+template <class T, int D, int kKeys>
+void launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, int max_q, cudaStream_t stream) {
+  using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
+  const std::size_t smem = Smem::bytes(tp.a.bitmap_words, tp.a.union_cap);
+  allow_dynamic_smem(reinterpret_cast<const void*>(tma::attention_forward_tma_kernel<T, D, kKeys>), smem,
+                     "attention forward (tma)");
+  const int64_t tiles = (int64_t(max_q) * tp.a.group_size + tma::kTileRows - 1) / tma::kTileRows;
+  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
+  MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
+  const dim3 grid(unsigned(tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch));
+  tma::attention_forward_tma_kernel<T, D, kKeys><<<grid, tma::kThreads, smem, stream>>>(tp);
+  MSA_CUDA_CHECK_LAUNCH();
+}
+
+// Returns false (nothing launched) when the driver cannot describe k or v as a TMA tensor.
+template <class T, int D>
+bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& k, const TensorView& v, int max_q,
+                cudaStream_t stream) {
+  const int keys = p.cfg.block_size % 128 == 0 ? 128 : 64;
+  tma::TmaAttentionParams tp{};
+  tp.a = a;
+  if (!encode_rows_map(&tp.k_map, k, keys, tma::kBoxElems) || !encode_rows_map(&tp.v_map, v, keys, tma::kBoxElems))
+    return false;
+  if (keys == 128)
+    launch_tma_keys<T, D, 128>(p, tp, max_q, stream);
+  else
+    launch_tma_keys<T, D, 64>(p, tp, max_q, stream);
+  return true;
+}
+
+template <class T>
+bool launch_tma_dim(const Problem& p, const AttentionParams& a, const TensorView& k, const TensorView& v, int max_q,
+                    cudaStream_t stream) {
+  if (p.cfg.head_dim == 128) return launch_tma<T, 128>(p, a, k, v, max_q, stream);
+  return launch_tma<T, 64>(p, a, k, v, max_q, stream);
 }
 
 constexpr int kGatheredMaxGroup = 4;
@@ -171,13 +223,14 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
   if (p.total_q == 0) return;
   const cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
 
-  const bool use_wgmma = wgmma_requested();
+  const bool use_tma = tma_requested(p);
+  const bool use_wgmma = !use_tma && wgmma_requested();
   AttentionParams a{};
   set_shared_params(a, p, q, k, v, topk, out, lse);
   a.scale_log2 = a.scale * 1.4426950408889634f;
   // The longest sequence is bounded by total_k when the caller gave no max_seqlen_k.
   const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
-  if (!use_wgmma && gathered_forward(p, topk.defined())) {
+  if (!use_tma && !use_wgmma && gathered_forward(p, topk.defined())) {
     const GatheredForwardLayout lay(p);
     ScratchArena arena(ctx, lay.bytes(p));
     GatheredForwardParams gp{};
@@ -189,10 +242,17 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
     if (p.cfg.head_dim == 128) return launch_gathered<__half, 128>(p, gp, max_k, arena, lay, stream);
     return launch_gathered<__half, 64>(p, gp, max_k, arena, lay, stream);
   }
-  if (a.topk) set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);
   const int max_q =
       max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q, p.varlen.host_cu_seqlens_q, stream);
   if (max_q == 0) return;
+  if (use_tma) {
+    AttentionParams t = a;
+    if (t.topk) set_union_capacity(t, max_k, tma::kTileRows, p.cfg);
+    const bool launched = p.dtype == DType::bf16 ? launch_tma_dim<__nv_bfloat16>(p, t, k, v, max_q, stream)
+                                                 : launch_tma_dim<__half>(p, t, k, v, max_q, stream);
+    if (launched) return;
+  }
+  if (a.topk) set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);
   if (p.dtype == DType::bf16) return launch_dim<__nv_bfloat16>(p, a, max_q, use_wgmma, stream);
   return launch_dim<__half>(p, a, max_q, use_wgmma, stream);
 }

@@ -4,8 +4,9 @@
 // so the wgmma kernel's 3-slot K/V rings wrap), strided rows, malformed ids, rejected arguments.
 // Every case runs on each kernel (MSA_ATTENTION_KERNEL mma, the query-major tile-union kernel, the
 // default for groups wider than 4 heads; gathered, key-major with a merge, sparse only, the default
-// for groups of at most 4, dense falls to mma; and wgmma: compiled in with
-// MSA_EXPERIMENTAL_WGMMA_ATTENTION, sm_90 only); a failure names the first element out of tolerance
+// for groups of at most 4, dense falls to mma; wgmma: compiled in with
+// MSA_EXPERIMENTAL_WGMMA_ATTENTION, sm_90 only; and tma, the warp-specialised TMA kernel, sm_90
+// only); a failure names the first element out of tolerance
 // (bench/attention_wgmma_probe.cu then checks the wgmma products alone).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -43,15 +44,17 @@ class AttentionForwardCuda : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     MSA_SKIP_WITHOUT_GPU();
-    if (std::string(GetParam()) == "wgmma") {
+    const std::string kernel = GetParam();
+    if (kernel == "wgmma" || kernel == "tma") {
 #if !defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
-      GTEST_SKIP() << "the wgmma forward is compiled in only with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON";
+      if (kernel == "wgmma")
+        GTEST_SKIP() << "the wgmma forward is compiled in only with -DMSA_EXPERIMENTAL_WGMMA_ATTENTION=ON";
 #endif
       int dev = 0, major = 0, minor = 0;
       cudaGetDevice(&dev);
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-      if (major != 9 || minor != 0) GTEST_SKIP() << "the wgmma forward runs on sm_90 only";
+      if (major != 9 || minor != 0) GTEST_SKIP() << "the " << kernel << " forward runs on sm_90 only";
     }
     kernel_.emplace("MSA_ATTENTION_KERNEL", GetParam());
   }
@@ -193,7 +196,7 @@ TEST_P(AttentionForwardCuda, RejectsUnsupportedArguments) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, AttentionForwardCuda, ::testing::Values("gathered", "mma", "wgmma"),
+INSTANTIATE_TEST_SUITE_P(Kernels, AttentionForwardCuda, ::testing::Values("gathered", "mma", "wgmma", "tma"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 }  // namespace
