@@ -1,8 +1,12 @@
 // Host side of the CUDA attention forward (sparse over topk, or dense causal when topk is undefined):
 // checks what the kernels need beyond the common validation, sizes grids and shared memory, and
 // launches one of
-//   - the query-major mma.sync kernel over tile unions (attention_forward_kernel.cuh): dense, groups
-//     wider than kGatheredMaxGroup heads, or MSA_ATTENTION_KERNEL=mma;
+//   - the warp-specialised TMA + wgmma kernel over 128-row tile unions (attention_forward_tma.cuh),
+//     the default on sm_90 wherever the gathered kernel is not chosen (MSA_ATTENTION_KERNEL=tma asks
+//     for it). Measured on the H200 at Hq 64 / Hkv 4 / D 128, 128K, smooth selections
+//     (bench/bench_prefill.py): 27.9 ms against the mma.sync kernel's 67.0 ms;
+//   - the query-major mma.sync kernel over 64-row tile unions (attention_forward_kernel.cuh): other
+//     devices, or MSA_ATTENTION_KERNEL=mma;
 //   - the key-major gathered kernel and its merge (attention_forward_gathered.cuh), sparse, where the
 //     per-row partials fit (query_partials.cuh): groups of at most kGatheredMaxGroup heads, or
 //     MSA_ATTENTION_KERNEL=gathered;
@@ -100,14 +104,6 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// The warp-specialised TMA kernel (attention_forward_tma.cuh): asked for with
-// MSA_ATTENTION_KERNEL=tma, on sm_90 only, where K and V can be described as TMA tensors.
-bool tma_requested(const Problem& p) {
-  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
-  if (e == nullptr || std::string(e) != "tma") return false;
-  return is_sm90() && p.total_k < (int64_t(1) << 31);
-}
-
 template <class T, int D, int kKeys>
 void launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, int max_q, cudaStream_t stream) {
   using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
@@ -158,6 +154,17 @@ bool gathered_forward(const Problem& p, bool sparse) {
                                                  : std::string(e) == "gathered";
   return wanted &&
          query_partials_fit(p.total_q, p.cfg.num_q_heads, p.cfg.topk, p.cfg.block_size, p.cfg.head_dim + 1);
+}
+
+// The warp-specialised TMA kernel (attention_forward_tma.cuh) on sm_90: the default wherever the
+// gathered kernel is not chosen (dense; sparse groups wider than kGatheredMaxGroup heads, or whose
+// partials do not fit), or asked for with MSA_ATTENTION_KERNEL=tma; any other value opts out. It
+// needs K and V describable as TMA tensors (row coordinates below 2^31; launch_tma checks the rest).
+bool tma_forward(const Problem& p, bool sparse) {
+  const char* e = std::getenv("MSA_ATTENTION_KERNEL");
+  const bool unset = e == nullptr || *e == '\0';
+  const bool wanted = unset ? !gathered_forward(p, sparse) : std::string(e) == "tma";
+  return wanted && p.total_k < (int64_t(1) << 31) && is_sm90();
 }
 
 // Workspace of the gathered path: the key -> query lists, then the partials.
@@ -223,7 +230,7 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
   if (p.total_q == 0) return;
   const cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
 
-  const bool use_tma = tma_requested(p);
+  const bool use_tma = tma_forward(p, topk.defined());
   const bool use_wgmma = !use_tma && wgmma_requested();
   AttentionParams a{};
   set_shared_params(a, p, q, k, v, topk, out, lse);

@@ -17,8 +17,11 @@
 // Consumer warpgroup w owns rows 64 w .. 64 w + 63 of the tile: S = Q K^T with Q and K in shared
 // memory (SS), O += P V with P in registers (RS), in the order of attention_forward_wgmma.cuh (the
 // next S issued before the current softmax, so the softmax overlaps the P V product on the tensor
-// cores). Each warp releases a stage (an arrive on its "empty" mbarrier) once its products that read
-// the stage are complete; the producer refills a stage when all 8 consumer warps released it.
+// cores). A warpgroup skips the chunks that none of its own 4 queries (at G = 16) selected, so only
+// the union of 4 queries' selections costs products, while the loads serve the union of 8. Each warp
+// releases a stage (an arrive on its "empty" mbarrier) once its products that read the stage are
+// complete, or at once for a skipped chunk; the producer refills a stage when all 8 consumer warps
+// released it.
 //
 // Shared-memory layouts: Q (row, d, warpgroup) and K (key, d, stage) K-major, V (d, key, stage)
 // MN-major, all 128-byte swizzled CuTe GMMA atoms. A TMA box is 64 elements (128 bytes) of D by the
@@ -324,53 +327,87 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) Barrier::arrive(&bars[it % kStages]);
   };
 
-  if (num_iters > 0) {
-    float alpha[2];
-    wait_full(full_k, 0);
-    wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, 0), tSrS);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-    release(empty_k, 0);
-    softmax_chunk(0, alpha);  // O is still zero: no rescale
-    to_p();
-
-    for (int it = 1; it < num_iters; ++it) {
-      wait_full(full_k, it);
-      wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, it % kStages), tSrS);
-      wait_full(full_v, it - 1);
-      wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, (it - 1) % kStages), tOrO);
-      warpgroup_wait<1>();  // S_it is ready; P_{it-1} V_{it-1} may still run
-      warpgroup_fence_operand(tSrS);
-      release(empty_k, it);
-      softmax_chunk(it, alpha);
-      // ptxas hoists a wgmma wait to the top of its basic block, so the wait for P V sits behind a
-      // branch on the softmax's result (the rescale, skipped when no row's maximum moved; uniform
-      // per warp, as wait_group in a branch requires).
-      warpgroup_fence_operand(tSrS);
-      warpgroup_fence_operand(alpha[0]);
-      warpgroup_fence_operand(alpha[1]);
-      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
+  // The queries of this warpgroup's rows as bits of the tile's query masks, and its last position:
+  // a chunk none of them selected (or wholly after their causal limit) is skipped by this warpgroup,
+  // which only waits for the stage and releases it (the other warpgroup may use it). A pending P V is
+  // added before a skip, so a warpgroup never holds a V stage across another chunk's wait.
+  unsigned long long wg_bits[kMaskWords] = {0ull, 0ull};
+  int64_t wg_p_last = -1;
+  if (f0 + 64 * cw < rows_total) {
+    const int64_t f_last = f0 + 64 * cw + 63 < rows_total ? f0 + 64 * cw + 63 : rows_total - 1;
+    const int qa = int((f0 + 64 * cw) / G - i_first), qb = int(f_last / G - i_first);
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          tOrO(4 * n) *= alpha[0];
-          tOrO(1 + 4 * n) *= alpha[0];
-          tOrO(2 + 4 * n) *= alpha[1];
-          tOrO(3 + 4 * n) *= alpha[1];
-        }
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      release(empty_v, it - 1);
-      to_p();
+    for (int w = 0; w < kMaskWords; ++w) {
+      const int lo = qa > 64 * w ? qa - 64 * w : 0, hi = qb < 64 * w + 63 ? qb - 64 * w : 63;
+      if (lo <= hi) wg_bits[w] = (hi - lo == 63 ? ~0ull : ((1ull << (hi - lo + 1)) - 1ull)) << lo;
     }
-
-    wait_full(full_v, num_iters - 1);
-    wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, (num_iters - 1) % kStages), tOrO);
+    wg_p_last = rules::query_position(lq, lk, f_last / G);
+  }
+  auto wg_uses = [&](int it) {
+    if (walk.key_start<kKeys>(it) > wg_p_last) return false;
+    if (dense) return true;
+    const int u = it / walk.parts_per_block;
+    return ((su.mask[u * kMaskWords] & wg_bits[0]) | (su.mask[u * kMaskWords + 1] & wg_bits[1])) != 0ull;
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      tOrO(4 * n) *= alpha[0];
+      tOrO(1 + 4 * n) *= alpha[0];
+      tOrO(2 + 4 * n) *= alpha[1];
+      tOrO(3 + 4 * n) *= alpha[1];
+    }
+  };
+  auto add_pv = [&](int c) {
+    wait_full(full_v, c);
+    wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, c % kStages), tOrO);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
+    release(empty_v, c);
+  };
+
+  int prev = -1;  // the chunk whose P V is still to be added
+  for (int it = 0; it < num_iters; ++it) {
+    if (!wg_uses(it)) {
+      if (prev >= 0) add_pv(prev);
+      prev = -1;
+      wait_full(full_k, it);
+      release(empty_k, it);
+      wait_full(full_v, it);
+      release(empty_v, it);
+      continue;
+    }
+    float alpha[2];
+    wait_full(full_k, it);
+    wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, it % kStages), tSrS);
+    if (prev >= 0) {
+      wait_full(full_v, prev);
+      wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, prev % kStages), tOrO);
+      warpgroup_wait<1>();  // S_it is ready; P_prev V_prev may still run
+    } else {
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(tSrS);
+    release(empty_k, it);
+    softmax_chunk(it, alpha);
+    // ptxas hoists a wgmma wait to the top of its basic block, so the wait for P V sits behind a
+    // branch on the softmax's result (the rescale, skipped when no row's maximum moved; uniform per
+    // warp, as wait_group in a branch requires).
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(alpha[0]);
+    warpgroup_fence_operand(alpha[1]);
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      rescale_o(alpha);
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    if (prev >= 0) release(empty_v, prev);
+    to_p();
+    prev = it;
   }
+  if (prev >= 0) add_pv(prev);
 
   // Epilogue: normalize and store. A row that saw no key (only with malformed topk rows) gets
   // out = 0 and lse = -inf.
