@@ -32,3 +32,9 @@ for kern in ${MSA_FWD_BENCH_KERNELS:-}; do
     --out "$OUT/prefill_$kern.json" >"$OUT/bench_$kern.log" 2>&1
   echo "bench rc=$?"; tail -12 "$OUT/bench_$kern.log"
 done
+if [ -n "${MSA_FWD_COMPARE:-}" ]; then  # e.g. "--kernels tma,mma --contexts 32k,128k"
+  echo "== forward kernels"
+  timeout "${MSA_FWD_COMPARE_S:-300}" python3 bench/forward_kernels.py $MSA_FWD_COMPARE --out "$OUT/forward_kernels.json" \
+    >"$OUT/forward_kernels.log" 2>&1
+  echo "compare rc=$?"; cat "$OUT/forward_kernels.log" | tail -30
+fi
