@@ -26,6 +26,9 @@ def main():
     ap.add_argument("--out", default="forward_kernels.json")
     ap.add_argument("--qi-period", type=int, default=512)
     ap.add_argument("--qi-noise", type=float, default=0.1)
+    ap.add_argument("--shared-tile", type=int, default=0,
+                    help="also time selections shared by each run of N queries (N divides the block size): "
+                         "every query takes the first one's row, so a tile's union is 16 blocks")
     args = ap.parse_args()
     import torch
     import msa
@@ -43,12 +46,16 @@ def main():
             case = P.MsaCase(msa, cfg, x, L, hq, hkv)
             case.index_topk()
             torch.cuda.synchronize()
-            modes = ["sparse"] + (["dense"] if L in dense_ls else [])
+            modes = ["sparse"] + (["shared"] if args.shared_tile else []) + (["dense"] if L in dense_ls else [])
             for mode in modes:
                 ref = None
                 for kern in kernels:
                     os.environ["MSA_ATTENTION_KERNEL"] = kern
-                    if mode == "sparse":
+                    if mode == "shared" and ref is None:
+                        n = args.shared_tile
+                        idx = torch.arange(L, device=case.topk.device) // n * n
+                        case.topk.copy_(case.topk[:, idx].clone())
+                    if mode in ("sparse", "shared"):
                         call = case.forward
                         flops = P.sparse_flops(L, hq, d)
                     else:
