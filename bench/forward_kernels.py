@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--configs", default="hq64_hkv4_d128")
     ap.add_argument("--dense-contexts", default="32k", help="contexts that also time dense causal")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--modes", default="sparse,shared,dense", help="which of sparse, shared, dense to time")
     ap.add_argument("--out", default="forward_kernels.json")
     ap.add_argument("--qi-period", type=int, default=512)
     ap.add_argument("--qi-noise", type=float, default=0.1)
@@ -46,7 +47,9 @@ def main():
             case = P.MsaCase(msa, cfg, x, L, hq, hkv)
             case.index_topk()
             torch.cuda.synchronize()
-            modes = ["sparse"] + (["shared"] if args.shared_tile else []) + (["dense"] if L in dense_ls else [])
+            wanted = args.modes.split(",")
+            modes = [m for m in ("sparse", "shared", "dense") if m in wanted and
+                     (m != "shared" or args.shared_tile) and (m != "dense" or L in dense_ls)]
             for mode in modes:
                 ref = None
                 for kern in kernels:
