@@ -25,6 +25,7 @@ MSA_HOST_DEVICE int64_t num_blocks(int64_t num_keys, int block_size) {
   return (num_keys + block_size - 1) / block_size;
 }
 MSA_HOST_DEVICE int64_t block_begin(int64_t block, int block_size) { return block * block_size; }
+MSA_HOST_DEVICE int32_t block_begin(int32_t block, int block_size) { return block * block_size; }  // 32-bit form
 // One past the last key of `block` that a query at position p may see.
 MSA_HOST_DEVICE int64_t visible_block_end(int64_t block, int block_size, int64_t p) {
   const int64_t end = (block + 1) * block_size;
@@ -33,6 +34,9 @@ MSA_HOST_DEVICE int64_t visible_block_end(int64_t block, int block_size, int64_t
 
 // The local block of a query at position p; it is always selected.
 MSA_HOST_DEVICE int64_t local_block(int64_t p, int block_size) { return p / block_size; }
+// 32-bit form, for kernels whose lengths are known to fit (a 64-bit division is a subroutine call on
+// the GPU).
+MSA_HOST_DEVICE int32_t local_block(int32_t p, int block_size) { return p / block_size; }
 
 // Candidates are the blocks 0..local-1, all fully visible. n = min(local, k - 1) of them are chosen.
 MSA_HOST_DEVICE int num_nonlocal_selected(int64_t local, int k) {

@@ -104,41 +104,90 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   MSA_CUDA_CHECK_LAUNCH();
 }
 
+// The TMA path's union capacity (the same rule as every tile-union kernel) and, sparse, its
+// workspace: one union record per tile (attention_forward_tma.cuh).
+struct TmaForwardLayout {
+  AttentionParams caps{};  // bitmap_words, union_cap
+  int64_t records_per_group = 0;
+  int record_bytes = 0;
+  std::size_t bytes = 0;
+  TmaForwardLayout(const Problem& p, bool sparse) {
+    if (!sparse) return;
+    const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
+    caps.group_size = p.cfg.group_size();
+    set_union_capacity(caps, max_k, tma::kTileRows, p.cfg);
+    records_per_group = tma::union_records_per_group(p.total_q, caps.group_size, int(p.batch));
+    record_bytes = tma::union_record_bytes(caps.union_cap);
+    bytes = align_up(std::size_t(p.cfg.num_kv_heads) * records_per_group * record_bytes);
+  }
+};
+
 template <class T, int D, int kKeys>
-void launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, int max_q, cudaStream_t stream) {
+bool launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaForwardLayout& lay, int max_q,
+                     ScratchArena& arena, cudaStream_t stream) {
   using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
-  const std::size_t smem = Smem::bytes(tp.a.bitmap_words, tp.a.union_cap);
+  const std::size_t smem = Smem::bytes(lay.record_bytes);
+  int dev = 0, optin = 0, sms = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (smem > std::size_t(optin)) return false;  // wide unions (G <= 2): the tile kernels take them
+  // The kernel's tile arithmetic is 32-bit (attention_forward_tma.cuh, Tile).
+  const int64_t tiles_x = (int64_t(max_q) * tp.a.group_size + tma::kTileRows - 1) / tma::kTileRows;
+  if (int64_t(max_q) * tp.a.group_size >= (int64_t(1) << 31) ||
+      tiles_x * p.cfg.num_kv_heads * p.batch >= (int64_t(1) << 31) || p.total_q >= (int64_t(1) << 31))
+    return false;
+  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
+  tp.tiles_x = int(tiles_x);
+  tp.num_kv_heads = p.cfg.num_kv_heads;
+  tp.batch = int(p.batch);
+  tp.num_tiles = tp.tiles_x * tp.num_kv_heads * tp.batch;
+  if (tp.a.topk) {
+    unsigned char* unions = arena.take<unsigned char>(lay.bytes);
+    tp.unions = unions;
+    tp.records_per_group = lay.records_per_group;
+    tp.record_bytes = lay.record_bytes;
+    const std::size_t union_smem = BlockUnionSmem<tma::kMaskWords>::bytes(tp.a.bitmap_words, tp.a.union_cap);
+    allow_dynamic_smem(reinterpret_cast<const void*>(tma::tile_unions_kernel), union_smem,
+                       "attention forward (tile unions)");
+    const dim3 grid(unsigned(tp.tiles_x), unsigned(tp.num_kv_heads), unsigned(tp.batch));
+    tma::tile_unions_kernel<<<grid, 128, union_smem, stream>>>(tp.a, unions, lay.records_per_group,
+                                                                 lay.record_bytes);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
   allow_dynamic_smem(reinterpret_cast<const void*>(tma::attention_forward_tma_kernel<T, D, kKeys>), smem,
                      "attention forward (tma)");
-  const int64_t tiles = (int64_t(max_q) * tp.a.group_size + tma::kTileRows - 1) / tma::kTileRows;
-  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
-  MSA_CHECK_ARG(tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
-  const dim3 grid(unsigned(tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch));
-  tma::attention_forward_tma_kernel<T, D, kKeys><<<grid, tma::kThreads, smem, stream>>>(tp);
+  const unsigned ctas = unsigned(std::min<int64_t>(tp.num_tiles, sms));
+  tma::attention_forward_tma_kernel<T, D, kKeys><<<ctas, tma::kThreads, smem, stream>>>(tp);
   MSA_CUDA_CHECK_LAUNCH();
-}
-
-// Returns false (nothing launched) when the driver cannot describe k or v as a TMA tensor.
-template <class T, int D>
-bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& k, const TensorView& v, int max_q,
-                cudaStream_t stream) {
-  const int keys = p.cfg.block_size % 128 == 0 ? 128 : 64;
-  tma::TmaAttentionParams tp{};
-  tp.a = a;
-  if (!encode_rows_map(&tp.k_map, k, keys, tma::kBoxElems) || !encode_rows_map(&tp.v_map, v, keys, tma::kBoxElems))
-    return false;
-  if (keys == 128)
-    launch_tma_keys<T, D, 128>(p, tp, max_q, stream);
-  else
-    launch_tma_keys<T, D, 64>(p, tp, max_q, stream);
   return true;
 }
 
+// Returns false (nothing launched) when the driver cannot describe k or v as a TMA tensor, or the
+// tile slots do not fit in shared memory: the caller then takes another kernel.
+template <class T, int D>
+bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
+                const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena, cudaStream_t stream) {
+  const int keys = p.cfg.block_size % 128 == 0 ? 128 : 64;
+  // Q comes in boxes of 64 tile rows: 64 / G whole queries, or 64 heads of one query.
+  const int G = p.cfg.group_size();
+  if (!(G <= 64 ? 64 % G == 0 : G % 64 == 0)) return false;
+  const int box_heads = std::min(G, 64);
+  tma::TmaAttentionParams tp{};
+  tp.a = a;
+  if (!encode_rows_map(&tp.k_map, k, tma::kBoxElems, 1, keys) || !encode_rows_map(&tp.v_map, v, tma::kBoxElems, 1, keys) ||
+      !encode_rows_map(&tp.q_map, q, tma::kBoxElems, box_heads, 64 / box_heads))
+    return false;
+  if (keys == 128) return launch_tma_keys<T, D, 128>(p, tp, lay, max_q, arena, stream);
+  return launch_tma_keys<T, D, 64>(p, tp, lay, max_q, arena, stream);
+}
+
 template <class T>
-bool launch_tma_dim(const Problem& p, const AttentionParams& a, const TensorView& k, const TensorView& v, int max_q,
+bool launch_tma_dim(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
+                    const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena,
                     cudaStream_t stream) {
-  if (p.cfg.head_dim == 128) return launch_tma<T, 128>(p, a, k, v, max_q, stream);
-  return launch_tma<T, 64>(p, a, k, v, max_q, stream);
+  if (p.cfg.head_dim == 128) return launch_tma<T, 128>(p, a, q, k, v, max_q, lay, arena, stream);
+  return launch_tma<T, 64>(p, a, q, k, v, max_q, lay, arena, stream);
 }
 
 constexpr int kGatheredMaxGroup = 4;
@@ -216,7 +265,8 @@ void launch_dim(const Problem& p, const AttentionParams& params, int max_q, bool
 }  // namespace
 
 std::size_t attention_forward_workspace_bytes(const Problem& p, bool sparse) {
-  return gathered_forward(p, sparse) ? GatheredForwardLayout(p).bytes(p) : 0;
+  if (gathered_forward(p, sparse)) return GatheredForwardLayout(p).bytes(p);
+  return tma_forward(p, sparse) ? TmaForwardLayout(p, sparse).bytes : 0;
 }
 
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -253,10 +303,13 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
       max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q, p.varlen.host_cu_seqlens_q, stream);
   if (max_q == 0) return;
   if (use_tma) {
+    const TmaForwardLayout lay(p, topk.defined());
+    ScratchArena arena(ctx, lay.bytes);
     AttentionParams t = a;
-    if (t.topk) set_union_capacity(t, max_k, tma::kTileRows, p.cfg);
-    const bool launched = p.dtype == DType::bf16 ? launch_tma_dim<__nv_bfloat16>(p, t, k, v, max_q, stream)
-                                                 : launch_tma_dim<__half>(p, t, k, v, max_q, stream);
+    t.bitmap_words = lay.caps.bitmap_words;
+    t.union_cap = lay.caps.union_cap;
+    const bool launched = p.dtype == DType::bf16 ? launch_tma_dim<__nv_bfloat16>(p, t, q, k, v, max_q, lay, arena, stream)
+                                                 : launch_tma_dim<__half>(p, t, q, k, v, max_q, lay, arena, stream);
     if (launched) return;
   }
   if (a.topk) set_union_capacity(a, max_k, use_wgmma ? wgmma::kTileRows : kAttnRows, p.cfg);

@@ -1,32 +1,36 @@
-// Block-sparse (and dense causal) attention forward on Hopper, warp-specialised: a producer warp
-// streams K and V with the tensor-memory accelerator (TMA) into a ring of shared-memory stages
-// guarded by mbarriers, and two consumer warpgroups run the wgmma products and the online softmax.
-// Same contract and tile walk as the other forward kernels (attention_forward_kernel.cuh): a tile is
-// 128 rows = (query, head) pairs of ONE GQA group flattened query-major (8 queries at G = 16), its
-// keys the sorted union of its queries' blocks (attention_block_union.cuh), masked per row to the
-// blocks its query selected and to the causal limit.
+// Block-sparse (and dense causal) attention forward on Hopper: persistent, warp-specialised CTAs
+// (one per SM) in the manner of FlashAttention-3. Same contract and tile walk as the other forward
+// kernels (attention_forward_kernel.cuh): a tile is 128 rows = (query, head) pairs of ONE GQA group
+// flattened query-major (8 queries at G = 16), its keys the sorted union of its queries' blocks
+// (attention_block_union.cuh), masked per row to the blocks its query selected and to the causal
+// limit.
 //
-// Why this shape (measured on the H100, docs/benchmarks.md): the 64-row kernels load each K/V chunk
-// for 64 rows only, about 64 FLOP per byte fetched, which the memory system cannot feed at the
-// tensor cores' rate; two warpgroups sharing one K/V stream double the rows per byte, and the union
-// of 8 consecutive queries' selections is still small (about 24 blocks for 16 selected, on the
-// benchmark's smooth index inputs at 128K). The loads move off the compute warps entirely: one thread
-// issues each 128-key tile as TMA boxes, and the ring keeps two tiles (K and V: 128 KB at D = 128)
-// in flight.
+// Roles (three warpgroups):
+//  - the producer (one thread): for each tile, loads its Q rows (TMA boxes) and its block union (a
+//    bulk copy of the record tile_unions_kernel built in the workspace) into one of two tile slots,
+//    then streams its 128-key (or 64-key) K and V chunks with the tensor-memory accelerator (TMA)
+//    into a ring of shared-memory stages guarded by mbarriers. It runs ahead of the consumers, so a
+//    tile's setup (Q, union, first loads) lands while the previous tile is still computing;
+//  - two consumer warpgroups: wgmma products and the online softmax; warpgroup w owns rows
+//    64 w .. 64 w + 63 of each tile, writes them out and moves on to the next tile.
 //
-// Consumer warpgroup w owns rows 64 w .. 64 w + 63 of the tile: S = Q K^T with Q and K in shared
-// memory (SS), O += P V with P in registers (RS), in the order of attention_forward_wgmma.cuh (the
-// next S issued before the current softmax, so the softmax overlaps the P V product on the tensor
-// cores). A warpgroup skips the chunks that none of its own 4 queries (at G = 16) selected, so only
-// the union of 4 queries' selections costs products, while the loads serve the union of 8. Each warp
-// releases a stage (an arrive on its "empty" mbarrier) once its products that read the stage are
-// complete, or at once for a skipped chunk; the producer refills a stage when all 8 consumer warps
-// released it.
+// Why (measured on the H200, docs/benchmarks.md): the 64-row kernels load each K/V chunk for 64
+// rows and run at ~130 useful TFLOP/s; here two warpgroups share one K/V stream, the loads leave the
+// compute warps, and a non-persistent version of this kernel spent ~9 us per tile (about a third of a
+// sparse tile) on setup with nothing to overlap it (one 200 KB CTA per SM).
+//
+// Consumer order (as attention_forward_wgmma.cuh): S = Q K^T with Q and K in shared memory (SS), the
+// previous chunk's O += P V with P in registers (RS) issued behind it, so the softmax overlaps that
+// product. A warpgroup skips the chunks that none of its own queries selected (4 queries at G = 16),
+// so only the union of 4 queries' selections costs products while the loads serve the union of 8.
+// Each warp releases a stage (an arrive on its "empty" mbarrier) once its products that read the
+// stage are complete, or at once for a skipped chunk; the issuer refills a stage when all 8 consumer
+// warps released it.
 //
 // Shared-memory layouts: Q (row, d, warpgroup) and K (key, d, stage) K-major, V (d, key, stage)
 // MN-major, all 128-byte swizzled CuTe GMMA atoms. A TMA box is 64 elements (128 bytes) of D by the
-// tile's keys, written with the 128-byte swizzle, which is the byte placement of those layouts when
-// the atoms are tiled keys-first (tests/test_attention_tma_layout.cpp checks every element).
+// chunk's keys, written with the 128-byte swizzle, which is the byte placement of those layouts when
+// the atoms are tiled keys-first (tests/cuda/test_attention_tma_layout.cu checks every element).
 #pragma once
 
 #include <cuda.h>
@@ -54,13 +58,13 @@ namespace detail {
 namespace cuda {
 namespace tma {
 
-constexpr int kConsumers = 2;                   // consumer warpgroups
-constexpr int kTileRows = 64 * kConsumers;      // rows of a CTA tile
+constexpr int kConsumers = 2;                     // consumer warpgroups
+constexpr int kTileRows = 64 * kConsumers;        // rows of a tile
 constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
-constexpr int kMaskWords = 2;                   // a tile spans at most 128 queries (G = 1)
-constexpr int kBoxElems = 64;                   // elements of D per TMA box: one 128-byte swizzle row
-
-// Registers after the split (setmaxnreg): the producer needs few, the consumers hold S, O and P.
+constexpr int kMaskWords = 2;                     // a tile spans at most 128 queries (G = 1)
+constexpr int kBoxElems = 64;                     // elements of D per TMA box: one 128-byte swizzle row
+constexpr int kTileSlots = 2;                     // Q / union buffers: the next tile's fill during this one
+// Registers after the split (setmaxnreg): the producer warpgroup needs few, the consumers hold S, O, P.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536, "register file of one SM");
@@ -69,11 +73,35 @@ struct TmaAttentionParams {
   AttentionParams a;
   CUtensorMap k_map;  // (d, kv head, key row) of k
   CUtensorMap v_map;  // the same of v
+  CUtensorMap q_map;  // (d, q head, query row) of q, boxes of 64 rows (64 / G queries, or 64 heads)
+  int tiles_x;        // row tiles of the longest sequence
+  int num_kv_heads;
+  int batch;
+  int num_tiles;      // tiles_x * num_kv_heads * batch; CTA i takes tiles i, i + gridDim.x, ...
+  const unsigned char* unions;  // sparse: each tile's union record (tile_unions_kernel)
+  int64_t records_per_group;
+  int record_bytes;
 };
+
+// A tile's union as tile_unions_kernel writes it to the workspace and the producer copies it to
+// shared memory: the first three arrays of BlockUnionSmem's layout (count, masks, blocks), so the consumers
+// and the issuer read it through BlockUnionSmem. Records are indexed per group by
+// floor(q_begin * G / 128) + b + x for row tile x of sequence b: injective (a sequence's tiles end
+// before the next sequence's first index) and below floor(total_q * G / 128) + batch.
+__host__ __device__ inline int union_record_bytes(int union_cap) {
+  return (16 + union_cap * 8 * kMaskWords + union_cap * 4 + 15) / 16 * 16;
+}
+inline int64_t union_records_per_group(int64_t total_q, int group_size, int batch) {
+  return total_q * group_size / kTileRows + batch;
+}
+__host__ __device__ inline int64_t union_record_index(int64_t q_begin, int group_size, int b, int64_t x, int g,
+                                                      int64_t records_per_group) {
+  return int64_t(g) * records_per_group + q_begin * group_size / kTileRows + b + x;
+}
 
 template <class E, int D, int kKeys>
 struct TmaSmem {
-  static constexpr int kQBytes = kTileRows * D * 2;
+  static constexpr int kQBytes = kTileRows * D * 2;  // one slot
   static constexpr int kStageBytes = kKeys * D * 2;  // one K (or one V) tile
   // As many stages as fit in 128 KB per ring pair (2 at D = kKeys = 128), at most 4.
   static constexpr int kStages = (65536 / kStageBytes) < 4 ? (65536 / kStageBytes) : 4;
@@ -88,17 +116,15 @@ struct TmaSmem {
                                                cute::Shape<cute::Int<D>, cute::Int<kKeys>, cute::Int<kStages>>{},
                                                cute::Step<cute::_2, cute::_1, cute::_3>{}));
   static constexpr std::size_t kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
-  static constexpr std::size_t kKOffset = kQBytes;
+  static constexpr std::size_t kKOffset = std::size_t(kTileSlots) * kQBytes;
   static constexpr std::size_t kVOffset = kKOffset + std::size_t(kStages) * kStageBytes;
   static constexpr std::size_t kBarrierOffset = kVOffset + std::size_t(kStages) * kStageBytes;
-  static constexpr std::size_t kBarrierBytes = 4 * kStages * sizeof(uint64_t);
+  static constexpr std::size_t kBarrierBytes = (4 * kStages + 2 * kTileSlots) * sizeof(uint64_t);
   static constexpr std::size_t kUnionOffset = kBarrierOffset + kBarrierBytes;
   static_assert(int(cute::cosize_v<LayoutQ>) * 2 == kQBytes, "Q layout is dense");
   static_assert(int(cute::cosize_v<LayoutK>) * 2 == kStages * kStageBytes, "K layout is dense");
   static_assert(int(cute::cosize_v<LayoutV>) * 2 == kStages * kStageBytes, "V layout is dense");
-  static std::size_t bytes(int bitmap_words, int union_cap) {
-    return kAlign + kUnionOffset + BlockUnionSmem<kMaskWords>::bytes(bitmap_words, union_cap);
-  }
+  static std::size_t bytes(int record_bytes) { return kAlign + kUnionOffset + kTileSlots * std::size_t(record_bytes); }
 };
 
 template <class E, int D, int kKeys>
@@ -111,18 +137,50 @@ struct TmaMmas {
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 };
 
+// One tile of the persistent walk: linear index t runs over (row tile, group, sequence) with the
+// row tiles latest first (the longest under causal masking start first; the CTAs stride over t).
+// Every role evaluates it the same way; false for tiles past their sequence's rows.
+struct Tile {
+  // 32-bit throughout (the host requires rows of a sequence and the tile count below 2^31): the
+  // producer warps run with few registers, and a 64-bit division is a subroutine call.
+  int b, g, x, q_begin, lq, k_begin, lk, rows_total, f0, i_first, i_last, p_last, local_last;
+  __device__ bool at(const AttentionParams& p, int t, int tiles_x, int num_kv_heads, int batch) {
+    b = t % batch;
+    g = (t / batch) % num_kv_heads;
+    x = tiles_x - 1 - t / (batch * num_kv_heads);
+    q_begin = p.cu_q[b];
+    lq = p.cu_q[b + 1] - q_begin;
+    k_begin = p.cu_k[b];
+    lk = p.cu_k[b + 1] - k_begin;
+    rows_total = lq * p.group_size;
+    f0 = x * kTileRows;
+    if (f0 >= rows_total) return false;
+    i_first = f0 / p.group_size;
+    i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / p.group_size;
+    p_last = int(rules::query_position(lq, lk, i_last));
+    local_last = rules::local_block(p_last, p.block_size);
+    return true;
+  }
+};
+
 // The chunks a tile walks: every kKeys-key part of each union block, except parts past the tile's
 // last position. The producer and both consumers evaluate the same walk.
+template <int kKeys>
 struct ChunkWalk {
   const int* blocks;  // nullptr: dense (block u is u)
   int block_size;
   int parts_per_block;
   int num_iters;
-  __device__ int64_t block_at(int u) const { return blocks ? int64_t(blocks[u]) : int64_t(u); }
-  template <int kKeys>
-  __device__ int64_t key_start(int it) const {
-    return rules::block_begin(block_at(it / parts_per_block), block_size) +
-           int64_t(it % parts_per_block) * kKeys;
+  __device__ ChunkWalk(const int* blocks_, int num_union, const Tile& tile, int block_size_)
+      : blocks(blocks_), block_size(block_size_), parts_per_block(block_size_ / kKeys), num_iters(0) {
+    if (num_union > 0) {
+      const int last_parts = (tile.p_last - rules::block_begin(block_at(num_union - 1), block_size)) / kKeys + 1;
+      num_iters = (num_union - 1) * parts_per_block + int(last_parts < parts_per_block ? last_parts : parts_per_block);
+    }
+  }
+  __device__ int block_at(int u) const { return blocks ? blocks[u] : u; }
+  __device__ int key_start(int it) const {
+    return rules::block_begin(block_at(it / parts_per_block), block_size) + (it % parts_per_block) * kKeys;
   }
 };
 
@@ -137,33 +195,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kStages = Sm::kStages;
   const AttentionParams& p = tp.a;
+  const int batch = tp.batch, num_kv_heads = tp.num_kv_heads;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + Sm::kAlign - 1) & ~uintptr_t(Sm::kAlign - 1));
-  E* pQ = reinterpret_cast<E*>(smem);
   E* pK = reinterpret_cast<E*>(smem + Sm::kKOffset);
   E* pV = reinterpret_cast<E*>(smem + Sm::kVOffset);
   uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + Sm::kBarrierOffset);
   uint64_t* full_v = full_k + kStages;
   uint64_t* empty_k = full_v + kStages;
   uint64_t* empty_v = empty_k + kStages;
-  const BlockUnionSmem<kMaskWords> su =
-      BlockUnionSmem<kMaskWords>::carve(smem + Sm::kUnionOffset, p.bitmap_words, p.union_cap);
+  uint64_t* tile_ready = empty_v + kStages;       // [slot]: Q copied and union built
+  uint64_t* tile_free = tile_ready + kTileSlots;  // [slot]: the consumers are done with them
+  auto union_of = [&](int slot) {
+    return BlockUnionSmem<kMaskWords>::carve(smem + Sm::kUnionOffset + slot * std::size_t(tp.record_bytes),
+                                             p.bitmap_words, p.union_cap);
+  };
+  auto q_of = [&](int slot) { return reinterpret_cast<E*>(smem + slot * Sm::kQBytes); };
 
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, lane = tid & 31, warp = tid >> 5;
-  const int b = blockIdx.z, g = blockIdx.y;
   const int G = p.group_size, B = p.block_size;
-  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
-  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
-  const int64_t rows_total = lq * G;
-  // Longest tiles (latest queries) launch first: better tail balance under causal masking.
-  const int64_t f0 = int64_t(gridDim.x - 1 - blockIdx.x) * kTileRows;
-  if (f0 >= rows_total) return;
-  const int64_t i_first = f0 / G;
-  const int64_t i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / G;
-  const int64_t p_last = rules::query_position(lq, lk, i_last);
-  const int64_t local_last = rules::local_block(p_last, B);
   const bool dense = p.topk == nullptr;
 
   if (threadIdx.x == 0) {
@@ -173,181 +225,93 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::init(&empty_k[s], kConsumers * 4);
       Barrier::init(&empty_v[s], kConsumers * 4);
     }
+    for (int s = 0; s < kTileSlots; ++s) {
+      Barrier::init(&tile_ready[s], 1);
+      Barrier::init(&tile_free[s], kConsumers * 4);
+    }
     cutlass::arch::fence_barrier_init();
   }
-
-  using LayoutQ = typename Sm::LayoutQ;
-  Tensor sQ = make_tensor(make_smem_ptr(pQ), LayoutQ{});  // (row, d, warpgroup)
-  // Consumers copy their 64 Q rows (zeros past the sequence) while the CTA builds the union.
-  const int cw = wg - 1;  // consumer index; -1 for the producer
-  if (wg > 0) {
-    const uint16_t* q = static_cast<const uint16_t*>(p.q);
-    constexpr int kChunks = D / 8;
-    for (int i = tid; i < 64 * kChunks; i += 128) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int64_t f = f0 + 64 * cw + r;
-      const bool in = f < rows_total;
-      const uint16_t* src =
-          in ? q + (q_begin + f / G) * p.q_s0 + (int64_t(g) * G + f % G) * p.q_s1 + c * 8 : q;
-      mma::cp_async_16(mma::smem_addr(&sQ(r, c * 8, cw)), src, in ? 16 : 0);
-    }
-    mma::cp_async_commit();
-  }
-
-  int num_union = int(local_last + 1);
-  if (dense)
-    __syncthreads();  // publishes the barrier initialisation (build_block_union ends with a barrier)
+  __syncthreads();
+  if (wg == 0)
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
   else
-    num_union = build_block_union<kThreads, kMaskWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g,
-                                                         q_begin, lq, lk, B, i_first, i_last, local_last);
-  ChunkWalk walk{dense ? nullptr : su.blocks, B, B / kKeys, 0};
-  if (num_union > 0) {
-    const int64_t last_parts = (p_last - rules::block_begin(walk.block_at(num_union - 1), B)) / kKeys + 1;
-    walk.num_iters = (num_union - 1) * walk.parts_per_block +
-                     int(last_parts < walk.parts_per_block ? last_parts : walk.parts_per_block);
-  }
-  const int num_iters = walk.num_iters;
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
 
   if (wg == 0) {
-    // ---- Producer: one thread issues every TMA box; the rest of the warpgroup is done.
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (tid == 0) {
-      const uint64_t hint = uint64_t(TMA::CacheHintSm90::EVICT_NORMAL);
-      for (int it = 0; it < num_iters; ++it) {
-        const int s = it % kStages;
-        const int32_t row = int32_t(k_begin + walk.key_start<kKeys>(it));
-        if (it >= kStages) Barrier::wait(&empty_k[s], ((it / kStages) + 1) & 1);
+    // ---- Producer: one thread loads each tile's Q rows and union record into a tile slot, then
+    // streams its K/V chunks through the stage ring; the rest of the warpgroup has nothing to do.
+    if (threadIdx.x != 0) return;
+    const uint64_t hint = uint64_t(TMA::CacheHintSm90::EVICT_NORMAL);
+    int c = 0;  // chunks issued so far, over all tiles
+    int j = 0;  // tiles so far
+    Tile tile;
+    for (int t = blockIdx.x; t < tp.num_tiles; t += gridDim.x) {
+      if (!tile.at(p, t, tp.tiles_x, num_kv_heads, batch)) continue;
+      const int slot = j % kTileSlots;
+      if (j >= kTileSlots) Barrier::wait(&tile_free[slot], ((j / kTileSlots) + 1) & 1);
+      TxBarrier::arrive_and_expect_tx(&tile_ready[slot], uint32_t(Sm::kQBytes + (dense ? 0 : tp.record_bytes)));
+      E* q_slot = q_of(slot);
+#pragma unroll
+      for (int w = 0; w < kConsumers; ++w) {
+        const int row0 = tile.f0 + 64 * w;  // a box: 64 rows of the tile, (query, head) major
+        const int head0 = tile.g * G + (G > 64 ? row0 % G : 0);
+#pragma unroll
+        for (int dh = 0; dh < D / kBoxElems; ++dh)
+          SM90_TMA_LOAD_3D::copy(&tp.q_map, &tile_ready[slot], hint, q_slot + w * (64 * D) + dh * (64 * kBoxElems),
+                                 dh * kBoxElems, head0, tile.q_begin + row0 / G);
+      }
+      if (!dense)
+        SM90_BULK_COPY_G2S::copy(
+            tp.unions + union_record_index(tile.q_begin, G, tile.b, tile.x, tile.g, tp.records_per_group) *
+                            tp.record_bytes,
+            &tile_ready[slot], smem + Sm::kUnionOffset + slot * std::size_t(tp.record_bytes), tp.record_bytes);
+      Barrier::wait(&tile_ready[slot], (j / kTileSlots) & 1);  // the union is read below
+      const BlockUnionSmem<kMaskWords> su = union_of(slot);
+      const ChunkWalk<kKeys> walk(dense ? nullptr : su.blocks, dense ? tile.local_last + 1 : *su.count, tile, B);
+      for (int it = 0; it < walk.num_iters; ++it, ++c) {
+        const int s = c % kStages;
+        const int32_t row = tile.k_begin + walk.key_start(it);
+        if (c >= kStages) Barrier::wait(&empty_k[s], ((c / kStages) + 1) & 1);
         TxBarrier::arrive_and_expect_tx(&full_k[s], uint32_t(Sm::kStageBytes));
 #pragma unroll
         for (int dh = 0; dh < D / kBoxElems; ++dh)
           SM90_TMA_LOAD_3D::copy(&tp.k_map, &full_k[s], hint, pK + s * (kKeys * D) + dh * (kKeys * kBoxElems),
-                                 dh * kBoxElems, g, row);
-        if (it >= kStages) Barrier::wait(&empty_v[s], ((it / kStages) + 1) & 1);
+                                 dh * kBoxElems, tile.g, row);
+        if (c >= kStages) Barrier::wait(&empty_v[s], ((c / kStages) + 1) & 1);
         TxBarrier::arrive_and_expect_tx(&full_v[s], uint32_t(Sm::kStageBytes));
 #pragma unroll
         for (int dh = 0; dh < D / kBoxElems; ++dh)
           SM90_TMA_LOAD_3D::copy(&tp.v_map, &full_v[s], hint, pV + s * (kKeys * D) + dh * (kKeys * kBoxElems),
-                                 dh * kBoxElems, g, row);
+                                 dh * kBoxElems, tile.g, row);
       }
+      ++j;
     }
     return;
   }
 
-  // ---- Consumers.
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  // ---- Consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of every tile.
+  const int cw = wg - 1;
   typename Mm::S mma_s;
   typename Mm::O mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sK = make_tensor(make_smem_ptr(pK), typename Sm::LayoutK{});  // (key, d, stage)
   Tensor sV = make_tensor(make_smem_ptr(pV), typename Sm::LayoutV{});  // (d, key, stage)
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ(_, _, cw));  // (MMA, 1, D/16) descriptors
-  Tensor tSrK = thr_s.partition_fragment_B(sK);            // (MMA, 1, D/16, stage)
-  Tensor tOrV = thr_o.partition_fragment_B(sV);            // (MMA, 1, kKeys/16, stage)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);                        // (MMA, 1, D/16, stage)
+  Tensor tOrV = thr_o.partition_fragment_B(sV);                        // (MMA, 1, kKeys/16, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, Int<kKeys>>{});
   Tensor tOrO = partition_fragment_C(mma_o, Shape<_64, Int<D>>{});
   Tensor tOrP = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, Int<kKeys>>{}));
   static_assert(decltype(size(tSrS))::value == kKeys / 2 && decltype(size(tOrP))::value == kKeys / 2 &&
                     decltype(size(tOrO))::value == D / 2,
                 "fragment sizes of the m64 layouts (attention_forward_wgmma.cuh describes them)");
+  const int row_a = 64 * cw + warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
 
-  // This thread's two rows (16 (warp) + lane / 4, and 8 below): position (-1 = padding), query bit.
-  const int row_a = 64 * cw + warp * 16 + (lane >> 2);
-  int64_t pos[2];
-  int qbit[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t f = f0 + row_a + 8 * h;
-    const bool valid = f < rows_total;
-    pos[h] = valid ? rules::query_position(lq, lk, f / G) : -1;
-    qbit[h] = valid ? int(f / G - i_first) : 0;
-  }
-
-  // Q visible to the async proxy, for the whole warpgroup.
-  mma::cp_async_wait<0>();
-  wgmma::fence_async_shared();
-  cutlass::arch::NamedBarrier::arrive_and_wait(128, 1 + cw);
-
-  clear(tOrO);
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-
-  // Mask (unselected rows, causal tail, keys past the sequence) and online softmax of chunk `it` in
-  // tSrS (scores stay raw; exp2 with the scale folded in); alpha[h]: the factor O must be rescaled by
-  // before P of this chunk is added.
-  auto softmax_chunk = [&](int it, float (&alpha)[2]) {
-    const int64_t ks = walk.key_start<kKeys>(it);
-    const int u = it / walk.parts_per_block;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool row_sel =
-          dense || ((su.mask[u * kMaskWords + (qbit[h] >> 6)] >> (qbit[h] & 63)) & 1ull);
-      const int64_t lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this chunk
-      if (lim < kKeys - 1) {
-#pragma unroll
-        for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int key = n * 8 + (lane & 3) * 2 + j;
-            if (key > lim) tSrS(j + 2 * h + 4 * n) = -INFINITY;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = m_run[h];
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(tSrS(2 * h + 4 * n), tSrS(1 + 2 * h + 4 * n)));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      alpha[h] = wgmma::exp2_ftz(m_run[h] * p.scale_log2 - m_scaled);
-      m_run[h] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float e = wgmma::exp2_ftz(fmaf(tSrS(j + 2 * h + 4 * n), p.scale_log2, -m_scaled));
-          tSrS(j + 2 * h + 4 * n) = e;
-          sum += e;
-        }
-      }
-      l_run[h] = l_run[h] * alpha[h] + sum;
-    }
-  };
-  auto to_p = [&] {
-#pragma unroll
-    for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
-  };
-  auto wait_full = [&](uint64_t* bars, int it) { Barrier::wait(&bars[it % kStages], (it / kStages) & 1); };
-  // Each warp releases a stage after its own wait for the products that read it.
-  auto release = [&](uint64_t* bars, int it) {
+  auto wait_full = [&](uint64_t* bars, int c) { Barrier::wait(&bars[c % kStages], (c / kStages) & 1); };
+  // Each warp releases a stage (or a tile slot) after its own wait for the products that read it.
+  auto release = [&](uint64_t* bar) {
     __syncwarp();
-    if (lane == 0) Barrier::arrive(&bars[it % kStages]);
-  };
-
-  // The queries of this warpgroup's rows as bits of the tile's query masks, and its last position:
-  // a chunk none of them selected (or wholly after their causal limit) is skipped by this warpgroup,
-  // which only waits for the stage and releases it (the other warpgroup may use it). A pending P V is
-  // added before a skip, so a warpgroup never holds a V stage across another chunk's wait.
-  unsigned long long wg_bits[kMaskWords] = {0ull, 0ull};
-  int64_t wg_p_last = -1;
-  if (f0 + 64 * cw < rows_total) {
-    const int64_t f_last = f0 + 64 * cw + 63 < rows_total ? f0 + 64 * cw + 63 : rows_total - 1;
-    const int qa = int((f0 + 64 * cw) / G - i_first), qb = int(f_last / G - i_first);
-#pragma unroll
-    for (int w = 0; w < kMaskWords; ++w) {
-      const int lo = qa > 64 * w ? qa - 64 * w : 0, hi = qb < 64 * w + 63 ? qb - 64 * w : 63;
-      if (lo <= hi) wg_bits[w] = (hi - lo == 63 ? ~0ull : ((1ull << (hi - lo + 1)) - 1ull)) << lo;
-    }
-    wg_p_last = rules::query_position(lq, lk, f_last / G);
-  }
-  auto wg_uses = [&](int it) {
-    if (walk.key_start<kKeys>(it) > wg_p_last) return false;
-    if (dense) return true;
-    const int u = it / walk.parts_per_block;
-    return ((su.mask[u * kMaskWords] & wg_bits[0]) | (su.mask[u * kMaskWords + 1] & wg_bits[1])) != 0ull;
+    if (lane == 0) Barrier::arrive(bar);
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
@@ -358,79 +322,205 @@ __global__ void __launch_bounds__(kThreads, 1)
       tOrO(3 + 4 * n) *= alpha[1];
     }
   };
-  auto add_pv = [&](int c) {
-    wait_full(full_v, c);
-    wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, c % kStages), tOrO);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
-    release(empty_v, c);
+  auto to_p = [&] {
+#pragma unroll
+    for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
   };
 
-  int prev = -1;  // the chunk whose P V is still to be added
-  for (int it = 0; it < num_iters; ++it) {
-    if (!wg_uses(it)) {
-      if (prev >= 0) add_pv(prev);
-      prev = -1;
-      wait_full(full_k, it);
-      release(empty_k, it);
-      wait_full(full_v, it);
-      release(empty_v, it);
-      continue;
+  int c0 = 0;  // chunks consumed before this tile, over all tiles
+  int j = 0;
+  Tile tile;
+  for (int t = blockIdx.x; t < tp.num_tiles; t += gridDim.x) {
+    if (!tile.at(p, t, tp.tiles_x, num_kv_heads, batch)) continue;
+    const int slot = j % kTileSlots;
+    Barrier::wait(&tile_ready[slot], (j / kTileSlots) & 1);
+    const BlockUnionSmem<kMaskWords> su = union_of(slot);
+    const ChunkWalk<kKeys> walk(dense ? nullptr : su.blocks, dense ? int(tile.local_last + 1) : *su.count, tile, B);
+    Tensor sQ = make_tensor(make_smem_ptr(q_of(slot)), typename Sm::LayoutQ{});
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ(_, _, cw));  // (MMA, 1, D/16) descriptors
+
+    // This thread's two rows: position (-1 = padding) and query bit.
+    int pos[2];
+    int qbit[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int f = tile.f0 + row_a + 8 * h;
+      const bool valid = f < tile.rows_total;
+      pos[h] = valid ? int(rules::query_position(tile.lq, tile.lk, f / G)) : -1;
+      qbit[h] = valid ? int(f / G - tile.i_first) : 0;
     }
-    float alpha[2];
-    wait_full(full_k, it);
-    wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, it % kStages), tSrS);
-    if (prev >= 0) {
-      wait_full(full_v, prev);
-      wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, prev % kStages), tOrO);
-      warpgroup_wait<1>();  // S_it is ready; P_prev V_prev may still run
-    } else {
-      warpgroup_wait<0>();
+    // The queries of this warpgroup's rows as bits of the tile's query masks, and its last position:
+    // a chunk none of them selected (or wholly after their causal limit) is skipped by this
+    // warpgroup, which only waits for the stage and releases it (the other warpgroup may use it). A
+    // pending P V is added before a skip, so a warpgroup never holds a V stage across another
+    // chunk's wait.
+    unsigned long long wg_bits[kMaskWords] = {0ull, 0ull};
+    int wg_p_last = -1;
+    if (tile.f0 + 64 * cw < tile.rows_total) {
+      const int f_last = tile.f0 + 64 * cw + 63 < tile.rows_total ? tile.f0 + 64 * cw + 63 : tile.rows_total - 1;
+      const int qa = int((tile.f0 + 64 * cw) / G - tile.i_first), qb = int(f_last / G - tile.i_first);
+#pragma unroll
+      for (int w = 0; w < kMaskWords; ++w) {
+        const int lo = qa > 64 * w ? qa - 64 * w : 0, hi = qb < 64 * w + 63 ? qb - 64 * w : 63;
+        if (lo <= hi) wg_bits[w] = (hi - lo == 63 ? ~0ull : ((1ull << (hi - lo + 1)) - 1ull)) << lo;
+      }
+      wg_p_last = int(rules::query_position(tile.lq, tile.lk, f_last / G));
     }
-    warpgroup_fence_operand(tSrS);
-    release(empty_k, it);
-    softmax_chunk(it, alpha);
-    // ptxas hoists a wgmma wait to the top of its basic block, so the wait for P V sits behind a
-    // branch on the softmax's result (the rescale, skipped when no row's maximum moved; uniform per
-    // warp, as wait_group in a branch requires).
-    warpgroup_fence_operand(tSrS);
-    warpgroup_fence_operand(alpha[0]);
-    warpgroup_fence_operand(alpha[1]);
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+    auto wg_uses = [&](int it) {
+      if (walk.key_start(it) > wg_p_last) return false;
+      if (dense) return true;
+      const int u = it / walk.parts_per_block;
+      return ((su.mask[u * kMaskWords] & wg_bits[0]) | (su.mask[u * kMaskWords + 1] & wg_bits[1])) != 0ull;
+    };
+
+    clear(tOrO);
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    // Mask (unselected rows, causal tail, keys past the sequence) and online softmax of chunk `it`
+    // in tSrS (scores stay raw; exp2 with the scale folded in); alpha[h]: the factor O must be
+    // rescaled by before P of this chunk is added.
+    auto softmax_chunk = [&](int it, float (&alpha)[2]) {
+      const int ks = walk.key_start(it);
+      const int u = it / walk.parts_per_block;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool row_sel = dense || ((su.mask[u * kMaskWords + (qbit[h] >> 6)] >> (qbit[h] & 63)) & 1ull);
+        const int lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this chunk
+        if (lim < kKeys - 1) {
+#pragma unroll
+          for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const int key = n * 8 + (lane & 3) * 2 + jj;
+              if (key > lim) tSrS(jj + 2 * h + 4 * n) = -INFINITY;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = m_run[h];
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(tSrS(2 * h + 4 * n), tSrS(1 + 2 * h + 4 * n)));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        alpha[h] = wgmma::exp2_ftz(m_run[h] * p.scale_log2 - m_scaled);
+        m_run[h] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const float e = wgmma::exp2_ftz(fmaf(tSrS(jj + 2 * h + 4 * n), p.scale_log2, -m_scaled));
+            tSrS(jj + 2 * h + 4 * n) = e;
+            sum += e;
+          }
+        }
+        l_run[h] = l_run[h] * alpha[h] + sum;
+      }
+    };
+    auto add_pv = [&](int c) {
+      wait_full(full_v, c);
+      wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, c % kStages), tOrO);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      rescale_o(alpha);
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
-    if (prev >= 0) release(empty_v, prev);
-    to_p();
-    prev = it;
-  }
-  if (prev >= 0) add_pv(prev);
+      release(&empty_v[c % kStages]);
+    };
 
-  // Epilogue: normalize and store. A row that saw no key (only with malformed topk rows) gets
-  // out = 0 and lse = -inf.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (pos[h] < 0) continue;
-    const int64_t f = f0 + row_a + 8 * h;
-    const int64_t row = q_begin + f / G;
-    const int64_t head = int64_t(g) * G + f % G;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* dst = out + row * p.o_s0 + head * p.o_s1 + (lane & 3) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const uint32_t packed = mma::Elem<T>::pack(tOrO(2 * h + 4 * n) * inv, tOrO(1 + 2 * h + 4 * n) * inv);
-      *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
+    int prev = -1;  // the chunk (global count) whose P V is still to be added
+    for (int it = 0; it < walk.num_iters; ++it) {
+      const int c = c0 + it;
+      if (!wg_uses(it)) {
+        if (prev >= 0) add_pv(prev);
+        prev = -1;
+        wait_full(full_k, c);
+        release(&empty_k[c % kStages]);
+        wait_full(full_v, c);
+        release(&empty_v[c % kStages]);
+        continue;
+      }
+      float alpha[2];
+      wait_full(full_k, c);
+      wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, c % kStages), tSrS);
+      if (prev >= 0) {
+        wait_full(full_v, prev);
+        wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, prev % kStages), tOrO);
+        warpgroup_wait<1>();  // S is ready; the previous P V may still run
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(tSrS);
+      release(&empty_k[c % kStages]);
+      softmax_chunk(it, alpha);
+      // ptxas hoists a wgmma wait to the top of its basic block, so the wait for P V sits behind a
+      // branch on the softmax's result (the rescale, skipped when no row's maximum moved; uniform
+      // per warp, as wait_group in a branch requires).
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(alpha[0]);
+      warpgroup_fence_operand(alpha[1]);
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        rescale_o(alpha);
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      if (prev >= 0) release(&empty_v[prev % kStages]);
+      to_p();
+      prev = c;
     }
-    if ((lane & 3) == 0)
-      p.lse[row * p.lse_s0 + head * p.lse_s1] = l > 0.f ? m_run[h] * p.scale + logf(l) : -INFINITY;
+    if (prev >= 0) add_pv(prev);
+    c0 += walk.num_iters;
+    release(&tile_free[slot]);  // the union and Q of this tile are no longer read
+    ++j;
+
+    // Epilogue: normalize and store (the loads of the next tile are already in flight). A row that
+    // saw no key (only with malformed topk rows) gets out = 0 and lse = -inf.
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (pos[h] < 0) continue;
+      const int f = tile.f0 + row_a + 8 * h;
+      const int64_t row = tile.q_begin + f / G;
+      const int64_t head = int64_t(tile.g) * G + f % G;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T* dst = out + row * p.o_s0 + head * p.o_s1 + (lane & 3) * 2;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const uint32_t packed = mma::Elem<T>::pack(tOrO(2 * h + 4 * n) * inv, tOrO(1 + 2 * h + 4 * n) * inv);
+        *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
+      }
+      if ((lane & 3) == 0)
+        p.lse[row * p.lse_s0 + head * p.lse_s1] = l > 0.f ? m_run[h] * p.scale + logf(l) : -INFINITY;
+    }
   }
+}
+
+
+// Builds every sparse tile's block union (attention_block_union.cuh) into its workspace record, so
+// the forward's producer only copies it: one CTA of 128 threads per (row tile, group, sequence).
+__global__ void __launch_bounds__(128) tile_unions_kernel(const AttentionParams p, unsigned char* unions,
+                                                          int64_t records_per_group, int record_bytes) {
+  extern __shared__ __align__(16) unsigned char smem_union[];
+  const int b = blockIdx.z, g = blockIdx.y;
+  const int64_t x = blockIdx.x;
+  const int G = p.group_size, B = p.block_size;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t lk = p.cu_k[b + 1] - p.cu_k[b];
+  const int64_t rows_total = lq * G, f0 = x * kTileRows;
+  if (f0 >= rows_total) return;
+  const int64_t i_first = f0 / G;
+  const int64_t i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / G;
+  const int64_t local_last = rules::local_block(rules::query_position(lq, lk, i_last), B);
+  const BlockUnionSmem<kMaskWords> su = BlockUnionSmem<kMaskWords>::carve(smem_union, p.bitmap_words, p.union_cap);
+  build_block_union<128, kMaskWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq, lk, B,
+                                     i_first, i_last, local_last);
+  int4* dst = reinterpret_cast<int4*>(unions + union_record_index(q_begin, G, b, x, g, records_per_group) * record_bytes);
+  const int4* src = reinterpret_cast<const int4*>(smem_union);
+  for (int i = threadIdx.x; i < record_bytes / 16; i += 128) dst[i] = src[i];
 }
 
 }  // namespace tma

@@ -32,11 +32,11 @@ inline TensorMapEncodeTiled tensor_map_encoder() {
 }
 
 // A 3-D map of the bf16/f16 tensor `t` [rows, heads, dim] (innermost contiguous) whose box is
-// `box_elems` elements of dim x one head x `box_rows` rows, written to shared memory with the
-// 128-byte swizzle; rows past the tensor read as zeros. False when the driver refuses the layout
+// `box_elems` elements of dim x `box_heads` heads x `box_rows` rows, written to shared memory with
+// the 128-byte swizzle (rows of the box in (row, head) order); rows past the tensor read as zeros. False when the driver refuses the layout
 // (strides that are not multiples of 16 bytes, too many rows, no entry point): the caller then
 // takes a kernel that needs no map.
-inline bool encode_rows_map(CUtensorMap* map, const TensorView& t, int box_rows, int box_elems) {
+inline bool encode_rows_map(CUtensorMap* map, const TensorView& t, int box_elems, int box_heads, int box_rows) {
   const TensorMapEncodeTiled encode = tensor_map_encoder();
   if (encode == nullptr || (t.dtype != DType::bf16 && t.dtype != DType::f16)) return false;
   const int64_t rows = t.shape[0], heads = t.shape[1], dim = t.shape[2];
@@ -45,7 +45,7 @@ inline bool encode_rows_map(CUtensorMap* map, const TensorView& t, int box_rows,
   const int64_t head_stride = heads == 1 ? std::max<int64_t>(t.stride[1], dim) : t.stride[1];
   const cuuint64_t global_dim[3] = {cuuint64_t(dim), cuuint64_t(heads), cuuint64_t(rows)};
   const cuuint64_t global_strides[2] = {cuuint64_t(head_stride * bytes), cuuint64_t(t.stride[0] * bytes)};
-  const cuuint32_t box[3] = {cuuint32_t(box_elems), 1u, cuuint32_t(box_rows)};
+  const cuuint32_t box[3] = {cuuint32_t(box_elems), cuuint32_t(box_heads), cuuint32_t(box_rows)};
   const cuuint32_t element_strides[3] = {1u, 1u, 1u};
   const CUtensorMapDataType type =
       t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
