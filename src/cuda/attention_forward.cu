@@ -148,10 +148,10 @@ bool launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaFor
     tp.records_per_group = lay.records_per_group;
     tp.record_bytes = lay.record_bytes;
     const std::size_t union_smem = BlockUnionSmem<tma::kMaskWords>::bytes(tp.a.bitmap_words, tp.a.union_cap);
-    allow_dynamic_smem(reinterpret_cast<const void*>(tma::tile_unions_kernel), union_smem,
+    allow_dynamic_smem(reinterpret_cast<const void*>(tma::tile_unions_kernel<tma::kMaskWords>), union_smem,
                        "attention forward (tile unions)");
     const dim3 grid(unsigned(tp.tiles_x), unsigned(tp.num_kv_heads), unsigned(tp.batch));
-    tma::tile_unions_kernel<<<grid, 128, union_smem, stream>>>(tp.a, unions, lay.records_per_group,
+    tma::tile_unions_kernel<tma::kMaskWords><<<grid, 128, union_smem, stream>>>(tp.a, unions, lay.records_per_group,
                                                                  lay.record_bytes);
     MSA_CUDA_CHECK_LAUNCH();
   }

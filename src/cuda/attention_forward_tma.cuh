@@ -502,6 +502,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // Builds every sparse tile's block union (attention_block_union.cuh) into its workspace record, so
 // the forward's producer only copies it: one CTA of 128 threads per (row tile, group, sequence).
+// (A template so that the header defines it in every translation unit without a clash.)
+template <int kWords = kMaskWords>
 __global__ void __launch_bounds__(128) tile_unions_kernel(const AttentionParams p, unsigned char* unions,
                                                           int64_t records_per_group, int record_bytes) {
   extern __shared__ __align__(16) unsigned char smem_union[];
@@ -515,8 +517,8 @@ __global__ void __launch_bounds__(128) tile_unions_kernel(const AttentionParams 
   const int64_t i_first = f0 / G;
   const int64_t i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / G;
   const int64_t local_last = rules::local_block(rules::query_position(lq, lk, i_last), B);
-  const BlockUnionSmem<kMaskWords> su = BlockUnionSmem<kMaskWords>::carve(smem_union, p.bitmap_words, p.union_cap);
-  build_block_union<128, kMaskWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq, lk, B,
+  const BlockUnionSmem<kWords> su = BlockUnionSmem<kWords>::carve(smem_union, p.bitmap_words, p.union_cap);
+  build_block_union<128, kWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq, lk, B,
                                      i_first, i_last, local_last);
   int4* dst = reinterpret_cast<int4*>(unions + union_record_index(q_begin, G, b, x, g, records_per_group) * record_bytes);
   const int4* src = reinterpret_cast<const int4*>(smem_union);
