@@ -52,7 +52,11 @@ def main():
                      (m != "shared" or args.shared_tile) and (m != "dense" or L in dense_ls)]
             for mode in modes:
                 ref = None
-                for kern in kernels:
+                for spec in kernels:
+                    # "name" or "name:VAR=VAL:VAR=VAL": MSA_ATTENTION_KERNEL=name plus those variables
+                    kern, *assigns = spec.split(":")
+                    for k_, v_ in (a.split("=", 1) for a in assigns):
+                        os.environ[k_] = v_
                     os.environ["MSA_ATTENTION_KERNEL"] = kern
                     if mode == "shared" and ref is None:
                         n = args.shared_tile
@@ -75,11 +79,13 @@ def main():
                         ref = out.clone()
                     else:
                         diff = float(((out - ref).norm() / ref.norm()).item())
-                    row = dict(config=cname, context=L, mode=mode, kernel=kern, flops=flops,
+                    row = dict(config=cname, context=L, mode=mode, kernel=spec, flops=flops,
                                tflops=C.tflops(flops, stats["ms_median"]), finite=bool(torch.isfinite(out).all()),
                                rel_diff_to_first=diff, **stats)
                     rows.append(row)
-                    print(f"{cname} L={L} {mode:6s} {kern:8s} {stats['ms_median']:9.3f} ms "
+                    for k_ in (a.split("=", 1)[0] for a in assigns):
+                        os.environ.pop(k_, None)
+                    print(f"{cname} L={L} {mode:6s} {spec:8s} {stats['ms_median']:9.3f} ms "
                           f"{row['tflops']:6.1f} TFLOP/s finite={row['finite']} diff={diff}", flush=True)
                     C.write_json_atomic(args.out, result)
             del case, x

@@ -175,6 +175,8 @@ bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q,
   const int box_heads = std::min(G, 64);
   tma::TmaAttentionParams tp{};
   tp.a = a;
+  const char* pp = std::getenv("MSA_TMA_PINGPONG");
+  tp.pingpong = pp == nullptr || *pp == '\0' || std::string(pp) != "0";
   if (!encode_rows_map(&tp.k_map, k, tma::kBoxElems, 1, keys) || !encode_rows_map(&tp.v_map, v, tma::kBoxElems, 1, keys) ||
       !encode_rows_map(&tp.q_map, q, tma::kBoxElems, box_heads, 64 / box_heads))
     return false;

@@ -64,6 +64,7 @@ constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
 constexpr int kMaskWords = 2;                     // a tile spans at most 128 queries (G = 1)
 constexpr int kBoxElems = 64;                     // elements of D per TMA box: one 128-byte swizzle row
 constexpr int kTileSlots = 2;                     // Q / union buffers: the next tile's fill during this one
+constexpr int kTurnBarrier = 1;                   // named barriers 1, 2: the consumers' turns
 // Registers after the split (setmaxnreg): the producer warpgroup needs few, the consumers hold S, O, P.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
@@ -81,6 +82,7 @@ struct TmaAttentionParams {
   const unsigned char* unions;  // sparse: each tile's union record (tile_unions_kernel)
   int64_t records_per_group;
   int record_bytes;
+  int pingpong;  // consumers take turns issuing their products (MSA_TMA_PINGPONG=0: off)
 };
 
 // A tile's union as tile_unions_kernel writes it to the workspace and the producer copies it to
@@ -327,6 +329,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
   };
 
+  // Ping-pong (FlashAttention-3): the two consumer warpgroups take turns issuing their products, so
+  // one's softmax runs while the other's products occupy the tensor cores. Every chunk, computed or
+  // skipped, is one turn of each warpgroup, so the turns stay paired; warpgroup 1 hands warpgroup 0
+  // the first turn, and warpgroup 0 takes the one left over at the end.
+  const bool pingpong = tp.pingpong != 0;
+  auto turn_wait = [&] {
+    if (pingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier + cw) : "memory");
+  };
+  auto turn_pass = [&] {
+    if (pingpong) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - cw) : "memory");
+  };
+  if (pingpong && cw == 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+
   int c0 = 0;  // chunks consumed before this tile, over all tiles
   int j = 0;
   Tile tile;
@@ -430,9 +445,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     int prev = -1;  // the chunk (global count) whose P V is still to be added
     for (int it = 0; it < walk.num_iters; ++it) {
       const int c = c0 + it;
+      turn_wait();
       if (!wg_uses(it)) {
         if (prev >= 0) add_pv(prev);
         prev = -1;
+        turn_pass();
         wait_full(full_k, c);
         release(&empty_k[c % kStages]);
         wait_full(full_v, c);
@@ -445,8 +462,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (prev >= 0) {
         wait_full(full_v, prev);
         wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, prev % kStages), tOrO);
+        turn_pass();
         warpgroup_wait<1>();  // S is ready; the previous P V may still run
       } else {
+        turn_pass();
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
@@ -497,6 +516,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         p.lse[row * p.lse_s0 + head * p.lse_s1] = l > 0.f ? m_run[h] * p.scale + logf(l) : -INFINITY;
     }
   }
+  if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
 }
 
 
