@@ -41,6 +41,7 @@ def main():
     for cname in args.configs.split(","):
         hq, hkv, d = (int(v) for v in re.fullmatch(r"hq(\d+)_hkv(\d+)_d(\d+)", cname).groups())
         for L in P.parse_contexts(args.contexts):
+            os.environ.pop("MSA_ATTENTION_KERNEL", None)
             gen = torch.Generator(device="cuda").manual_seed(1)
             x = P.make_inputs(L, hq, hkv, d, "smooth", gen, args)
             cfg = P.make_msa_config(msa, hq, hkv, d)
@@ -58,6 +59,12 @@ def main():
                     for k_, v_ in (a.split("=", 1) for a in assigns):
                         os.environ[k_] = v_
                     os.environ["MSA_ATTENTION_KERNEL"] = kern
+                    if mode != "dense":  # each kernel has its own workspace needs
+                        need = int(msa.workspace_bytes("sparse_forward", case.cfg, case.cu, case.cu, L, L,
+                                                       max_seqlen_q=L, max_seqlen_k=L, dtype="bfloat16"))
+                        ws = case.ws.get("sparse_forward")
+                        if ws is None or ws.numel() < need:
+                            case.ws["sparse_forward"] = torch.empty(max(1, need), dtype=torch.uint8, device="cuda")
                     if mode == "shared" and ref is None:
                         n = args.shared_tile
                         idx = torch.arange(L, device=case.topk.device) // n * n
