@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 KERNEL=${MSA_FWD_KERNEL:-tma}
+export MSA_COMMIT=${MSA_COMMIT:-unknown}  # the device copy has no .git: pass the commit measured
 export LD_LIBRARY_PATH="$PWD/.gpubin/lib:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$PWD/python:$PWD/.gpubin/py/python:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 T=.gpubin/build/tests/msa_tests

@@ -168,7 +168,10 @@ bool launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaFor
 template <class T, int D>
 bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
                 const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena, cudaStream_t stream) {
-  const int keys = p.cfg.block_size % 128 == 0 ? 128 : 64;
+  // 128-key chunks where blocks are made of them; MSA_TMA_KEYS=64 forces 64 (an experiment knob).
+  const char* ke = std::getenv("MSA_TMA_KEYS");
+  const bool force64 = ke != nullptr && std::string(ke) == "64";
+  const int keys = p.cfg.block_size % 128 == 0 && !force64 ? 128 : 64;
   // Q comes in boxes of 64 tile rows: 64 / G whole queries, or 64 heads of one query.
   const int G = p.cfg.group_size();
   if (!(G <= 64 ? 64 % G == 0 : G % 64 == 0)) return false;
