@@ -270,21 +270,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::wait(&tile_ready[slot], (j / kTileSlots) & 1);  // the union is read below
       const BlockUnionSmem<kMaskWords> su = union_of(slot);
       const ChunkWalk<kKeys> walk(dense ? nullptr : su.blocks, dense ? tile.local_last + 1 : *su.count, tile, B);
-      for (int it = 0; it < walk.num_iters; ++it, ++c) {
+      // Chunk c's K (or V) rows into its stage, once the consumers released the stage's last use.
+      auto load_chunk = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, E* ring, int row) {
         const int s = c % kStages;
-        const int32_t row = tile.k_begin + walk.key_start(it);
-        if (c >= kStages) Barrier::wait(&empty_k[s], ((c / kStages) + 1) & 1);
-        TxBarrier::arrive_and_expect_tx(&full_k[s], uint32_t(Sm::kStageBytes));
+        if (c >= kStages) Barrier::wait(&empty[s], ((c / kStages) + 1) & 1);
+        TxBarrier::arrive_and_expect_tx(&full[s], uint32_t(Sm::kStageBytes));
 #pragma unroll
         for (int dh = 0; dh < D / kBoxElems; ++dh)
-          SM90_TMA_LOAD_3D::copy(&tp.k_map, &full_k[s], hint, pK + s * (kKeys * D) + dh * (kKeys * kBoxElems),
+          SM90_TMA_LOAD_3D::copy(map, &full[s], hint, ring + s * (kKeys * D) + dh * (kKeys * kBoxElems),
                                  dh * kBoxElems, tile.g, row);
-        if (c >= kStages) Barrier::wait(&empty_v[s], ((c / kStages) + 1) & 1);
-        TxBarrier::arrive_and_expect_tx(&full_v[s], uint32_t(Sm::kStageBytes));
-#pragma unroll
-        for (int dh = 0; dh < D / kBoxElems; ++dh)
-          SM90_TMA_LOAD_3D::copy(&tp.v_map, &full_v[s], hint, pV + s * (kKeys * D) + dh * (kKeys * kBoxElems),
-                                 dh * kBoxElems, tile.g, row);
+      };
+      for (int it = 0; it < walk.num_iters; ++it, ++c) {
+        const int row = tile.k_begin + walk.key_start(it);
+        load_chunk(&tp.k_map, full_k, empty_k, pK, row);
+        load_chunk(&tp.v_map, full_v, empty_v, pV, row);
       }
       ++j;
     }
@@ -314,15 +313,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto release = [&](uint64_t* bar) {
     __syncwarp();
     if (lane == 0) Barrier::arrive(bar);
-  };
-  auto rescale_o = [&](const float (&alpha)[2]) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      tOrO(4 * n) *= alpha[0];
-      tOrO(1 + 4 * n) *= alpha[0];
-      tOrO(2 + 4 * n) *= alpha[1];
-      tOrO(3 + 4 * n) *= alpha[1];
-    }
   };
   auto to_p = [&] {
 #pragma unroll
@@ -396,43 +386,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto softmax_chunk = [&](int it, float (&alpha)[2]) {
       const int ks = walk.key_start(it);
       const int u = it / walk.parts_per_block;
+      int64_t lim[2];  // last visible key offset of each row in this chunk
+      bool full = true;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const bool row_sel = dense || ((su.mask[u * kMaskWords + (qbit[h] >> 6)] >> (qbit[h] & 63)) & 1ull);
-        const int lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this chunk
-        if (lim < kKeys - 1) {
-#pragma unroll
-          for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const int key = n * 8 + (lane & 3) * 2 + jj;
-              if (key > lim) tSrS(jj + 2 * h + 4 * n) = -INFINITY;
-            }
-          }
-        }
+        lim[h] = row_sel ? pos[h] - ks : -1;
+        full = full && lim[h] >= kKeys - 1;
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = m_run[h];
-#pragma unroll
-        for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(tSrS(2 * h + 4 * n), tSrS(1 + 2 * h + 4 * n)));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-        alpha[h] = wgmma::exp2_ftz(m_run[h] * p.scale_log2 - m_scaled);
-        m_run[h] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const float e = wgmma::exp2_ftz(fmaf(tSrS(jj + 2 * h + 4 * n), p.scale_log2, -m_scaled));
-            tSrS(jj + 2 * h + 4 * n) = e;
-            sum += e;
-          }
-        }
-        l_run[h] = l_run[h] * alpha[h] + sum;
-      }
+      if (!full) wgmma::mask_after<kKeys>(tSrS, lim, lane);
+      wgmma::online_softmax<kKeys>(tSrS, m_run, l_run, alpha, p.scale_log2);
     };
     auto add_pv = [&](int c) {
       wait_full(full_v, c);
@@ -480,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
-        rescale_o(alpha);
+        wgmma::rescale_rows<D>(tOrO, alpha);
       }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
@@ -493,28 +456,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(&tile_free[slot]);  // the union and Q of this tile are no longer read
     ++j;
 
-    // Epilogue: normalize and store (the loads of the next tile are already in flight). A row that
-    // saw no key (only with malformed topk rows) gets out = 0 and lse = -inf.
-    T* out = static_cast<T*>(p.out);
+    // Epilogue: normalise and store (the loads of the next tile are already in flight).
+    T* out_row[2];
+    float* lse_at[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float l = l_run[h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      if (pos[h] < 0) continue;
       const int f = tile.f0 + row_a + 8 * h;
-      const int64_t row = tile.q_begin + f / G;
-      const int64_t head = int64_t(tile.g) * G + f % G;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* dst = out + row * p.o_s0 + head * p.o_s1 + (lane & 3) * 2;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const uint32_t packed = mma::Elem<T>::pack(tOrO(2 * h + 4 * n) * inv, tOrO(1 + 2 * h + 4 * n) * inv);
-        *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
-      }
-      if ((lane & 3) == 0)
-        p.lse[row * p.lse_s0 + head * p.lse_s1] = l > 0.f ? m_run[h] * p.scale + logf(l) : -INFINITY;
+      const int64_t row = tile.q_begin + f / G, head = int64_t(tile.g) * G + f % G;
+      out_row[h] = pos[h] < 0 ? nullptr : static_cast<T*>(p.out) + row * p.o_s0 + head * p.o_s1;
+      lse_at[h] = p.lse + row * p.lse_s0 + head * p.lse_s1;
     }
+    wgmma::store_rows<T, D>(tOrO, m_run, l_run, out_row, lse_at, p.scale, lane);
   }
   if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
 }

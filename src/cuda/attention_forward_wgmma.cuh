@@ -211,6 +211,92 @@ __device__ __forceinline__ void issue_o(Mma& mma, TP& p, const TV& v, TO& o) {
   warpgroup_commit_batch();
 }
 
+// ---- Per-row pieces of the m64 accumulator layout (described at the top of this file: thread t holds
+// rows h = 0, 1 and, of chunk column 8 n + 2 (t % 4) + j, element j + 2 h + 4 n), shared by this
+// kernel and the TMA kernel (attention_forward_tma.cuh).
+
+// Sets to -inf every score of row h after key offset lim[h] of the chunk (lim < 0: the whole row).
+template <int kKeys, class TS>
+__device__ __forceinline__ void mask_after(TS& s, const int64_t (&lim)[2], int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int key = n * 8 + (lane & 3) * 2 + j;
+        if (key > lim[h]) s(j + 2 * h + 4 * n) = -INFINITY;
+      }
+    }
+  }
+}
+
+// Online softmax of one chunk of raw scores in `s` (overwritten by their exponentials, exp2 with the
+// scale folded in): updates the rows' running max and sum, and returns in alpha[h] the factor by which
+// O must be rescaled before this chunk's P V is added.
+template <int kKeys, class TS>
+__device__ __forceinline__ void online_softmax(TS& s, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                               float scale_log2) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = m_run[h];
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(s(2 * h + 4 * n), s(1 + 2 * h + 4 * n)));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+    alpha[h] = exp2_ftz(m_run[h] * scale_log2 - m_scaled);
+    m_run[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float e = exp2_ftz(fmaf(s(j + 2 * h + 4 * n), scale_log2, -m_scaled));
+        s(j + 2 * h + 4 * n) = e;
+        sum += e;
+      }
+    }
+    l_run[h] = l_run[h] * alpha[h] + sum;
+  }
+}
+
+// O (64 x D accumulator) rows times alpha[h].
+template <int D, class TO>
+__device__ __forceinline__ void rescale_rows(TO& o, const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o(4 * n) *= alpha[0];
+    o(1 + 4 * n) *= alpha[0];
+    o(2 + 4 * n) *= alpha[1];
+    o(3 + 4 * n) *= alpha[1];
+  }
+}
+
+// Epilogue: row h normalised and stored at out_row[h] (its (query, head) row of out; nullptr:
+// padding, nothing stored), its lse at lse_at[h]. A row that saw no key (only with malformed topk
+// rows) gets out = 0 and lse = -inf.
+template <class T, int D, class TO>
+__device__ __forceinline__ void store_rows(const TO& o, const float (&m_run)[2], const float (&l_run)[2],
+                                           T* const (&out_row)[2], float* const (&lse_at)[2], float scale,
+                                           int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (out_row[h] == nullptr) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* dst = out_row[h] + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const uint32_t packed = mma::Elem<T>::pack(o(2 * h + 4 * n) * inv, o(1 + 2 * h + 4 * n) * inv);
+      *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
+    }
+    if ((lane & 3) == 0) *lse_at[h] = l > 0.f ? m_run[h] * scale + logf(l) : -INFINITY;
+  }
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kTileThreads, 2) attention_forward_wgmma_kernel(const AttentionParams p) {
   using namespace cute;
@@ -360,42 +446,12 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_forward_wgmma_kerne
     const unsigned long long sel = dense ? all_queries : su.mask[it / sub_per_block];
     // Skipped when the whole chunk is visible to every row.
     if (partial_tile || sel != all_queries || ks + kKeys - 1 > p_first) {
+      int64_t lim[2];  // last visible key offset of each row in this chunk
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool row_sel = (sel >> qbit[h]) & 1ull;
-        const int64_t lim = row_sel ? pos[h] - ks : -1;  // last visible key offset in this chunk
-#pragma unroll
-        for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int key = n * 8 + (lane & 3) * 2 + j;
-            if (key > lim) tSrS(j + 2 * h + 4 * n) = -INFINITY;
-          }
-        }
-      }
+      for (int h = 0; h < 2; ++h) lim[h] = ((sel >> qbit[h]) & 1ull) ? pos[h] - ks : -1;
+      mask_after<kKeys>(tSrS, lim, lane);
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = m_run[h];
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(tSrS(2 * h + 4 * n), tSrS(1 + 2 * h + 4 * n)));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      alpha[h] = exp2_ftz(m_run[h] * p.scale_log2 - m_scaled);
-      m_run[h] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float e = exp2_ftz(fmaf(tSrS(j + 2 * h + 4 * n), p.scale_log2, -m_scaled));
-          tSrS(j + 2 * h + 4 * n) = e;
-          sum += e;
-        }
-      }
-      l_run[h] = l_run[h] * alpha[h] + sum;
-    }
+    online_softmax<kKeys>(tSrS, m_run, l_run, alpha, p.scale_log2);
   };
   auto to_p = [&] {
 #pragma unroll
@@ -439,13 +495,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_forward_wgmma_kerne
       if (__syncthreads_or(alpha[0] != 1.f || alpha[1] != 1.f)) {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          tOrO(4 * n) *= alpha[0];
-          tOrO(1 + 4 * n) *= alpha[0];
-          tOrO(2 + 4 * n) *= alpha[1];
-          tOrO(3 + 4 * n) *= alpha[1];
-        }
+        rescale_rows<D>(tOrO, alpha);
       }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
@@ -461,28 +511,16 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_forward_wgmma_kerne
   }
   mma::cp_async_wait<0>();
 
-  // Epilogue: normalize and store. A row that saw no key (only with malformed topk rows) gets
-  // out = 0 and lse = -inf.
-  T* out = static_cast<T*>(p.out);
+  T* out_row[2];
+  float* lse_at[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (pos[h] < 0) continue;
     const int64_t f = f0 + row_a + 8 * h;
-    const int64_t row = q_begin + f / G;
-    const int64_t head = int64_t(g) * G + f % G;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* dst = out + row * p.o_s0 + head * p.o_s1 + (lane & 3) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const uint32_t packed = mma::Elem<T>::pack(tOrO(2 * h + 4 * n) * inv, tOrO(1 + 2 * h + 4 * n) * inv);
-      *reinterpret_cast<uint32_t*>(dst + n * 8) = packed;
-    }
-    if ((lane & 3) == 0)
-      p.lse[row * p.lse_s0 + head * p.lse_s1] = l > 0.f ? m_run[h] * p.scale + logf(l) : -INFINITY;
+    const int64_t row = q_begin + f / G, head = int64_t(g) * G + f % G;
+    out_row[h] = pos[h] < 0 ? nullptr : static_cast<T*>(p.out) + row * p.o_s0 + head * p.o_s1;
+    lse_at[h] = p.lse + row * p.lse_s0 + head * p.lse_s1;
   }
+  store_rows<T, D>(tOrO, m_run, l_run, out_row, lse_at, p.scale, lane);
 }
 
 }  // namespace wgmma
