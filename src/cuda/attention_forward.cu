@@ -122,23 +122,48 @@ struct TmaForwardLayout {
   }
 };
 
-template <class T, int D, int kKeys>
-bool launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaForwardLayout& lay, int max_q,
-                     ScratchArena& arena, cudaStream_t stream) {
-  using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
-  const std::size_t smem = Smem::bytes(lay.record_bytes);
-  int dev = 0, optin = 0, sms = 0;
+// 128-key chunks where blocks are made of them; MSA_TMA_KEYS=64 forces 64 (an experiment knob).
+int tma_chunk_keys(const Problem& p) {
+  const char* ke = std::getenv("MSA_TMA_KEYS");
+  const bool force64 = ke != nullptr && std::string(ke) == "64";
+  return p.cfg.block_size % 128 == 0 && !force64 ? 128 : 64;
+}
+
+// Where the TMA kernel applies (otherwise the 64-row kernels run): Q boxes of 64 rows need G to
+// divide 64 or be a multiple of it; the tile arithmetic is 32-bit; its tile slots (two unions of
+// 8 queries' selections at G = 16) must fit in shared memory, which excludes G <= 2.
+bool tma_applicable(const Problem& p, bool sparse) {
+  const int64_t G = p.cfg.group_size();
+  if (!(G <= 64 ? 64 % G == 0 : G % 64 == 0)) return false;
+  const int64_t bound = int64_t(1) << 31;
+  if (p.total_k >= bound || p.total_q * G >= bound ||
+      (p.total_q * G / tma::kTileRows + 1) * p.cfg.num_kv_heads * p.batch >= bound)
+    return false;
+  const int record_bytes = TmaForwardLayout(p, sparse).record_bytes;
+  using E = cute::bfloat16_t;  // sizes are those of any 16-bit type
+  const bool k128 = tma_chunk_keys(p) == 128;
+  const std::size_t smem =
+      p.cfg.head_dim == 128 ? (k128 ? tma::TmaSmem<E, 128, 128>::bytes(record_bytes) : tma::TmaSmem<E, 128, 64>::bytes(record_bytes))
+                            : (k128 ? tma::TmaSmem<E, 64, 128>::bytes(record_bytes) : tma::TmaSmem<E, 64, 64>::bytes(record_bytes));
+  int dev = 0, optin = 0;
   MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return smem <= std::size_t(optin);
+}
+
+template <class T, int D, int kKeys>
+void launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaForwardLayout& lay, int max_q,
+                     ScratchArena& arena, cudaStream_t stream) {
+  using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
+  const std::size_t smem = Smem::bytes(lay.record_bytes);  // tma_applicable checked it fits
+  int dev = 0, sms = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  if (smem > std::size_t(optin)) return false;  // wide unions (G <= 2): the tile kernels take them
-  // The kernel's tile arithmetic is 32-bit (attention_forward_tma.cuh, Tile).
-  const int64_t tiles_x = (int64_t(max_q) * tp.a.group_size + tma::kTileRows - 1) / tma::kTileRows;
-  if (int64_t(max_q) * tp.a.group_size >= (int64_t(1) << 31) ||
-      tiles_x * p.cfg.num_kv_heads * p.batch >= (int64_t(1) << 31) || p.total_q >= (int64_t(1) << 31))
-    return false;
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
-  tp.tiles_x = int(tiles_x);
+  // 32-bit tile arithmetic (attention_forward_tma.cuh, Tile): tma_applicable bounded the counts.
+  // (A caller's max_seqlen_q may exceed the longest sequence; total_q bounds it.)
+  const int64_t rows = std::min<int64_t>(max_q, p.total_q) * tp.a.group_size;
+  tp.tiles_x = int((rows + tma::kTileRows - 1) / tma::kTileRows);
   tp.num_kv_heads = p.cfg.num_kv_heads;
   tp.batch = int(p.batch);
   tp.num_tiles = tp.tiles_x * tp.num_kv_heads * tp.batch;
@@ -160,22 +185,15 @@ bool launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaFor
   const unsigned ctas = unsigned(std::min<int64_t>(tp.num_tiles, sms));
   tma::attention_forward_tma_kernel<T, D, kKeys><<<ctas, tma::kThreads, smem, stream>>>(tp);
   MSA_CUDA_CHECK_LAUNCH();
-  return true;
 }
 
-// Returns false (nothing launched) when the driver cannot describe k or v as a TMA tensor, or the
-// tile slots do not fit in shared memory: the caller then takes another kernel.
+// Returns false (nothing launched) when the driver cannot describe q, k or v as a TMA tensor (not
+// expected for rows that pass check_aligned_rows): the caller then takes another kernel.
 template <class T, int D>
 bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
                 const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena, cudaStream_t stream) {
-  // 128-key chunks where blocks are made of them; MSA_TMA_KEYS=64 forces 64 (an experiment knob).
-  const char* ke = std::getenv("MSA_TMA_KEYS");
-  const bool force64 = ke != nullptr && std::string(ke) == "64";
-  const int keys = p.cfg.block_size % 128 == 0 && !force64 ? 128 : 64;
-  // Q comes in boxes of 64 tile rows: 64 / G whole queries, or 64 heads of one query.
-  const int G = p.cfg.group_size();
-  if (!(G <= 64 ? 64 % G == 0 : G % 64 == 0)) return false;
-  const int box_heads = std::min(G, 64);
+  const int keys = tma_chunk_keys(p);
+  const int box_heads = std::min(p.cfg.group_size(), 64);  // Q boxes of 64 rows (tma_applicable)
   tma::TmaAttentionParams tp{};
   tp.a = a;
   const char* pp = std::getenv("MSA_TMA_PINGPONG");
@@ -183,8 +201,11 @@ bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q,
   if (!encode_rows_map(&tp.k_map, k, tma::kBoxElems, 1, keys) || !encode_rows_map(&tp.v_map, v, tma::kBoxElems, 1, keys) ||
       !encode_rows_map(&tp.q_map, q, tma::kBoxElems, box_heads, 64 / box_heads))
     return false;
-  if (keys == 128) return launch_tma_keys<T, D, 128>(p, tp, lay, max_q, arena, stream);
-  return launch_tma_keys<T, D, 64>(p, tp, lay, max_q, arena, stream);
+  if (keys == 128)
+    launch_tma_keys<T, D, 128>(p, tp, lay, max_q, arena, stream);
+  else
+    launch_tma_keys<T, D, 64>(p, tp, lay, max_q, arena, stream);
+  return true;
 }
 
 template <class T>
@@ -218,7 +239,7 @@ bool tma_forward(const Problem& p, bool sparse) {
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
   const bool unset = e == nullptr || *e == '\0';
   const bool wanted = unset ? !gathered_forward(p, sparse) : std::string(e) == "tma";
-  return wanted && p.total_k < (int64_t(1) << 31) && is_sm90();
+  return wanted && is_sm90() && tma_applicable(p, sparse);
 }
 
 // Workspace of the gathered path: the key -> query lists, then the partials.
