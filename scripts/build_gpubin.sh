@@ -4,7 +4,9 @@
 # and portable x86-64-v3 CPU code, packed into .gpubin/ (git-ignored, ~30 MB) in the layout that
 # scripts/device_run.sh reads with MSA_PREBUILT=.gpubin:
 #   .gpubin/build/{msa,tests/msa_tests}   .gpubin/py/python/msa/_C*.so   .gpubin/lib/libgomp.so.1
-# Carry it (the CUTLASS headers are not needed then):  carry: [".gpubin"]
+# Carry it (the CUTLASS headers are not needed then):  carry: [".gpubin"]. When it is larger than
+# the device's 64 MiB carry limit (~75 MB with everything), carry the xz pack written beside it
+# instead and unpack it first:  carry: [".gpubin_pack"], command: tar xJf .gpubin_pack/gpubin.tar.xz && ...
 #   scripts/build_gpubin.sh [extra cmake -D options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +24,6 @@ cp "$BUILD/tests/msa_tests" .gpubin/build/tests/
 cp "$BUILD/msa" .gpubin/build/
 cp "$BUILD"/python/msa/_C*.so .gpubin/py/python/msa/
 cp "$(g++ -print-file-name=libgomp.so.1)" .gpubin/lib/
-du -sh .gpubin
+mkdir -p .gpubin_pack
+tar cJf .gpubin_pack/gpubin.tar.xz .gpubin
+du -sh .gpubin .gpubin_pack
