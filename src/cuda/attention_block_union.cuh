@@ -28,7 +28,7 @@ struct BlockUnionSmem {
   uint32_t* bits;            // [bitmap_words]
   uint32_t* prefix;          // [bitmap_words]
 
-  __host__ __device__ static std::size_t bytes(int bitmap_words, int union_cap) {
+  static std::size_t bytes(int bitmap_words, int union_cap) {
     return 16 + std::size_t(union_cap) * 8 * kMaskWords + std::size_t(union_cap) * 4 +
            std::size_t(bitmap_words) * 8 + 64;
   }
@@ -44,32 +44,27 @@ struct BlockUnionSmem {
   }
 };
 
-struct CtaBarrier {
-  __device__ void operator()() const { __syncthreads(); }
-};
-
-// Builds the union for queries i_first..i_last (sequence-local) of group g; returns its size. The
-// kThreads threads numbered `tid` 0..kThreads-1 (whole warps; by default the whole CTA) must call it,
-// and `sync` is their barrier; ends with one.
-template <int kThreads, int kMaskWords, class Sync = CtaBarrier>
+// Builds the union for queries i_first..i_last (sequence-local) of group g; returns its size. Every
+// thread of the CTA (kThreads of them, at least one warp) must call it; ends with a barrier.
+template <int kThreads, int kMaskWords>
 __device__ __forceinline__ int build_block_union(const BlockUnionSmem<kMaskWords>& s, const int32_t* topk, int64_t topk_s0,
                                  int64_t topk_s1, int topk_k, int union_cap, int g, int64_t q_begin,
                                  int64_t lq, int64_t lk, int B, int64_t i_first, int64_t i_last,
-                                 int64_t local_last, int tid = int(threadIdx.x), Sync sync = Sync{}) {
-  const int lane = tid & 31, warp = tid >> 5;
+                                 int64_t local_last) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int words = int(local_last / 32 + 1);
   const int nq = int(i_last - i_first + 1);
   const int entries = nq * topk_k;
   for (int w = tid; w < words; w += kThreads) s.bits[w] = 0;
   for (int u = tid; u < union_cap * kMaskWords; u += kThreads) s.mask[u] = 0;
-  sync();
+  __syncthreads();
   for (int e = tid; e < entries; e += kThreads) {
     const int64_t i = i_first + e / topk_k;
     const int id = topk[int64_t(g) * topk_s0 + (q_begin + i) * topk_s1 + e % topk_k];
     if (id >= 0 && id <= rules::local_block(rules::query_position(lq, lk, i), B))
       atomicOr(&s.bits[id >> 5], 1u << (id & 31));
   }
-  sync();
+  __syncthreads();
   if (warp == 0) {
     int carry = 0;
     for (int base = 0; base < words; base += 32) {
@@ -86,7 +81,7 @@ __device__ __forceinline__ int build_block_union(const BlockUnionSmem<kMaskWords
     }
     if (lane == 0) *s.count = carry;
   }
-  sync();
+  __syncthreads();
   const int num_union = *s.count;
   for (int w = tid; w < words; w += kThreads) {
     uint32_t bits = s.bits[w];
@@ -109,7 +104,7 @@ __device__ __forceinline__ int build_block_union(const BlockUnionSmem<kMaskWords
       }
     }
   }
-  sync();
+  __syncthreads();
   return num_union;
 }
 

@@ -50,7 +50,6 @@
 #include "cuda/attention_block_union.cuh"
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_forward_wgmma.cuh"
-#include "cuda/attention_mma.cuh"
 #include "msa/rules.h"
 
 namespace msa {
