@@ -4,7 +4,7 @@
 //   - the warp-specialised TMA + wgmma kernel over 128-row tile unions (attention_forward_tma.cuh),
 //     the default on sm_90 wherever the gathered kernel is not chosen (MSA_ATTENTION_KERNEL=tma asks
 //     for it). Measured on the H200 at Hq 64 / Hkv 4 / D 128, 128K, smooth selections
-//     (bench/bench_prefill.py): 27.9 ms against the mma.sync kernel's 67.0 ms;
+//     (bench/bench_prefill.py, 0988faf): 25.7 ms against the mma.sync kernel's 67.0 ms;
 //   - the query-major mma.sync kernel over 64-row tile unions (attention_forward_kernel.cuh): other
 //     devices, or MSA_ATTENTION_KERNEL=mma;
 //   - the key-major gathered kernel and its merge (attention_forward_gathered.cuh), sparse, where the
