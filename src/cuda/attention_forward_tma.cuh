@@ -128,14 +128,13 @@ struct TmaSmem {
   static std::size_t bytes(int record_bytes) { return kAlign + kUnionOffset + kTileSlots * std::size_t(record_bytes); }
 };
 
+// S = Q K^T with both operands in shared memory (SS); O += P V as in the wgmma kernel (RS).
 template <class E, int D, int kKeys>
 struct TmaMmas {
   using S = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<kKeys>, cute::Int<D>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::K>()));
-  using O = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<kKeys>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+  using O = wgmma::PvMma<E, D, kKeys>;
 };
 
 // One tile of the persistent walk: linear index t runs over (row tile, group, sequence) with the
@@ -146,9 +145,13 @@ struct Tile {
   // producer warps run with few registers, and a 64-bit division is a subroutine call.
   int b, g, x, q_begin, lq, k_begin, lk, rows_total, f0, i_first, i_last, p_last, local_last;
   __device__ bool at(const AttentionParams& p, int t, int tiles_x, int num_kv_heads, int batch) {
-    b = t % batch;
-    g = (t / batch) % num_kv_heads;
-    x = tiles_x - 1 - t / (batch * num_kv_heads);
+    return at(p, tiles_x - 1 - t / (batch * num_kv_heads), (t / batch) % num_kv_heads, t % batch);
+  }
+  // Row tile x_ of group g_ of sequence b_ (tile_unions_kernel's grid names tiles so).
+  __device__ bool at(const AttentionParams& p, int x_, int g_, int b_) {
+    x = x_;
+    g = g_;
+    b = b_;
     q_begin = p.cu_q[b];
     lq = p.cu_q[b + 1] - q_begin;
     k_begin = p.cu_k[b];
@@ -478,20 +481,13 @@ template <int kWords = kMaskWords>
 __global__ void __launch_bounds__(128) tile_unions_kernel(const AttentionParams p, unsigned char* unions,
                                                           int64_t records_per_group, int record_bytes) {
   extern __shared__ __align__(16) unsigned char smem_union[];
-  const int b = blockIdx.z, g = blockIdx.y;
-  const int64_t x = blockIdx.x;
-  const int G = p.group_size, B = p.block_size;
-  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
-  const int64_t lk = p.cu_k[b + 1] - p.cu_k[b];
-  const int64_t rows_total = lq * G, f0 = x * kTileRows;
-  if (f0 >= rows_total) return;
-  const int64_t i_first = f0 / G;
-  const int64_t i_last = (f0 + kTileRows - 1 < rows_total ? f0 + kTileRows - 1 : rows_total - 1) / G;
-  const int64_t local_last = rules::local_block(rules::query_position(lq, lk, i_last), B);
+  Tile tile;
+  if (!tile.at(p, int(blockIdx.x), int(blockIdx.y), int(blockIdx.z))) return;
   const BlockUnionSmem<kWords> su = BlockUnionSmem<kWords>::carve(smem_union, p.bitmap_words, p.union_cap);
-  build_block_union<128, kWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, g, q_begin, lq, lk, B,
-                                     i_first, i_last, local_last);
-  int4* dst = reinterpret_cast<int4*>(unions + union_record_index(q_begin, G, b, x, g, records_per_group) * record_bytes);
+  build_block_union<128, kWords>(su, p.topk, p.topk_s0, p.topk_s1, p.topk_k, p.union_cap, tile.g, tile.q_begin,
+                                 tile.lq, tile.lk, p.block_size, tile.i_first, tile.i_last, tile.local_last);
+  int4* dst = reinterpret_cast<int4*>(
+      unions + union_record_index(tile.q_begin, p.group_size, tile.b, tile.x, tile.g, records_per_group) * record_bytes);
   const int4* src = reinterpret_cast<const int4*>(smem_union);
   for (int i = threadIdx.x; i < record_bytes / 16; i += 128) dst[i] = src[i];
 }

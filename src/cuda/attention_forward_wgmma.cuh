@@ -87,6 +87,13 @@ struct Ring {
   }
 };
 
+// O (64 x D) += P V over `keys` keys, P in registers and V ([keys][D] as stored, MN-major) in shared
+// memory (RS); also the TMA kernel's.
+template <class E, int D, int keys>
+using PvMma = decltype(cute::make_tiled_mma(
+    cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<keys>>,
+                               cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
 // The kernel's products: S (64 x kKeys) = Q K^T with Q in registers and K from the ring (RS), O (64 x
 // D) += P V with P in registers and V from the ring (RS).
 template <class E, int D>
@@ -94,9 +101,7 @@ struct TileMmas {
   using S = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<kKeys>, cute::Int<D>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::K>()));
-  using O = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<E, E, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<kKeys>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+  using O = PvMma<E, D, kKeys>;
 };
 
 // ---- Fixtures of bench/attention_wgmma_probe.cu: the same 128-byte swizzle atoms and P V product as
