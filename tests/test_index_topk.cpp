@@ -173,7 +173,7 @@ TEST(IndexTopk, WorkspaceAndThreadCountsGiveIdenticalResults) {
   IndexResult base = run_index(p, 1.f, true, Context{});
   for (int threads : {1, 2, 3}) {
     const std::size_t bytes = workspace_bytes(Op::index_topk, cfg, p.varlen, p.total_q(),
-                                              p.total_k(), Device::cpu(), threads);
+                                              p.total_k(), Device::cpu(), threads, DType::bf16);
     std::vector<unsigned char> ws(bytes + 1, 0xff);
     Context ctx;
     ctx.num_threads = threads;

@@ -8,16 +8,23 @@
 // fly (with a per-block sum of exp relative to the block max, so the selected LSE needs no second pass
 // over keys). Finally each row selects its k-1 best earlier blocks by partial selection. Nothing larger
 // than a tile x chunk of scores, or a tile x blocks table of pooled scores, is ever held.
+//
+// bf16 on a CPU with AMX (amx.h): ki is packed once per call into the tile layout, each tile's query
+// rows are kept as bf16, and a chunk's scores come from the tile unit; pooling and selection are the
+// same code as for every other dtype.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "core/backend.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/amx.h"
 #include "cpu/element.h"
 #include "cpu/index_simd.h"
 #include "cpu/index_workspace.h"
@@ -32,6 +39,10 @@ namespace {
 
 constexpr int kTileRows = 96;   // (query, group) rows sharing one pass over the keys
 constexpr int kKeyChunk = 64;   // keys scored per step; a multiple of every kNR
+static_assert(kKeyChunk == amx::kPackKeys, "an AMX chunk is one packed run of keys");
+constexpr int kAmxPanel = 32;   // rows of the AMX score kernel's panels
+
+bool uses_amx(const Problem& p) { return p.dtype == DType::bf16 && amx::usable(); }
 
 // Queries per tile: about kTileRows rows with every group of a query in the tile.
 int tile_queries(int num_groups) { return std::max(1, kTileRows / num_groups); }
@@ -39,13 +50,15 @@ int tile_queries(int num_groups) { return std::max(1, kTileRows / num_groups); }
 struct IndexLayout {
   int64_t rows = 0, rows_padded = 0, blocks = 0;
   std::size_t qpanel = 0, keys_t = 0, scores = 0, block_max = 0, block_sum = 0, position = 0,
-              candidates = 0;
+              candidates = 0, qtiles = 0;
   std::size_t per_thread = 0;
+  std::size_t packed_keys = 0;  // shared, after the per-thread regions: ki in score tiles (AMX)
 
-  IndexLayout(const Problem& p, std::size_t acc_bytes) {
+  IndexLayout(const Problem& p, std::size_t acc_bytes, bool amx_tiles) {
     const int hkv = p.cfg.num_kv_heads, di = p.cfg.index_head_dim;
     rows = int64_t(tile_queries(hkv)) * hkv;
-    rows_padded = (rows + simd::kMR - 1) / simd::kMR * simd::kMR;
+    const int64_t pad = amx_tiles ? kAmxPanel : simd::kMR;
+    rows_padded = (rows + pad - 1) / pad * pad;
     blocks = std::max<int64_t>(1, rules::num_blocks(p.varlen.max_seqlen_k, p.cfg.block_size));
     ScratchPlan plan;
     auto add_acc = [&](int64_t n) {
@@ -60,9 +73,35 @@ struct IndexLayout {
     block_sum = add_acc(rows * blocks);
     position = plan.add<int64_t>(rows);
     candidates = plan.add<int32_t>(blocks);
+    if (amx_tiles) {
+      qtiles = plan.add<uint16_t>(rows_padded * amx::packed_dim(di));
+      packed_keys = std::size_t(amx::packed_head_elems(amx::packed_keys_bound(p), di)) * 2;
+    }
     per_thread = align_up(plan.bytes);
   }
 };
+
+// Packs each sequence's index keys into score tiles, one 64-key run per task; returns where each
+// sequence's run starts (in keys).
+std::vector<int64_t> pack_index_keys(const Problem& p, const TensorView& ki, uint16_t* packed,
+                                     int threads) {
+  const int di = p.cfg.index_head_dim;
+  std::vector<int64_t> begin(size_t(p.batch) + 1, 0);
+  for (int b = 0; b < p.batch; ++b)
+    begin[size_t(b) + 1] = begin[size_t(b)] + amx::packed_keys(sequence_span(p.varlen, b).k_len);
+  const int64_t runs = begin[size_t(p.batch)] / amx::kPackKeys;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t run = 0; run < runs; ++run) {
+    const int64_t key = run * amx::kPackKeys;
+    const int b = int(std::upper_bound(begin.begin(), begin.end(), key) - begin.begin()) - 1;
+    const SequenceSpan s = sequence_span(p.varlen, b);
+    const int64_t t0 = key - begin[size_t(b)];
+    const int64_t len = std::min<int64_t>(amx::kPackKeys, s.k_len - t0);
+    amx::pack_score_tiles(row2<const uint16_t>(ki, s.k_begin + t0), ki.stride[0], len, di,
+                          packed + key * amx::packed_dim(di));
+  }
+  return begin;
+}
 
 struct TileItem {
   int seq;
@@ -106,12 +145,19 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
   std::stable_sort(items.begin(), items.end(),
                    [](const TileItem& a, const TileItem& b) { return a.work > b.work; });
 
-  const IndexLayout lay(p, sizeof(A));
-  Scratch scratch(ctx.workspace, scratch_total(lay.per_thread, threads));
+  const bool use_tiles = uses_amx(p);
+  const IndexLayout lay(p, sizeof(A), use_tiles);
+  Scratch scratch(ctx.workspace, scratch_total(lay.per_thread, threads, lay.packed_keys));
+  uint16_t* packed = scratch.at<uint16_t>(align_up(lay.per_thread) * std::size_t(threads));
+  const std::vector<int64_t> packed_begin =
+      use_tiles ? pack_index_keys(p, ki, packed, threads) : std::vector<int64_t>();
+  const int dk = amx::packed_dim(di);
 
 #pragma omp parallel num_threads(threads)
   {
-    unsigned char* mine = scratch.base() + std::size_t(omp_get_thread_num()) * lay.per_thread;
+    std::optional<amx::ThreadTiles> tile_unit;
+    if (use_tiles) tile_unit.emplace();
+    unsigned char* mine = scratch.base() + std::size_t(omp_get_thread_num()) * align_up(lay.per_thread);
     A* qpanel = reinterpret_cast<A*>(mine + lay.qpanel);
     A* keys_t = reinterpret_cast<A*>(mine + lay.keys_t);
     A* scores = reinterpret_cast<A*>(mine + lay.scores);
@@ -119,6 +165,7 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
     A* block_sum = reinterpret_cast<A*>(mine + lay.block_sum);
     int64_t* position = reinterpret_cast<int64_t*>(mine + lay.position);
     int32_t* cand = reinterpret_cast<int32_t*>(mine + lay.candidates);
+    uint16_t* qtiles = reinterpret_cast<uint16_t*>(mine + lay.qtiles);
     const int64_t nblk_cap = lay.blocks;
 
 #pragma omp for schedule(dynamic, 1)
@@ -129,18 +176,25 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
       const int64_t rows = it.q_count * ng;
       const int64_t panels = (rows + simd::kMR - 1) / simd::kMR;
 
-      // Pack the tile's index queries (pre-scaled by iscale) as panels [d][kMR].
-      for (int64_t r = 0; r < panels * simd::kMR; ++r) {
+      // Pack the tile's index queries: bf16 rows for the tile unit (scaled after the product), else
+      // pre-scaled by iscale as panels [d][kMR].
+      for (int64_t r = 0; use_tiles && r < lay.rows_padded; ++r) {
+        uint16_t* dst = qtiles + r * dk;
+        const T* src = r < rows ? row3<const T>(qi, s.q_begin + it.q_first + r / ng, it.g_first + r % ng)
+                                : nullptr;
+        for (int d = 0; d < dk; ++d) dst[d] = src && d < di ? reinterpret_cast<const uint16_t*>(src)[d] : 0;
+      }
+      for (int64_t r = 0; !use_tiles && r < panels * simd::kMR; ++r) {
         A* dst = qpanel + (r / simd::kMR) * di * simd::kMR + r % simd::kMR;
         if (r < rows) {
           const int64_t qrow = s.q_begin + it.q_first + r / ng;
           const T* src = row3<const T>(qi, qrow, it.g_first + r % ng);
           for (int d = 0; d < di; ++d) dst[d * simd::kMR] = A(to_float(src[d])) * iscale;
-          position[r] = s.query_position(it.q_first + r / ng);
         } else {
           for (int d = 0; d < di; ++d) dst[d * simd::kMR] = A(0);
         }
       }
+      for (int64_t r = 0; r < rows; ++r) position[r] = s.query_position(it.q_first + r / ng);
       const int64_t p_max = position[rows - 1];
       const int64_t nblk = rules::local_block(p_max, B) + 1;
       for (int64_t r = 0; r < rows; ++r) {
@@ -150,23 +204,36 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
 
       for (int64_t c0 = 0; c0 <= p_max; c0 += kKeyChunk) {
         const int nk = int(std::min<int64_t>(kKeyChunk, p_max + 1 - c0));
-        const int ncols = (nk + NR - 1) / NR * NR;
-        // Keys of the chunk, converted once and transposed to [d][key]; zero columns pad the tail.
-        for (int t = 0; t < nk; ++t) {
-          const T* src = row2<const T>(ki, s.k_begin + c0 + t);
-          for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = A(to_float(src[d]));
+        if constexpr (std::is_same_v<A, float>) if (use_tiles) {
+          // Panels of 32 rows whose last row cannot see c0 are skipped; the rest get raw products,
+          // scaled here so pooling sees the same scores as on the other path.
+          const int64_t amx_panels = lay.rows_padded / kAmxPanel;
+          int64_t first = 0;
+          while (position[std::min(rows - 1, first * kAmxPanel + kAmxPanel - 1)] < c0) ++first;
+          amx::index_chunk_scores(qtiles, di, first, amx_panels,
+                                  packed + (packed_begin[size_t(it.seq)] + c0) * dk, scores, kKeyChunk);
+          for (int64_t r = first * kAmxPanel; r < rows; ++r)
+            for (int t = 0; t < nk; ++t) scores[r * kKeyChunk + t] *= iscale;
         }
-        for (int d = 0; d < di && nk < ncols; ++d)
-          std::fill(keys_t + d * kKeyChunk + nk, keys_t + d * kKeyChunk + ncols, A(0));
+        if (!use_tiles) {
+          const int ncols = (nk + NR - 1) / NR * NR;
+          // Keys of the chunk, converted once and transposed to [d][key]; zero columns pad the tail.
+          for (int t = 0; t < nk; ++t) {
+            const T* src = row2<const T>(ki, s.k_begin + c0 + t);
+            for (int d = 0; d < di; ++d) keys_t[d * kKeyChunk + t] = A(to_float(src[d]));
+          }
+          for (int d = 0; d < di && nk < ncols; ++d)
+            std::fill(keys_t + d * kKeyChunk + nk, keys_t + d * kKeyChunk + ncols, A(0));
 
-        // Rows are ordered by position: panels whose last row cannot see c0 are skipped. A column
-        // strip of keys (di x kNR) stays in L1 while the query panels stream past it.
-        int64_t first_panel = 0;
-        while (position[std::min(rows - 1, first_panel * simd::kMR + simd::kMR - 1)] < c0) ++first_panel;
-        for (int n0 = 0; n0 < ncols; n0 += NR)
-          for (int64_t pn = first_panel; pn < panels; ++pn)
-            simd::score_micro_kernel<A>(qpanel + pn * di * simd::kMR, keys_t + n0, kKeyChunk, di,
-                                        scores + pn * simd::kMR * kKeyChunk + n0, kKeyChunk);
+          // Rows are ordered by position: panels whose last row cannot see c0 are skipped. A column
+          // strip of keys (di x kNR) stays in L1 while the query panels stream past it.
+          int64_t first_panel = 0;
+          while (position[std::min(rows - 1, first_panel * simd::kMR + simd::kMR - 1)] < c0) ++first_panel;
+          for (int n0 = 0; n0 < ncols; n0 += NR)
+            for (int64_t pn = first_panel; pn < panels; ++pn)
+              simd::score_micro_kernel<A>(qpanel + pn * di * simd::kMR, keys_t + n0, kKeyChunk, di,
+                                          scores + pn * simd::kMR * kKeyChunk + n0, kKeyChunk);
+        }
 
         // Max-pool (and sum-exp) each row's visible keys of the chunk into their blocks.
         for (int64_t r = 0; r < rows; ++r) {
@@ -224,8 +291,8 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
 }  // namespace
 
 std::size_t index_topk_workspace_bytes(const Problem& p, int num_threads) {
-  const IndexLayout lay(p, acc_bytes_of(p.dtype));
-  return scratch_total(lay.per_thread, thread_count(num_threads));
+  const IndexLayout lay(p, acc_bytes_of(p.dtype), uses_amx(p));
+  return scratch_total(lay.per_thread, thread_count(num_threads), lay.packed_keys);
 }
 
 void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,

@@ -1,0 +1,93 @@
+// Whether the AMX path may run here, and the packing of keys and values into the tile layouts.
+// Packing needs no AMX instruction: it is plain code, run once per call over K, V (or ki).
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/amx.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MSA_CPU_AMX_BUILD 1
+#endif
+
+namespace msa {
+namespace detail {
+namespace cpu {
+namespace amx {
+
+namespace {
+
+#if defined(MSA_CPU_AMX_BUILD)
+bool cpu_and_kernel_allow_amx() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx512 = (b >> 16 & 1) /* F */ && (b >> 30 & 1) /* BW */ && (b >> 31 & 1) /* VL */;
+  const bool amx = (d >> 22 & 1) /* AMX-BF16 */ && (d >> 24 & 1) /* AMX-TILE */;
+  if (!avx512 || !amx) return false;
+  unsigned a1, b1, c1, d1;
+  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 >> 5 & 1) /* AVX512-BF16 */) return false;
+  // The OS must save the AVX-512 state (XCR0 bits 5-7, with SSE and AVX: 0xe6) ...
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0xe6u) != 0xe6u) return false;
+  // ... and Linux hands out tile data only on request (per process, inherited by every thread).
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
+}  // namespace
+
+bool usable() {
+#if defined(MSA_CPU_AMX_BUILD)
+  static const bool allowed = cpu_and_kernel_allow_amx();
+  if (!allowed) return false;
+  const char* env = std::getenv("MSA_CPU_AMX");
+  return !(env && std::strcmp(env, "0") == 0);
+#else
+  return false;
+#endif
+}
+
+void pack_score_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst) {
+  const int dk = packed_dim(d);
+  const int64_t keys = packed_keys(len);
+  for (int64_t t = 0; t < keys / 16; ++t)
+    for (int c = 0; c < dk / 32; ++c) {
+      uint16_t* tile = dst + (t * (dk / 32) + c) * 512;
+      for (int n = 0; n < 16; ++n) {
+        const int64_t key = t * 16 + n;
+        const uint16_t* row = key < len ? src + key * row_stride : nullptr;
+        for (int kk = 0; kk < 16; ++kk)
+          for (int e = 0; e < 2; ++e) {
+            const int dim = c * 32 + 2 * kk + e;
+            tile[kk * 32 + n * 2 + e] = row && dim < d ? row[dim] : uint16_t(0);
+          }
+      }
+    }
+}
+
+void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst) {
+  const int dk = packed_dim(d);
+  const int64_t keys = packed_keys(len);
+  for (int64_t t = 0; t < keys / 32; ++t)
+    for (int c = 0; c < dk / 16; ++c) {
+      uint16_t* tile = dst + (t * (dk / 16) + c) * 512;
+      for (int kk = 0; kk < 16; ++kk)
+        for (int e = 0; e < 2; ++e) {
+          const int64_t key = t * 32 + 2 * kk + e;
+          const uint16_t* row = key < len ? src + key * row_stride : nullptr;
+          for (int n = 0; n < 16; ++n) {
+            const int dim = c * 16 + n;
+            tile[kk * 32 + n * 2 + e] = row && dim < d ? row[dim] : uint16_t(0);
+          }
+        }
+    }
+}
+
+}  // namespace amx
+}  // namespace cpu
+}  // namespace detail
+}  // namespace msa
