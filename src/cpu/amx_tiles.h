@@ -12,6 +12,12 @@
 #include <cstdint>
 #include <cstring>
 
+// GCC 12's AVX-512 headers start masked intrinsics from _mm512_undefined_ps(), which it then reports
+// as maybe uninitialized in every caller.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #define MSA_AMX_TARGET \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 

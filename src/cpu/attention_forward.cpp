@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "core/backend.h"
+#include "cpu/attention_amx.h"
 #include "cpu/attention_tile.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/element.h"
@@ -26,7 +27,6 @@ namespace {
 
 using attn::Carver;
 using attn::Geometry;
-using attn::kLn2;
 using attn::kLog2e;
 using attn::kRows;
 
@@ -122,19 +122,7 @@ void run_tile(const Problem& p, const Geometry& geo, const attn::TileItem& it, c
     }
   }
 
-  for (int qi = 0; qi < it.nq; ++qi) {
-    const int64_t row = s.q_begin + it.q0 + qi;
-    A* lrow = row2<A>(lse, row);
-    for (int h = 0; h < G; ++h) {
-      const int r = qi * G + h;
-      const int head = it.group * G + h;
-      // A query that sees no key at all (an empty top-k row): out = 0, lse = -inf.
-      const bool empty = w.l[r] == A(0);
-      attn::store_row<T, A>(w.o + int64_t(r) * Dp, empty ? A(0) : A(1) / w.l[r],
-                            row3<T>(out, row, head), D);
-      lrow[head] = empty ? kNegInf : A((double(w.m[r]) + std::log2(double(w.l[r]))) * kLn2);
-    }
-  }
+  attn::store_tile_outputs<T, A>(geo, s, it, w.o, Dp, w.m, w.l, out, lse);
 }
 
 template <class T>
@@ -163,6 +151,7 @@ void forward_impl(const Problem& p, const TensorView& q, const TensorView& k, co
 
 std::size_t attention_forward_workspace_bytes(const Problem& p, int num_threads) {
   const int threads = thread_count(num_threads);
+  if (attention_forward_uses_amx(p)) return attention_forward_amx_workspace_bytes(p, threads);
   return attn::workspace_for_either_plan(p, [&](auto acc, const Geometry& geo) {
     return per_thread_bytes<decltype(acc)>(geo) * threads + attn::Scratch::kAlign;
   });
@@ -171,6 +160,7 @@ std::size_t attention_forward_workspace_bytes(const Problem& p, int num_threads)
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k,
                        const TensorView& v, const TensorView& topk, const TensorView& out,
                        const TensorView& lse, const Context& ctx) {
+  if (attention_forward_uses_amx(p)) return attention_forward_amx(p, q, k, v, topk, out, lse, ctx);
   MSA_CPU_DISPATCH_FLOAT(p.dtype, [&] { forward_impl<scalar_t>(p, q, k, v, topk, out, lse, ctx); });
 }
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -239,6 +240,27 @@ inline void block_rows(const Geometry& geo, const TensorView& t, const SequenceS
     A* dst = buf + int64_t(i) * geo.Dp;
     load_row<T, A>(src, geo.D, A(1), dst, geo.Dp);
     rows[i] = dst;
+  }
+}
+
+// Writes a tile's outputs from its running softmax state: out = o / l and lse = ln(sum of exp) from
+// the row max m (log2 domain, scores pre-scaled by log2 e) and the sum l; a row that saw no key (an
+// empty top-k row) gets out = 0 and lse = -inf. Rows r = query * G + head; o rows are `ld` apart.
+template <class T, class A>
+inline void store_tile_outputs(const Geometry& geo, const SequenceSpan& s, const TileItem& it,
+                               const A* o, int64_t ld, const A* m, const A* l, const TensorView& out,
+                               const TensorView& lse) {
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  for (int qi = 0; qi < it.nq; ++qi) {
+    const int64_t row = s.q_begin + it.q0 + qi;
+    A* lrow = row2<A>(lse, row);
+    for (int h = 0; h < geo.G; ++h) {
+      const int r = qi * geo.G + h;
+      const int head = it.group * geo.G + h;
+      const bool empty = l[r] == A(0);
+      store_row<T, A>(o + int64_t(r) * ld, empty ? A(0) : A(1) / l[r], row3<T>(out, row, head), geo.D);
+      lrow[head] = empty ? kNegInf : A((double(m[r]) + std::log2(double(l[r]))) * kLn2);
+    }
   }
 }
 
