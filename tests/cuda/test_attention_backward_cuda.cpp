@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "cuda/device_tensor.h"
-#include "cuda/kernel_env.h"
+#include "kernel_env.h"
 #include "cuda/training_cuda_testing.h"
 #include "problem_fixture.h"
 

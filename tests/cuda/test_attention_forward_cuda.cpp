@@ -20,7 +20,7 @@
 
 #include "cuda/attention_cuda_testing.h"
 #include "cuda/device_tensor.h"
-#include "cuda/kernel_env.h"
+#include "kernel_env.h"
 #include "msa/error.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"

@@ -12,7 +12,7 @@
 #include "common/host_tensor.h"
 #include "cuda/device_tensor.h"
 #include "cuda/index_cuda_testing.h"
-#include "cuda/kernel_env.h"
+#include "kernel_env.h"
 #include "msa/error.h"
 #include "msa/ops.h"
 #include "msa/rules.h"

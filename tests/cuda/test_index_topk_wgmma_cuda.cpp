@@ -9,7 +9,7 @@
 #include <string>
 
 #include "cuda/index_cuda_testing.h"
-#include "cuda/kernel_env.h"
+#include "kernel_env.h"
 
 namespace msa {
 namespace testing {

@@ -24,7 +24,7 @@
 
 #include "common/float_convert.h"
 #include "cuda/device_tensor.h"
-#include "cuda/kernel_env.h"
+#include "kernel_env.h"
 #include "msa/ops.h"
 #include "msa/paged.h"
 #include "msa/rules.h"

@@ -1,6 +1,7 @@
-// Pins one kernel-selection variable (MSA_ATTENTION_KERNEL, MSA_INDEX_KERNEL, MSA_KL_KERNEL) for the
-// life of a test fixture and restores the caller's value afterwards: the variables are process-wide,
-// so a test must not leak its choice into the next test, nor erase one the caller set.
+// Pins one kernel-selection variable (MSA_ATTENTION_KERNEL, MSA_INDEX_KERNEL, MSA_KL_KERNEL,
+// MSA_CPU_AMX) for the life of a test fixture and restores the caller's value afterwards: the
+// variables are process-wide, so a test must not leak its choice into the next test, nor erase one
+// the caller set.
 #pragma once
 
 #include <cstdlib>
