@@ -36,19 +36,23 @@ TEST(CpuAmx, ReportsWhetherTheTileUnitRuns) {
 TEST(CpuAmx, IndexShapes) {
   // Index head dims below, at and above one 32-wide reduction step, blocks smaller than, equal to
   // and straddling the 64-key chunks, groups 1 to 8; ragged, chunked-prefill and decode lengths.
+  // Without the selected LSE, blocks of a multiple of 64 keys are pooled as they are scored.
   const std::vector<Case> cases = {
       {1, 8, 8, 4, {1, 7, 8, 9, 20, 100}, {1, 7, 8, 9, 20, 100}},
       {2, 40, 32, 3, {63, 64, 65, 200}, {63, 64, 65, 200}},
       {4, 64, 24, 4, {300, 31}, {300, 70}},
       {8, 128, 128, 4, {1, 16, 300}, {700, 400, 300}},
       {2, 128, 64, 16, {5, 1, 40}, {1100, 129, 40}},
+      {1, 32, 192, 3, {2, 190, 600}, {900, 191, 600}},
   };
   for (const char* amx : kAmxSettings) {
     ScopedKernelEnv env("MSA_CPU_AMX", amx);
-    for (size_t i = 0; i < cases.size(); ++i) {
-      SCOPED_TRACE("MSA_CPU_AMX=" + std::string(amx) + " case " + std::to_string(i));
-      run_case(cases[i], DType::bf16, 300 + i, i % 2 ? 0.7f : 1.f);
-    }
+    for (size_t i = 0; i < cases.size(); ++i)
+      for (bool with_lse : {true, false}) {
+        SCOPED_TRACE("MSA_CPU_AMX=" + std::string(amx) + " case " + std::to_string(i) +
+                     (with_lse ? " with" : " without") + " selected LSE");
+        run_case(cases[i], DType::bf16, 300 + i, i % 2 ? 0.7f : 1.f, with_lse);
+      }
   }
 }
 

@@ -68,6 +68,14 @@ class ThreadTiles {
 void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t panels,
                         const uint16_t* keys, float* scores, int64_t ldc);
 
+// The same scores pooled at once, for block sizes that are a multiple of kPackKeys (the chunk, keys
+// c0..c0+nk-1, lies in one block) when no selected LSE is asked for: for rows r < rows of the
+// panels, block_max[r * ld] = max(block_max[r * ld], iscale * max of the row's visible scores), a
+// row seeing keys up to position[r]. `scores` is a 32 x kPackKeys scratch.
+void index_chunk_block_max(const uint16_t* q, int d, int64_t first_panel, int64_t rows,
+                           const uint16_t* keys, const int64_t* position, int64_t c0, int nk,
+                           float iscale, float* scores, float* block_max, int64_t ld);
+
 }  // namespace amx
 }  // namespace cpu
 }  // namespace detail

@@ -51,12 +51,23 @@ bool usable() {
 #endif
 }
 
+// Full tiles (16 or 32 keys present, 32 or 16 dims present) take a branch-free path on 32-bit
+// (bf16 pair) units; the edges of a sequence or of the head dimension take the general one.
 void pack_score_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst) {
   const int dk = packed_dim(d);
   const int64_t keys = packed_keys(len);
   for (int64_t t = 0; t < keys / 16; ++t)
     for (int c = 0; c < dk / 32; ++c) {
       uint16_t* tile = dst + (t * (dk / 32) + c) * 512;
+      if (t * 16 + 16 <= len && c * 32 + 32 <= d) {
+        uint32_t pairs[16][16];  // [key][dim pair]
+        for (int n = 0; n < 16; ++n) std::memcpy(pairs[n], src + (t * 16 + n) * row_stride + c * 32, 64);
+        uint32_t out[16][16];  // [dim pair][key]
+        for (int kk = 0; kk < 16; ++kk)
+          for (int n = 0; n < 16; ++n) out[kk][n] = pairs[n][kk];
+        std::memcpy(tile, out, sizeof(out));
+        continue;
+      }
       for (int n = 0; n < 16; ++n) {
         const int64_t key = t * 16 + n;
         const uint16_t* row = key < len ? src + key * row_stride : nullptr;
@@ -75,6 +86,17 @@ void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int 
   for (int64_t t = 0; t < keys / 32; ++t)
     for (int c = 0; c < dk / 16; ++c) {
       uint16_t* tile = dst + (t * (dk / 16) + c) * 512;
+      if (t * 32 + 32 <= len && c * 16 + 16 <= d) {
+        for (int kk = 0; kk < 16; ++kk) {
+          const uint16_t* r0 = src + (t * 32 + 2 * kk) * row_stride + c * 16;
+          const uint16_t* r1 = r0 + row_stride;
+          for (int n = 0; n < 16; ++n) {
+            tile[kk * 32 + 2 * n] = r0[n];
+            tile[kk * 32 + 2 * n + 1] = r1[n];
+          }
+        }
+        continue;
+      }
       for (int kk = 0; kk < 16; ++kk)
         for (int e = 0; e < 2; ++e) {
           const int64_t key = t * 32 + 2 * kk + e;

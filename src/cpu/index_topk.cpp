@@ -210,8 +210,13 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
           const int64_t amx_panels = lay.rows_padded / kAmxPanel;
           int64_t first = 0;
           while (position[std::min(rows - 1, first * kAmxPanel + kAmxPanel - 1)] < c0) ++first;
-          amx::index_chunk_scores(qtiles, di, first, amx_panels,
-                                  packed + (packed_begin[size_t(it.seq)] + c0) * dk, scores, kKeyChunk);
+          const uint16_t* chunk_keys = packed + (packed_begin[size_t(it.seq)] + c0) * dk;
+          if (!want_lse && B % kKeyChunk == 0) {
+            amx::index_chunk_block_max(qtiles, di, first, rows, chunk_keys, position, c0, nk, iscale,
+                                       scores, block_max + rules::block_of(c0, B), nblk_cap);
+            continue;
+          }
+          amx::index_chunk_scores(qtiles, di, first, amx_panels, chunk_keys, scores, kKeyChunk);
           for (int64_t r = first * kAmxPanel; r < rows; ++r)
             for (int t = 0; t < nk; ++t) scores[r * kKeyChunk + t] *= iscale;
         }
