@@ -37,6 +37,7 @@ using attn::Carver;
 using attn::Geometry;
 
 constexpr int kPad = 32;  // extra rows under every row buffer: a row tile may start at any row
+constexpr int kPairRows = 32;  // rows of a pair of row tiles
 
 struct AmxScratch {
   uint16_t *q, *gathered, *p;
@@ -49,9 +50,9 @@ struct AmxScratch {
     const int64_t dk = amx::packed_dim(geo.D), rows_cap = geo.rows + kPad;
     q = c.take<uint16_t>(rows_cap * dk);
     gathered = c.take<uint16_t>(rows_cap * dk);
-    p = c.take<uint16_t>(rows_cap * geo.B);
-    s = c.take<float>(rows_cap * geo.B);
-    pv = c.take<float>(rows_cap * dk);
+    p = c.take<uint16_t>(int64_t(kPairRows) * geo.B);  // one pair of row tiles at a time
+    s = c.take<float>(int64_t(kPairRows) * geo.B);
+    pv = c.take<float>(int64_t(kPairRows) * dk);
     o = c.take<float>(int64_t(geo.rows) * dk);
     m = c.take<float>(geo.rows);
     l = c.take<float>(geo.rows);
@@ -163,47 +164,53 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
     }
     for (int i = 0; i < nr; ++i) w.rows[i] = parts[i / G] * G + i % G;
 
-    // S = Q K^T: key tile pairs of 32 keys, dk / 32 reduction steps of one 1 KB tile each.
+    // A pair of row tiles at a time, so its S, P and P V stay in L1 between the steps.
     const uint16_t* keys = kv.k + kv_base + int64_t(j) * B * dk;
-    product_rows(nt, a, dk, keys, int64_t(32) * dk, int64_t(16) * dk * 2, 1024, dk / 32, pairs, w.s, B);
-
-    // Online softmax in the log2 domain; P as bf16 for the tile unit.
-    for (int i = 0; i < nr; ++i) {
-      const int r = w.rows[i];
-      const int vis = attn::visible_in_block(geo, j, w.pos[r / G]);
-      float* srow = w.s + int64_t(i) * B;
-      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int c = 0; c < pairs * 32; c += 16) {
-        const __mmask16 live = c >= vis ? 0 : vis - c >= 16 ? 0xffff : __mmask16((1u << (vis - c)) - 1);
-        const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live,
-                                            _mm512_loadu_ps(srow + c), _mm512_set1_ps(qk_scale));
-        _mm512_storeu_ps(srow + c, x);
-        mx = _mm512_max_ps(mx, x);
-      }
-      const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
-      const __m512 shift = _mm512_set1_ps(m_new);
-      __m512 sum = _mm512_setzero_ps();
-      uint16_t* prow = w.p + int64_t(i) * B;
-      for (int c = 0; c < pairs * 32; c += 16) {
-        const __m512 e = amx::exp2_16(_mm512_sub_ps(_mm512_loadu_ps(srow + c), shift));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + c), amx::to_bf16(e));
-      }
-      const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the row's first block (m = -inf)
-      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
-      w.m[r] = m_new;
-      w.alpha[i] = alpha;
-    }
-
-    // PV = P V: 32 keys per reduction step, column pairs of 32 dims.
     const uint16_t* values = kv.v + kv_base + int64_t(j) * B * dk;
-    product_rows(nt, w.p, B, values, 2 * 512, 1024, int64_t(dk / 16) * 1024, pairs, dk / 32, w.pv, dk);
-    for (int i = 0; i < nr; ++i) {
-      float* orow = w.o + int64_t(w.rows[i]) * dk;
-      const float* pvrow = w.pv + int64_t(i) * dk;
-      const __m512 al = _mm512_set1_ps(w.alpha[i]);
-      for (int c = 0; c < dk; c += 16)
-        _mm512_storeu_ps(orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(orow + c), al, _mm512_loadu_ps(pvrow + c)));
+    for (int rt = 0; rt < nt; rt += 2) {
+      const int pair_tiles = std::min(2, nt - rt), r0 = rt * 16, r1 = std::min(nr, r0 + 32);
+      // S = Q K^T: key tile pairs of 32 keys, dk / 32 reduction steps of one 1 KB tile each.
+      product_rows(pair_tiles, a + int64_t(r0) * dk, dk, keys, int64_t(32) * dk, int64_t(16) * dk * 2,
+                   1024, dk / 32, pairs, w.s, B);
+
+      // Online softmax in the log2 domain; P as bf16 for the tile unit.
+      for (int i = r0; i < r1; ++i) {
+        const int r = w.rows[i];
+        const int vis = attn::visible_in_block(geo, j, w.pos[r / G]);
+        float* srow = w.s + int64_t(i - r0) * B;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int c = 0; c < pairs * 32; c += 16) {
+          const __mmask16 live = c >= vis ? 0 : vis - c >= 16 ? 0xffff : __mmask16((1u << (vis - c)) - 1);
+          const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                              live, _mm512_loadu_ps(srow + c), _mm512_set1_ps(qk_scale));
+          _mm512_storeu_ps(srow + c, x);
+          mx = _mm512_max_ps(mx, x);
+        }
+        const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
+        const __m512 shift = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_setzero_ps();
+        uint16_t* prow = w.p + int64_t(i - r0) * B;
+        for (int c = 0; c < pairs * 32; c += 16) {
+          const __m512 e = amx::exp2_16(_mm512_sub_ps(_mm512_loadu_ps(srow + c), shift));
+          sum = _mm512_add_ps(sum, e);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + c), amx::to_bf16(e));
+        }
+        const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the row's first block (m = -inf)
+        w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
+        w.m[r] = m_new;
+        w.alpha[i] = alpha;
+      }
+
+      // PV = P V: 32 keys per reduction step, column pairs of 32 dims; then O = alpha O + PV.
+      product_rows(pair_tiles, w.p, B, values, 2 * 512, 1024, int64_t(dk / 16) * 1024, pairs, dk / 32,
+                   w.pv, dk);
+      for (int i = r0; i < r1; ++i) {
+        float* orow = w.o + int64_t(w.rows[i]) * dk;
+        const float* pvrow = w.pv + int64_t(i - r0) * dk;
+        const __m512 al = _mm512_set1_ps(w.alpha[i]);
+        for (int c = 0; c < dk; c += 16)
+          _mm512_storeu_ps(orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(orow + c), al, _mm512_loadu_ps(pvrow + c)));
+      }
     }
   }
 }
