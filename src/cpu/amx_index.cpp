@@ -14,9 +14,9 @@ namespace amx {
 
 static_assert(kPackKeys == 64, "a chunk is two 32-key column pairs");
 
-MSA_AMX_TARGET ThreadTiles::ThreadTiles() { configure_tiles(); }
+ThreadTiles::ThreadTiles() { configure_tiles(); }
 // Released so that the thread does not keep 8 KB of tile state live across context switches.
-MSA_AMX_TARGET ThreadTiles::~ThreadTiles() { _tile_release(); }
+ThreadTiles::~ThreadTiles() { release_tiles(); }
 
 MSA_AMX_TARGET void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t panels,
                                        const uint16_t* keys, float* scores, int64_t ldc) {

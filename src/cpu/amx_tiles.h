@@ -34,17 +34,18 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Loads the one configuration on the calling thread (tile state is per thread).
-MSA_AMX_TARGET inline void configure_tiles() {
+// Loads the one configuration on the calling thread (tile state is per thread). Both instructions are
+// written as asm, so these need no target attribute: not _tile_loadconfig, whose asm names only the
+// first 8 bytes as read (the compiler may then drop the stores that fill the rest).
+inline void configure_tiles() {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
     cfg.rows[i] = 16;
     cfg.colsb[i] = 64;
   }
-  // Not _tile_loadconfig: its asm names only the first 8 bytes as read, so the compiler may drop
-  // the stores that fill the rest of the configuration.
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
 }
+inline void release_tiles() { __asm__ volatile("tilerelease" ::: "memory"); }
 
 // C = A B for MT row tiles (1 or 2) of 16 rows and two 16-column B tiles, over `ksteps` steps of 32
 // (bf16 pairs): A row tile r of step s at a + r * 16 * lda + s * a_step (bytes; rows lda apart), B

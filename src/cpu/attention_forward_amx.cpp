@@ -21,6 +21,7 @@
 #include "cpu/attention_tile.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/element.h"
+#include "msa/rules.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include "cpu/amx_tiles.h"
@@ -75,8 +76,40 @@ std::size_t packed_bytes(const Problem& p) {
          std::size_t(p.cfg.num_kv_heads) * sizeof(uint16_t);
 }
 
-PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, unsigned char* base,
-                 int threads) {
+// Which 64-key runs of each (group, sequence) some query reads: the runs under the blocks of its
+// top-k row (sparse), or every run up to its position (dense). Decode and chunked prefill read few
+// blocks of a long prefix, so only those are packed.
+std::vector<uint8_t> needed_runs(const Problem& p, const TensorView& topk, const PackedKv& kv) {
+  const int64_t runs = kv.seq_begin[size_t(p.batch)] / amx::kPackKeys;
+  const int B = p.cfg.block_size, K = p.cfg.topk;
+  std::vector<uint8_t> needed(size_t(p.cfg.num_kv_heads * runs), 0);
+  for (int b = 0; b < p.batch; ++b) {
+    const SequenceSpan s = sequence_span(p.varlen, b);
+    if (s.q_len == 0) continue;
+    const int64_t first = kv.seq_begin[size_t(b)] / amx::kPackKeys;
+    auto mark = [&](int g, int64_t key_begin, int64_t key_end) {
+      for (int64_t r = key_begin / amx::kPackKeys; r * amx::kPackKeys < key_end; ++r)
+        needed[size_t(g * runs + first + r)] = 1;
+    };
+    for (int g = 0; g < p.cfg.num_kv_heads; ++g) {
+      if (!topk.defined()) {
+        mark(g, 0, s.query_position(s.q_len - 1) + 1);
+        continue;
+      }
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        const int32_t* ids = row3<const int32_t>(topk, g, s.q_begin + i);
+        for (int slot = 0; slot < K; ++slot)
+          if (ids[slot] != rules::kUnusedSlot)
+            mark(g, rules::block_begin(int64_t(ids[slot]), B),
+                 std::min<int64_t>(s.k_len, rules::block_begin(int64_t(ids[slot]) + 1, B)));
+      }
+    }
+  }
+  return needed;
+}
+
+PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, const TensorView& topk,
+                 unsigned char* base, int threads) {
   PackedKv kv;
   kv.k = reinterpret_cast<uint16_t*>(base);
   kv.v = reinterpret_cast<uint16_t*>(base + attn::Scratch::align(packed_bytes(p)));
@@ -86,10 +119,12 @@ PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, uns
     kv.seq_begin[size_t(b) + 1] =
         kv.seq_begin[size_t(b)] + amx::packed_keys(sequence_span(p.varlen, b).k_len);
   const int64_t runs = kv.seq_begin[size_t(p.batch)] / amx::kPackKeys;
+  const std::vector<uint8_t> needed = needed_runs(p, topk, kv);
   const int D = p.cfg.head_dim, dk = amx::packed_dim(D);
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
   for (int g = 0; g < p.cfg.num_kv_heads; ++g)
     for (int64_t run = 0; run < runs; ++run) {
+      if (!needed[size_t(g * runs + run)]) continue;
       const int64_t key = run * amx::kPackKeys;
       const int b = int(std::upper_bound(kv.seq_begin.begin(), kv.seq_begin.end(), key) -
                         kv.seq_begin.begin()) - 1;
@@ -248,7 +283,7 @@ void attention_forward_amx(const Problem& p, const TensorView& q, const TensorVi
   const int threads = thread_count(ctx.num_threads);
   const std::size_t per_thread = per_thread_bytes(geo);
   attn::Scratch scratch(ctx.workspace, attention_forward_amx_workspace_bytes(p, threads));
-  const PackedKv kv = pack_kv(p, k, v, scratch.base() + per_thread * threads, threads);
+  const PackedKv kv = pack_kv(p, k, v, topk, scratch.base() + per_thread * threads, threads);
   const int64_t dk = amx::packed_dim(geo.D);
 
 #pragma omp parallel num_threads(threads)

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -161,8 +162,9 @@ class Scratch {
     if (ws.data) {
       base_ = static_cast<unsigned char*>(ws.data);
     } else {
-      owned_.resize(bytes + kAlign);
-      base_ = owned_.data();
+      // Not zero-filled: a large buffer (the AMX forward's packed K/V) is only partly touched.
+      owned_.reset(new unsigned char[bytes + kAlign]);
+      base_ = owned_.get();
     }
     const auto addr = reinterpret_cast<std::uintptr_t>(base_);
     base_ += (kAlign - addr % kAlign) % kAlign;
@@ -172,7 +174,7 @@ class Scratch {
   static std::size_t align(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
  private:
-  std::vector<unsigned char> owned_;
+  std::unique_ptr<unsigned char[]> owned_;
   unsigned char* base_ = nullptr;
 };
 
