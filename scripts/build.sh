@@ -3,6 +3,7 @@
 #   cuda: the CUDA backend too (needs nvcc; compiles without a GPU), cpu: the CPU backend only.
 # Installs what is missing first (scripts/setup_deps.sh; cmake/ninja from pip, pinned, when the
 # system has none or too old a cmake). Jobs: $MSA_JOBS, else 2 under CI, else every core.
+# MSA_CPU_ARCH sets the CPU backend's -march (default native).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$1
@@ -32,7 +33,8 @@ fi
 
 jobs=${MSA_JOBS:-$([ "${CI:-}" = true ] && echo 2 || nproc)}
 mkdir -p "$dir"
-cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda_flags[@]}" >"$dir/configure.log" 2>&1 ||
+cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda_flags[@]}" \
+  -DMSA_CPU_ARCH="${MSA_CPU_ARCH:-native}" >"$dir/configure.log" 2>&1 ||
   { cat "$dir/configure.log" >&2; exit 1; }
 targets=()
 for t in "$@"; do targets+=(--target "$t"); done

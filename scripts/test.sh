@@ -13,6 +13,12 @@ scripts/build.sh "$dir" "$backend"
 echo "== ctest"
 jobs=${MSA_JOBS:-$([ "${CI:-}" = true ] && echo 2 || nproc)}
 ctest --test-dir "$dir" --output-on-failure -j "$jobs"
+if [ "$(uname -m)" = x86_64 ]; then
+  # The AMX and AVX-512 kernels carry their own target attributes, so a build for the baseline x86-64
+  # level (binaries that travel, e.g. scripts/build_gpubin.sh) must still compile them.
+  echo "== portable CPU build (MSA_CPU_ARCH=x86-64-v3) in $dir-portable"
+  MSA_CPU_ARCH=x86-64-v3 scripts/build.sh "$dir-portable" cpu msa
+fi
 if [ -x scripts/test_python.sh ]; then
   echo "== scripts/test_python.sh"
   scripts/test_python.sh

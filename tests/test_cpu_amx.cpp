@@ -1,6 +1,8 @@
 // The CPU backend's AMX path (bf16 index scores and attention forward) and its fallback, each against
-// the float64 oracle on the same problems: every case runs with MSA_CPU_AMX=1 and =0. Where the CPU
-// or kernel offers no AMX both runs take the fallback, and the first test says so.
+// the float64 oracle on the same problems: every case runs with MSA_CPU_AMX=all (the tile unit
+// wherever it applies, also for decode-like calls the backend would give to the row kernels), =1
+// (the backend's choice) and =0. Where the CPU or kernel offers no AMX every run takes the
+// fallback, and the first test says so.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -23,12 +25,17 @@ using testing::run_case;
 using testing::ScopedKernelEnv;
 using testing::TestProblem;
 
-const char* const kAmxSettings[] = {"1", "0"};
+const char* const kAmxSettings[] = {"all", "1", "0"};
 
 TEST(CpuAmx, ReportsWhetherTheTileUnitRuns) {
   ScopedKernelEnv on("MSA_CPU_AMX", "1");
   const bool amx = detail::cpu::amx::usable();
   if (!amx) GTEST_SKIP() << "no AMX here: the MSA_CPU_AMX=1 cases below run the fallback path";
+  EXPECT_FALSE(detail::cpu::amx::forced());
+  {
+    ScopedKernelEnv all("MSA_CPU_AMX", "all");
+    EXPECT_TRUE(detail::cpu::amx::forced());
+  }
   ScopedKernelEnv off("MSA_CPU_AMX", "0");
   EXPECT_FALSE(detail::cpu::amx::usable()) << "MSA_CPU_AMX=0 must turn the tile path off";
 }
@@ -110,7 +117,7 @@ INSTANTIATE_TEST_SUITE_P(
 // A caller's workspace of exactly workspace_bytes(bf16) runs the AMX forward with every thread count
 // and gives the same bits as the library's own scratch; one byte less is refused.
 TEST(CpuAmx, ForwardCallerWorkspace) {
-  ScopedKernelEnv env("MSA_CPU_AMX", "1");
+  ScopedKernelEnv env("MSA_CPU_AMX", "all");
   Config cfg{8, 2, 64, 16, 32, 3};
   TestProblem p(cfg, {70, 5}, {100, 90}, DType::bf16, 61);
   HostTensor topk = oracle_topk(p);

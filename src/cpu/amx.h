@@ -25,6 +25,10 @@ namespace amx {
 // (read on every call, so tests and benchmarks can compare both paths in one process).
 bool usable();
 
+// MSA_CPU_AMX=all: take the tile unit wherever it applies, also where the backend would judge the
+// row kernels faster (decode-like attention calls); for tests. Unset or 1: the backend decides.
+bool forced();
+
 // Sequences are packed in runs of this many keys (zero-filled past their length), so a key chunk of
 // the index (64 keys) or a block of the attention (a multiple of 32) never reads past its run.
 constexpr int kPackKeys = 64;

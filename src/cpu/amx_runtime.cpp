@@ -51,6 +51,11 @@ bool usable() {
 #endif
 }
 
+bool forced() {
+  const char* env = std::getenv("MSA_CPU_AMX");
+  return usable() && env && std::strcmp(env, "all") == 0;
+}
+
 // Full tiles (16 or 32 keys present, 32 or 16 dims present) take a branch-free path on 32-bit
 // (bf16 pair) units; the edges of a sequence or of the head dimension take the general one.
 void pack_score_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst) {

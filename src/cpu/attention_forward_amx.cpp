@@ -267,6 +267,25 @@ bool attention_forward_uses_amx(const Problem& p) {
   return p.dtype == DType::bf16 && p.cfg.block_size % 32 == 0 && amx::usable();
 }
 
+double attention_forward_amx_occupancy(const Problem& p, const TensorView& topk) {
+  const Geometry geo(p, !topk.defined(), 1);
+  if (geo.dense) return geo.rows;
+  int64_t picks = 0, pairs = 0, tile = 0;
+  std::vector<int64_t> seen(size_t(geo.max_blocks), -1);  // last tile that counted the block
+  for (const attn::TileItem& it : attn::make_items(p, geo)) {
+    const SequenceSpan s = sequence_span(p.varlen, it.seq);
+    attn::for_each_selected(geo, s, it, topk, [&](int, int32_t j) {
+      ++picks;
+      if (seen[size_t(j)] != tile) {
+        seen[size_t(j)] = tile;
+        ++pairs;
+      }
+    });
+    ++tile;
+  }
+  return pairs ? double(picks) * geo.G / double(pairs) : 0;
+}
+
 std::size_t attention_forward_amx_workspace_bytes(const Problem& p, int threads) {
   return attn::workspace_for_either_plan(p, [&](auto, const Geometry& geo) {
     return per_thread_bytes(geo) * threads + 2 * attn::Scratch::align(packed_bytes(p)) +
