@@ -72,13 +72,17 @@ class ThreadTiles {
 void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t panels,
                         const uint16_t* keys, float* scores, int64_t ldc);
 
-// The same scores pooled at once, for block sizes that are a multiple of kPackKeys (the chunk, keys
-// c0..c0+nk-1, lies in one block) when no selected LSE is asked for: for rows r < rows of the
-// panels, block_max[r * ld] = max(block_max[r * ld], iscale * max of the row's visible scores), a
-// row seeing keys up to position[r]. `scores` is a 32 x kPackKeys scratch.
-void index_chunk_block_max(const uint16_t* q, int d, int64_t first_panel, int64_t rows,
-                           const uint16_t* keys, const int64_t* position, int64_t c0, int nk,
-                           float iscale, float* scores, float* block_max, int64_t ld);
+// Key-major scores of one chunk for the max-pooling fast path (no selected LSE asked, blocks a
+// multiple of kPackKeys keys): the chunk's nk keys are the A operand straight from their rows (`keys`,
+// rows key_stride elements apart, packed_dim(d) readable elements each and kPackKeys rows: the caller
+// stages a chunk that would read past the sequence or past d), the tile's query rows the B operand
+// (`rows_packed`: their score tiles, pack_score_tiles of bf16 rows), so a product's rows are keys and
+// its lanes query rows, and pooling along keys needs no horizontal reduction. For the 32-row groups
+// [first_pair, pairs): run_max[r] = max(run_max[r], max of the unscaled scores of the keys c0 + t,
+// t < nk, with c0 + t <= position[r]). Positions must not decrease with r. `scores`: 32 x 32 floats.
+void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d, int nk, int64_t c0,
+                               const uint16_t* rows_packed, int64_t first_pair, int64_t pairs,
+                               const int64_t* position, float* scores, float* run_max);
 
 }  // namespace amx
 }  // namespace cpu

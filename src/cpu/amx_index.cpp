@@ -28,30 +28,44 @@ MSA_AMX_TARGET void index_chunk_scores(const uint16_t* q, int d, int64_t first_p
                  scores + pn * 32 * ldc + pair * 32, ldc);
 }
 
-MSA_AMX_TARGET void index_chunk_block_max(const uint16_t* q, int d, int64_t first_panel, int64_t rows,
-                                          const uint16_t* keys, const int64_t* position, int64_t c0,
-                                          int nk, float iscale, float* scores, float* block_max,
-                                          int64_t ld) {
+// Lanes of 16 rows (positions in two halves of 8) that see key t.
+MSA_AMX_TARGET inline __mmask16 sees(__m512i pos_lo, __m512i pos_hi, int64_t t) {
+  const __m512i key = _mm512_set1_epi64(t);
+  return __mmask16(_mm512_cmpge_epi64_mask(pos_lo, key) | (_mm512_cmpge_epi64_mask(pos_hi, key) << 8));
+}
+
+MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d, int nk,
+                                              int64_t c0, const uint16_t* rows_packed,
+                                              int64_t first_pair, int64_t pairs,
+                                              const int64_t* position, float* scores,
+                                              float* run_max) {
   const int dk = packed_dim(d);
-  const int64_t lda = int64_t(dk) * 2, key_tile_bytes = 16 * lda;
-  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
-  for (int64_t pn = first_panel; pn * 32 < rows; ++pn) {
-    for (int pair = 0; pair < 2; ++pair)
-      product<2>(q + pn * 32 * dk, lda, 64, keys + pair * 32 * dk, key_tile_bytes, 1024, dk / 32,
-                 scores + pair * 32, kPackKeys);
-    for (int64_t r = pn * 32; r < std::min<int64_t>(rows, pn * 32 + 32); ++r) {
-      const int64_t vis = std::min<int64_t>(nk, position[r] + 1 - c0);  // keys of the chunk it sees
-      if (vis <= 0) continue;
-      const float* srow = scores + (r - pn * 32) * kPackKeys;
-      __m512 m = neg_inf;
-      for (int c = 0; c < vis; c += 16) {
-        const __mmask16 live = vis - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (vis - c)) - 1);
-        m = _mm512_mask_max_ps(m, live, m, _mm512_loadu_ps(srow + c));
-      }
-      // iscale > 0 and rounding is monotone, so scaling the max equals the max of scaled scores.
-      float& bm = block_max[r * ld];
-      bm = std::max(bm, _mm512_reduce_max_ps(m) * iscale);
+  const int64_t group_elems = int64_t(dk / 32) * 512;  // score tiles of 16 query rows
+  for (int64_t pr = first_pair; pr < pairs; ++pr) {
+    const int64_t r0 = pr * 32;
+    __m512 m[2] = {_mm512_loadu_ps(run_max + r0), _mm512_loadu_ps(run_max + r0 + 16)};
+    __m512i lo[2], hi[2];
+    int64_t first_pos[2];
+    for (int h = 0; h < 2; ++h) {
+      lo[h] = _mm512_loadu_si512(position + r0 + 16 * h);
+      hi[h] = _mm512_loadu_si512(position + r0 + 16 * h + 8);
+      first_pos[h] = position[r0 + 16 * h];
     }
+    for (int kp = 0; kp * 32 < nk; ++kp) {
+      product<2>(keys + kp * 32 * key_stride, key_stride * 2, 64, rows_packed + pr * 2 * group_elems,
+                 group_elems * 2, 1024, dk / 32, scores, 32);
+      const int n = std::min(32, nk - kp * 32);
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = c0 + kp * 32 + i;
+        for (int h = 0; h < 2; ++h) {
+          const __m512 v = _mm512_loadu_ps(scores + i * 32 + 16 * h);
+          m[h] = t <= first_pos[h] ? _mm512_max_ps(m[h], v)
+                                   : _mm512_mask_max_ps(m[h], sees(lo[h], hi[h], t), m[h], v);
+        }
+      }
+    }
+    _mm512_storeu_ps(run_max + r0, m[0]);
+    _mm512_storeu_ps(run_max + r0 + 16, m[1]);
   }
 }
 
@@ -70,8 +84,8 @@ namespace amx {
 ThreadTiles::ThreadTiles() {}
 ThreadTiles::~ThreadTiles() {}
 void index_chunk_scores(const uint16_t*, int, int64_t, int64_t, const uint16_t*, float*, int64_t) {}
-void index_chunk_block_max(const uint16_t*, int, int64_t, int64_t, const uint16_t*, const int64_t*,
-                           int64_t, int, float, float*, float*, int64_t) {}
+void index_chunk_max_key_major(const uint16_t*, int64_t, int, int, int64_t, const uint16_t*, int64_t,
+                               int64_t, const int64_t*, float*, float*) {}
 
 }  // namespace amx
 }  // namespace cpu

@@ -45,7 +45,15 @@ constexpr int kKeyChunk = 64;   // keys scored per step; a multiple of every kNR
 static_assert(kKeyChunk == amx::kPackKeys, "an AMX chunk is one packed run of keys");
 constexpr int kAmxPanel = 32;   // rows of the AMX score kernel's panels
 
-bool uses_amx(const Problem& p) { return p.dtype == DType::bf16 && amx::usable(); }
+// How a tile's scores are made: f32 micro-kernels (every dtype), or on the tile unit (bf16): row-major
+// against ki packed once per call (then the shared pooling), or key-major straight from ki's rows and
+// max-pooled at once (no selected LSE asked, blocks a multiple of the 64-key chunk).
+enum class Scoring { rows_f32, amx_rows, amx_key_major };
+
+Scoring scoring_of(const Problem& p, bool want_lse) {
+  if (p.dtype != DType::bf16 || !amx::usable()) return Scoring::rows_f32;
+  return !want_lse && p.cfg.block_size % kKeyChunk == 0 ? Scoring::amx_key_major : Scoring::amx_rows;
+}
 
 // Queries per tile: about kTileRows (kAmxTileRows) rows with every group of a query in the tile.
 int tile_queries(int num_groups, bool amx_tiles) {
@@ -55,14 +63,18 @@ int tile_queries(int num_groups, bool amx_tiles) {
 struct IndexLayout {
   int64_t rows = 0, rows_padded = 0, blocks = 0;
   std::size_t qpanel = 0, keys_t = 0, scores = 0, block_max = 0, block_sum = 0, position = 0,
-              candidates = 0, qtiles = 0;
+              candidates = 0, qtiles = 0, qpacked = 0, staged = 0, run_max = 0;
   std::size_t per_thread = 0;
-  std::size_t packed_keys = 0;  // shared, after the per-thread regions: ki in score tiles (AMX)
+  std::size_t packed_keys = 0;  // shared, after the per-thread regions: ki in score tiles (amx_rows)
 
-  IndexLayout(const Problem& p, std::size_t acc_bytes, bool amx_tiles) {
+  IndexLayout(const Problem& p, std::size_t acc_bytes, Scoring scoring) {
     const int hkv = p.cfg.num_kv_heads, di = p.cfg.index_head_dim;
+    const bool amx_tiles = scoring != Scoring::rows_f32;
     rows = int64_t(tile_queries(hkv, amx_tiles)) * hkv;
-    const int64_t pad = amx_tiles ? kAmxPanel : simd::kMR;
+    // Key-major tiles pack their rows as score tiles, which come in runs of 64.
+    const int64_t pad = scoring == Scoring::amx_key_major ? amx::kPackKeys
+                        : amx_tiles                       ? kAmxPanel
+                                                          : simd::kMR;
     rows_padded = (rows + pad - 1) / pad * pad;
     blocks = std::max<int64_t>(1, rules::num_blocks(p.varlen.max_seqlen_k, p.cfg.block_size));
     ScratchPlan plan;
@@ -76,11 +88,15 @@ struct IndexLayout {
     scores = add_acc(rows_padded * kKeyChunk);
     block_max = add_acc(rows * blocks);
     block_sum = add_acc(rows * blocks);
-    position = plan.add<int64_t>(rows);
+    position = plan.add<int64_t>(rows_padded);
     candidates = plan.add<int32_t>(blocks);
-    if (amx_tiles) {
-      qtiles = plan.add<uint16_t>(rows_padded * amx::packed_dim(di));
+    if (amx_tiles) qtiles = plan.add<uint16_t>(rows_padded * amx::packed_dim(di));
+    if (scoring == Scoring::amx_rows)
       packed_keys = std::size_t(amx::packed_head_elems(amx::packed_keys_bound(p), di)) * 2;
+    if (scoring == Scoring::amx_key_major) {
+      qpacked = plan.add<uint16_t>(rows_padded * amx::packed_dim(di));
+      staged = plan.add<uint16_t>(int64_t(amx::kPackKeys) * amx::packed_dim(di));
+      run_max = plan.add<float>(rows_padded);
     }
     per_thread = align_up(plan.bytes);
   }
@@ -108,6 +124,42 @@ std::vector<int64_t> pack_index_keys(const Problem& p, const TensorView& ki, uin
   return begin;
 }
 
+// The key-major chunk loop of one tile (Scoring::amx_key_major): block_max[r * ld + j] for every row
+// and every block up to the last row's, from bf16 query rows `qtiles` (rows_padded x packed_dim(di)).
+void pool_key_major(const Problem& p, const TensorView& ki, const SequenceSpan& s, int64_t rows,
+                    int64_t rows_padded, const uint16_t* qtiles, int64_t* position, uint16_t* qpacked,
+                    uint16_t* staged, float* scores, float* run_max, float* block_max, int64_t ld) {
+  const int di = p.cfg.index_head_dim, dk = amx::packed_dim(di), B = p.cfg.block_size;
+  const float iscale = float(p.cfg.index_softmax_scale());
+  amx::pack_score_tiles(qtiles, dk, rows_padded, dk, qpacked);
+  // Padding rows see every key (positions stay sorted); their results are never read.
+  std::fill(position + rows, position + rows_padded, std::numeric_limits<int64_t>::max());
+  std::fill(run_max, run_max + rows_padded, -INFINITY);
+  const int64_t p_max = position[rows - 1];
+  for (int64_t c0 = 0; c0 <= p_max; c0 += kKeyChunk) {
+    const int nk = int(std::min<int64_t>(kKeyChunk, p_max + 1 - c0));
+    const uint16_t* keys = row2<const uint16_t>(ki, s.k_begin + c0);
+    int64_t stride = ki.stride[0];
+    if (di != dk || c0 + kKeyChunk > s.k_len) {  // a tile would read past the row or the sequence
+      for (int t = 0; t < kKeyChunk; ++t)
+        for (int d = 0; d < dk; ++d)
+          staged[t * dk + d] = t < nk && d < di ? keys[t * stride + d] : uint16_t(0);
+      keys = staged;
+      stride = dk;
+    }
+    int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
+    while (position[first * kAmxPanel + kAmxPanel - 1] < c0) ++first;
+    amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + kAmxPanel - 1) / kAmxPanel,
+                                   position, scores, run_max);
+    if ((c0 + kKeyChunk) % B == 0 || c0 + kKeyChunk > p_max) {
+      const int64_t j = rules::block_of(c0, B);
+      // iscale > 0 and rounding is monotone: the max of the scaled scores is the scaled max.
+      for (int64_t r = 0; r < rows; ++r) block_max[r * ld + j] = run_max[r] * iscale;
+      std::fill(run_max, run_max + rows_padded, -INFINITY);
+    }
+  }
+}
+
 struct TileItem {
   int seq;
   int64_t q_first, q_count;  // queries of the sequence (local indices)
@@ -131,7 +183,8 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
   const int threads = thread_count(ctx.num_threads);
 
   // Work list: tiles of queries x groups, heaviest (longest key range) first for dynamic scheduling.
-  const bool use_tiles = uses_amx(p);
+  const Scoring scoring = scoring_of(p, want_lse);
+  const bool use_tiles = scoring != Scoring::rows_f32;
   const int tq = tile_queries(hkv, use_tiles);
   std::vector<TileItem> items;
   int64_t tiles = 0;
@@ -151,11 +204,12 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
   std::stable_sort(items.begin(), items.end(),
                    [](const TileItem& a, const TileItem& b) { return a.work > b.work; });
 
-  const IndexLayout lay(p, sizeof(A), use_tiles);
+  const IndexLayout lay(p, sizeof(A), scoring);
   Scratch scratch(ctx.workspace, scratch_total(lay.per_thread, threads, lay.packed_keys));
   uint16_t* packed = scratch.at<uint16_t>(align_up(lay.per_thread) * std::size_t(threads));
-  const std::vector<int64_t> packed_begin =
-      use_tiles ? pack_index_keys(p, ki, packed, threads) : std::vector<int64_t>();
+  const std::vector<int64_t> packed_begin = scoring == Scoring::amx_rows
+                                                ? pack_index_keys(p, ki, packed, threads)
+                                                : std::vector<int64_t>();
   const int dk = amx::packed_dim(di);
 
 #pragma omp parallel num_threads(threads)
@@ -171,6 +225,9 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
     int64_t* position = reinterpret_cast<int64_t*>(mine + lay.position);
     int32_t* cand = reinterpret_cast<int32_t*>(mine + lay.candidates);
     uint16_t* qtiles = reinterpret_cast<uint16_t*>(mine + lay.qtiles);
+    uint16_t* qpacked = reinterpret_cast<uint16_t*>(mine + lay.qpacked);
+    uint16_t* staged = reinterpret_cast<uint16_t*>(mine + lay.staged);
+    float* run_max = reinterpret_cast<float*>(mine + lay.run_max);
     const int64_t nblk_cap = lay.blocks;
 
 #pragma omp for schedule(dynamic, 1)
@@ -207,7 +264,11 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
         std::fill(block_sum + r * nblk_cap, block_sum + r * nblk_cap + nblk, A(0));
       }
 
-      for (int64_t c0 = 0; c0 <= p_max; c0 += kKeyChunk) {
+      if constexpr (std::is_same_v<A, float>)
+        if (scoring == Scoring::amx_key_major)
+          pool_key_major(p, ki, s, rows, lay.rows_padded, qtiles, position, qpacked, staged, scores,
+                         run_max, block_max, nblk_cap);
+      for (int64_t c0 = 0; scoring != Scoring::amx_key_major && c0 <= p_max; c0 += kKeyChunk) {
         const int nk = int(std::min<int64_t>(kKeyChunk, p_max + 1 - c0));
         if constexpr (std::is_same_v<A, float>) if (use_tiles) {
           // Panels of 32 rows whose last row cannot see c0 are skipped; the rest get raw products,
@@ -216,11 +277,6 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
           int64_t first = 0;
           while (position[std::min(rows - 1, first * kAmxPanel + kAmxPanel - 1)] < c0) ++first;
           const uint16_t* chunk_keys = packed + (packed_begin[size_t(it.seq)] + c0) * dk;
-          if (!want_lse && B % kKeyChunk == 0) {
-            amx::index_chunk_block_max(qtiles, di, first, rows, chunk_keys, position, c0, nk, iscale,
-                                       scores, block_max + rules::block_of(c0, B), nblk_cap);
-            continue;
-          }
           amx::index_chunk_scores(qtiles, di, first, amx_panels, chunk_keys, scores, kKeyChunk);
           for (int64_t r = first * kAmxPanel; r < rows; ++r)
             for (int t = 0; t < nk; ++t) scores[r * kKeyChunk + t] *= iscale;
@@ -301,8 +357,11 @@ void index_topk_impl(const Problem& p, const TensorView& qi, const TensorView& k
 }  // namespace
 
 std::size_t index_topk_workspace_bytes(const Problem& p, int num_threads) {
-  const IndexLayout lay(p, acc_bytes_of(p.dtype), uses_amx(p));
-  return scratch_total(lay.per_thread, thread_count(num_threads), lay.packed_keys);
+  // Sized for the larger of the two AMX layouts: the selected LSE is not known here.
+  const IndexLayout lay(p, acc_bytes_of(p.dtype), scoring_of(p, true));
+  const IndexLayout key_major(p, acc_bytes_of(p.dtype), scoring_of(p, false));
+  return std::max(scratch_total(lay.per_thread, thread_count(num_threads), lay.packed_keys),
+                  scratch_total(key_major.per_thread, thread_count(num_threads), key_major.packed_keys));
 }
 
 void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
