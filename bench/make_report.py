@@ -9,7 +9,8 @@ context length.
 The prefill table goes between the markers <!-- perf-table --> and <!-- /perf-table --> of README.md,
 the training table between <!-- training-table --> and <!-- /training-table -->, the decode table
 (bench_decode.py, plot bench/results/decode_speedup_vs_context.png) between <!-- decode-table --> and
-<!-- /decode-table -->; without them it is printed. Every row names the device and commit its numbers come from. Where several
+<!-- /decode-table -->, the CPU prefill table (bench_cpu.py, report_cpu.py, plot
+bench/results/cpu_speedup_vs_context.png) between <!-- cpu-table --> and <!-- /cpu-table -->; without them it is printed. Every row names the device and commit its numbers come from. Where several
 result files cover the same (device, config, context, inputs), the newest one wins.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import glob
 import json
 import os
 import sys
+
+import report_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -542,6 +545,7 @@ def main(argv=None):
     p.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
     p.add_argument("--plot", default=os.path.join(REPO_ROOT, "bench", "results", "speedup_vs_context.png"))
     p.add_argument("--decode-plot", default=DECODE_PLOT)
+    p.add_argument("--cpu-plot", default=os.path.join(REPO_ROOT, "bench", "results", "cpu_speedup_vs_context.png"))
     p.add_argument("--print", dest="print_only", action="store_true", help="print the table, write nothing")
     args = p.parse_args(argv)
     paths = args.results or glob.glob(os.path.join(REPO_ROOT, "bench", "results", "*.json"))
@@ -549,7 +553,10 @@ def main(argv=None):
     train = collect_training(load_results(paths, "training"))
     hf = write_hf(paths, args.readme, args.print_only)
     decode = write_decode(paths, args.readme, args.decode_plot, args.print_only)
-    if not cases and not train and not hf and not decode:
+    cpu = report_cpu.write(load_results(paths, "cpu_prefill"), args.readme, args.cpu_plot, args.print_only,
+                           dict(write_readme=write_readme, plot_speedup_series=plot_speedup_series,
+                                fmt_ms=fmt_ms, fmt_ctx=fmt_ctx, error_notes=error_notes))
+    if not cases and not train and not hf and not decode and not cpu:
         print("make_report: no measured results found", file=sys.stderr)
         return 1
     if train:

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/exp2_poly.h"
+
 // GCC 12's AVX-512 headers start masked intrinsics from _mm512_undefined_ps(), which it then reports
 // as maybe uninitialized in every caller.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -90,20 +92,14 @@ MSA_AMX_TARGET inline void product(const void* a, int64_t lda, int64_t a_step, c
 // 16 floats -> 16 bf16, round to nearest even (NaN stays NaN).
 MSA_AMX_TARGET inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
-// 2^x on 16 floats for x <= 0 (NaN kept; below -126 gives 0): the degree-6 polynomial of
-// attention_simd.h's exp2_ps, on 16 lanes.
+// 2^x on 16 floats for x <= 0 (NaN kept; below -126 gives 0): kExp2Poly, as the AVX2 rows' exp2_ps.
 MSA_AMX_TARGET inline __m512 exp2_16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-126.f);
   const __m512 xc = _mm512_max_ps(lo, x);
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xc, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i <= kExp2Degree; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 r = _mm512_scalef_ps(p, n);
   return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), r);
 }

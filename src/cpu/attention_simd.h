@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cpu/element.h"
+#include "cpu/exp2_poly.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -128,19 +129,14 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// 2^x for x <= 0 (also fine slightly above): Taylor polynomial of degree 6 on [-0.5, 0.5] (error
-// below f32 rounding), scaled by 2^round(x). x < -126 gives 0; NaN stays NaN.
+// 2^x for x <= 0 (also fine slightly above): kExp2Poly on the fraction, scaled by 2^round(x).
+// x < -126 gives 0; NaN stays NaN.
 inline __m256 exp2_ps(__m256 x) {
   const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // NaN in x is kept (2nd operand)
   const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xc, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i <= kExp2Degree; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_LT_OQ), r);
