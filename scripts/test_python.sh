@@ -7,7 +7,9 @@
 #   MSA_PY_BUILD=pip            `pip install .` (scikit-build-core; needs PyPI for the build requirements)
 #   MSA_CUDA=AUTO|ON|OFF        CUDA backend; default AUTO where a GPU answers nvidia-smi, else OFF
 #   PYTHON=python3              interpreter
-# Torch tests run only where torch is importable (not in CI: see docs/python.md).
+# The msa.torch tests need PyTorch: installed, pinned, where it is missing (MSA_PY_TORCH=0 skips that;
+# PyPI has only the CUDA build, ~4 GB with its libraries, which runs on the CPU too). Where it cannot
+# be installed the torch tests skip, and this script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +23,9 @@ fi
 PIP="$PY -m pip install -q --disable-pip-version-check"
 $PY -c 'import numpy' 2>/dev/null || $PIP numpy==2.3.5
 $PY -c 'import pytest' 2>/dev/null || $PIP pytest==8.4.2
+if [ "${MSA_PY_TORCH:-1}" != 0 ] && ! $PY -c 'import torch' 2>/dev/null; then
+  $PIP torch==2.15.0 || echo "test_python.sh: torch==2.15.0 could not be installed: the msa.torch tests skip" >&2
+fi
 if ! [ -f .deps/python/nanobind/__init__.py ] && ! $PY -c 'import nanobind' 2>/dev/null; then
   $PIP --target .deps/python nanobind==2.9.2
 fi
