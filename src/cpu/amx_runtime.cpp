@@ -92,14 +92,13 @@ void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int 
     for (int c = 0; c < dk / 16; ++c) {
       uint16_t* tile = dst + (t * (dk / 16) + c) * 512;
       if (t * 32 + 32 <= len && c * 16 + 16 <= d) {
+        uint32_t pairs[16][16];  // [key pair][dim]: the even key in the low half (little endian)
         for (int kk = 0; kk < 16; ++kk) {
           const uint16_t* r0 = src + (t * 32 + 2 * kk) * row_stride + c * 16;
           const uint16_t* r1 = r0 + row_stride;
-          for (int n = 0; n < 16; ++n) {
-            tile[kk * 32 + 2 * n] = r0[n];
-            tile[kk * 32 + 2 * n + 1] = r1[n];
-          }
+          for (int n = 0; n < 16; ++n) pairs[kk][n] = uint32_t(r0[n]) | uint32_t(r1[n]) << 16;
         }
+        std::memcpy(tile, pairs, sizeof(pairs));
         continue;
       }
       for (int kk = 0; kk < 16; ++kk)
