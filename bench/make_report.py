@@ -133,6 +133,15 @@ def error_notes(errors, shown=20):
     return notes
 
 
+def finish_table(lines, description, sources, errors, plot_link=None, plot_alt=""):
+    """A markdown table's rows, then its description, its source files, its plot and its failures."""
+    notes = ["", description, "", "Sources: " + ", ".join(f"`{s}`" for s in sources) + "."]
+    if plot_link:
+        notes += ["", f"![{plot_alt}]({plot_link})"]
+    notes += error_notes(errors)
+    return "\n".join(lines) + "\n" + "\n".join(notes)
+
+
 def make_table(cases):
     headers = (["Device", "Commit", "Config", "Context", "Index q"] + [h + " (ms)" for _, h in COLUMNS] +
                ["MSA fwd TFLOP/s", "Speedup vs best dense", "Blocks per 64-q tile"])
@@ -481,21 +490,14 @@ def make_decode_table(cases, plot_link=None):
         if doc["_path"] not in sources:
             sources.append(doc["_path"])
     shapes = ", ".join(sorted({_decode_shape(cases[k][0]) for k in cases})) or "?"
-    notes = [
-        "",
+    return finish_table(lines, (
         f"One decode step (`msa.paged.run` over paged caches), {shapes}; MSA total = median of CUDA-event "
         "timings of the whole call, index / attention = the kernels' own device times (torch profiler, "
         "mean of 5 calls). GB/s = bytes the kernel reads / its time; % of copy "
         "bandwidth = that over the device's measured copy bandwidth (read + write bytes / time, in each "
         "file). The dense columns use bf16 caches for every row: paged dense = our paged kernel over "
-        "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA). Speedup = SDPA dense / MSA total.",
-        "",
-        "Sources: " + ", ".join(f"`{s}`" for s in sources) + ".",
-    ]
-    if plot_link:
-        notes += ["", f"![decode speedup vs SDPA against context]({plot_link})"]
-    notes += error_notes(errors)
-    return "\n".join(lines) + "\n" + "\n".join(notes)
+        "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA). Speedup = SDPA dense / MSA total."),
+        sources, errors, plot_link, "decode speedup vs SDPA against context")
 
 
 def make_decode_plot(cases, path):
@@ -555,7 +557,7 @@ def main(argv=None):
     decode = write_decode(paths, args.readme, args.decode_plot, args.print_only)
     cpu = report_cpu.write(load_results(paths, "cpu_prefill"), args.readme, args.cpu_plot, args.print_only,
                            dict(write_readme=write_readme, plot_speedup_series=plot_speedup_series,
-                                fmt_ms=fmt_ms, fmt_ctx=fmt_ctx, error_notes=error_notes))
+                                fmt_ms=fmt_ms, fmt_ctx=fmt_ctx, finish_table=finish_table))
     if not cases and not train and not hf and not decode and not cpu:
         print("make_report: no measured results found", file=sys.stderr)
         return 1

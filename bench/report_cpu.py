@@ -42,7 +42,7 @@ def speedup(rows):
     return dense / msa if dense and msa else None
 
 
-def make_table(cases, fmt_ms, fmt_ctx, error_notes, plot_link=None):
+def make_table(cases, fmt_ms, fmt_ctx, finish_table, plot_link=None):
     headers = (["CPU", "Commit", "Config", "Context", "Index q"] + [h + " (ms)" for _, h in COLUMNS] +
                ["MSA fwd TFLOP/s", "Speedup vs SDPA dense", "Check"])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -68,21 +68,14 @@ def make_table(cases, fmt_ms, fmt_ctx, error_notes, plot_link=None):
         lines.append("| " + " | ".join(cells) + " |")
         if doc["_path"] not in sources:
             sources.append(doc["_path"])
-    notes = [
-        "",
+    return finish_table(lines, (
         "Wall-clock medians on the CPU, batch 1, bf16, B=128, k=16, Di=128, all cores, same process and "
         "inputs for every column (method: [docs/benchmarks.md](docs/benchmarks.md#cpu-prefill)). MSA total = "
         "index top-k + sparse forward; no AMX = the same with `MSA_CPU_AMX=0`; SDPA dense = "
         "`torch.nn.functional.scaled_dot_product_attention`, causal, GQA (PyTorch's CPU flash kernel). "
         "Check: sampled queries against an fp32 reference (selection within tolerance, out and lse). "
-        "TFLOP/s: 4*D FLOPs per selected visible key per query head.",
-        "",
-        "Sources: " + ", ".join(f"`{s}`" for s in sources) + ".",
-    ]
-    if plot_link:
-        notes += ["", f"![CPU prefill speedup vs SDPA against context]({plot_link})"]
-    notes += error_notes(errors)
-    return "\n".join(lines) + "\n" + "\n".join(notes)
+        "TFLOP/s: 4*D FLOPs per selected visible key per query head."),
+        sources, errors, plot_link, "CPU prefill speedup vs SDPA against context")
 
 
 def make_plot(cases, path, plot_series, fmt_ctx):
@@ -104,15 +97,15 @@ def make_plot(cases, path, plot_series, fmt_ctx):
 
 
 def write(docs, readme, plot, print_only, helpers):
-    """helpers: make_report's write_readme, plot_speedup_series, fmt_ms, fmt_ctx and error_notes."""
-    write_readme, plot_series, fmt_ms, fmt_ctx, error_notes = (
-        helpers[k] for k in ("write_readme", "plot_speedup_series", "fmt_ms", "fmt_ctx", "error_notes"))
+    """helpers: make_report's write_readme, plot_speedup_series, fmt_ms, fmt_ctx and finish_table."""
+    write_readme, plot_series, fmt_ms, fmt_ctx, finish_table = (
+        helpers[k] for k in ("write_readme", "plot_speedup_series", "fmt_ms", "fmt_ctx", "finish_table"))
     cases = collect(docs)
     if not cases:
         return False
     link = os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(readme)))
     plotted = False if print_only else make_plot(cases, plot, plot_series, fmt_ctx)
-    table = make_table(cases, fmt_ms, fmt_ctx, error_notes, link if plotted else None)
+    table = make_table(cases, fmt_ms, fmt_ctx, finish_table, link if plotted else None)
     if print_only:
         print(table + "\n")
     elif write_readme(readme, table, CPU_START, CPU_END):
