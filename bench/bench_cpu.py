@@ -12,6 +12,11 @@ default) and Hq=16/Hkv=1/D=128, contexts 4K..64K, inputs made exactly as bench_p
   sdpa_dense                                       torch SDPA, causal, GQA (its CPU flash kernel)
   torch_topk                                       torch.topk over random block scores of the same shape
 
+Then one decode step (q_len 1, bf16 paged caches with shuffled page tables, batch 1 and 8, contexts 16K
+and 64K): msa_paged_decode (`msa.paged.run`: index over every cached block, attention over the 16
+selected pages), msa_paged_dense_decode (the same call in dense mode) and sdpa_decode (torch SDPA over
+contiguous K/V of the same tokens, GQA: what a dense engine reads).
+
 Wall-clock medians (perf_counter) after a warm-up, inputs rotated over two sets. Writes
 bench/results/cpu_prefill_<cpu>_<commit8>.json; bench/make_report.py turns it into the README's
 CPU table and bench/results/cpu_speedup_vs_context.png. Needs torch and the msa extension on
@@ -34,6 +39,7 @@ CONFIGS = {
     "hq16_hkv1_d128": dict(hq=16, hkv=1, d=128),
 }
 CONTEXTS = [4096, 8192, 16384, 32768, 65536]
+DECODE_ITERS = 40  # a decode step takes milliseconds: more calls for a stable median
 METHODS = ["msa_index_topk", "msa_sparse_forward", "msa_total", "msa_total_no_amx",
            "msa_dense_forward", "sdpa_dense", "torch_topk"]
 
@@ -74,6 +80,8 @@ def build_parser():
     p.add_argument("--qi-period", type=int, default=512)
     p.add_argument("--check-queries", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--decode-batches", default="1,8", help="decode batches (empty: no decode rows)")
+    p.add_argument("--decode-contexts", type=P.parse_contexts, default=[16384, 65536])
     p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu_prefill_<cpu>_<commit8>.json)")
     return p
 
@@ -93,6 +101,54 @@ class Amx:
             os.environ.pop("MSA_CPU_AMX", None)
         else:
             os.environ["MSA_CPU_AMX"] = self.prev
+
+
+def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
+    """One decode step of `batch` requests of L cached tokens (the new one included), q_len 1."""
+    import msa.paged as mp
+    hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
+    pages = (L + P.BLOCK - 1) // P.BLOCK
+    cfg = P.make_msa_config(msa, hq, hkv, d)
+    gen = torch.Generator().manual_seed(seed + batch * 7 + L)
+    steps = []
+    for _ in range(2):  # two caches, alternated
+        k = torch.randn(batch * pages, P.BLOCK, hkv, d, generator=gen).bfloat16()
+        v = torch.randn(batch * pages, P.BLOCK, hkv, d, generator=gen).bfloat16()
+        ki = torch.randn(batch * pages, P.BLOCK, P.INDEX_DIM, generator=gen).bfloat16()
+        table = torch.randperm(batch * pages, generator=gen).int().view(batch, pages)
+        q = torch.randn(batch, hq, d, generator=gen).bfloat16()
+        qi = torch.randn(batch, hkv, P.INDEX_DIM, generator=gen).bfloat16()
+        # The dense baseline's contiguous K/V: the same tokens in order, [batch, Hkv, L, D].
+        rows = table.flatten().long()
+        kd = k[rows].view(batch, pages * P.BLOCK, hkv, d)[:, :L].transpose(1, 2).contiguous()
+        vd = v[rows].view(batch, pages * P.BLOCK, hkv, d)[:, :L].transpose(1, 2).contiguous()
+        steps.append(dict(cache=mp.Cache(k, v, ki), table=table, q=q, qi=qi, kd=kd, vd=vd))
+    cu = torch.arange(batch + 1, dtype=torch.int32)
+    lens = torch.full((batch,), L, dtype=torch.int32)
+    out = torch.empty(batch, hq, d, dtype=torch.bfloat16)
+    lse = torch.empty(batch, hq)
+    topk = torch.empty(hkv, batch, P.TOPK, dtype=torch.int32)
+    times = {}
+    for method, dense in (("msa_paged_decode", False), ("msa_paged_dense_decode", True)):
+        plan = mp.plan(cfg, [1] * batch, [L] * batch, dense=dense)
+        ws = torch.empty(max(1, plan.workspace_bytes), dtype=torch.uint8)
+
+        def call(x, plan=plan, ws=ws):
+            return lambda: mp.run(plan, mp.Batch(cu, lens, x["table"]), x["q"], x["qi"], x["cache"], out,
+                                  lse, topk, ws)
+        times[method] = record(cfg_name, L, "decode", method, [call(x) for x in steps], iters=DECODE_ITERS,
+                               batch=batch)
+
+    def sdpa(x):
+        q4 = x["q"].view(batch, hq, 1, d)
+        return lambda: F.scaled_dot_product_attention(q4, x["kd"], x["vd"], enable_gqa=True)
+    times["sdpa_decode"] = record(cfg_name, L, "decode", "sdpa_decode", [sdpa(x) for x in steps],
+                                  iters=DECODE_ITERS, batch=batch)
+    msa_ms, dense_ms = times["msa_paged_decode"], times["sdpa_decode"]
+    if not (msa_ms and dense_ms):
+        return []
+    return [f"{cfg_name} decode batch {batch} {L // 1024}K: MSA {msa_ms:.2f} ms vs SDPA dense "
+            f"{dense_ms:.2f} ms = {dense_ms / msa_ms:.2f}x"]
 
 
 def main(argv=None):
@@ -122,10 +178,10 @@ def main(argv=None):
                                    f"cpu_prefill_{C.slug(cpu_name())}_{commit[:8]}.json")
     summary = []
 
-    def record(cfg_name, L, inputs, method, fn, flops=None, **extra):
+    def record(cfg_name, L, inputs, method, fn, flops=None, iters=None, **extra):
         row = {"config": cfg_name, "context": L, "inputs": inputs, "method": method, **extra}
         try:
-            res = C.host_time(fn, warmup=1, iters=args.iters, min_iters=3, target_s=args.target_s)
+            res = C.host_time(fn, warmup=1, iters=iters or args.iters, min_iters=3, target_s=args.target_s)
             row.update(res)
             if flops:
                 row["tflops"] = C.tflops(flops, res["ms_median"])
@@ -134,7 +190,7 @@ def main(argv=None):
         doc["rows"].append(row)
         C.write_json_atomic(out, doc)
         ms = row.get("ms_median")
-        print(f"  {cfg_name} {L:>6} {inputs:<6} {method:<20} "
+        print(f"  {cfg_name} {L:>6} {inputs:<6} {method:<22} {extra.get('batch', '')!s:>3} "
               f"{'ERROR ' + row['error'] if ms is None else f'{ms:10.2f} ms'}", flush=True)
         return ms
 
@@ -185,6 +241,12 @@ def main(argv=None):
         if total and dense:
             summary.append(f"{cfg_name} {L // 1024}K: MSA {total:.1f} ms vs SDPA dense {dense:.1f} ms "
                            f"= {dense / total:.2f}x")
+    batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+    for cfg_name in args.configs.split(","):
+        for batch in batches:
+            for L in args.decode_contexts:
+                summary += decode_case(msa, torch, F, record, CONFIGS[cfg_name], cfg_name, batch, L,
+                                       args.seed)
     print("\n".join(["", f"{device}, torch {torch.__version__}, commit {commit[:8]}"] + summary))
     print(f"wrote {out}")
     return 0

@@ -1,13 +1,15 @@
 """The README's CPU prefill table and bench/results/cpu_speedup_vs_context.png, from the
 bench_cpu.py results (benchmark "cpu_prefill"); called by make_report.py.
 
-The table goes between <!-- cpu-table --> and <!-- /cpu-table -->. Where several files measured the
-same (CPU, config, context, inputs), the newest wins."""
+The prefill table goes between <!-- cpu-table --> and <!-- /cpu-table -->, the decode table between
+<!-- cpu-decode-table --> and <!-- /cpu-decode-table -->. Where several files measured the same case,
+the newest wins."""
 from __future__ import annotations
 
 import os
 
 CPU_START, CPU_END = "<!-- cpu-table -->", "<!-- /cpu-table -->"
+DECODE_START, DECODE_END = "<!-- cpu-decode-table -->", "<!-- /cpu-decode-table -->"
 COLUMNS = [  # (method, header)
     ("msa_index_topk", "MSA index top-k"),
     ("msa_sparse_forward", "MSA sparse fwd"),
@@ -26,7 +28,8 @@ def collect(docs):
     for doc in sorted(docs, key=lambda d: d.get("timestamp", "")):
         by_case = {}
         for r in doc["rows"]:
-            by_case.setdefault((r["config"], r["context"], r["inputs"]), {})[r["method"]] = r
+            if r["inputs"] != "decode":
+                by_case.setdefault((r["config"], r["context"], r["inputs"]), {})[r["method"]] = r
         for (cfg, ctx, inputs), rows in by_case.items():
             if any(r.get("ms_median") is not None for r in rows.values()):
                 cases[(doc.get("device", "?"), cfg, ctx, inputs)] = (doc, rows)
@@ -78,6 +81,49 @@ def make_table(cases, fmt_ms, fmt_ctx, finish_table, plot_link=None):
         sources, errors, plot_link, "CPU prefill speedup vs SDPA against context")
 
 
+def collect_decode(docs):
+    """(device, config, batch, context) -> (doc, {method: row}) for the decode rows."""
+    cases = {}
+    for doc in sorted(docs, key=lambda d: d.get("timestamp", "")):
+        for r in doc["rows"]:
+            if r["inputs"] == "decode":
+                key = (doc.get("device", "?"), r["config"], r.get("batch"), r["context"])
+                if key not in cases or cases[key][0] is not doc:
+                    cases[key] = (doc, {})
+                cases[key][1][r["method"]] = r
+    return cases
+
+
+def make_decode_table(cases, fmt_ms, fmt_ctx, finish_table):
+    headers = ["CPU", "Commit", "Config", "Batch", "Context", "MSA decode (ms)", "MSA dense decode (ms)",
+               "SDPA dense (ms)", "Speedup vs SDPA"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    sources, errors = [], []
+    for key in sorted(cases):
+        device, cfg, batch, ctx = key
+        doc, rows = cases[key]
+        shape = doc.get("config", {}).get("configs", {}).get(cfg, {})
+        label = f"Hq={shape.get('hq')} Hkv={shape.get('hkv')} D={shape.get('d')}" if shape else cfg
+        ms = {m: (rows.get(m) or {}).get("ms_median") for m in
+              ("msa_paged_decode", "msa_paged_dense_decode", "sdpa_decode")}
+        for m, r in rows.items():
+            if r.get("error"):
+                errors.append(f"{device}, {cfg}, batch {batch}, {fmt_ctx(ctx)}, {m}: {r['error']}")
+        sp = ms["sdpa_decode"] / ms["msa_paged_decode"] if ms["sdpa_decode"] and ms["msa_paged_decode"] else None
+        lines.append("| " + " | ".join([device, f"`{str(doc.get('commit', '?'))[:10]}`", label, str(batch),
+                                        fmt_ctx(ctx)] + [fmt_ms(v) for v in ms.values()] +
+                                       [f"{sp:.2f}x" if sp else "n/a"]) + " |")
+        if doc["_path"] not in sources:
+            sources.append(doc["_path"])
+    return finish_table(lines, (
+        "One decode step (q_len 1) on the CPU, bf16 paged caches (pages of B=128 tokens, shuffled page "
+        "tables), k=16, Di=128, all cores, wall-clock medians of 40 calls over two alternating caches "
+        "(method: [docs/benchmarks.md](docs/benchmarks.md#cpu-prefill)). MSA decode = `msa.paged.run` "
+        "(index over every cached block, attention over the selected pages); MSA dense decode = the same "
+        "call in dense mode; SDPA dense = PyTorch SDPA over contiguous K/V of the same tokens (GQA)."),
+        sources, errors)
+
+
 def make_plot(cases, path, plot_series, fmt_ctx):
     import matplotlib
     matplotlib.use("Agg")
@@ -100,9 +146,17 @@ def write(docs, readme, plot, print_only, helpers):
     """helpers: make_report's write_readme, plot_speedup_series, fmt_ms, fmt_ctx and finish_table."""
     write_readme, plot_series, fmt_ms, fmt_ctx, finish_table = (
         helpers[k] for k in ("write_readme", "plot_speedup_series", "fmt_ms", "fmt_ctx", "finish_table"))
+    decode = collect_decode(docs)
+    if decode:
+        dtable = make_decode_table(decode, fmt_ms, fmt_ctx, finish_table)
+        if print_only:
+            print(dtable + "\n")
+        elif not write_readme(readme, dtable, DECODE_START, DECODE_END):
+            print(f"make_report: no {DECODE_START} ... {DECODE_END} markers in {readme}; the CPU decode "
+                  f"table:\n\n{dtable}\n")
     cases = collect(docs)
     if not cases:
-        return False
+        return bool(decode)
     link = os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(readme)))
     plotted = False if print_only else make_plot(cases, plot, plot_series, fmt_ctx)
     table = make_table(cases, fmt_ms, fmt_ctx, finish_table, link if plotted else None)

@@ -85,7 +85,7 @@ struct IndexLayout {
     };
     qpanel = add_acc(rows_padded * di);
     keys_t = add_acc(int64_t(di) * kKeyChunk);
-    scores = add_acc(rows_padded * kKeyChunk);
+    scores = add_acc(std::max<int64_t>(rows_padded * kKeyChunk, 32 * 32));  // key-major: 32 x 32
     block_max = add_acc(rows * blocks);
     block_sum = add_acc(rows * blocks);
     position = plan.add<int64_t>(rows_padded);

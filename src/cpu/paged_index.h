@@ -2,7 +2,8 @@
 //  1. score_blocks: one work item = a query tile of one request x a range of its blocks; every
 //     (query, group) row of the tile shares one pass over each ki page of the range (converted and
 //     transposed once per 64-key chunk, scored by the index branch's register-blocked micro-kernel),
-//     max-pooled per block over the row's visible keys into the plan's block-score region.
+//     max-pooled per block over the row's visible keys into the plan's block-score region; bf16 pages
+//     on a CPU with AMX go through the index's key-major tile kernel instead (score_blocks_amx).
 //  2. select_row: per (query, group) the local block plus the k-1 best earlier blocks, written in the
 //     layout rules.h defines, with the same ordering as the contiguous index branch.
 #pragma once
@@ -10,7 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
+#include "cpu/amx.h"
 #include "cpu/element.h"
 #include "cpu/index_simd.h"
 #include "cpu/index_workspace.h"
@@ -25,20 +28,86 @@ namespace paged {
 
 constexpr int kKeyChunk = 64;  // keys scored per step; a multiple of simd::kNR<float>
 
-// Per-thread scratch of the index stages.
+// Per-thread scratch of the index stages; with `amx`, also the bf16 rows of the tile-unit path.
 struct IndexScratch {
-  std::size_t qpanel = 0, keys_t = 0, scores = 0, position = 0, candidates = 0, bytes = 0;
-  IndexScratch(int64_t max_rows, int di, int64_t max_blocks) {
+  bool amx = false;
+  std::size_t qpanel = 0, keys_t = 0, scores = 0, position = 0, candidates = 0, qtiles = 0,
+              qpacked = 0, staged = 0, run_max = 0, bytes = 0;
+  IndexScratch(int64_t max_rows, int di, int64_t max_blocks, bool with_amx) : amx(with_amx) {
     const int64_t rows_padded = (max_rows + simd::kMR - 1) / simd::kMR * simd::kMR;
+    const int64_t rows_tiles = amx::packed_keys(max_rows);  // score tiles come in runs of 64 rows
     ScratchPlan p;
     qpanel = p.add<float>(rows_padded * di);
     keys_t = p.add<float>(int64_t(di) * kKeyChunk);
-    scores = p.add<float>(rows_padded * kKeyChunk);
-    position = p.add<int64_t>(max_rows);
+    // The tile-unit kernel's products are 32 keys x 32 rows.
+    scores = p.add<float>(std::max<int64_t>(rows_padded * kKeyChunk, amx ? 32 * 32 : 0));
+    position = p.add<int64_t>(std::max(max_rows, amx ? rows_tiles : 0));
     candidates = p.add<int32_t>(max_blocks);
+    if (amx) {
+      qtiles = p.add<uint16_t>(rows_tiles * amx::packed_dim(di));
+      qpacked = p.add<uint16_t>(rows_tiles * amx::packed_dim(di));
+      staged = p.add<uint16_t>(int64_t(kKeyChunk) * amx::packed_dim(di));
+      run_max = p.add<float>(rows_tiles);
+    }
     bytes = p.bytes;
   }
 };
+
+// The tile-unit path of score_blocks (bf16 ki pages, blocks a multiple of 64 keys): the index's
+// key-major kernel over each page, its rows read in place (amx.h, index_chunk_max_key_major).
+inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, const TensorView& qi,
+                             const TensorView& ki_cache, const TensorView& page_table,
+                             unsigned char* ws, unsigned char* mine, const IndexScratch& lay) {
+  const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
+  const int dk = amx::packed_dim(di);
+  uint16_t* qtiles = reinterpret_cast<uint16_t*>(mine + lay.qtiles);
+  uint16_t* qpacked = reinterpret_cast<uint16_t*>(mine + lay.qpacked);
+  uint16_t* staged = reinterpret_cast<uint16_t*>(mine + lay.staged);
+  float* scores = reinterpret_cast<float*>(mine + lay.scores);
+  float* run_max = reinterpret_cast<float*>(mine + lay.run_max);
+  int64_t* position = reinterpret_cast<int64_t*>(mine + lay.position);
+  const SequenceSpan s = request_span(plan, w.request);
+  const int64_t nblk_req = rules::num_blocks(s.k_len, B);
+  float* bscore = block_scores(ws, plan, w.request);
+  const float iscale = plan.cfg.index_softmax_scale();
+
+  const int64_t rows = int64_t(w.q_end - w.q_begin) * hkv, rows_tiles = amx::packed_keys(rows);
+  for (int64_t r = 0; r < rows_tiles; ++r) {
+    const uint16_t* src = r < rows ? row3<const uint16_t>(qi, s.q_begin + w.q_begin + r / hkv, r % hkv)
+                                   : nullptr;
+    for (int d = 0; d < dk; ++d) qtiles[r * dk + d] = src && d < di ? src[d] : uint16_t(0);
+    // Padding rows see every key (positions stay sorted); their results are never read.
+    position[r] = r < rows ? s.query_position(w.q_begin + r / hkv) : std::numeric_limits<int64_t>::max();
+  }
+  amx::pack_score_tiles(qtiles, dk, rows_tiles, dk, qpacked);
+  const int64_t p_max = position[rows - 1];
+  amx::ThreadTiles tile_unit;
+  for (int64_t j = w.block_begin; j < w.block_end; ++j) {
+    const int32_t page = page_of(page_table, w.request, j);
+    const int64_t kbeg = rules::block_begin(j, B);
+    const int64_t kend = std::min<int64_t>(kbeg + B, p_max + 1);
+    std::fill(run_max, run_max + rows_tiles, -INFINITY);
+    for (int64_t c0 = kbeg; c0 < kend; c0 += kKeyChunk) {
+      const int nk = int(std::min<int64_t>(kKeyChunk, kend - c0));
+      // A page holds B slots, so a chunk's 64 rows are there even past the cached length (never
+      // read: their keys are masked); a head dim that is not a multiple of 32 is staged.
+      const uint16_t* keys = ki_row<const uint16_t>(ki_cache, page, c0 - kbeg);
+      int64_t stride = ki_cache.stride[1];
+      if (di != dk) {
+        for (int t = 0; t < kKeyChunk; ++t)
+          for (int d = 0; d < dk; ++d) staged[t * dk + d] = t < nk && d < di ? keys[t * stride + d] : 0;
+        keys = staged;
+        stride = dk;
+      }
+      int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
+      while (position[first * 32 + 31] < c0) ++first;
+      amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + 31) / 32,
+                                     position, scores, run_max);
+    }
+    // iscale > 0 and rounding is monotone: the max of the scaled scores is the scaled max.
+    for (int64_t r = 0; r < rows; ++r) bscore[(w.q_begin * hkv + r) * nblk_req + j] = run_max[r] * iscale;
+  }
+}
 
 template <class T>
 void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorView& qi,
@@ -47,6 +116,9 @@ void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorVi
                   unsigned char* mine, const IndexScratch& lay) {
   constexpr int MR = simd::kMR, NR = simd::kNR<float>;
   const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
+  if constexpr (std::is_same_v<T, bf16>)
+    if (lay.amx && !is_fp8(ki_cache) && B % kKeyChunk == 0)
+      return score_blocks_amx(plan, w, qi, ki_cache, page_table, ws, mine, lay);
   float* qpanel = reinterpret_cast<float*>(mine + lay.qpanel);
   float* keys_t = reinterpret_cast<float*>(mine + lay.keys_t);
   float* scores = reinterpret_cast<float*>(mine + lay.scores);

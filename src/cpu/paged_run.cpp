@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "core/paged_backend.h"
+#include "cpu/amx.h"
 #include "cpu/element.h"
 #include "cpu/paged_attention.h"
 #include "cpu/paged_index.h"
@@ -17,12 +18,18 @@ namespace cpu {
 
 namespace {
 
-paged::IndexScratch index_scratch(const PagedPlan& plan) {
+// The index's scratch with the tile-unit rows where bf16 can use them. At run time (thread_bytes
+// set) a plan made while AMX was off (MSA_CPU_AMX=0) keeps the smaller layout it was sized for.
+paged::IndexScratch index_scratch(const PagedPlan& plan, bool planning) {
   int64_t max_rows = 1;
   for (const PagedIndexWork& w : plan.index_work)
     max_rows = std::max<int64_t>(max_rows, int64_t(w.q_end - w.q_begin) * plan.cfg.num_kv_heads);
-  return paged::IndexScratch(max_rows, plan.cfg.index_head_dim,
-                             std::max<int64_t>(1, rules::num_blocks(plan.max_kv_len, plan.cfg.block_size)));
+  const int64_t blocks = std::max<int64_t>(1, rules::num_blocks(plan.max_kv_len, plan.cfg.block_size));
+  const bool amx = plan.dtype == DType::bf16 && amx::usable();
+  paged::IndexScratch lay(max_rows, plan.cfg.index_head_dim, blocks, amx);
+  if (amx && !planning && lay.bytes > plan.thread_bytes)
+    lay = paged::IndexScratch(max_rows, plan.cfg.index_head_dim, blocks, false);
+  return lay;
 }
 
 std::size_t attention_scratch_bytes(const attn::Geometry& geo) {
@@ -37,7 +44,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
               const TensorView& lse, const TensorView& topk, const Workspace& workspace) {
   const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(workspace.data);
   unsigned char* ws = static_cast<unsigned char*>(workspace.data) + (align_up(a) - a);
-  const paged::IndexScratch ilay = index_scratch(plan);
+  const paged::IndexScratch ilay = index_scratch(plan, false);
   const attn::Geometry geo = paged::attention_geometry(plan);
   const int hkv = plan.cfg.num_kv_heads;
   const int64_t n_index = int64_t(plan.index_work.size());
@@ -83,7 +90,7 @@ std::size_t paged_thread_bytes(const PagedPlan& plan) {
   for (const PagedAttentionWork& w : plan.attention_work)
     if (w.q_end - w.q_begin > geo.tile_q)
       throw Error("msa: paged plan's attention tile exceeds the CPU tile size");
-  return std::max(index_scratch(plan).bytes, attention_scratch_bytes(geo));
+  return std::max(index_scratch(plan, true).bytes, attention_scratch_bytes(geo));
 }
 
 void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,
