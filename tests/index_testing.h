@@ -1,6 +1,6 @@
-// Helpers of the CPU index-branch tests: a call of the public index_topk with poisoned outputs, and the
-// selection check against the float64 oracle (sets per (group, query), local block in slot n, -1
-// padding, near-tie tolerance, selected LSE).
+// Helpers of the CPU index-branch tests: a call of the public index_topk with poisoned outputs, and
+// the selection check against the float64 oracle (sets per (group, query), local block in slot n,
+// -1 padding, near-tie tolerance, selected LSE).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -22,10 +22,12 @@ struct IndexResult {
   HostTensor topk, slse;
 };
 
-inline IndexResult run_index(TestProblem& p, float temperature, bool with_lse = true, Context ctx = {}) {
+inline IndexResult run_index(TestProblem& p, float temperature, bool with_lse = true,
+                             Context ctx = {}) {
   const int64_t tq = p.total_q();
-  IndexResult r{HostTensor(DType::i32, {p.cfg.num_kv_heads, tq, p.cfg.topk}),
-                HostTensor(p.dtype == DType::f64 ? DType::f64 : DType::f32, {p.cfg.num_kv_heads, tq})};
+  IndexResult r{
+      HostTensor(DType::i32, {p.cfg.num_kv_heads, tq, p.cfg.topk}),
+      HostTensor(p.dtype == DType::f64 ? DType::f64 : DType::f32, {p.cfg.num_kv_heads, tq})};
   r.topk.poison();
   r.slse.poison();
   index_topk(p.cfg, p.varlen, p.qi.view(), p.ki.view(), r.topk.view(),
@@ -38,8 +40,8 @@ inline IndexResult run_index(TestProblem& p, float temperature, bool with_lse = 
 inline double score_tolerance(DType dt) { return dt == DType::f64 ? 1e-9 : 1e-4; }
 
 // Checks every row; counts in `same` the rows whose selected set equals the oracle's.
-inline void check_selection(TestProblem& p, const IndexResult& got, float temperature, bool check_lse,
-                     int64_t& same) {
+inline void check_selection(TestProblem& p, const IndexResult& got, float temperature,
+                            bool check_lse, int64_t& same) {
   const Config& cfg = p.cfg;
   const int64_t tq = p.total_q();
   const int K = cfg.topk;

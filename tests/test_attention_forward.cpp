@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "attention_testing.h"
+#include "kernel_env.h"
 
 namespace msa {
 namespace {
@@ -113,41 +114,45 @@ TEST(AttentionForwardShapes, SparseEqualsDenseWhenTopkCoversEveryBlock) {
   EXPECT_LT(relative_error(s.lse.to_double(), d.lse.to_double()), 1e-6);
 }
 
-// q, k and v as views into one packed qkv buffer [total, Hq + 2 Hkv, D].
+// q, k and v as views into one packed qkv buffer [total, Hq + 2 Hkv, D]; blocks of 32 with bf16
+// take the AMX path where the CPU has it (forced: MSA_CPU_AMX=all).
 TEST(AttentionForwardShapes, StridedQkvViews) {
+  testing::ScopedKernelEnv amx("MSA_CPU_AMX", "all");
   for (DType dt : {DType::f32, DType::bf16}) {
-    Config cfg{8, 2, 16, 8, 8, 3};
-    TestProblem p(cfg, {50, 9}, {50, 9}, dt, 24);
-    const int64_t total = 59, heads = 12, D = 16;
-    HostTensor qkv(dt, {total, heads, D});
-    for (int64_t t = 0; t < total; ++t)
-      for (int64_t d = 0; d < D; ++d) {
-        for (int h = 0; h < 8; ++h) qkv.set((t * heads + h) * D + d, p.q.get((t * 8 + h) * D + d));
-        for (int h = 0; h < 2; ++h) {
-          qkv.set((t * heads + 8 + h) * D + d, p.k.get((t * 2 + h) * D + d));
-          qkv.set((t * heads + 10 + h) * D + d, p.v.get((t * 2 + h) * D + d));
+    for (int block : {8, 32}) {
+      Config cfg{8, 2, 16, 8, block, 3};
+      TestProblem p(cfg, {150, 9}, {150, 9}, dt, 24 + block);
+      const int64_t total = 159, heads = 12, D = 16;
+      HostTensor qkv(dt, {total, heads, D});
+      for (int64_t t = 0; t < total; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          for (int h = 0; h < 8; ++h) qkv.set((t * heads + h) * D + d, p.q.get((t * 8 + h) * D + d));
+          for (int h = 0; h < 2; ++h) {
+            qkv.set((t * heads + 8 + h) * D + d, p.k.get((t * 2 + h) * D + d));
+            qkv.set((t * heads + 10 + h) * D + d, p.v.get((t * 2 + h) * D + d));
+          }
         }
+      auto slice = [&](int h0, int nh) {
+        TensorView v = qkv.view();
+        v.data = static_cast<char*>(v.data) + h0 * D * dtype_size(dt);
+        v.shape[1] = nh;
+        return v;
+      };
+      HostTensor topk = oracle_topk(p);
+      for (bool sparse : {true, false}) {
+        testing::ForwardResult ref = run_forward(p, sparse ? &topk : nullptr);
+        HostTensor out(dt, {total, 8, D}), lse(DType::f32, {total, 8});
+        out.poison();
+        lse.poison();
+        if (sparse)
+          sparse_attention_forward(cfg, p.varlen, slice(0, 8), slice(8, 2), slice(10, 2), topk.view(),
+                                   out.view(), lse.view());
+        else
+          dense_attention_forward(cfg, p.varlen, slice(0, 8), slice(8, 2), slice(10, 2), out.view(),
+                                  lse.view());
+        EXPECT_TRUE(testing::bitwise_equal(out, ref.out));
+        EXPECT_TRUE(testing::bitwise_equal(lse, ref.lse));
       }
-    auto slice = [&](int h0, int nh) {
-      TensorView v = qkv.view();
-      v.data = static_cast<char*>(v.data) + h0 * D * dtype_size(dt);
-      v.shape[1] = nh;
-      return v;
-    };
-    HostTensor topk = oracle_topk(p);
-    for (bool sparse : {true, false}) {
-      testing::ForwardResult ref = run_forward(p, sparse ? &topk : nullptr);
-      HostTensor out(dt, {total, 8, D}), lse(DType::f32, {total, 8});
-      out.poison();
-      lse.poison();
-      if (sparse)
-        sparse_attention_forward(cfg, p.varlen, slice(0, 8), slice(8, 2), slice(10, 2), topk.view(),
-                                 out.view(), lse.view());
-      else
-        dense_attention_forward(cfg, p.varlen, slice(0, 8), slice(8, 2), slice(10, 2), out.view(),
-                                lse.view());
-      EXPECT_TRUE(testing::bitwise_equal(out, ref.out));
-      EXPECT_TRUE(testing::bitwise_equal(lse, ref.lse));
     }
   }
 }

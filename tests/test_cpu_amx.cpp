@@ -1,7 +1,7 @@
-// The CPU backend's AMX path (bf16 index scores and attention forward) and its fallback, each against
-// the float64 oracle on the same problems: every case runs with MSA_CPU_AMX=all (the tile unit
-// wherever it applies, also for decode-like calls the backend would give to the row kernels), =1
-// (the backend's choice) and =0. Where the CPU or kernel offers no AMX every run takes the
+// The CPU backend's AMX path (bf16 index scores and attention forward) and its fallback, each
+// against the float64 oracle on the same problems: every case runs with MSA_CPU_AMX=all (the tile
+// unit wherever it applies, also for decode-like calls the backend would give to the row kernels),
+// =1 (the backend's choice) and =0. Where the CPU or kernel offers no AMX every run takes the
 // fallback, and the first test says so.
 #include <gtest/gtest.h>
 
@@ -114,8 +114,8 @@ INSTANTIATE_TEST_SUITE_P(
                       std::make_tuple(32, 8, 128, 64), std::make_tuple(64, 4, 128, 128),
                       std::make_tuple(6, 2, 72, 96)));
 
-// A caller's workspace of exactly workspace_bytes(bf16) runs the AMX forward with every thread count
-// and gives the same bits as the library's own scratch; one byte less is refused.
+// A caller's workspace of exactly workspace_bytes(bf16) runs the AMX forward with every thread
+// count and gives the same bits as the library's own scratch; one byte less is refused.
 TEST(CpuAmx, ForwardCallerWorkspace) {
   ScopedKernelEnv env("MSA_CPU_AMX", "all");
   Config cfg{8, 2, 64, 16, 32, 3};

@@ -121,29 +121,41 @@ TEST(IndexTopk, SelectedLseIsOptional) {
 }
 
 TEST(IndexTopk, StridedInputs) {
-  // qi and ki as column slices of wider buffers (innermost contiguous, outer strides free).
-  Config cfg{4, 2, 16, 16, 8, 3};
-  TestProblem p(cfg, {40, 3}, {40, 30}, DType::f32, 91);
-  const int64_t tq = p.total_q(), tk = p.total_k();
-  HostTensor qwide(DType::f32, {tq, 2, 24}), kwide(DType::f32, {tk, 40});
-  qwide.poison();
-  kwide.poison();
-  for (int64_t r = 0; r < tq; ++r)
-    for (int g = 0; g < 2; ++g)
-      for (int d = 0; d < 16; ++d) qwide.set((r * 2 + g) * 24 + d, p.qi.get((r * 2 + g) * 16 + d));
-  for (int64_t t = 0; t < tk; ++t)
-    for (int d = 0; d < 16; ++d) kwide.set(t * 40 + 3 + d, p.ki.get(t * 16 + d));
-  TensorView qv = qwide.view(), kv = kwide.view();
-  qv.shape[2] = 16;
-  kv.data = static_cast<float*>(kv.data) + 3;
-  kv.shape[1] = 16;
-  IndexResult want = run_index(p, 1.f);
-  HostTensor topk(DType::i32, {2, tq, 3}), slse(DType::f32, {2, tq});
-  topk.poison();
-  slse.poison();
-  index_topk(cfg, p.varlen, qv, kv, topk.view(), slse.view());
-  ASSERT_EQ(std::memcmp(topk.data(), want.topk.data(), size_t(topk.numel()) * 4), 0);
-  ASSERT_EQ(std::memcmp(slse.data(), want.slse.data(), size_t(slse.numel()) * 4), 0);
+  // qi and ki as column slices of wider buffers (innermost contiguous, outer strides free). bf16
+  // with Di 32 and blocks of 64 reads ki's strided rows in place on the AMX path (with and without
+  // the selected LSE: the two AMX layouts).
+  struct Shape {
+    DType dt;
+    int di, block;
+  };
+  for (const Shape sh : {Shape{DType::f32, 16, 8}, Shape{DType::bf16, 32, 64}}) {
+    const int di = sh.di, wide = di + 24;
+    Config cfg{4, 2, 16, di, sh.block, 3};
+    TestProblem p(cfg, {140, 3}, {140, 130}, sh.dt, 91);
+    const int64_t tq = p.total_q(), tk = p.total_k();
+    HostTensor qwide(sh.dt, {tq, 2, di + 8}), kwide(sh.dt, {tk, wide});
+    qwide.poison();
+    kwide.poison();
+    for (int64_t r = 0; r < tq; ++r)
+      for (int g = 0; g < 2; ++g)
+        for (int d = 0; d < di; ++d)
+          qwide.set((r * 2 + g) * (di + 8) + d, p.qi.get((r * 2 + g) * di + d));
+    for (int64_t t = 0; t < tk; ++t)
+      for (int d = 0; d < di; ++d) kwide.set(t * wide + 3 + d, p.ki.get(t * di + d));
+    TensorView qv = qwide.view(), kv = kwide.view();
+    qv.shape[2] = di;
+    kv.data = static_cast<char*>(kv.data) + 3 * dtype_size(sh.dt);
+    kv.shape[1] = di;
+    for (bool with_lse : {true, false}) {
+      IndexResult want = run_index(p, 1.f, with_lse);
+      HostTensor topk(DType::i32, {2, tq, 3}), slse(DType::f32, {2, tq});
+      topk.poison();
+      slse.poison();
+      index_topk(cfg, p.varlen, qv, kv, topk.view(), with_lse ? slse.view() : TensorView{});
+      ASSERT_EQ(std::memcmp(topk.data(), want.topk.data(), size_t(topk.numel()) * 4), 0);
+      if (with_lse) ASSERT_EQ(std::memcmp(slse.data(), want.slse.data(), size_t(slse.numel()) * 4), 0);
+    }
+  }
 }
 
 }  // namespace

@@ -1,11 +1,11 @@
-// AMX (Intel Advanced Matrix Extensions) path of the CPU backend for bf16 inputs: the index scores and
-// the attention forward run their products on the tile unit (TDPBF16PS: bf16 products, f32 sums),
-// up to ~16x the f32 FMA rate of the same core.
+// AMX (Intel Advanced Matrix Extensions) path of the CPU backend for bf16 inputs: the index scores
+// and the attention forward run their products on the tile unit (TDPBF16PS: bf16 products, f32
+// sums), up to ~16x the f32 FMA rate of the same core.
 //
 // This header holds no intrinsics: it is included by code compiled for the build's baseline
 // instruction set. The kernels live in amx_*.cpp, whose functions carry their own target attribute
-// (MSA_AMX_TARGET in amx_tiles.h), so a portable build still contains them and only calls them after
-// `usable()` has checked the running CPU and kernel.
+// (MSA_AMX_TARGET in amx_tiles.h), so a portable build still contains them and only calls them
+// after `usable()` has checked the running CPU and kernel.
 #pragma once
 
 #include <cstddef>
@@ -40,20 +40,22 @@ inline int packed_dim(int d) { return (d + 31) / 32 * 32; }
 inline int64_t packed_keys(int64_t len) { return (len + kPackKeys - 1) / kPackKeys * kPackKeys; }
 
 // Keys all sequences of a problem occupy when packed (a bound computable without reading lengths).
-inline int64_t packed_keys_bound(const Problem& p) { return p.total_k + int64_t(p.batch) * kPackKeys; }
+inline int64_t packed_keys_bound(const Problem& p) {
+  return p.total_k + int64_t(p.batch) * kPackKeys;
+}
 
 // bf16 elements of one packed head: keys as the B operand of Q K^T ("score tiles") or values as the
 // B operand of P V ("value tiles") both take packed_keys * packed_dim elements.
 inline int64_t packed_head_elems(int64_t keys, int d) { return keys * packed_dim(d); }
 
-// Packs rows 0..len-1 of one head (row r at src + r * row_stride, d contiguous bf16 elements) as score
-// tiles: for each 16 keys and each 32 dims, a 16 x 16 tile of (dim pair, key) bf16 pairs (the VNNI
-// layout TDPBF16PS reads for B). Keys from len up to packed_keys(len) and dims from d up to
+// Packs rows 0..len-1 of one head (row r at src + r * row_stride, d contiguous bf16 elements) as
+// score tiles: for each 16 keys and each 32 dims, a 16 x 16 tile of (dim pair, key) bf16 pairs (the
+// VNNI layout TDPBF16PS reads for B). Keys from len up to packed_keys(len) and dims from d up to
 // packed_dim(d) are zero.
 void pack_score_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst);
 
-// Packs values the same way for the P V product: for each 32 keys and each 16 dims, a 16 x 16 tile of
-// (dim, key pair) bf16 pairs.
+// Packs values the same way for the P V product: for each 32 keys and each 16 dims, a 16 x 16 tile
+// of (dim, key pair) bf16 pairs.
 void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int d, uint16_t* dst);
 
 // Holds the tile configuration of amx_tiles.h on the calling thread for its lifetime (tile state is
@@ -73,13 +75,15 @@ void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t p
                         const uint16_t* keys, float* scores, int64_t ldc);
 
 // Key-major scores of one chunk for the max-pooling fast path (no selected LSE asked, blocks a
-// multiple of kPackKeys keys): the chunk's nk keys are the A operand straight from their rows (`keys`,
-// rows key_stride elements apart, packed_dim(d) readable elements each and kPackKeys rows: the caller
-// stages a chunk that would read past the sequence or past d), the tile's query rows the B operand
-// (`rows_packed`: their score tiles, pack_score_tiles of bf16 rows), so a product's rows are keys and
-// its lanes query rows, and pooling along keys needs no horizontal reduction. For the 32-row groups
-// [first_pair, pairs): run_max[r] = max(run_max[r], max of the unscaled scores of the keys c0 + t,
-// t < nk, with c0 + t <= position[r]). Positions must not decrease with r. `scores`: 32 x 32 floats.
+// multiple of kPackKeys keys): the chunk's nk keys are the A operand straight from their rows
+// (`keys`, rows key_stride elements apart, packed_dim(d) readable elements each and kPackKeys rows:
+// the caller stages a chunk that would read past the sequence or past d), the tile's query rows the
+// B operand
+// (`rows_packed`: their score tiles, pack_score_tiles of bf16 rows), so a product's rows are keys
+// and its lanes query rows, and pooling along keys needs no horizontal reduction. For the 32-row
+// groups [first_pair, pairs): run_max[r] = max(run_max[r], max of the unscaled scores of the keys
+// c0 + t, t < nk, with c0 + t <= position[r]). Positions must not decrease with r. `scores`: 32 x
+// 32 floats.
 void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d, int nk, int64_t c0,
                                const uint16_t* rows_packed, int64_t first_pair, int64_t pairs,
                                const int64_t* position, float* scores, float* run_max);

@@ -1,8 +1,8 @@
-// AMX kernels of the index branch (bf16): one key chunk's scores against the packed query rows of an
-// index tile. Pooling and selection stay in index_topk.cpp, shared with the other dtypes.
-#include "cpu/amx.h"
-
+// AMX kernels of the index branch (bf16): one key chunk's scores against the packed query rows of
+// an index tile. Pooling and selection stay in index_topk.cpp, shared with the other dtypes.
 #include <algorithm>
+
+#include "cpu/amx.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include "cpu/amx_tiles.h"
@@ -18,8 +18,9 @@ ThreadTiles::ThreadTiles() { configure_tiles(); }
 // Released so that the thread does not keep 8 KB of tile state live across context switches.
 ThreadTiles::~ThreadTiles() { release_tiles(); }
 
-MSA_AMX_TARGET void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t panels,
-                                       const uint16_t* keys, float* scores, int64_t ldc) {
+MSA_AMX_TARGET void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel,
+                                       int64_t panels, const uint16_t* keys, float* scores,
+                                       int64_t ldc) {
   const int dk = packed_dim(d);
   const int64_t lda = int64_t(dk) * 2, key_tile_bytes = 16 * lda;  // 16 keys x dk bf16
   for (int64_t pn = first_panel; pn < panels; ++pn)
@@ -31,11 +32,12 @@ MSA_AMX_TARGET void index_chunk_scores(const uint16_t* q, int d, int64_t first_p
 // Lanes of 16 rows (positions in two halves of 8) that see key t.
 MSA_AMX_TARGET inline __mmask16 sees(__m512i pos_lo, __m512i pos_hi, int64_t t) {
   const __m512i key = _mm512_set1_epi64(t);
-  return __mmask16(_mm512_cmpge_epi64_mask(pos_lo, key) | (_mm512_cmpge_epi64_mask(pos_hi, key) << 8));
+  return __mmask16(_mm512_cmpge_epi64_mask(pos_lo, key) |
+                   (_mm512_cmpge_epi64_mask(pos_hi, key) << 8));
 }
 
-MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d, int nk,
-                                              int64_t c0, const uint16_t* rows_packed,
+MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d,
+                                              int nk, int64_t c0, const uint16_t* rows_packed,
                                               int64_t first_pair, int64_t pairs,
                                               const int64_t* position, float* scores,
                                               float* run_max) {
@@ -52,8 +54,8 @@ MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_
       first_pos[h] = position[r0 + 16 * h];
     }
     for (int kp = 0; kp * 32 < nk; ++kp) {
-      product<2>(keys + kp * 32 * key_stride, key_stride * 2, 64, rows_packed + pr * 2 * group_elems,
-                 group_elems * 2, 1024, dk / 32, scores, 32);
+      product<2>(keys + kp * 32 * key_stride, key_stride * 2, 64,
+                 rows_packed + pr * 2 * group_elems, group_elems * 2, 1024, dk / 32, scores, 32);
       const int n = std::min(32, nk - kp * 32);
       for (int i = 0; i < n; ++i) {
         const int64_t t = c0 + kp * 32 + i;
@@ -84,8 +86,8 @@ namespace amx {
 ThreadTiles::ThreadTiles() {}
 ThreadTiles::~ThreadTiles() {}
 void index_chunk_scores(const uint16_t*, int, int64_t, int64_t, const uint16_t*, float*, int64_t) {}
-void index_chunk_max_key_major(const uint16_t*, int64_t, int, int, int64_t, const uint16_t*, int64_t,
-                               int64_t, const int64_t*, float*, float*) {}
+void index_chunk_max_key_major(const uint16_t*, int64_t, int, int, int64_t, const uint16_t*,
+                               int64_t, int64_t, const int64_t*, float*, float*) {}
 
 }  // namespace amx
 }  // namespace cpu

@@ -27,7 +27,8 @@ bool cpu_and_kernel_allow_amx() {
   const bool amx = (d >> 22 & 1) /* AMX-BF16 */ && (d >> 24 & 1) /* AMX-TILE */;
   if (!avx512 || !amx) return false;
   unsigned a1, b1, c1, d1;
-  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 >> 5 & 1) /* AVX512-BF16 */) return false;
+  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 >> 5 & 1) /* AVX512-BF16 */)
+    return false;
   // The OS must save the AVX-512 state (XCR0 bits 5-7, with SSE and AVX: 0xe6) ...
   unsigned xcr0_lo, xcr0_hi;
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
@@ -66,7 +67,8 @@ void pack_score_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int 
       uint16_t* tile = dst + (t * (dk / 32) + c) * 512;
       if (t * 16 + 16 <= len && c * 32 + 32 <= d) {
         uint32_t pairs[16][16];  // [key][dim pair]
-        for (int n = 0; n < 16; ++n) std::memcpy(pairs[n], src + (t * 16 + n) * row_stride + c * 32, 64);
+        for (int n = 0; n < 16; ++n)
+          std::memcpy(pairs[n], src + (t * 16 + n) * row_stride + c * 32, 64);
         uint32_t out[16][16];  // [dim pair][key]
         for (int kk = 0; kk < 16; ++kk)
           for (int n = 0; n < 16; ++n) out[kk][n] = pairs[n][kk];

@@ -1,10 +1,10 @@
 // Tile-unit building blocks of the AMX kernels (amx_*.cpp only). Every function that uses an AMX or
-// AVX-512 intrinsic carries MSA_AMX_TARGET, so the translation unit itself is compiled for the build's
-// baseline and nothing here runs before amx::usable() said yes.
+// AVX-512 intrinsic carries MSA_AMX_TARGET, so the translation unit itself is compiled for the
+// build's baseline and nothing here runs before amx::usable() said yes.
 //
-// One tile configuration serves every kernel: eight tiles of 16 rows x 64 bytes. tmm0-3 accumulate a
-// 2 x 2 grid of 16 x 16 f32 results, tmm4-5 hold two 16 x 32 bf16 row tiles of A, tmm6-7 two B tiles
-// in the VNNI layout of amx.h's packers.
+// One tile configuration serves every kernel: eight tiles of 16 rows x 64 bytes. tmm0-3 accumulate
+// a 2 x 2 grid of 16 x 16 f32 results, tmm4-5 hold two 16 x 32 bf16 row tiles of A, tmm6-7 two B
+// tiles in the VNNI layout of amx.h's packers.
 #pragma once
 
 #include <immintrin.h>
@@ -14,8 +14,8 @@
 
 #include "cpu/exp2_poly.h"
 
-// GCC 12's AVX-512 headers start masked intrinsics from _mm512_undefined_ps(), which it then reports
-// as maybe uninitialized in every caller.
+// GCC 12's AVX-512 headers start masked intrinsics from _mm512_undefined_ps(), which it then
+// reports as maybe uninitialized in every caller.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
@@ -36,9 +36,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Loads the one configuration on the calling thread (tile state is per thread). Both instructions are
-// written as asm, so these need no target attribute: not _tile_loadconfig, whose asm names only the
-// first 8 bytes as read (the compiler may then drop the stores that fill the rest).
+// Loads the one configuration on the calling thread (tile state is per thread). Both instructions
+// are written as asm, so these need no target attribute: not _tile_loadconfig, whose asm names only
+// the first 8 bytes as read (the compiler may then drop the stores that fill the rest).
 inline void configure_tiles() {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
@@ -55,7 +55,8 @@ inline void release_tiles() { __asm__ volatile("tilerelease" ::: "memory"); }
 // c + (r * 16) * ldc + j * 16 (floats; rows ldc floats apart).
 template <int MT>
 MSA_AMX_TARGET inline void product(const void* a, int64_t lda, int64_t a_step, const void* b,
-                                   int64_t b_pair, int64_t b_step, int ksteps, float* c, int64_t ldc) {
+                                   int64_t b_pair, int64_t b_step, int ksteps, float* c,
+                                   int64_t ldc) {
   static_assert(MT == 1 || MT == 2, "one or two row tiles");
   // The tile loads are asm statements without a memory operand: order them after the plain stores
   // that filled A and B.

@@ -1,12 +1,13 @@
 // CPU main-branch forward on AMX (bf16 inputs, block sizes a multiple of 32): the same tiles, plans
 // and outputs as attention_forward.cpp, with both products on the tile unit.
 //
-// K and V of every (group, sequence) are packed once per call (amx.h: score tiles for S = Q K^T, value
-// tiles for O += P V). A work item keeps its queries as bf16 rows; for each block of its plan the rows
-// of the queries that chose the block (in place when those queries are consecutive, else gathered)
-// are multiplied by the block's key tiles, only as far as the last participant sees. The online
-// softmax runs on 16-lane AVX-512 rows in f32 and writes P as bf16 (the tile unit's A operand); the
-// block's P V lands in a scratch tile and is added to the f32 accumulators after their rescale.
+// K and V of every (group, sequence) are packed once per call (amx.h: score tiles for S = Q K^T,
+// value tiles for O += P V). A work item keeps its queries as bf16 rows; for each block of its plan
+// the rows of the queries that chose the block (in place when those queries are consecutive, else
+// gathered) are multiplied by the block's key tiles, only as far as the last participant sees. The
+// online softmax runs on 16-lane AVX-512 rows in f32 and writes P as bf16 (the tile unit's A
+// operand); the block's P V lands in a scratch tile and is added to the f32 accumulators after
+// their rescale.
 #include <omp.h>
 
 #include <algorithm>
@@ -37,7 +38,7 @@ namespace {
 using attn::Carver;
 using attn::Geometry;
 
-constexpr int kPad = 32;  // extra rows under every row buffer: a row tile may start at any row
+constexpr int kPad = 32;       // extra rows under every row buffer: a row tile may start at any row
 constexpr int kPairRows = 32;  // rows of a pair of row tiles
 
 struct AmxScratch {
@@ -64,7 +65,8 @@ struct AmxScratch {
   }
 };
 
-// Where each (group, sequence) run of packed keys starts, in keys; groups are packed_keys_bound apart.
+// Where each (group, sequence) run of packed keys starts, in keys; groups are packed_keys_bound
+// apart.
 struct PackedKv {
   uint16_t *k = nullptr, *v = nullptr;
   int64_t group_stride = 0;  // keys
@@ -127,13 +129,16 @@ PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, con
       if (!needed[size_t(g * runs + run)]) continue;
       const int64_t key = run * amx::kPackKeys;
       const int b = int(std::upper_bound(kv.seq_begin.begin(), kv.seq_begin.end(), key) -
-                        kv.seq_begin.begin()) - 1;
+                        kv.seq_begin.begin()) -
+                    1;
       const SequenceSpan s = sequence_span(p.varlen, b);
       const int64_t t0 = key - kv.seq_begin[size_t(b)];
       const int64_t len = std::min<int64_t>(amx::kPackKeys, s.k_len - t0);
       const int64_t dst = (g * kv.group_stride + key) * dk;
-      amx::pack_score_tiles(row3<const uint16_t>(k, s.k_begin + t0, g), k.stride[0], len, D, kv.k + dst);
-      amx::pack_value_tiles(row3<const uint16_t>(v, s.k_begin + t0, g), v.stride[0], len, D, kv.v + dst);
+      amx::pack_score_tiles(row3<const uint16_t>(k, s.k_begin + t0, g), k.stride[0], len, D,
+                            kv.k + dst);
+      amx::pack_value_tiles(row3<const uint16_t>(v, s.k_begin + t0, g), v.stride[0], len, D,
+                            kv.v + dst);
     }
   return kv;
 }
@@ -169,8 +174,8 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
     w.pos[qi] = s.query_position(it.q0 + qi);
     for (int h = 0; h < G; ++h) {
       const int r = qi * G + h;
-      std::memcpy(w.q + int64_t(r) * dk, row3<const uint16_t>(q, s.q_begin + it.q0 + qi, it.group * G + h),
-                  size_t(D) * 2);
+      std::memcpy(w.q + int64_t(r) * dk,
+                  row3<const uint16_t>(q, s.q_begin + it.q0 + qi, it.group * G + h), size_t(D) * 2);
       std::memset(w.q + int64_t(r) * dk + D, 0, size_t(dk - D) * 2);
       std::memset(w.o + int64_t(r) * dk, 0, size_t(dk) * 4);
       w.m[r] = -std::numeric_limits<float>::infinity();
@@ -205,8 +210,8 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
     for (int rt = 0; rt < nt; rt += 2) {
       const int pair_tiles = std::min(2, nt - rt), r0 = rt * 16, r1 = std::min(nr, r0 + 32);
       // S = Q K^T: key tile pairs of 32 keys, dk / 32 reduction steps of one 1 KB tile each.
-      product_rows(pair_tiles, a + int64_t(r0) * dk, dk, keys, int64_t(32) * dk, int64_t(16) * dk * 2,
-                   1024, dk / 32, pairs, w.s, B);
+      product_rows(pair_tiles, a + int64_t(r0) * dk, dk, keys, int64_t(32) * dk,
+                   int64_t(16) * dk * 2, 1024, dk / 32, pairs, w.s, B);
 
       // Online softmax in the log2 domain; P as bf16 for the tile unit.
       for (int i = r0; i < r1; ++i) {
@@ -215,9 +220,12 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
         float* srow = w.s + int64_t(i - r0) * B;
         __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         for (int c = 0; c < pairs * 32; c += 16) {
-          const __mmask16 live = c >= vis ? 0 : vis - c >= 16 ? 0xffff : __mmask16((1u << (vis - c)) - 1);
-          const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                              live, _mm512_loadu_ps(srow + c), _mm512_set1_ps(qk_scale));
+          const __mmask16 live = c >= vis        ? 0
+                                 : vis - c >= 16 ? 0xffff
+                                                 : __mmask16((1u << (vis - c)) - 1);
+          const __m512 x =
+              _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live,
+                                 _mm512_loadu_ps(srow + c), _mm512_set1_ps(qk_scale));
           _mm512_storeu_ps(srow + c, x);
           mx = _mm512_max_ps(mx, x);
         }
@@ -237,14 +245,15 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
       }
 
       // PV = P V: 32 keys per reduction step, column pairs of 32 dims; then O = alpha O + PV.
-      product_rows(pair_tiles, w.p, B, values, 2 * 512, 1024, int64_t(dk / 16) * 1024, pairs, dk / 32,
-                   w.pv, dk);
+      product_rows(pair_tiles, w.p, B, values, 2 * 512, 1024, int64_t(dk / 16) * 1024, pairs,
+                   dk / 32, w.pv, dk);
       for (int i = r0; i < r1; ++i) {
         float* orow = w.o + int64_t(w.rows[i]) * dk;
         const float* pvrow = w.pv + int64_t(i - r0) * dk;
         const __m512 al = _mm512_set1_ps(w.alpha[i]);
         for (int c = 0; c < dk; c += 16)
-          _mm512_storeu_ps(orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(orow + c), al, _mm512_loadu_ps(pvrow + c)));
+          _mm512_storeu_ps(
+              orow + c, _mm512_fmadd_ps(_mm512_loadu_ps(orow + c), al, _mm512_loadu_ps(pvrow + c)));
       }
     }
   }
@@ -257,9 +266,7 @@ void run_tile_amx(const Problem&, const Geometry&, const attn::TileItem&, const 
 
 #endif
 
-std::size_t per_thread_bytes(const Geometry& geo) {
-  return attn::carved_bytes<AmxScratch>(geo);
-}
+std::size_t per_thread_bytes(const Geometry& geo) { return attn::carved_bytes<AmxScratch>(geo); }
 
 }  // namespace
 
