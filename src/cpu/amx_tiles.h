@@ -49,11 +49,11 @@ inline void configure_tiles() {
 }
 inline void release_tiles() { __asm__ volatile("tilerelease" ::: "memory"); }
 
-// C = A B for MT row tiles (1 or 2) of 16 rows and two 16-column B tiles, over `ksteps` steps of 32
+// C = A B (Accumulate: C += A B, C read from memory first) for MT row tiles (1 or 2) of 16 rows and two 16-column B tiles, over `ksteps` steps of 32
 // (bf16 pairs): A row tile r of step s at a + r * 16 * lda + s * a_step (bytes; rows lda apart), B
 // tile j of step s at b + j * b_pair + s * b_step. C row tile r, column tile j goes to
 // c + (r * 16) * ldc + j * 16 (floats; rows ldc floats apart).
-template <int MT>
+template <int MT, bool Accumulate = false>
 MSA_AMX_TARGET inline void product(const void* a, int64_t lda, int64_t a_step, const void* b,
                                    int64_t b_pair, int64_t b_step, int ksteps, float* c,
                                    int64_t ldc) {
@@ -63,11 +63,21 @@ MSA_AMX_TARGET inline void product(const void* a, int64_t lda, int64_t a_step, c
   __asm__ volatile("" ::: "memory");
   const char* pa = static_cast<const char*>(a);
   const char* pb = static_cast<const char*>(b);
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (MT == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
+  const int64_t ldc_bytes = ldc * int64_t(sizeof(float));
+  if constexpr (Accumulate) {
+    _tile_loadd(0, c, ldc_bytes);
+    _tile_loadd(1, c + 16, ldc_bytes);
+    if constexpr (MT == 2) {
+      _tile_loadd(2, c + 16 * ldc, ldc_bytes);
+      _tile_loadd(3, c + 16 * ldc + 16, ldc_bytes);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (MT == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
   }
   for (int s = 0; s < ksteps; ++s) {
     _tile_loadd(4, pa + s * a_step, lda);
@@ -81,7 +91,6 @@ MSA_AMX_TARGET inline void product(const void* a, int64_t lda, int64_t a_step, c
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  const int64_t ldc_bytes = ldc * int64_t(sizeof(float));
   _tile_stored(0, c, ldc_bytes);
   _tile_stored(1, c + 16, ldc_bytes);
   if constexpr (MT == 2) {

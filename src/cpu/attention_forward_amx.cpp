@@ -40,6 +40,7 @@ using attn::Geometry;
 
 constexpr int kPad = 32;       // extra rows under every row buffer: a row tile may start at any row
 constexpr int kPairRows = 32;  // rows of a pair of row tiles
+constexpr float kRescaleLog2 = 8;  // a row's max moves only when a block's exceeds it by this
 
 struct AmxScratch {
   uint16_t *q, *gathered, *p;
@@ -145,7 +146,9 @@ PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, con
 
 #if defined(MSA_CPU_AMX_KERNELS)
 
-// C = A B over row tiles [0, nt) in pairs (a last single tile alone), for `pairs` column pairs.
+// C = A B (Accumulate: C += A B) over row tiles [0, nt) in pairs (a last single tile alone), for
+// `pairs` column pairs.
+template <bool Accumulate = false>
 MSA_AMX_TARGET inline void product_rows(int nt, const uint16_t* a, int64_t lda_elems,
                                         const uint16_t* b, int64_t b_col_pair, int64_t b_pair,
                                         int64_t b_step, int ksteps, int pairs, float* c,
@@ -156,9 +159,9 @@ MSA_AMX_TARGET inline void product_rows(int nt, const uint16_t* a, int64_t lda_e
       const uint16_t* bt = b + cp * b_col_pair;
       float* ct = c + rt * 16 * ldc + cp * 32;
       if (rt + 1 < nt)
-        amx::product<2>(at, lda_elems * 2, 64, bt, b_pair, b_step, ksteps, ct, ldc);
+        amx::product<2, Accumulate>(at, lda_elems * 2, 64, bt, b_pair, b_step, ksteps, ct, ldc);
       else
-        amx::product<1>(at, lda_elems * 2, 64, bt, b_pair, b_step, ksteps, ct, ldc);
+        amx::product<1, Accumulate>(at, lda_elems * 2, 64, bt, b_pair, b_step, ksteps, ct, ldc);
     }
 }
 
@@ -196,7 +199,8 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
     const int pairs = (max_vis + 31) / 32;
 
     const uint16_t* a = w.q + int64_t(parts[0]) * G * dk;
-    if (parts[nparts - 1] - parts[0] != nparts - 1) {
+    const bool in_place = parts[nparts - 1] - parts[0] == nparts - 1;
+    if (!in_place) {
       for (int pi = 0; pi < nparts; ++pi)
         std::memcpy(w.gathered + int64_t(pi) * G * dk, w.q + int64_t(parts[pi]) * G * dk,
                     size_t(G) * dk * 2);
@@ -213,7 +217,11 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
       product_rows(pair_tiles, a + int64_t(r0) * dk, dk, keys, int64_t(32) * dk,
                    int64_t(16) * dk * 2, 1024, dk / 32, pairs, w.s, B);
 
-      // Online softmax in the log2 domain; P as bf16 for the tile unit.
+      // Online softmax in the log2 domain; P as bf16 for the tile unit. A row keeps the max it
+      // exponentiates against until a block's max exceeds it by kRescaleLog2 (P then stays below
+      // 2^kRescaleLog2): out = O / l and lse = m + log2 l hold for any such m, and most blocks need
+      // no rescale of O, so their P V can accumulate straight into it.
+      bool rescaled = false;
       for (int i = r0; i < r1; ++i) {
         const int r = w.rows[i];
         const int vis = attn::visible_in_block(geo, j, w.pos[r / G]);
@@ -229,7 +237,8 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
           _mm512_storeu_ps(srow + c, x);
           mx = _mm512_max_ps(mx, x);
         }
-        const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
+        const float block_max = _mm512_reduce_max_ps(mx);
+        const float m_new = block_max > w.m[r] + kRescaleLog2 ? block_max : w.m[r];
         const __m512 shift = _mm512_set1_ps(m_new);
         __m512 sum = _mm512_setzero_ps();
         uint16_t* prow = w.p + int64_t(i - r0) * B;
@@ -242,6 +251,14 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
         w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
         w.m[r] = m_new;
         w.alpha[i] = alpha;
+        rescaled |= alpha != 1.f;
+      }
+
+      // Whole tiles of consecutive O rows with no rescale: P V accumulates into O on the tile unit.
+      if (!rescaled && in_place && r1 - r0 == pair_tiles * 16) {
+        product_rows<true>(pair_tiles, w.p, B, values, 2 * 512, 1024, int64_t(dk / 16) * 1024, pairs,
+                           dk / 32, w.o + (int64_t(parts[0]) * G + r0) * dk, dk);
+        continue;
       }
 
       // PV = P V: 32 keys per reduction step, column pairs of 32 dims; then O = alpha O + PV.
