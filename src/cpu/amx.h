@@ -74,6 +74,13 @@ class ThreadTiles {
 void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t panels,
                         const uint16_t* keys, float* scores, int64_t ldc);
 
+// The `keys` argument of index_chunk_max_key_major for nk keys at `keys` (rows *stride elements
+// apart): the rows in place where kPackKeys rows of packed_dim(d) elements may be read there
+// (`in_place`), else a zero-padded copy in `staged` (kPackKeys x packed_dim(d)), *stride then
+// becoming its row length.
+const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, bool in_place,
+                          uint16_t* staged);
+
 // Key-major scores of one chunk for the max-pooling fast path (no selected LSE asked, blocks a
 // multiple of kPackKeys keys): the chunk's nk keys are the A operand straight from their rows
 // (`keys`, rows key_stride elements apart, packed_dim(d) readable elements each and kPackKeys rows:

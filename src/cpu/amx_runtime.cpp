@@ -115,6 +115,16 @@ void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int 
     }
 }
 
+const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, bool in_place,
+                          uint16_t* staged) {
+  if (in_place) return keys;
+  const int dk = packed_dim(d);
+  for (int t = 0; t < kPackKeys; ++t)
+    for (int i = 0; i < dk; ++i) staged[t * dk + i] = t < nk && i < d ? keys[t * *stride + i] : 0;
+  *stride = dk;
+  return staged;
+}
+
 }  // namespace amx
 }  // namespace cpu
 }  // namespace detail

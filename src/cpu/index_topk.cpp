@@ -138,15 +138,10 @@ void pool_key_major(const Problem& p, const TensorView& ki, const SequenceSpan& 
   const int64_t p_max = position[rows - 1];
   for (int64_t c0 = 0; c0 <= p_max; c0 += kKeyChunk) {
     const int nk = int(std::min<int64_t>(kKeyChunk, p_max + 1 - c0));
-    const uint16_t* keys = row2<const uint16_t>(ki, s.k_begin + c0);
+    // In place unless a tile would read past the row or past the sequence.
     int64_t stride = ki.stride[0];
-    if (di != dk || c0 + kKeyChunk > s.k_len) {  // a tile would read past the row or the sequence
-      for (int t = 0; t < kKeyChunk; ++t)
-        for (int d = 0; d < dk; ++d)
-          staged[t * dk + d] = t < nk && d < di ? keys[t * stride + d] : uint16_t(0);
-      keys = staged;
-      stride = dk;
-    }
+    const uint16_t* keys = amx::key_chunk(row2<const uint16_t>(ki, s.k_begin + c0), &stride, nk, di,
+                                          di == dk && c0 + kKeyChunk <= s.k_len, staged);
     int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
     while (position[first * kAmxPanel + kAmxPanel - 1] < c0) ++first;
     amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + kAmxPanel - 1) / kAmxPanel,

@@ -77,7 +77,8 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
                                    : nullptr;
     for (int d = 0; d < dk; ++d) qtiles[r * dk + d] = src && d < di ? src[d] : uint16_t(0);
     // Padding rows see every key (positions stay sorted); their results are never read.
-    position[r] = r < rows ? s.query_position(w.q_begin + r / hkv) : std::numeric_limits<int64_t>::max();
+    position[r] =
+        r < rows ? s.query_position(w.q_begin + r / hkv) : std::numeric_limits<int64_t>::max();
   }
   amx::pack_score_tiles(qtiles, dk, rows_tiles, dk, qpacked);
   const int64_t p_max = position[rows - 1];
@@ -89,16 +90,11 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
     std::fill(run_max, run_max + rows_tiles, -INFINITY);
     for (int64_t c0 = kbeg; c0 < kend; c0 += kKeyChunk) {
       const int nk = int(std::min<int64_t>(kKeyChunk, kend - c0));
-      // A page holds B slots, so a chunk's 64 rows are there even past the cached length (never
-      // read: their keys are masked); a head dim that is not a multiple of 32 is staged.
-      const uint16_t* keys = ki_row<const uint16_t>(ki_cache, page, c0 - kbeg);
+      // A page holds B slots, so a chunk's 64 rows are there even past the cached length (loaded,
+      // but masked out); a head dim that is not a multiple of 32 is staged.
       int64_t stride = ki_cache.stride[1];
-      if (di != dk) {
-        for (int t = 0; t < kKeyChunk; ++t)
-          for (int d = 0; d < dk; ++d) staged[t * dk + d] = t < nk && d < di ? keys[t * stride + d] : 0;
-        keys = staged;
-        stride = dk;
-      }
+      const uint16_t* keys = amx::key_chunk(ki_row<const uint16_t>(ki_cache, page, c0 - kbeg), &stride,
+                                            nk, di, di == dk, staged);
       int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
       while (position[first * 32 + 31] < c0) ++first;
       amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + 31) / 32,
