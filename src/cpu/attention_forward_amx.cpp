@@ -1,13 +1,13 @@
 // CPU main-branch forward on AMX (bf16 inputs, block sizes a multiple of 32): the same tiles, plans
 // and outputs as attention_forward.cpp, with both products on the tile unit.
 //
-// K and V of every (group, sequence) are packed once per call (amx.h: score tiles for S = Q K^T,
+// The K and V runs some query reads are packed once per call (amx.h: score tiles for S = Q K^T,
 // value tiles for O += P V). A work item keeps its queries as bf16 rows; for each block of its plan
 // the rows of the queries that chose the block (in place when those queries are consecutive, else
 // gathered) are multiplied by the block's key tiles, only as far as the last participant sees. The
 // online softmax runs on 16-lane AVX-512 rows in f32 and writes P as bf16 (the tile unit's A
-// operand); the block's P V lands in a scratch tile and is added to the f32 accumulators after
-// their rescale.
+// operand); the block's P V accumulates into the f32 O rows on the tile unit where they need no
+// rescale, else it lands in a scratch tile and is added after the rescale.
 #include <omp.h>
 
 #include <algorithm>
