@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/problem.h"
 #include "msa/tensor.h"
@@ -38,6 +39,19 @@ inline int packed_dim(int d) { return (d + 31) / 32 * 32; }
 
 // Keys a sequence of `len` keys occupies when packed.
 inline int64_t packed_keys(int64_t len) { return (len + kPackKeys - 1) / kPackKeys * kPackKeys; }
+
+// Every sequence of a problem packed in runs of kPackKeys keys, one after the other: where each
+// sequence starts (in keys), and which keys of which sequence a run holds.
+struct PackedRuns {
+  std::vector<int64_t> seq_begin;  // batch + 1 entries
+  explicit PackedRuns(const Problem& p);
+  int64_t count() const { return seq_begin.back() / kPackKeys; }
+  struct Run {
+    int seq;
+    int64_t first, len;  // keys first .. first + len - 1 of the sequence (len <= kPackKeys)
+  };
+  Run run(const Problem& p, int64_t r) const;
+};
 
 // Keys all sequences of a problem occupy when packed (a bound computable without reading lengths).
 inline int64_t packed_keys_bound(const Problem& p) {
@@ -81,19 +95,23 @@ void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t p
 const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, bool in_place,
                           uint16_t* staged);
 
+// The query rows of the key-major kernel: `rows` bf16 rows of packed_dim(d) elements (zero-padded
+// up to packed_keys(rows)) packed as score tiles into `packed`, and their positions (nondecreasing)
+// padded so that the padding rows see every key; their results are never read.
+void pack_key_major_rows(const uint16_t* qrows, int64_t rows, int d, int64_t* position,
+                         uint16_t* packed);
+
 // Key-major scores of one chunk for the max-pooling fast path (no selected LSE asked, blocks a
 // multiple of kPackKeys keys): the chunk's nk keys are the A operand straight from their rows
 // (`keys`, rows key_stride elements apart, packed_dim(d) readable elements each and kPackKeys rows:
-// the caller stages a chunk that would read past the sequence or past d), the tile's query rows the
-// B operand
-// (`rows_packed`: their score tiles, pack_score_tiles of bf16 rows), so a product's rows are keys
-// and its lanes query rows, and pooling along keys needs no horizontal reduction. For the 32-row
-// groups [first_pair, pairs): run_max[r] = max(run_max[r], max of the unscaled scores of the keys
-// c0 + t, t < nk, with c0 + t <= position[r]). Positions must not decrease with r. `scores`: 32 x
-// 32 floats.
+// the caller stages a chunk that would read past the sequence or past d, see key_chunk), the query
+// rows the B operand (`rows_packed`, from pack_key_major_rows), so a product's rows are keys and
+// its lanes query rows, and pooling along keys needs no horizontal reduction. For every 32-row
+// group with a row that sees c0: run_max[r] = max(run_max[r], max of the unscaled scores of the keys
+// c0 + t, t < nk, with c0 + t <= position[r]). `scores`: 32 x 32 floats.
 void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d, int nk, int64_t c0,
-                               const uint16_t* rows_packed, int64_t first_pair, int64_t pairs,
-                               const int64_t* position, float* scores, float* run_max);
+                               const uint16_t* rows_packed, int64_t rows, const int64_t* position,
+                               float* scores, float* run_max);
 
 }  // namespace amx
 }  // namespace cpu

@@ -38,13 +38,13 @@ MSA_AMX_TARGET inline __mmask16 sees(__m512i pos_lo, __m512i pos_hi, int64_t t) 
 
 MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_stride, int d,
                                               int nk, int64_t c0, const uint16_t* rows_packed,
-                                              int64_t first_pair, int64_t pairs,
-                                              const int64_t* position, float* scores,
-                                              float* run_max) {
+                                              int64_t rows, const int64_t* position,
+                                              float* scores, float* run_max) {
   const int dk = packed_dim(d);
   const int64_t group_elems = int64_t(dk / 32) * 512;  // score tiles of 16 query rows
-  for (int64_t pr = first_pair; pr < pairs; ++pr) {
+  for (int64_t pr = 0; pr * 32 < rows; ++pr) {
     const int64_t r0 = pr * 32;
+    if (position[std::min(rows - 1, r0 + 31)] < c0) continue;  // no row of the group sees c0
     __m512 m[2] = {_mm512_loadu_ps(run_max + r0), _mm512_loadu_ps(run_max + r0 + 16)};
     __m512i lo[2], hi[2];
     int64_t first_pos[2];
@@ -87,7 +87,7 @@ ThreadTiles::ThreadTiles() {}
 ThreadTiles::~ThreadTiles() {}
 void index_chunk_scores(const uint16_t*, int, int64_t, int64_t, const uint16_t*, float*, int64_t) {}
 void index_chunk_max_key_major(const uint16_t*, int64_t, int, int, int64_t, const uint16_t*,
-                               int64_t, int64_t, const int64_t*, float*, float*) {}
+                               int64_t, const int64_t*, float*, float*) {}
 
 }  // namespace amx
 }  // namespace cpu

@@ -1,6 +1,8 @@
 // Whether the AMX path may run here, and the packing of keys and values into the tile layouts.
 // Packing needs no AMX instruction: it is plain code, run once per call over K, V (or ki).
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 
 #include "cpu/amx.h"
@@ -113,6 +115,26 @@ void pack_value_tiles(const uint16_t* src, int64_t row_stride, int64_t len, int 
           }
         }
     }
+}
+
+PackedRuns::PackedRuns(const Problem& p) : seq_begin(size_t(p.batch) + 1, 0) {
+  for (int b = 0; b < p.batch; ++b)
+    seq_begin[size_t(b) + 1] = seq_begin[size_t(b)] + packed_keys(sequence_span(p.varlen, b).k_len);
+}
+
+PackedRuns::Run PackedRuns::run(const Problem& p, int64_t r) const {
+  const int64_t key = r * kPackKeys;
+  const int b =
+      int(std::upper_bound(seq_begin.begin(), seq_begin.end(), key) - seq_begin.begin()) - 1;
+  const int64_t first = key - seq_begin[size_t(b)];
+  return {b, first, std::min<int64_t>(kPackKeys, sequence_span(p.varlen, b).k_len - first)};
+}
+
+void pack_key_major_rows(const uint16_t* qrows, int64_t rows, int d, int64_t* position,
+                         uint16_t* packed) {
+  const int64_t padded = packed_keys(rows);
+  std::fill(position + rows, position + padded, std::numeric_limits<int64_t>::max());
+  pack_score_tiles(qrows, packed_dim(d), padded, packed_dim(d), packed);
 }
 
 const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, bool in_place,

@@ -66,12 +66,11 @@ struct AmxScratch {
   }
 };
 
-// Where each (group, sequence) run of packed keys starts, in keys; groups are packed_keys_bound
-// apart.
+// K and V packed per group in the runs of `runs`; groups are group_stride keys apart.
 struct PackedKv {
   uint16_t *k = nullptr, *v = nullptr;
   int64_t group_stride = 0;  // keys
-  std::vector<int64_t> seq_begin;
+  amx::PackedRuns runs;
 };
 
 std::size_t packed_bytes(const Problem& p) {
@@ -82,14 +81,15 @@ std::size_t packed_bytes(const Problem& p) {
 // Which 64-key runs of each (group, sequence) some query reads: the runs under the blocks of its
 // top-k row (sparse), or every run up to its position (dense). Decode and chunked prefill read few
 // blocks of a long prefix, so only those are packed.
-std::vector<uint8_t> needed_runs(const Problem& p, const TensorView& topk, const PackedKv& kv) {
-  const int64_t runs = kv.seq_begin[size_t(p.batch)] / amx::kPackKeys;
+std::vector<uint8_t> needed_runs(const Problem& p, const TensorView& topk,
+                                 const amx::PackedRuns& packed) {
+  const int64_t runs = packed.count();
   const int B = p.cfg.block_size, K = p.cfg.topk;
   std::vector<uint8_t> needed(size_t(p.cfg.num_kv_heads * runs), 0);
   for (int b = 0; b < p.batch; ++b) {
     const SequenceSpan s = sequence_span(p.varlen, b);
     if (s.q_len == 0) continue;
-    const int64_t first = kv.seq_begin[size_t(b)] / amx::kPackKeys;
+    const int64_t first = packed.seq_begin[size_t(b)] / amx::kPackKeys;
     auto mark = [&](int g, int64_t key_begin, int64_t key_end) {
       for (int64_t r = key_begin / amx::kPackKeys; r * amx::kPackKeys < key_end; ++r)
         needed[size_t(g * runs + first + r)] = 1;
@@ -113,33 +113,21 @@ std::vector<uint8_t> needed_runs(const Problem& p, const TensorView& topk, const
 
 PackedKv pack_kv(const Problem& p, const TensorView& k, const TensorView& v, const TensorView& topk,
                  unsigned char* base, int threads) {
-  PackedKv kv;
-  kv.k = reinterpret_cast<uint16_t*>(base);
-  kv.v = reinterpret_cast<uint16_t*>(base + attn::Scratch::align(packed_bytes(p)));
-  kv.group_stride = amx::packed_keys_bound(p);
-  kv.seq_begin.assign(size_t(p.batch) + 1, 0);
-  for (int b = 0; b < p.batch; ++b)
-    kv.seq_begin[size_t(b) + 1] =
-        kv.seq_begin[size_t(b)] + amx::packed_keys(sequence_span(p.varlen, b).k_len);
-  const int64_t runs = kv.seq_begin[size_t(p.batch)] / amx::kPackKeys;
-  const std::vector<uint8_t> needed = needed_runs(p, topk, kv);
+  PackedKv kv{reinterpret_cast<uint16_t*>(base),
+              reinterpret_cast<uint16_t*>(base + attn::Scratch::align(packed_bytes(p))),
+              amx::packed_keys_bound(p), amx::PackedRuns(p)};
+  const int64_t runs = kv.runs.count();
+  const std::vector<uint8_t> needed = needed_runs(p, topk, kv.runs);
   const int D = p.cfg.head_dim, dk = amx::packed_dim(D);
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
   for (int g = 0; g < p.cfg.num_kv_heads; ++g)
-    for (int64_t run = 0; run < runs; ++run) {
-      if (!needed[size_t(g * runs + run)]) continue;
-      const int64_t key = run * amx::kPackKeys;
-      const int b = int(std::upper_bound(kv.seq_begin.begin(), kv.seq_begin.end(), key) -
-                        kv.seq_begin.begin()) -
-                    1;
-      const SequenceSpan s = sequence_span(p.varlen, b);
-      const int64_t t0 = key - kv.seq_begin[size_t(b)];
-      const int64_t len = std::min<int64_t>(amx::kPackKeys, s.k_len - t0);
-      const int64_t dst = (g * kv.group_stride + key) * dk;
-      amx::pack_score_tiles(row3<const uint16_t>(k, s.k_begin + t0, g), k.stride[0], len, D,
-                            kv.k + dst);
-      amx::pack_value_tiles(row3<const uint16_t>(v, s.k_begin + t0, g), v.stride[0], len, D,
-                            kv.v + dst);
+    for (int64_t r = 0; r < runs; ++r) {
+      if (!needed[size_t(g * runs + r)]) continue;
+      const amx::PackedRuns::Run run = kv.runs.run(p, r);
+      const int64_t row = sequence_span(p.varlen, run.seq).k_begin + run.first;
+      const int64_t dst = (g * kv.group_stride + r * amx::kPackKeys) * dk;
+      amx::pack_score_tiles(row3<const uint16_t>(k, row, g), k.stride[0], run.len, D, kv.k + dst);
+      amx::pack_value_tiles(row3<const uint16_t>(v, row, g), v.stride[0], run.len, D, kv.v + dst);
     }
   return kv;
 }
@@ -188,7 +176,7 @@ MSA_AMX_TARGET void run_tile_amx(const Problem& p, const Geometry& geo, const at
   std::memset(w.q + int64_t(used_rows) * dk, 0, size_t(kPad) * dk * 2);
 
   attn::plan_tile(geo, s, it, topk, w.plan);
-  const int64_t kv_base = (it.group * kv.group_stride + kv.seq_begin[size_t(it.seq)]) * dk;
+  const int64_t kv_base = (it.group * kv.group_stride + kv.runs.seq_begin[size_t(it.seq)]) * dk;
   for (int bi = 0; bi < w.plan.nblocks; ++bi) {
     const int64_t j = w.plan.block[bi];
     const int32_t* parts = w.plan.query + w.plan.offset[bi];

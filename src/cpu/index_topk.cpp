@@ -107,21 +107,15 @@ struct IndexLayout {
 std::vector<int64_t> pack_index_keys(const Problem& p, const TensorView& ki, uint16_t* packed,
                                      int threads) {
   const int di = p.cfg.index_head_dim;
-  std::vector<int64_t> begin(size_t(p.batch) + 1, 0);
-  for (int b = 0; b < p.batch; ++b)
-    begin[size_t(b) + 1] = begin[size_t(b)] + amx::packed_keys(sequence_span(p.varlen, b).k_len);
-  const int64_t runs = begin[size_t(p.batch)] / amx::kPackKeys;
+  const amx::PackedRuns runs(p);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t run = 0; run < runs; ++run) {
-    const int64_t key = run * amx::kPackKeys;
-    const int b = int(std::upper_bound(begin.begin(), begin.end(), key) - begin.begin()) - 1;
-    const SequenceSpan s = sequence_span(p.varlen, b);
-    const int64_t t0 = key - begin[size_t(b)];
-    const int64_t len = std::min<int64_t>(amx::kPackKeys, s.k_len - t0);
-    amx::pack_score_tiles(row2<const uint16_t>(ki, s.k_begin + t0), ki.stride[0], len, di,
-                          packed + key * amx::packed_dim(di));
+  for (int64_t r = 0; r < runs.count(); ++r) {
+    const amx::PackedRuns::Run run = runs.run(p, r);
+    const int64_t row = sequence_span(p.varlen, run.seq).k_begin + run.first;
+    amx::pack_score_tiles(row2<const uint16_t>(ki, row), ki.stride[0], run.len, di,
+                          packed + r * amx::kPackKeys * amx::packed_dim(di));
   }
-  return begin;
+  return runs.seq_begin;
 }
 
 // The key-major chunk loop of one tile (Scoring::amx_key_major): block_max[r * ld + j] for every row
@@ -131,9 +125,7 @@ void pool_key_major(const Problem& p, const TensorView& ki, const SequenceSpan& 
                     uint16_t* staged, float* scores, float* run_max, float* block_max, int64_t ld) {
   const int di = p.cfg.index_head_dim, dk = amx::packed_dim(di), B = p.cfg.block_size;
   const float iscale = float(p.cfg.index_softmax_scale());
-  amx::pack_score_tiles(qtiles, dk, rows_padded, dk, qpacked);
-  // Padding rows see every key (positions stay sorted); their results are never read.
-  std::fill(position + rows, position + rows_padded, std::numeric_limits<int64_t>::max());
+  amx::pack_key_major_rows(qtiles, rows, di, position, qpacked);
   std::fill(run_max, run_max + rows_padded, -INFINITY);
   const int64_t p_max = position[rows - 1];
   for (int64_t c0 = 0; c0 <= p_max; c0 += kKeyChunk) {
@@ -142,10 +134,8 @@ void pool_key_major(const Problem& p, const TensorView& ki, const SequenceSpan& 
     int64_t stride = ki.stride[0];
     const uint16_t* keys = amx::key_chunk(row2<const uint16_t>(ki, s.k_begin + c0), &stride, nk, di,
                                           di == dk && c0 + kKeyChunk <= s.k_len, staged);
-    int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
-    while (position[first * kAmxPanel + kAmxPanel - 1] < c0) ++first;
-    amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + kAmxPanel - 1) / kAmxPanel,
-                                   position, scores, run_max);
+    amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, rows, position, scores,
+                                   run_max);
     if ((c0 + kKeyChunk) % B == 0 || c0 + kKeyChunk > p_max) {
       const int64_t j = rules::block_of(c0, B);
       // iscale > 0 and rounding is monotone: the max of the scaled scores is the scaled max.

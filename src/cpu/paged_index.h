@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "cpu/amx.h"
 #include "cpu/element.h"
@@ -76,11 +75,9 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
     const uint16_t* src = r < rows ? row3<const uint16_t>(qi, s.q_begin + w.q_begin + r / hkv, r % hkv)
                                    : nullptr;
     for (int d = 0; d < dk; ++d) qtiles[r * dk + d] = src && d < di ? src[d] : uint16_t(0);
-    // Padding rows see every key (positions stay sorted); their results are never read.
-    position[r] =
-        r < rows ? s.query_position(w.q_begin + r / hkv) : std::numeric_limits<int64_t>::max();
+    if (r < rows) position[r] = s.query_position(w.q_begin + r / hkv);
   }
-  amx::pack_score_tiles(qtiles, dk, rows_tiles, dk, qpacked);
+  amx::pack_key_major_rows(qtiles, rows, di, position, qpacked);
   const int64_t p_max = position[rows - 1];
   amx::ThreadTiles tile_unit;
   for (int64_t j = w.block_begin; j < w.block_end; ++j) {
@@ -95,10 +92,8 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
       int64_t stride = ki_cache.stride[1];
       const uint16_t* keys = amx::key_chunk(ki_row<const uint16_t>(ki_cache, page, c0 - kbeg), &stride,
                                             nk, di, di == dk, staged);
-      int64_t first = 0;  // 32-row groups whose last row cannot see c0 are skipped
-      while (position[first * 32 + 31] < c0) ++first;
-      amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, first, (rows + 31) / 32,
-                                     position, scores, run_max);
+      amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, rows, position, scores,
+                                     run_max);
     }
     // iscale > 0 and rounding is monotone: the max of the scaled scores is the scaled max.
     for (int64_t r = 0; r < rows; ++r) bscore[(w.q_begin * hkv + r) * nblk_req + j] = run_max[r] * iscale;
