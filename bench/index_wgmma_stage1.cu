@@ -1,5 +1,6 @@
 // Stage 1 of the CUDA index branch: HMMA (index_block_scores.cuh) vs the first wgmma kernel
-// (index_block_scores_wgmma.cuh) vs the pipelined wgmma kernel (index_block_scores_wgmma_pipe.cuh):
+// (index_block_scores_wgmma.cuh) vs the pipelined wgmma kernel (index_block_scores_wgmma_pipe.cuh)
+// vs the warp-specialised TMA kernel (index_block_scores_ws.cuh, with and without ping-pong):
 // one sequence, Hkv = 4, B = 128, bf16, Di = 128 then 64. Checks that each wgmma kernel writes the
 // same entries as the HMMA one (block scores and block LSEs; unwritten entries keep a sentinel) to a
 // relative 1e-3, and that the block-score argmax per row agrees, then times each (median of reps,
@@ -18,6 +19,8 @@
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_block_scores_wgmma.cuh"
 #include "cuda/index_block_scores_wgmma_pipe.cuh"
+#include "cuda/index_block_scores_ws.cuh"
+#include "cuda/tensor_map.h"
 
 using namespace msa::detail::cuda::index;
 
@@ -64,8 +67,8 @@ int64_t count_argmax_changes(const std::vector<float>& x, const std::vector<floa
 
 template <int kDim>
 int64_t run(int64_t L) {
-  constexpr int kKinds = 3;  // HMMA, wgmma, pipelined wgmma
-  const char* names[kKinds] = {"HMMA      ", "wgmma     ", "wgmma pipe"};
+  constexpr int kKinds = 5;  // HMMA, wgmma, pipelined wgmma, warp-specialised (ping-pong on, off)
+  const char* names[kKinds] = {"HMMA      ", "wgmma     ", "wgmma pipe", "ws        ", "ws no pp  "};
   const int Hkv = 4, Di = kDim, B = 128;
   const int64_t nb = (L + B - 1) / B, ld = (nb + 3) / 4 * 4, rows = Hkv * L, n = rows * ld;
   uint16_t *qi, *ki;
@@ -91,10 +94,28 @@ int64_t run(int64_t L) {
   s.groups_per_cta = Hkv; s.queries_per_cta = kScoreRows / Hkv;
   s.iscale = 1.f / std::sqrt(float(Di)); s.lse_factor = s.iscale / 0.8f;
   s.vector_loads = true;
-  s.ld = ld; s.total_q = L;
-  BlockScoreArgs sk[kKinds] = {s, s, s};
+  s.ld = ld; s.total_q = L; s.total_k = L;
+  BlockScoreArgs sk[kKinds] = {s, s, s, s, s};
   for (int k = 0; k < kKinds; ++k) { sk[k].scores = sc[k]; sk[k].lses = ls[k]; }
-  const dim3 grid(unsigned((L + s.queries_per_cta - 1) / s.queries_per_cta), 1, 1);
+  const dim3 grid = block_score_grid(s, kScoreRows, L, 1);
+  WsBlockScoreParams wp[2]{};
+  dim3 grid_ws;
+  for (int v = 0; v < 2; ++v) {
+    msa::TensorView kv;
+    kv.data = ki; kv.dtype = msa::DType::bf16; kv.ndim = 3;
+    kv.shape[0] = L; kv.shape[1] = 1; kv.shape[2] = Di;
+    kv.stride[0] = Di; kv.stride[1] = Di; kv.stride[2] = 1;
+    if (!msa::detail::cuda::encode_rows_map(&wp[v].ki_map, kv, kWsBoxElems, 1, 128)) {
+      std::printf("tensor map refused\n");
+      return 1;
+    }
+    grid_ws = block_score_grid(sk[3 + v], kWsRows, L, 1);
+    wp[v].a = sk[3 + v];
+    wp[v].pingpong = v == 0;
+  }
+  const size_t smem_ws = WsScoreTraits<true, kDim, 128>::kSmemBytes;
+  CHECK(cudaFuncSetAttribute(block_scores_ws_kernel<true, false, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_ws)));
+  CHECK(cudaFuncSetAttribute(block_scores_ws_kernel<true, true, kDim, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_ws)));
 
   const size_t smem_h = block_score_smem_bytes(Di);
   const size_t smem_w = WgmmaScoreTraits<true, kDim, 128>::kSmemBytes;
@@ -111,8 +132,10 @@ int64_t run(int64_t L) {
     else if (kind == 0) block_scores_kernel<true, false><<<grid, kScoreThreads, smem_h>>>(x);
     else if (kind == 1 && lse) block_scores_wgmma_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(x);
     else if (kind == 1) block_scores_wgmma_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_w>>>(x);
-    else if (lse) block_scores_wgmma_pipe_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
-    else block_scores_wgmma_pipe_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
+    else if (kind == 2 && lse) block_scores_wgmma_pipe_kernel<true, true, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
+    else if (kind == 2) block_scores_wgmma_pipe_kernel<true, false, kDim, 128><<<grid, kWgmmaThreads, smem_p>>>(x);
+    else if (lse) block_scores_ws_kernel<true, true, kDim, 128><<<grid_ws, kWsThreads, smem_ws>>>(wp[kind - 3]);
+    else block_scores_ws_kernel<true, false, kDim, 128><<<grid_ws, kWsThreads, smem_ws>>>(wp[kind - 3]);
   };
 
   // Outputs first (sentinel-filled, one LSE run each), then timings.

@@ -350,7 +350,7 @@ fallback_if_failed() {  # fallback_if_failed REGEX VAR VALUE
 }
 if [ -f "$WORK/ctest.log" ]; then
   fallback_if_failed 'Kernels/AttentionForwardCuda.*/wgmma' MSA_ATTENTION_KERNEL mma
-  fallback_if_failed 'Kernels/IndexTopkWgmmaCuda.*/wgmma_pipe' MSA_INDEX_KERNEL wgmma
+  fallback_if_failed 'Kernels/IndexTopkWgmmaCuda.*/ws' MSA_INDEX_KERNEL wgmma_pipe
   fallback_if_failed 'Kernels/KlAlignmentCuda.*/default' MSA_KL_KERNEL ffma
   [ -n "$FALLBACKS" ] && echo "kernel fallbacks for the benchmarks:$FALLBACKS" >>"$LOG"
 fi

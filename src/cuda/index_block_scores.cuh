@@ -45,7 +45,17 @@ struct BlockScoreArgs {
   float* lses;        // same layout; written only when kWantLse
   int64_t ld;         // row stride of scores / lses; also the bound on block ids
   int64_t total_q;
+  int64_t total_k;
 };
+
+// Sets a CTA's rows (all groups of a query, up to `rows` of them, and as many queries as fit) and
+// returns the grid: row tiles of the longest sequence x sequences x slices of the groups.
+inline dim3 block_score_grid(BlockScoreArgs& s, int rows, int64_t max_q, int batch) {
+  s.groups_per_cta = s.num_kv_heads < rows ? s.num_kv_heads : rows;
+  s.queries_per_cta = rows / s.groups_per_cta;
+  return dim3(unsigned((max_q + s.queries_per_cta - 1) / s.queries_per_cta), unsigned(batch),
+              unsigned((s.num_kv_heads + s.groups_per_cta - 1) / s.groups_per_cta));
+}
 
 inline std::size_t block_score_smem_bytes(int padded_dim) {
   return std::size_t(kScoreRows + 2 * kKeysPerChunk) * (padded_dim + kSmemPad) * 2;

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "cuda/index_block_pool.cuh"
 #include "cuda/index_block_scores_wgmma.cuh"
 
 namespace msa {
@@ -31,14 +32,6 @@ namespace index {
 
 constexpr int kPipeStages = 4;  // key-chunk buffers: three chunks in flight while one is multiplied
 static_assert(kPipeStages >= 3, "the refill of chunk c + stages - 1 must not hit the chunk being multiplied");
-
-// 2^x on the special-function unit; flushes results below 2^-126 to zero (terms that small vanish
-// next to the block maximum's term of 1 anyway).
-__device__ __forceinline__ float exp2_approx_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // The vector path of load_swizzled (index_block_scores_wgmma.cuh; this kernel needs
 // a.vector_loads) with a trip count every thread shares: these loads run while a wgmma batch is in
@@ -56,14 +49,6 @@ __device__ __forceinline__ void load_swizzled_vector(Tile&& dst, int valid_rows,
     const uint16_t* src = valid ? base + row_offset(r) + s * 8 : base;
     cp_async_16(reinterpret_cast<uint16_t*>(&dst(r, s * 8)), src, valid);
   }
-}
-
-// A store predicated in the instruction, not branched around (see the pooling's write).
-__device__ __forceinline__ void store_if(float* p, float v, bool pred) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.global.f32 [%0], %1;\n}\n" ::"l"(p), "f"(v),
-      "r"(int(pred))
-      : "memory");
 }
 
 template <bool kBf16, bool kWantLse, int kDim, int kKeys>
@@ -107,17 +92,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) block_scores_wgmma_pipe_kern
   // Broadcast again: the 64-bit division inside local_block is a subroutine call whose result ptxas
   // does not know to be uniform, and the loop below exits on this count with a wgmma batch in flight.
   const int num_chunks = __shfl_sync(0xffffffffu, int(rules::local_block(p_max, B) + 1) * subchunks, 0);
-  // chunk_key_range (index_block_scores.cuh) with the block of chunk c from a 32-bit division: the
-  // 64-bit one calls a subroutine that ptxas treats as a divergent path (chunk counts stay far below
-  // 2^31: a chunk holds at least 64 keys).
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    const int ci = int(c), j = ci / subchunks;
-    kb = rules::block_begin(j, B) + int64_t(ci - j * subchunks) * kKeys;
-    ke = kb + kKeys;
-    const int64_t bend = rules::block_begin(int64_t(j) + 1, B);
-    ke = ke < bend ? ke : bend;
-    ke = ke < p_max + 1 ? ke : p_max + 1;
-    if (ke < kb) ke = kb;
+    chunk_range32<kKeys>(int(c), subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;
@@ -134,28 +110,9 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) block_scores_wgmma_pipe_kern
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kScoreRows>, Int<kKeys>>{}));
   static_assert(decltype(size(acc0))::value == kKeys / 2, "64 x kKeys per 128 threads");
 
-  // Accumulator element i sits on row half (i / 2) % 2 of the thread's two rows, columns
-  // 2 * (lane % 4) + 8 * (i / 4) + i % 2 (bench/index_wgmma_layout_check.cu checks it on the host).
-  constexpr int kAcc = kKeys / 2;
-  // Per row: its position, the first output element (block 0), and the last block it writes: its
-  // causal last block, capped by the row stride; -1 when it writes nothing (a row past the tile or
-  // past Hkv, or not the quad's leader lane). Folding these keeps the loop under 255 registers.
-  int64_t pos[2], out_row[2];
-  int write_last[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = get<0>(tScS(2 * h));
-    const int qq = r / G;
-    const int grp = g0 + r - qq * G;
-    const bool row_ok = qq < tile_q && grp < a.num_kv_heads && (threadIdx.x & 3) == 0;
-    pos[h] = rules::query_position(lq, lk, q0 + qq);
-    out_row[h] = (int64_t(grp) * a.total_q + q_begin + q0 + qq) * a.ld;
-    const int64_t last = rules::local_block(pos[h], B) < a.ld - 1 ? rules::local_block(pos[h], B) : a.ld - 1;
-    write_last[h] = row_ok ? int(last) : -1;
-  }
-
-  float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f};
-  // exp((s - m) * lse_factor) == 2^(s * lse_log2 - m * lse_log2): one FFMA per score.
+  const PoolTile pool_tile{q_begin, lq, lk, q0, tile_q, p_min, p_max, g0};
+  RowPool<2, kKeys, kWantLse> rows;
+  rows.init(a, pool_tile, [&](int i) { return int(get<0>(tScS(i))); });
   const float lse_log2 = a.lse_factor * 1.4426950408889634f;
 
   // Issues chunk c's product into `acc` as one wgmma batch and returns without waiting for it.
@@ -181,99 +138,11 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) block_scores_wgmma_pipe_kern
     warpgroup_fence_operand(acc);
   };
 
-  // Pools chunk c (its product complete in `acc`) into the running max / sum, and writes the block's
-  // outputs when c ends it.
+  // Pools chunk c (its product complete in `acc`); RowPool writes a block's outputs when c ends it.
   auto pool = [&](int64_t c, auto& acc) {
     int64_t kb, ke;
     chunk_range(c, kb, ke);
-    // Mask columns past the chunk or past the row's causal limit (only chunks on the diagonal or cut).
-    // (A uniform branch: kb, ke and p_min derive from broadcast values.)
-    if (ke - kb < kKeys || ke - 1 > p_min) {
-      // rules::causally_visible(t, p) is t <= p: a row sees the chunk's columns below col_end.
-      int col_end[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t end = ke < pos[h] + 1 ? ke : pos[h] + 1;
-        col_end[h] = end > kb ? int(end - kb) : 0;
-      }
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i)
-        if (get<1>(tScS(i)) >= col_end[(i / 2) % 2]) acc(i) = -INFINITY;
-    }
-    // Element i feeds chain (i / 4) % 4 of row (i / 2) % 2: four independent chains per row.
-    constexpr int kChains = kAcc / 4 < 4 ? kAcc / 4 : 4;
-    float pm[2][kChains];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < kChains; ++j) pm[h][j] = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kAcc; ++i) {
-      float& m = pm[(i / 2) % 2][(i / 4) % kChains];
-      m = fmaxf(m, acc(i));
-    }
-    float cmax[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cmax[h] = pm[h][0];
-#pragma unroll
-      for (int j = 1; j < kChains; ++j) cmax[h] = fmaxf(cmax[h], pm[h][j]);
-    }
-    quad_max(cmax);  // quads hold the other columns of the same two rows
-    if constexpr (kWantLse) {
-      // Online logsumexp (relative to the running max) so a block spanning chunks stays exact.
-      float m_ref[2], m_scaled[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float m_new = fmaxf(run_max[h], cmax[h]);
-        m_ref[h] = m_new == -INFINITY ? 0.f : m_new;
-        m_scaled[h] = m_ref[h] * lse_log2;
-      }
-      float ps[2][kChains];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < kChains; ++j) ps[h][j] = 0.f;
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) {
-        const int h = (i / 2) % 2;
-        ps[h][(i / 4) % kChains] += exp2_approx_ftz(fmaf(acc(i), lse_log2, -m_scaled[h]));
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float s = ps[h][0];
-#pragma unroll
-        for (int j = 1; j < kChains; ++j) s += ps[h][j];
-        // No early exit for rows that see nothing yet: every lane must reach the shuffles.
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        run_sum[h] = run_sum[h] * exp2_approx_ftz(run_max[h] * lse_log2 - m_scaled[h]) + s;
-        run_max[h] = fmaxf(run_max[h], cmax[h]);
-      }
-    } else {
-      run_max[0] = fmaxf(run_max[0], cmax[0]);
-      run_max[1] = fmaxf(run_max[1], cmax[1]);
-    }
-    // As finish_block (index_block_scores.cuh), without branching on per-thread values: the write is
-    // a predicated store, since a divergent branch here, with the next wgmma batch in flight, makes
-    // ptxas serialize every wgmma.
-    const int ci = int(c), j = ci / subchunks;
-    const bool block_done = ci - j * subchunks == subchunks - 1;  // last chunk of block j: write, reset
-    {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool write = block_done && j <= write_last[h];
-        const int64_t o = out_row[h] + j;
-        const float score = run_max[h] * a.iscale;
-        store_if(a.scores + o, score, write);
-        if constexpr (kWantLse) store_if(a.lses + o, run_max[h] * a.lse_factor + logf(run_sum[h]), write);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        run_max[h] = block_done ? -INFINITY : run_max[h];
-        run_sum[h] = block_done ? 0.f : run_sum[h];
-      }
-    }
+    rows.pool(a, pool_tile, int(c), subchunks, kb, ke, acc, [&](int i) { return int(get<1>(tScS(i))); }, lse_log2);
   };
 
   // Prologue: qi and chunk 0 in group 0, chunks 1 .. stages - 2 in one group each (empty past the end).

@@ -111,8 +111,6 @@ void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
   s.head_dim = cfg.index_head_dim;
   s.padded_dim = (cfg.index_head_dim + 15) / 16 * 16;
   s.block_size = cfg.block_size;
-  s.groups_per_cta = std::min(cfg.num_kv_heads, index::kScoreRows);
-  s.queries_per_cta = index::kScoreRows / s.groups_per_cta;
   s.iscale = cfg.index_softmax_scale();
   s.lse_factor = s.iscale / temperature;
   s.vector_loads = cfg.index_head_dim % 8 == 0 && s.qi_s0 % 8 == 0 && s.qi_s1 % 8 == 0 &&
@@ -121,17 +119,18 @@ void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
   s.lses = lses;
   s.ld = ld;
   s.total_q = p.total_q;
+  s.total_k = p.total_k;
 
-  const dim3 grid(unsigned((bd.max_q + s.queries_per_cta - 1) / s.queries_per_cta),
-                  unsigned(p.batch),
-                  unsigned((cfg.num_kv_heads + s.groups_per_cta - 1) / s.groups_per_cta));
   const bool bf16 = p.dtype == DType::bf16;
-  if (index::wgmma_block_scores_requested() && index::wgmma_block_scores_supported(s))
-    index::launch_block_scores_wgmma(s, bf16, want_lse, grid, stream);  // same outputs
-  else if (bf16 && want_lse) launch_block_scores<true, true>(s, grid, stream);
-  else if (bf16) launch_block_scores<true, false>(s, grid, stream);
-  else if (want_lse) launch_block_scores<false, true>(s, grid, stream);
-  else launch_block_scores<false, false>(s, grid, stream);
+  if (index::wgmma_block_scores_requested() && index::wgmma_block_scores_supported(s)) {
+    index::launch_block_scores_wgmma(s, bf16, want_lse, bd.max_q, p.batch, stream);  // same outputs
+  } else {
+    const dim3 grid = index::block_score_grid(s, index::kScoreRows, bd.max_q, p.batch);
+    if (bf16 && want_lse) launch_block_scores<true, true>(s, grid, stream);
+    else if (bf16) launch_block_scores<true, false>(s, grid, stream);
+    else if (want_lse) launch_block_scores<false, true>(s, grid, stream);
+    else launch_block_scores<false, false>(s, grid, stream);
+  }
 
   index::SelectArgs t{};
   t.scores = scores;

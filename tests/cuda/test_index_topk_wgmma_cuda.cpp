@@ -1,8 +1,9 @@
 // The wgmma stage 1 of the CUDA index branch vs the float64 oracle: the same checks as
 // test_index_topk_cuda.cpp, on every kernel variant (bf16 / f16, head dims padded to 64 and 128, 64-
-// and 128-key chunks, with and without the block LSE, vector and scalar loads), for both wgmma
-// kernels: MSA_INDEX_KERNEL=wgmma (the first one, which waits for each chunk's product) and
-// wgmma_pipe (the pipelined one, the default; scalar-load cases fall back to the first).
+// and 128-key chunks, with and without the block LSE, vector and scalar loads), for the three wgmma
+// kernels: MSA_INDEX_KERNEL=wgmma (the first one, which waits for each chunk's product), wgmma_pipe
+// (the pipelined one) and ws (the warp-specialised TMA kernel with 256-row CTAs, the default);
+// scalar-load cases fall back to the first.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -90,6 +91,22 @@ TEST_P(IndexTopkWgmmaCuda, Blocks128PipelineDepthsAndChunkedPrefill) {
   run_case(tc, 2113);
 }
 
+// Group counts that do not divide a CTA's rows (85 queries x 3 groups of 256 rows, 42 x 3 of 128)
+// and more groups than a 128-row CTA holds at once, with ragged lengths across tile edges.
+TEST_P(IndexTopkWgmmaCuda, GroupCountsThatDoNotDivideTheTile) {
+  MSA_SKIP_WITHOUT_GPU();
+  IndexCase tc;
+  tc.cfg = index_config(3, 128, 128, 4);
+  tc.q_lengths = {85, 86, 170, 255, 2};
+  tc.k_lengths = {85, 400, 170, 900, 2};
+  run_case(tc, 2214);
+  IndexCase wide;
+  wide.cfg = index_config(32, 64, 64, 4);
+  wide.q_lengths = {9, 17, 1};
+  wide.k_lengths = {300, 17, 64};
+  run_case(wide, 2315);
+}
+
 TEST_P(IndexTopkWgmmaCuda, HeadDimsAbove128FallBackToHmma) {
   MSA_SKIP_WITHOUT_GPU();
   IndexCase tc;
@@ -99,7 +116,7 @@ TEST_P(IndexTopkWgmmaCuda, HeadDimsAbove128FallBackToHmma) {
   run_case(tc, 2012);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, IndexTopkWgmmaCuda, ::testing::Values("wgmma", "wgmma_pipe"),
+INSTANTIATE_TEST_SUITE_P(Kernels, IndexTopkWgmmaCuda, ::testing::Values("wgmma", "wgmma_pipe", "ws"),
                          [](const ::testing::TestParamInfo<const char*>& info) {
                            return std::string(info.param);
                          });
