@@ -1,7 +1,7 @@
 // Host side of the CUDA attention backward (sparse over topk, or dense causal when topk is
 // undefined): checks what the kernels need beyond the common validation, plans the workspace, builds
 // the key -> query lists on the device (key_query_lists.cuh: no host round trip) and launches the
-// delta, dQ and dK/dV kernels (attention_backward_kernel.cuh).
+// delta, dQ and dK/dV kernels (attention_backward_kernel.cuh; dQ on Hopper: attention_backward_dq_tma.cuh).
 //
 // Every launch is deterministic (no floating-point atomics, fixed accumulation orders), so results
 // are bitwise identical run to run whatever Context::deterministic says.
@@ -18,8 +18,10 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "cuda/attention_backward_dq_tma.cuh"
 #include "cuda/attention_backward_kernel.cuh"
 #include "cuda/attention_host.cuh"
+#include "cuda/attention_tma_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
 #include "cuda/key_query_lists.cuh"
@@ -42,29 +44,43 @@ int dkdv_key_splits(const Problem& p) {
   return std::max(1, std::min(splits, 65535 / std::max(1, p.batch)));
 }
 
-// dQ from partials written by the dK/dV kernel (sparse, where they fit), or by the query-major dQ
-// kernel over the forward's tile unions: its memory does not grow with k, and MSA_ATTENTION_DQ=tiles
-// forces it (tests use that to cover both).
+// dQ from partials written by the dK/dV kernel (sparse, where they fit), or by a query-major dQ
+// kernel over tile unions, whose memory does not grow with k. MSA_ATTENTION_DQ=tiles or =mma forces
+// the query-major path (tests use them to cover every kernel).
 bool dq_from_partials(const Problem& p, bool sparse) {
   if (!sparse || !query_partials_fit(p.total_q, p.cfg.num_q_heads, p.cfg.topk, p.cfg.block_size, p.cfg.head_dim))
     return false;
   const char* e = std::getenv("MSA_ATTENTION_DQ");
-  return e == nullptr || std::string(e) != "tiles";
+  return e == nullptr || (std::string(e) != "tiles" && std::string(e) != "mma");
+}
+
+// The query-major dQ: the TMA kernel (attention_backward_dq_tma.cuh) on sm_90 where its 128-row tiles
+// apply, else (or with MSA_ATTENTION_DQ=mma) the 64-row mma.sync kernel.
+bool dq_tma(const Problem& p, bool sparse) {
+  const char* e = std::getenv("MSA_ATTENTION_DQ");
+  if (e != nullptr && std::string(e) == "mma") return false;
+  if (!is_sm90()) return false;
+  return tma_tiles_applicable(p, sparse, [&](int record_bytes) {
+    using E = cute::bfloat16_t;  // sizes are those of any 16-bit type
+    return p.cfg.head_dim == 128 ? tma::DqSmem<E, 128>::bytes(record_bytes) : tma::DqSmem<E, 64>::bytes(record_bytes);
+  });
 }
 
 // Workspace plan: delta, the dK/dV split partials (key_splits > 1), then (sparse) the key -> query
-// lists and, where they fit, the dQ partials.
+// lists and, where they fit, the dQ partials, or the TMA dQ's union records.
 struct BackwardLayout {
   int key_splits = 1;
   bool dq_partials = false;
+  bool dq_tma = false;
   std::size_t total = 0;
 
   BackwardLayout(const Problem& p, const KeyQueryListPlan* lists)
       : key_splits(dkdv_key_splits(p)),
-        dq_partials(dq_from_partials(p, lists != nullptr)) {
+        dq_partials(dq_from_partials(p, lists != nullptr)),
+        dq_tma(!dq_partials && cuda::dq_tma(p, lists != nullptr)) {
     total = align_up(std::size_t(p.total_q) * p.cfg.num_q_heads * sizeof(float)) +
             align_up(partial_floats(p) * sizeof(float)) + (lists ? lists->bytes() : 0) +
-            align_up(dq_partial_floats(p) * sizeof(float));
+            align_up(dq_partial_floats(p) * sizeof(float)) + (dq_tma ? TmaTileLayout(p, lists != nullptr).bytes : 0);
   }
   std::size_t dq_partial_floats(const Problem& p) const {
     return dq_partials ? std::size_t(p.total_q) * p.cfg.num_q_heads *
@@ -78,8 +94,46 @@ struct BackwardLayout {
   }
 };
 
+// The TMA dQ; false (nothing launched) when the driver cannot describe a tensor.
 template <class T, int D>
-void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cudaStream_t stream) {
+bool launch_dq_tma(const Problem& p, const BackwardParams& a, const TensorView& q, const TensorView& k,
+                   const TensorView& v, const TensorView& dout, int max_q, ScratchArena& arena, cudaStream_t stream) {
+  const bool sparse = a.topk != nullptr;
+  const TmaTileLayout lay(p, sparse);
+  tma::TmaDqParams dp{};
+  set_shared_params(dp.t.a, p, q, k, v, TensorView{}, TensorView{}, TensorView{});
+  dp.t.a.topk = a.topk;
+  dp.t.a.topk_s0 = a.topk_s0;
+  dp.t.a.topk_s1 = a.topk_s1;
+  dp.t.a.lse = const_cast<float*>(a.lse);
+  dp.t.a.lse_s0 = a.lse_s0;
+  dp.t.a.lse_s1 = a.lse_s1;
+  dp.t.a.scale_log2 = a.scale_log2;
+  dp.t.a.bitmap_words = lay.caps.bitmap_words;
+  dp.t.a.union_cap = lay.caps.union_cap;
+  const char* pp = std::getenv("MSA_TMA_PINGPONG");
+  dp.t.pingpong = pp == nullptr || *pp == '\0' || std::string(pp) != "0";
+  const int box_heads = std::min(p.cfg.group_size(), 64);
+  if (!encode_rows_map(&dp.do_map, dout, tma::kBoxElems, box_heads, 64 / box_heads) ||
+      !prepare_tma_tiles(p, dp.t, q, k, v, tma::kDqKeys, max_q, lay, arena, stream))
+    return false;
+  dp.delta = a.delta;
+  dp.dq = a.dq;
+  dp.dq_s0 = a.dq_s0;
+  dp.dq_s1 = a.dq_s1;
+  dp.num_q_heads = a.num_q_heads;
+  const std::size_t smem = tma::DqSmem<typename wgmma::CuteElem<T>::type, D>::bytes(lay.record_bytes);
+  allow_dynamic_smem(reinterpret_cast<const void*>(tma::attention_backward_dq_tma_kernel<T, D>), smem,
+                     "attention backward (tma dq)");
+  tma::attention_backward_dq_tma_kernel<T, D><<<tma_ctas(dp.t), tma::kThreads, smem, stream>>>(dp);
+  MSA_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+// Delta, dQ (the TMA kernel when `dq_tma()` launches it, else the mma.sync kernel unless the dK/dV
+// kernel writes dQ partials), dK/dV and the reduces.
+template <class T, int D, class DqTma>
+void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, DqTma&& dq_tma, cudaStream_t stream) {
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention backward takes at most 65535 sequences");
   const int64_t rows = p.total_q * p.cfg.num_q_heads;
   if (rows > 0) {
@@ -90,7 +144,7 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, cud
   const int64_t q_tiles = (int64_t(max_q) * a.group_size + kAttnRows - 1) / kAttnRows;
   MSA_CHECK_ARG(q_tiles < (int64_t(1) << 31), "q", "too many query rows per sequence");
   const bool dq_partials = a.dq_part != nullptr;
-  if (q_tiles > 0 && !dq_partials) {
+  if (q_tiles > 0 && !dq_partials && !dq_tma()) {
   const std::size_t dq_smem = BackwardSmem<D>::dq_bytes(a.bitmap_words, a.union_cap);
   allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dq_kernel<T, D>), dq_smem, "attention backward");
   attention_backward_dq_kernel<T, D>
@@ -186,12 +240,21 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
     }
   }
 
+  // The TMA dQ runs after delta (launched first by `launch`), so it is launched from there through
+  // this hook; `launch` skips the mma.sync dQ when it ran.
+  auto run = [&](auto t_tag, auto d_tag) {
+    using T = decltype(t_tag);
+    constexpr int kD = decltype(d_tag)::value;
+    launch<T, kD>(p, a, max_q, max_k, [&] {
+      return lay.dq_tma && max_q > 0 && launch_dq_tma<T, kD>(p, a, q, k, v, dout, max_q, arena, stream);
+    }, stream);
+  };
   if (p.dtype == DType::bf16) {
-    if (D == 128) return launch<__nv_bfloat16, 128>(p, a, max_q, max_k, stream);
-    return launch<__nv_bfloat16, 64>(p, a, max_q, max_k, stream);
+    if (D == 128) return run(__nv_bfloat16{}, std::integral_constant<int, 128>{});
+    return run(__nv_bfloat16{}, std::integral_constant<int, 64>{});
   }
-  if (D == 128) return launch<__half, 128>(p, a, max_q, max_k, stream);
-  return launch<__half, 64>(p, a, max_q, max_k, stream);
+  if (D == 128) return run(__half{}, std::integral_constant<int, 128>{});
+  return run(__half{}, std::integral_constant<int, 64>{});
 }
 
 }  // namespace cuda

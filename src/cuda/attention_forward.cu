@@ -39,6 +39,7 @@
 #include "cuda/attention_forward_tma.cuh"
 #include "cuda/attention_forward_wgmma.cuh"
 #include "cuda/attention_host.cuh"
+#include "cuda/attention_tma_host.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_ops.h"
 #include "cuda/key_query_lists.cuh"
@@ -70,15 +71,6 @@ void launch(const Problem& p, const AttentionParams& params, int max_q, cudaStre
 // -DMSA_EXPERIMENTAL_WGMMA_ATTENTION (ON by default) and selected by MSA_ATTENTION_KERNEL=wgmma. It is
 // not the default: on the H100 (commit 5a06e48, bench_prefill / bench_training) it was slower than
 // the mma.sync kernel both sparse (128K, Hq64/Hkv4: 72.2 vs 66.4 ms) and dense (1698 vs 1552 ms).
-// The wgmma kernels are built for sm_90a only.
-bool is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
-}
-
 bool wgmma_requested() {
 #if defined(MSA_EXPERIMENTAL_WGMMA_ATTENTION)
   const char* e = std::getenv("MSA_ATTENTION_KERNEL");
@@ -104,24 +96,6 @@ void launch_wgmma(const Problem& p, const AttentionParams& params, int max_q, cu
   MSA_CUDA_CHECK_LAUNCH();
 }
 
-// The TMA path's union capacity (the same rule as every tile-union kernel) and, sparse, its
-// workspace: one union record per tile (attention_forward_tma.cuh).
-struct TmaForwardLayout {
-  AttentionParams caps{};  // bitmap_words, union_cap
-  int64_t records_per_group = 0;
-  int record_bytes = 0;
-  std::size_t bytes = 0;
-  TmaForwardLayout(const Problem& p, bool sparse) {
-    if (!sparse) return;
-    const int64_t max_k = p.varlen.max_seqlen_k > 0 ? p.varlen.max_seqlen_k : p.total_k;
-    caps.group_size = p.cfg.group_size();
-    set_union_capacity(caps, max_k, tma::kTileRows, p.cfg);
-    records_per_group = tma::union_records_per_group(p.total_q, caps.group_size, int(p.batch));
-    record_bytes = tma::union_record_bytes(caps.union_cap);
-    bytes = align_up(std::size_t(p.cfg.num_kv_heads) * records_per_group * record_bytes);
-  }
-};
-
 // 128-key chunks where blocks are made of them; MSA_TMA_KEYS=64 forces 64 (an experiment knob).
 int tma_chunk_keys(const Problem& p) {
   const char* ke = std::getenv("MSA_TMA_KEYS");
@@ -129,88 +103,45 @@ int tma_chunk_keys(const Problem& p) {
   return p.cfg.block_size % 128 == 0 && !force64 ? 128 : 64;
 }
 
-// Where the TMA kernel applies (otherwise the 64-row kernels run): Q boxes of 64 rows need G to
-// divide 64 or be a multiple of it; the tile arithmetic is 32-bit; its tile slots (two unions of
-// 8 queries' selections at G = 16) must fit in shared memory, which excludes G <= 2.
+// Where the TMA kernel applies (otherwise the 64-row kernels run): tma_tiles_applicable, whose
+// shared-memory bound excludes G <= 2 (two tile slots' unions of 8 queries' selections at G = 16).
 bool tma_applicable(const Problem& p, bool sparse) {
-  const int64_t G = p.cfg.group_size();
-  if (!(G <= 64 ? 64 % G == 0 : G % 64 == 0)) return false;
-  const int64_t bound = int64_t(1) << 31;
-  if (p.total_k >= bound || p.total_q * G >= bound ||
-      (p.total_q * G / tma::kTileRows + 1) * p.cfg.num_kv_heads * p.batch >= bound)
-    return false;
-  const int record_bytes = TmaForwardLayout(p, sparse).record_bytes;
   using E = cute::bfloat16_t;  // sizes are those of any 16-bit type
   const bool k128 = tma_chunk_keys(p) == 128;
-  const std::size_t smem =
-      p.cfg.head_dim == 128 ? (k128 ? tma::TmaSmem<E, 128, 128>::bytes(record_bytes) : tma::TmaSmem<E, 128, 64>::bytes(record_bytes))
-                            : (k128 ? tma::TmaSmem<E, 64, 128>::bytes(record_bytes) : tma::TmaSmem<E, 64, 64>::bytes(record_bytes));
-  int dev = 0, optin = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return smem <= std::size_t(optin);
-}
-
-template <class T, int D, int kKeys>
-void launch_tma_keys(const Problem& p, tma::TmaAttentionParams& tp, const TmaForwardLayout& lay, int max_q,
-                     ScratchArena& arena, cudaStream_t stream) {
-  using Smem = tma::TmaSmem<typename wgmma::CuteElem<T>::type, D, kKeys>;
-  const std::size_t smem = Smem::bytes(lay.record_bytes);  // tma_applicable checked it fits
-  int dev = 0, sms = 0;
-  MSA_CUDA_CHECK(cudaGetDevice(&dev));
-  MSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention forward takes at most 65535 sequences");
-  // 32-bit tile arithmetic (attention_forward_tma.cuh, Tile): tma_applicable bounded the counts.
-  // (A caller's max_seqlen_q may exceed the longest sequence; total_q bounds it.)
-  const int64_t rows = std::min<int64_t>(max_q, p.total_q) * tp.a.group_size;
-  tp.tiles_x = int((rows + tma::kTileRows - 1) / tma::kTileRows);
-  tp.num_kv_heads = p.cfg.num_kv_heads;
-  tp.batch = int(p.batch);
-  tp.num_tiles = tp.tiles_x * tp.num_kv_heads * tp.batch;
-  if (tp.a.topk) {
-    unsigned char* unions = arena.take<unsigned char>(lay.bytes);
-    tp.unions = unions;
-    tp.records_per_group = lay.records_per_group;
-    tp.record_bytes = lay.record_bytes;
-    const std::size_t union_smem = BlockUnionSmem<tma::kMaskWords>::bytes(tp.a.bitmap_words, tp.a.union_cap);
-    allow_dynamic_smem(reinterpret_cast<const void*>(tma::tile_unions_kernel<tma::kMaskWords>), union_smem,
-                       "attention forward (tile unions)");
-    const dim3 grid(unsigned(tp.tiles_x), unsigned(tp.num_kv_heads), unsigned(tp.batch));
-    tma::tile_unions_kernel<tma::kMaskWords><<<grid, 128, union_smem, stream>>>(tp.a, unions, lay.records_per_group,
-                                                                 lay.record_bytes);
-    MSA_CUDA_CHECK_LAUNCH();
-  }
-  allow_dynamic_smem(reinterpret_cast<const void*>(tma::attention_forward_tma_kernel<T, D, kKeys>), smem,
-                     "attention forward (tma)");
-  const unsigned ctas = unsigned(std::min<int64_t>(tp.num_tiles, sms));
-  tma::attention_forward_tma_kernel<T, D, kKeys><<<ctas, tma::kThreads, smem, stream>>>(tp);
-  MSA_CUDA_CHECK_LAUNCH();
+  return tma_tiles_applicable(p, sparse, [&](int record_bytes) {
+    return p.cfg.head_dim == 128
+               ? (k128 ? tma::TmaSmem<E, 128, 128>::bytes(record_bytes) : tma::TmaSmem<E, 128, 64>::bytes(record_bytes))
+               : (k128 ? tma::TmaSmem<E, 64, 128>::bytes(record_bytes) : tma::TmaSmem<E, 64, 64>::bytes(record_bytes));
+  });
 }
 
 // Returns false (nothing launched) when the driver cannot describe q, k or v as a TMA tensor (not
 // expected for rows that pass check_aligned_rows): the caller then takes another kernel.
 template <class T, int D>
 bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
-                const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena, cudaStream_t stream) {
+                const TensorView& v, int max_q, const TmaTileLayout& lay, ScratchArena& arena, cudaStream_t stream) {
   const int keys = tma_chunk_keys(p);
-  const int box_heads = std::min(p.cfg.group_size(), 64);  // Q boxes of 64 rows (tma_applicable)
   tma::TmaAttentionParams tp{};
   tp.a = a;
   const char* pp = std::getenv("MSA_TMA_PINGPONG");
   tp.pingpong = pp == nullptr || *pp == '\0' || std::string(pp) != "0";
-  if (!encode_rows_map(&tp.k_map, k, tma::kBoxElems, 1, keys) || !encode_rows_map(&tp.v_map, v, tma::kBoxElems, 1, keys) ||
-      !encode_rows_map(&tp.q_map, q, tma::kBoxElems, box_heads, 64 / box_heads))
-    return false;
+  if (!prepare_tma_tiles(p, tp, q, k, v, keys, max_q, lay, arena, stream)) return false;
+  using E = typename wgmma::CuteElem<T>::type;
+  auto launch_keys = [&](auto kernel, std::size_t smem) {
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "attention forward (tma)");
+    kernel<<<tma_ctas(tp), tma::kThreads, smem, stream>>>(tp);
+    MSA_CUDA_CHECK_LAUNCH();
+  };
   if (keys == 128)
-    launch_tma_keys<T, D, 128>(p, tp, lay, max_q, arena, stream);
+    launch_keys(tma::attention_forward_tma_kernel<T, D, 128>, tma::TmaSmem<E, D, 128>::bytes(lay.record_bytes));
   else
-    launch_tma_keys<T, D, 64>(p, tp, lay, max_q, arena, stream);
+    launch_keys(tma::attention_forward_tma_kernel<T, D, 64>, tma::TmaSmem<E, D, 64>::bytes(lay.record_bytes));
   return true;
 }
 
 template <class T>
 bool launch_tma_dim(const Problem& p, const AttentionParams& a, const TensorView& q, const TensorView& k,
-                    const TensorView& v, int max_q, const TmaForwardLayout& lay, ScratchArena& arena,
+                    const TensorView& v, int max_q, const TmaTileLayout& lay, ScratchArena& arena,
                     cudaStream_t stream) {
   if (p.cfg.head_dim == 128) return launch_tma<T, 128>(p, a, q, k, v, max_q, lay, arena, stream);
   return launch_tma<T, 64>(p, a, q, k, v, max_q, lay, arena, stream);
@@ -292,7 +223,7 @@ void launch_dim(const Problem& p, const AttentionParams& params, int max_q, bool
 
 std::size_t attention_forward_workspace_bytes(const Problem& p, bool sparse) {
   if (gathered_forward(p, sparse)) return GatheredForwardLayout(p).bytes(p);
-  return tma_forward(p, sparse) ? TmaForwardLayout(p, sparse).bytes : 0;
+  return tma_forward(p, sparse) ? TmaTileLayout(p, sparse).bytes : 0;
 }
 
 void attention_forward(const Problem& p, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -329,7 +260,7 @@ void attention_forward(const Problem& p, const TensorView& q, const TensorView& 
       max_length(p, p.varlen.max_seqlen_q, p.varlen.cu_seqlens_q, p.varlen.host_cu_seqlens_q, stream);
   if (max_q == 0) return;
   if (use_tma) {
-    const TmaForwardLayout lay(p, topk.defined());
+    const TmaTileLayout lay(p, topk.defined());
     ScratchArena arena(ctx, lay.bytes);
     AttentionParams t = a;
     t.bitmap_words = lay.caps.bitmap_words;

@@ -100,24 +100,31 @@ __host__ __device__ inline int64_t union_record_index(int64_t q_begin, int group
   return int64_t(g) * records_per_group + q_begin * group_size / kTileRows + b + x;
 }
 
-template <class E, int D, int kKeys>
+// Shared memory of the TMA kernels: kTileSlots tile slots of kTileTensors row tiles each (the
+// forward: Q; the dQ kernel: Q and dO), the K and V rings, their mbarriers, then the slots' union
+// records.
+template <class E, int D, int kKeys, int kTileTensors = 1, int kMaxStages = 4>
 struct TmaSmem {
-  static constexpr int kQBytes = kTileRows * D * 2;  // one slot
+  static constexpr int kTensors = kTileTensors;
+  static constexpr int kQBytes = kTileRows * D * 2;  // one row tile of a slot
+  static constexpr int kSlotBytes = kTileTensors * kQBytes;
   static constexpr int kStageBytes = kKeys * D * 2;  // one K (or one V) tile
-  // As many stages as fit in 128 KB per ring pair (2 at D = kKeys = 128), at most 4.
-  static constexpr int kStages = (65536 / kStageBytes) < 4 ? (65536 / kStageBytes) : 4;
+  // As many stages as fit in 128 KB per ring pair (2 at D = kKeys = 128), at most kMaxStages.
+  static constexpr int kStages = (65536 / kStageBytes) < kMaxStages ? (65536 / kStageBytes) : kMaxStages;
   static_assert(kStages >= 2, "double buffering at least");
   using LayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
                                                cute::Shape<cute::_64, cute::Int<D>, cute::Int<kConsumers>>{}));
   // Atoms tiled keys-first (the default order for K, the explicit step for V), so that each 64-wide
-  // slice of D is one contiguous [keys][64] box as TMA writes it.
+  // slice of D is one contiguous [keys][64] box as TMA writes it. Both views describe the same bytes
+  // of a [keys][D] tile: K-major (K of S = Q K^T, V of dP = dO V^T) and MN-major (V of O = P V, K of
+  // dQ = dS K).
   using LayoutK = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
                                                cute::Shape<cute::Int<kKeys>, cute::Int<D>, cute::Int<kStages>>{}));
   using LayoutV = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
                                                cute::Shape<cute::Int<D>, cute::Int<kKeys>, cute::Int<kStages>>{},
                                                cute::Step<cute::_2, cute::_1, cute::_3>{}));
   static constexpr std::size_t kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
-  static constexpr std::size_t kKOffset = std::size_t(kTileSlots) * kQBytes;
+  static constexpr std::size_t kKOffset = std::size_t(kTileSlots) * kSlotBytes;
   static constexpr std::size_t kVOffset = kKOffset + std::size_t(kStages) * kStageBytes;
   static constexpr std::size_t kBarrierOffset = kVOffset + std::size_t(kStages) * kStageBytes;
   static constexpr std::size_t kBarrierBytes = (4 * kStages + 2 * kTileSlots) * sizeof(uint64_t);
@@ -126,6 +133,59 @@ struct TmaSmem {
   static_assert(int(cute::cosize_v<LayoutK>) * 2 == kStages * kStageBytes, "K layout is dense");
   static_assert(int(cute::cosize_v<LayoutV>) * 2 == kStages * kStageBytes, "V layout is dense");
   static std::size_t bytes(int record_bytes) { return kAlign + kUnionOffset + kTileSlots * std::size_t(record_bytes); }
+};
+
+// The regions and mbarriers of TmaSmem carved from a kernel's dynamic shared memory.
+template <class Sm, class E>
+struct TmaShared {
+  unsigned char* base;
+  E* k;
+  E* v;
+  uint64_t* full_k;
+  uint64_t* full_v;
+  uint64_t* empty_k;
+  uint64_t* empty_v;
+  uint64_t* tile_ready;  // [slot]: row tiles copied and union loaded
+  uint64_t* tile_free;   // [slot]: the consumers are done with them
+  int record_bytes;
+  __device__ TmaShared(unsigned char* raw, int record_bytes_) : record_bytes(record_bytes_) {
+    base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + Sm::kAlign - 1) &
+                                            ~uintptr_t(Sm::kAlign - 1));
+    k = reinterpret_cast<E*>(base + Sm::kKOffset);
+    v = reinterpret_cast<E*>(base + Sm::kVOffset);
+    full_k = reinterpret_cast<uint64_t*>(base + Sm::kBarrierOffset);
+    full_v = full_k + Sm::kStages;
+    empty_k = full_v + Sm::kStages;
+    empty_v = empty_k + Sm::kStages;
+    tile_ready = empty_v + Sm::kStages;
+    tile_free = tile_ready + kTileSlots;
+  }
+  // Row tile `tensor` (0: Q, 1: dO) of a slot.
+  __device__ E* rows_of(int slot, int tensor = 0) const {
+    return reinterpret_cast<E*>(base + slot * Sm::kSlotBytes + tensor * Sm::kQBytes);
+  }
+  __device__ unsigned char* record_of(int slot) const {
+    return base + Sm::kUnionOffset + slot * std::size_t(record_bytes);
+  }
+  __device__ BlockUnionSmem<kMaskWords> union_of(int slot, const AttentionParams& p) const {
+    return BlockUnionSmem<kMaskWords>::carve(record_of(slot), p.bitmap_words, p.union_cap);
+  }
+  // Barrier counts: one arrival (with the transaction bytes) fills a stage or a slot; each of the
+  // 8 consumer warps releases it.
+  __device__ void init() const {
+    using Barrier = cutlass::arch::ClusterBarrier;
+    for (int s = 0; s < Sm::kStages; ++s) {
+      Barrier::init(&full_k[s], 1);
+      Barrier::init(&full_v[s], 1);
+      Barrier::init(&empty_k[s], kConsumers * 4);
+      Barrier::init(&empty_v[s], kConsumers * 4);
+    }
+    for (int s = 0; s < kTileSlots; ++s) {
+      Barrier::init(&tile_ready[s], 1);
+      Barrier::init(&tile_free[s], kConsumers * 4);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
 };
 
 // S = Q K^T with both operands in shared memory (SS); O += P V as in the wgmma kernel (RS).
@@ -188,6 +248,123 @@ struct ChunkWalk {
   }
 };
 
+// The rows a consumer warpgroup owns in a tile (64 cw .. 64 cw + 63): this thread's two rows
+// (row_a and row_a + 8: position, -1 for padding, and query bit in the tile's masks) and the
+// warpgroup's queries as mask bits with their last position. A chunk none of those queries selected
+// (or wholly after their causal limit) is skipped by the warpgroup.
+struct WarpgroupRows {
+  int pos[2];
+  int qbit[2];
+  unsigned long long bits[kMaskWords] = {0ull, 0ull};
+  int p_last = -1;
+  __device__ WarpgroupRows(const Tile& tile, int G, int cw, int row_a) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int f = tile.f0 + row_a + 8 * h;
+      const bool valid = f < tile.rows_total;
+      pos[h] = valid ? int(rules::query_position(tile.lq, tile.lk, f / G)) : -1;
+      qbit[h] = valid ? int(f / G - tile.i_first) : 0;
+    }
+    if (tile.f0 + 64 * cw < tile.rows_total) {
+      const int f_last = tile.f0 + 64 * cw + 63 < tile.rows_total ? tile.f0 + 64 * cw + 63 : tile.rows_total - 1;
+      const int qa = int((tile.f0 + 64 * cw) / G - tile.i_first), qb = int(f_last / G - tile.i_first);
+#pragma unroll
+      for (int w = 0; w < kMaskWords; ++w) {
+        const int lo = qa > 64 * w ? qa - 64 * w : 0, hi = qb < 64 * w + 63 ? qb - 64 * w : 63;
+        if (lo <= hi) bits[w] = (hi - lo == 63 ? ~0ull : ((1ull << (hi - lo + 1)) - 1ull)) << lo;
+      }
+      p_last = int(rules::query_position(tile.lq, tile.lk, f_last / G));
+    }
+  }
+  template <int kKeys>
+  __device__ bool uses(int it, const ChunkWalk<kKeys>& walk, const BlockUnionSmem<kMaskWords>& su, bool dense) const {
+    if (walk.key_start(it) > p_last) return false;
+    if (dense) return true;
+    const int u = it / walk.parts_per_block;
+    return ((su.mask[u * kMaskWords] & bits[0]) | (su.mask[u * kMaskWords + 1] & bits[1])) != 0ull;
+  }
+  // lim[h]: the last key offset of chunk `it` that row h sees (-1: its query did not select the
+  // block, or padding). True when both rows see the whole chunk (no mask needed).
+  template <int kKeys>
+  __device__ bool limits(int it, const ChunkWalk<kKeys>& walk, const BlockUnionSmem<kMaskWords>& su, bool dense,
+                         int64_t (&lim)[2]) const {
+    const int ks = walk.key_start(it);
+    const int u = it / walk.parts_per_block;
+    bool full = true;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool row_sel = dense || ((su.mask[u * kMaskWords + (qbit[h] >> 6)] >> (qbit[h] & 63)) & 1ull);
+      lim[h] = row_sel ? pos[h] - ks : -1;
+      full = full && lim[h] >= kKeys - 1;
+    }
+    return full;
+  }
+};
+
+// The producer of the TMA kernels, one thread: for each of the CTA's tiles, loads its row tiles
+// (Q, and for the dQ kernel dO, from `row_maps`) and its union record (a bulk copy of the record
+// tile_unions_kernel built in the workspace) into one of two tile slots, then streams the tile's K
+// and V chunks into the stage rings once the consumers released each stage's previous use. It runs
+// ahead of the consumers, so a tile's setup lands while the previous tile still computes.
+template <class Sm, class E, int D, int kKeys>
+__device__ void run_producer(const TmaAttentionParams& tp, const CUtensorMap* const (&row_maps)[Sm::kTensors],
+                             const TmaShared<Sm, E>& sh) {
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kStages = Sm::kStages;
+  const AttentionParams& p = tp.a;
+  const int G = p.group_size, B = p.block_size;
+  const bool dense = p.topk == nullptr;
+  const uint64_t hint = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  int c = 0;  // chunks issued so far, over all tiles
+  int j = 0;  // tiles so far
+  Tile tile;
+  for (int t = blockIdx.x; t < tp.num_tiles; t += gridDim.x) {
+    if (!tile.at(p, t, tp.tiles_x, tp.num_kv_heads, tp.batch)) continue;
+    const int slot = j % kTileSlots;
+    if (j >= kTileSlots) Barrier::wait(&sh.tile_free[slot], ((j / kTileSlots) + 1) & 1);
+    TxBarrier::arrive_and_expect_tx(&sh.tile_ready[slot], uint32_t(Sm::kSlotBytes + (dense ? 0 : tp.record_bytes)));
+#pragma unroll
+    for (int r = 0; r < Sm::kTensors; ++r) {
+      E* dst = sh.rows_of(slot, r);
+#pragma unroll
+      for (int w = 0; w < kConsumers; ++w) {
+        const int row0 = tile.f0 + 64 * w;  // a box: 64 rows of the tile, (query, head) major
+        const int head0 = tile.g * G + (G > 64 ? row0 % G : 0);
+#pragma unroll
+        for (int dh = 0; dh < D / kBoxElems; ++dh)
+          cute::SM90_TMA_LOAD_3D::copy(row_maps[r], &sh.tile_ready[slot], hint,
+                                       dst + w * (64 * D) + dh * (64 * kBoxElems), dh * kBoxElems, head0,
+                                       tile.q_begin + row0 / G);
+      }
+    }
+    if (!dense)
+      cute::SM90_BULK_COPY_G2S::copy(
+          tp.unions + union_record_index(tile.q_begin, G, tile.b, tile.x, tile.g, tp.records_per_group) *
+                          tp.record_bytes,
+          &sh.tile_ready[slot], sh.record_of(slot), tp.record_bytes);
+    Barrier::wait(&sh.tile_ready[slot], (j / kTileSlots) & 1);  // the union is read below
+    const BlockUnionSmem<kMaskWords> su = sh.union_of(slot, p);
+    const ChunkWalk<kKeys> walk(dense ? nullptr : su.blocks, dense ? tile.local_last + 1 : *su.count, tile, B);
+    // Chunk c's K (or V) rows into its stage, once the consumers released the stage's last use.
+    auto load_chunk = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, E* ring, int row) {
+      const int s = c % kStages;
+      if (c >= kStages) Barrier::wait(&empty[s], ((c / kStages) + 1) & 1);
+      TxBarrier::arrive_and_expect_tx(&full[s], uint32_t(Sm::kStageBytes));
+#pragma unroll
+      for (int dh = 0; dh < D / kBoxElems; ++dh)
+        cute::SM90_TMA_LOAD_3D::copy(map, &full[s], hint, ring + s * (kKeys * D) + dh * (kKeys * kBoxElems),
+                                     dh * kBoxElems, tile.g, row);
+    };
+    for (int it = 0; it < walk.num_iters; ++it, ++c) {
+      const int row = tile.k_begin + walk.key_start(it);
+      load_chunk(&tp.k_map, sh.full_k, sh.empty_k, sh.k, row);
+      load_chunk(&tp.v_map, sh.full_v, sh.empty_v, sh.v, row);
+    }
+    ++j;
+  }
+}
+
 template <class T, int D, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_forward_tma_kernel(const __grid_constant__ TmaAttentionParams tp) {
@@ -196,45 +373,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Sm = TmaSmem<E, D, kKeys>;
   using Mm = TmaMmas<E, D, kKeys>;
   using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kStages = Sm::kStages;
   const AttentionParams& p = tp.a;
   const int batch = tp.batch, num_kv_heads = tp.num_kv_heads;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + Sm::kAlign - 1) & ~uintptr_t(Sm::kAlign - 1));
-  E* pK = reinterpret_cast<E*>(smem + Sm::kKOffset);
-  E* pV = reinterpret_cast<E*>(smem + Sm::kVOffset);
-  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + Sm::kBarrierOffset);
-  uint64_t* full_v = full_k + kStages;
-  uint64_t* empty_k = full_v + kStages;
-  uint64_t* empty_v = empty_k + kStages;
-  uint64_t* tile_ready = empty_v + kStages;       // [slot]: Q copied and union built
-  uint64_t* tile_free = tile_ready + kTileSlots;  // [slot]: the consumers are done with them
-  auto union_of = [&](int slot) {
-    return BlockUnionSmem<kMaskWords>::carve(smem + Sm::kUnionOffset + slot * std::size_t(tp.record_bytes),
-                                             p.bitmap_words, p.union_cap);
-  };
-  auto q_of = [&](int slot) { return reinterpret_cast<E*>(smem + slot * Sm::kQBytes); };
+  const TmaShared<Sm, E> sh(smem_raw, tp.record_bytes);
+  E* pK = sh.k;
+  E* pV = sh.v;
+  uint64_t* full_k = sh.full_k;
+  uint64_t* full_v = sh.full_v;
+  uint64_t* empty_k = sh.empty_k;
+  uint64_t* empty_v = sh.empty_v;
+  uint64_t* tile_ready = sh.tile_ready;
+  uint64_t* tile_free = sh.tile_free;
+  auto union_of = [&](int slot) { return sh.union_of(slot, p); };
+  auto q_of = [&](int slot) { return sh.rows_of(slot); };
 
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, lane = tid & 31, warp = tid >> 5;
   const int G = p.group_size, B = p.block_size;
   const bool dense = p.topk == nullptr;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&full_k[s], 1);
-      Barrier::init(&full_v[s], 1);
-      Barrier::init(&empty_k[s], kConsumers * 4);
-      Barrier::init(&empty_v[s], kConsumers * 4);
-    }
-    for (int s = 0; s < kTileSlots; ++s) {
-      Barrier::init(&tile_ready[s], 1);
-      Barrier::init(&tile_free[s], kConsumers * 4);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) sh.init();
   __syncthreads();
   if (wg == 0)
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
@@ -242,53 +402,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
 
   if (wg == 0) {
-    // ---- Producer: one thread loads each tile's Q rows and union record into a tile slot, then
-    // streams its K/V chunks through the stage ring; the rest of the warpgroup has nothing to do.
+    // ---- Producer (run_producer); the rest of the warpgroup has nothing to do.
     if (threadIdx.x != 0) return;
-    const uint64_t hint = uint64_t(TMA::CacheHintSm90::EVICT_NORMAL);
-    int c = 0;  // chunks issued so far, over all tiles
-    int j = 0;  // tiles so far
-    Tile tile;
-    for (int t = blockIdx.x; t < tp.num_tiles; t += gridDim.x) {
-      if (!tile.at(p, t, tp.tiles_x, num_kv_heads, batch)) continue;
-      const int slot = j % kTileSlots;
-      if (j >= kTileSlots) Barrier::wait(&tile_free[slot], ((j / kTileSlots) + 1) & 1);
-      TxBarrier::arrive_and_expect_tx(&tile_ready[slot], uint32_t(Sm::kQBytes + (dense ? 0 : tp.record_bytes)));
-      E* q_slot = q_of(slot);
-#pragma unroll
-      for (int w = 0; w < kConsumers; ++w) {
-        const int row0 = tile.f0 + 64 * w;  // a box: 64 rows of the tile, (query, head) major
-        const int head0 = tile.g * G + (G > 64 ? row0 % G : 0);
-#pragma unroll
-        for (int dh = 0; dh < D / kBoxElems; ++dh)
-          SM90_TMA_LOAD_3D::copy(&tp.q_map, &tile_ready[slot], hint, q_slot + w * (64 * D) + dh * (64 * kBoxElems),
-                                 dh * kBoxElems, head0, tile.q_begin + row0 / G);
-      }
-      if (!dense)
-        SM90_BULK_COPY_G2S::copy(
-            tp.unions + union_record_index(tile.q_begin, G, tile.b, tile.x, tile.g, tp.records_per_group) *
-                            tp.record_bytes,
-            &tile_ready[slot], smem + Sm::kUnionOffset + slot * std::size_t(tp.record_bytes), tp.record_bytes);
-      Barrier::wait(&tile_ready[slot], (j / kTileSlots) & 1);  // the union is read below
-      const BlockUnionSmem<kMaskWords> su = union_of(slot);
-      const ChunkWalk<kKeys> walk(dense ? nullptr : su.blocks, dense ? tile.local_last + 1 : *su.count, tile, B);
-      // Chunk c's K (or V) rows into its stage, once the consumers released the stage's last use.
-      auto load_chunk = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, E* ring, int row) {
-        const int s = c % kStages;
-        if (c >= kStages) Barrier::wait(&empty[s], ((c / kStages) + 1) & 1);
-        TxBarrier::arrive_and_expect_tx(&full[s], uint32_t(Sm::kStageBytes));
-#pragma unroll
-        for (int dh = 0; dh < D / kBoxElems; ++dh)
-          SM90_TMA_LOAD_3D::copy(map, &full[s], hint, ring + s * (kKeys * D) + dh * (kKeys * kBoxElems),
-                                 dh * kBoxElems, tile.g, row);
-      };
-      for (int it = 0; it < walk.num_iters; ++it, ++c) {
-        const int row = tile.k_begin + walk.key_start(it);
-        load_chunk(&tp.k_map, full_k, empty_k, pK, row);
-        load_chunk(&tp.v_map, full_v, empty_v, pV, row);
-      }
-      ++j;
-    }
+    const CUtensorMap* const maps[1] = {&tp.q_map};
+    run_producer<Sm, E, D, kKeys>(tp, maps, sh);
     return;
   }
 
@@ -346,39 +463,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor sQ = make_tensor(make_smem_ptr(q_of(slot)), typename Sm::LayoutQ{});
     Tensor tSrQ = thr_s.partition_fragment_A(sQ(_, _, cw));  // (MMA, 1, D/16) descriptors
 
-    // This thread's two rows: position (-1 = padding) and query bit.
-    int pos[2];
-    int qbit[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int f = tile.f0 + row_a + 8 * h;
-      const bool valid = f < tile.rows_total;
-      pos[h] = valid ? int(rules::query_position(tile.lq, tile.lk, f / G)) : -1;
-      qbit[h] = valid ? int(f / G - tile.i_first) : 0;
-    }
-    // The queries of this warpgroup's rows as bits of the tile's query masks, and its last position:
-    // a chunk none of them selected (or wholly after their causal limit) is skipped by this
-    // warpgroup, which only waits for the stage and releases it (the other warpgroup may use it). A
-    // pending P V is added before a skip, so a warpgroup never holds a V stage across another
-    // chunk's wait.
-    unsigned long long wg_bits[kMaskWords] = {0ull, 0ull};
-    int wg_p_last = -1;
-    if (tile.f0 + 64 * cw < tile.rows_total) {
-      const int f_last = tile.f0 + 64 * cw + 63 < tile.rows_total ? tile.f0 + 64 * cw + 63 : tile.rows_total - 1;
-      const int qa = int((tile.f0 + 64 * cw) / G - tile.i_first), qb = int(f_last / G - tile.i_first);
-#pragma unroll
-      for (int w = 0; w < kMaskWords; ++w) {
-        const int lo = qa > 64 * w ? qa - 64 * w : 0, hi = qb < 64 * w + 63 ? qb - 64 * w : 63;
-        if (lo <= hi) wg_bits[w] = (hi - lo == 63 ? ~0ull : ((1ull << (hi - lo + 1)) - 1ull)) << lo;
-      }
-      wg_p_last = int(rules::query_position(tile.lq, tile.lk, f_last / G));
-    }
-    auto wg_uses = [&](int it) {
-      if (walk.key_start(it) > wg_p_last) return false;
-      if (dense) return true;
-      const int u = it / walk.parts_per_block;
-      return ((su.mask[u * kMaskWords] & wg_bits[0]) | (su.mask[u * kMaskWords + 1] & wg_bits[1])) != 0ull;
-    };
+    const WarpgroupRows rows(tile, G, cw, row_a);
+    const int (&pos)[2] = rows.pos;
+    auto wg_uses = [&](int it) { return rows.uses(it, walk, su, dense); };
 
     clear(tOrO);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -386,17 +473,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // in tSrS (scores stay raw; exp2 with the scale folded in); alpha[h]: the factor O must be
     // rescaled by before P of this chunk is added.
     auto softmax_chunk = [&](int it, float (&alpha)[2]) {
-      const int ks = walk.key_start(it);
-      const int u = it / walk.parts_per_block;
-      int64_t lim[2];  // last visible key offset of each row in this chunk
-      bool full = true;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool row_sel = dense || ((su.mask[u * kMaskWords + (qbit[h] >> 6)] >> (qbit[h] & 63)) & 1ull);
-        lim[h] = row_sel ? pos[h] - ks : -1;
-        full = full && lim[h] >= kKeys - 1;
-      }
-      if (!full) wgmma::mask_after<kKeys>(tSrS, lim, lane);
+      int64_t lim[2];
+      if (!rows.limits(it, walk, su, dense, lim)) wgmma::mask_after<kKeys>(tSrS, lim, lane);
       wgmma::online_softmax<kKeys>(tSrS, m_run, l_run, alpha, p.scale_log2);
     };
     auto add_pv = [&](int c) {

@@ -137,11 +137,27 @@ TEST_F(AttentionBackwardCuda, Gqa128WiderThanTile) {
   check_case({128, 1, 64, 128, 3, {70, 5}, {300, 5}, DType::bf16}, 37);
 }
 
-// The query-major dQ kernel (tile unions), which large problems use instead of dQ partials.
+// The query-major dQ kernels, which large problems (and dense mode) use instead of dQ partials:
+// MSA_ATTENTION_DQ=tiles takes the TMA kernel on sm_90 where its 128-row tiles apply (G dividing 64
+// or a multiple of it; else the mma.sync kernel), =mma the mma.sync kernel. Cases: GQA 16, 1, 8, 128
+// and 3 (no TMA tiles), D 64 and 128, blocks of 64 and 128 keys (two 64-key chunks a block), and a
+// case with more tiles than SMs, so persistent CTAs reuse their tile slots and stages.
 TEST_F(AttentionBackwardCuda, DqFromTileUnions) {
+  for (const char* kernel : {"tiles", "mma"}) {
+    SCOPED_TRACE(kernel);
+    testing::ScopedKernelEnv env("MSA_ATTENTION_DQ", kernel);
+    check_case({64, 4, 128, 64, 3, {1, 63, 64, 65, 66}, {1, 63, 64, 65, 300}, DType::bf16}, 38);
+    check_case({32, 8, 64, 128, 4, {127, 3, 200}, {127, 400, 333}, DType::f16}, 39);
+    check_case({4, 4, 64, 64, 8, {1, 30, 129, 100}, {1, 30, 129, 250}, DType::bf16}, 40);
+    check_case({16, 2, 128, 128, 3, {9, 140, 257}, {300, 140, 600}, DType::f16}, 41);
+    check_case({128, 1, 64, 128, 3, {70, 5}, {300, 5}, DType::bf16}, 42);
+    check_case({6, 2, 64, 64, 2, {50, 7}, {190, 7}, DType::bf16}, 43);
+  }
+}
+
+TEST_F(AttentionBackwardCuda, DqTilesMoreThanSms) {
   testing::ScopedKernelEnv env("MSA_ATTENTION_DQ", "tiles");
-  check_case({64, 4, 128, 64, 3, {1, 63, 64, 65, 66}, {1, 63, 64, 65, 300}, DType::bf16}, 38);
-  check_case({32, 8, 64, 128, 4, {127, 3, 200}, {127, 400, 333}, DType::f16}, 39);
+  check_case({64, 4, 128, 128, 4, {1200, 37}, {1300, 37}, DType::bf16}, 44);
 }
 
 }  // namespace
