@@ -93,9 +93,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
   const int row_a = 64 * cw + warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
 
   auto wait_full = [&](uint64_t* bars, int c) { Barrier::wait(&bars[c % kStages], (c / kStages) & 1); };
+  // Lane 0 of each warp arrives, predicated rather than branched around: a branch ptxas cannot prove
+  // warp-uniform, taken while the dS K product is in flight, would serialize every wgmma (C7518).
   auto release = [&](uint64_t* bar) {
     __syncwarp();
-    if (lane == 0) Barrier::arrive(bar);
+    asm volatile(
+        "{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+            cute::cast_smem_ptr_to_uint(bar)),
+        "r"(lane)
+        : "memory");
   };
   // Ping-pong as in the forward: every chunk, computed or skipped, is one turn of each warpgroup.
   const bool pingpong = tp.pingpong != 0;
@@ -134,12 +140,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
     }
 
     clear(tQrdQ);
-    for (int it = 0; it < walk.num_iters; ++it) {
+    // dQ += dS K of chunk c is left running while the next chunk's S and dP are issued: the wait
+    // for those also completes it (a warpgroup's wgmma batches retire in order), and only then are
+    // dS's registers rewritten and K's stage released.
+    int k_pending = -1;  // the stage whose dS K product may still run
+    auto retire_dq = [&] {
+      if (k_pending < 0) return;
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tQrdQ);
+      release(&sh.empty_k[k_pending]);
+      k_pending = -1;
+    };
+    // Broadcast from lane 0 (values read from shared memory): ptxas then knows these branches to be
+    // warp-uniform, and keeps the dS K product in flight across them.
+    const int num_iters = __shfl_sync(0xffffffffu, walk.num_iters, 0);
+    for (int it = 0; it < num_iters; ++it) {
       const int c = c0 + it;
       const int s = c % kStages;
       turn_wait();
-      if (!rows.uses(it, walk, su, dense)) {
+      if (!__shfl_sync(0xffffffffu, int(rows.uses(it, walk, su, dense)), 0)) {
         turn_pass();
+        retire_dq();
         wait_full(sh.full_k, c);
         release(&sh.empty_k[s]);
         wait_full(sh.full_v, c);
@@ -154,6 +175,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tSrdP);
+      warpgroup_fence_operand(tQrdQ);
+      if (k_pending >= 0) release(&sh.empty_k[k_pending]);
       release(&sh.empty_v[s]);
 
       // P (0 where masked: unselected rows, causal tail, keys past the sequence) and dS = P (dP -
@@ -165,16 +188,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
       for (int e = 0; e < size(tSrS); ++e) {
         const int h = (e / 2) % 2;
         const int key = (e / 4) * 8 + (lane & 3) * 2 + (e & 1);
-        const float pr = exp2f(fmaf(tSrS(e), p.scale_log2, -lse2[h]));
+        const float pr = wgmma::exp2_ftz(fmaf(tSrS(e), p.scale_log2, -lse2[h]));
         tQrdS(e) = static_cast<E>(key > lim[h] ? 0.f : pr * (tSrdP(e) - delta[h]));
       }
       warpgroup_fence_operand(tQrdS);
       wgmma::issue_o(mma_q, tQrdS, tQrK(_, _, _, s), tQrdQ);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tQrdQ);
-      release(&sh.empty_k[s]);
+      k_pending = s;
     }
-    c0 += walk.num_iters;
+    retire_dq();
+    c0 += num_iters;
     release(&sh.tile_free[slot]);  // the union, Q and dO of this tile are no longer read
     ++j;
 
