@@ -92,26 +92,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
                 "fragment sizes of the m64 layouts (attention_forward_wgmma.cuh describes them)");
   const int row_a = 64 * cw + warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
 
-  auto wait_full = [&](uint64_t* bars, int c) { Barrier::wait(&bars[c % kStages], (c / kStages) & 1); };
-  // Lane 0 of each warp arrives, predicated rather than branched around: a branch ptxas cannot prove
-  // warp-uniform, taken while the dS K product is in flight, would serialize every wgmma (C7518).
-  auto release = [&](uint64_t* bar) {
-    __syncwarp();
-    asm volatile(
-        "{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
-            cute::cast_smem_ptr_to_uint(bar)),
-        "r"(lane)
-        : "memory");
-  };
-  // Ping-pong as in the forward: every chunk, computed or skipped, is one turn of each warpgroup.
-  const bool pingpong = tp.pingpong != 0;
-  auto turn_wait = [&] {
-    if (pingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier + cw) : "memory");
-  };
-  auto turn_pass = [&] {
-    if (pingpong) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - cw) : "memory");
-  };
-  if (pingpong && cw == 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  const ConsumerSync<kStages> sync{cw, lane, tp.pingpong != 0};
+  sync.begin();
 
   int c0 = 0;  // chunks consumed before this tile, over all tiles
   int j = 0;
@@ -148,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
       if (k_pending < 0) return;
       warpgroup_wait<0>();
       warpgroup_fence_operand(tQrdQ);
-      release(&sh.empty_k[k_pending]);
+      sync.release(&sh.empty_k[k_pending]);
       k_pending = -1;
     };
     // Broadcast from lane 0 (values read from shared memory): ptxas then knows these branches to be
@@ -157,27 +139,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
     for (int it = 0; it < num_iters; ++it) {
       const int c = c0 + it;
       const int s = c % kStages;
-      turn_wait();
+      sync.turn_wait();
       if (!__shfl_sync(0xffffffffu, int(rows.uses(it, walk, su, dense)), 0)) {
-        turn_pass();
+        sync.turn_pass();
         retire_dq();
-        wait_full(sh.full_k, c);
-        release(&sh.empty_k[s]);
-        wait_full(sh.full_v, c);
-        release(&sh.empty_v[s]);
+        sync.wait_full(sh.full_k, c);
+        sync.release(&sh.empty_k[s]);
+        sync.wait_full(sh.full_v, c);
+        sync.release(&sh.empty_v[s]);
         continue;
       }
-      wait_full(sh.full_k, c);
+      sync.wait_full(sh.full_k, c);
       wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, s), tSrS);
-      wait_full(sh.full_v, c);
+      sync.wait_full(sh.full_v, c);
       wgmma::issue_s(mma_s, tSrdO, tSrV(_, _, _, s), tSrdP);
-      turn_pass();
+      sync.turn_pass();
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tSrdP);
       warpgroup_fence_operand(tQrdQ);
-      if (k_pending >= 0) release(&sh.empty_k[k_pending]);
-      release(&sh.empty_v[s]);
+      if (k_pending >= 0) sync.release(&sh.empty_k[k_pending]);
+      sync.release(&sh.empty_v[s]);
 
       // P (0 where masked: unselected rows, causal tail, keys past the sequence) and dS = P (dP -
       // delta), as 16-bit A operand. Element e sits on row half (e / 2) % 2, key 8 (e / 4) +
@@ -197,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
     }
     retire_dq();
     c0 += num_iters;
-    release(&sh.tile_free[slot]);  // the union, Q and dO of this tile are no longer read
+    sync.release(&sh.tile_free[slot]);  // the union, Q and dO of this tile are no longer read
     ++j;
 
     // Epilogue: dQ * scale, once per row (the next tile's loads are already in flight).
@@ -213,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
             mma::Elem<T>::pack(tQrdQ(2 * h + 4 * n) * p.scale, tQrdQ(1 + 2 * h + 4 * n) * p.scale);
     }
   }
-  if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  sync.end();
 }
 
 }  // namespace tma

@@ -301,6 +301,42 @@ struct WarpgroupRows {
   }
 };
 
+// The consumers' side of the TMA kernels' synchronisation: waits on a stage's "full" mbarrier,
+// per-warp releases (lane 0 arrives, predicated rather than branched around: a branch ptxas cannot
+// prove warp-uniform, taken while a wgmma product is in flight, makes it serialize every wgmma,
+// C7518), and the ping-pong turns (FlashAttention-3): the two consumer warpgroups take turns issuing
+// their products, so one's softmax runs while the other's products occupy the tensor cores. Every
+// chunk, computed or skipped, is one turn of each warpgroup, so the turns stay paired; begin() has
+// warpgroup 1 hand warpgroup 0 the first turn, end() has warpgroup 0 take the one left over.
+template <int kStages>
+struct ConsumerSync {
+  int cw, lane;
+  bool pingpong;
+  __device__ void wait_full(uint64_t* bars, int c) const {
+    cutlass::arch::ClusterBarrier::wait(&bars[c % kStages], (c / kStages) & 1);
+  }
+  __device__ void release(uint64_t* bar) const {
+    __syncwarp();
+    asm volatile(
+        "{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+            cute::cast_smem_ptr_to_uint(bar)),
+        "r"(lane)
+        : "memory");
+  }
+  __device__ void turn_wait() const {
+    if (pingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier + cw) : "memory");
+  }
+  __device__ void turn_pass() const {
+    if (pingpong) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - cw) : "memory");
+  }
+  __device__ void begin() const {
+    if (pingpong && cw == 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  }
+  __device__ void end() const {
+    if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  }
+};
+
 // The producer of the TMA kernels, one thread: for each of the CTA's tiles, loads its row tiles
 // (Q, and for the dQ kernel dO, from `row_maps`) and its union record (a bulk copy of the record
 // tile_unions_kernel built in the workspace) into one of two tile slots, then streams the tile's K
@@ -427,29 +463,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                 "fragment sizes of the m64 layouts (attention_forward_wgmma.cuh describes them)");
   const int row_a = 64 * cw + warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
 
-  auto wait_full = [&](uint64_t* bars, int c) { Barrier::wait(&bars[c % kStages], (c / kStages) & 1); };
-  // Each warp releases a stage (or a tile slot) after its own wait for the products that read it.
-  auto release = [&](uint64_t* bar) {
-    __syncwarp();
-    if (lane == 0) Barrier::arrive(bar);
-  };
+  const ConsumerSync<kStages> sync{cw, lane, tp.pingpong != 0};
   auto to_p = [&] {
 #pragma unroll
     for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<E>(tSrS(e));
   };
-
-  // Ping-pong (FlashAttention-3): the two consumer warpgroups take turns issuing their products, so
-  // one's softmax runs while the other's products occupy the tensor cores. Every chunk, computed or
-  // skipped, is one turn of each warpgroup, so the turns stay paired; warpgroup 1 hands warpgroup 0
-  // the first turn, and warpgroup 0 takes the one left over at the end.
-  const bool pingpong = tp.pingpong != 0;
-  auto turn_wait = [&] {
-    if (pingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier + cw) : "memory");
-  };
-  auto turn_pass = [&] {
-    if (pingpong) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - cw) : "memory");
-  };
-  if (pingpong && cw == 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  sync.begin();
 
   int c0 = 0;  // chunks consumed before this tile, over all tiles
   int j = 0;
@@ -478,41 +497,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::online_softmax<kKeys>(tSrS, m_run, l_run, alpha, p.scale_log2);
     };
     auto add_pv = [&](int c) {
-      wait_full(full_v, c);
+      sync.wait_full(full_v, c);
       wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, c % kStages), tOrO);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      release(&empty_v[c % kStages]);
+      sync.release(&empty_v[c % kStages]);
     };
 
     int prev = -1;  // the chunk (global count) whose P V is still to be added
     for (int it = 0; it < walk.num_iters; ++it) {
       const int c = c0 + it;
-      turn_wait();
+      sync.turn_wait();
       if (!wg_uses(it)) {
         if (prev >= 0) add_pv(prev);
         prev = -1;
-        turn_pass();
-        wait_full(full_k, c);
-        release(&empty_k[c % kStages]);
-        wait_full(full_v, c);
-        release(&empty_v[c % kStages]);
+        sync.turn_pass();
+        sync.wait_full(full_k, c);
+        sync.release(&empty_k[c % kStages]);
+        sync.wait_full(full_v, c);
+        sync.release(&empty_v[c % kStages]);
         continue;
       }
       float alpha[2];
-      wait_full(full_k, c);
+      sync.wait_full(full_k, c);
       wgmma::issue_s(mma_s, tSrQ, tSrK(_, _, _, c % kStages), tSrS);
       if (prev >= 0) {
-        wait_full(full_v, prev);
+        sync.wait_full(full_v, prev);
         wgmma::issue_o(mma_o, tOrP, tOrV(_, _, _, prev % kStages), tOrO);
-        turn_pass();
+        sync.turn_pass();
         warpgroup_wait<1>();  // S is ready; the previous P V may still run
       } else {
-        turn_pass();
+        sync.turn_pass();
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
-      release(&empty_k[c % kStages]);
+      sync.release(&empty_k[c % kStages]);
       softmax_chunk(it, alpha);
       // ptxas hoists a wgmma wait to the top of its basic block, so the wait for P V sits behind a
       // branch on the softmax's result (the rescale, skipped when no row's maximum moved; uniform
@@ -527,13 +546,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      if (prev >= 0) release(&empty_v[prev % kStages]);
+      if (prev >= 0) sync.release(&empty_v[prev % kStages]);
       to_p();
       prev = c;
     }
     if (prev >= 0) add_pv(prev);
     c0 += walk.num_iters;
-    release(&tile_free[slot]);  // the union and Q of this tile are no longer read
+    sync.release(&tile_free[slot]);  // the union and Q of this tile are no longer read
     ++j;
 
     // Epilogue: normalise and store (the loads of the next tile are already in flight).
@@ -548,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma::store_rows<T, D>(tOrO, m_run, l_run, out_row, lse_at, p.scale, lane);
   }
-  if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier) : "memory");
+  sync.end();
 }
 
 

@@ -138,18 +138,9 @@ struct Mmas {
 // D/16) descriptor slices, `s` is overwritten (the first k-block scales the old accumulator by zero).
 template <class Mma, class TQ, class TK, class TS>
 __device__ __forceinline__ void product_s(Mma& mma, const TQ& q, const TK& k, TS& s) {
-  using namespace cute;
-  warpgroup_fence_operand(s);
-  warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-  for (int kb = 0; kb < size<2>(q); ++kb) {
-    cute::gemm(mma, q(_, _, kb), k(_, _, kb), s);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(s);
+  issue_s(mma, q, k, s);
+  cute::warpgroup_wait<0>();
+  cute::warpgroup_fence_operand(s);
 }
 
 // O += P V of one warpgroup: P is the S accumulator `s` rounded to 16 bits element by element into
@@ -162,12 +153,7 @@ __device__ __forceinline__ void product_o(Mma& mma, const TS& s, TP& p, const TV
 #pragma unroll
   for (int e = 0; e < size(s); ++e) p(e) = static_cast<E>(s(e));
   warpgroup_fence_operand(p);
-  warpgroup_fence_operand(o);
-  warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::One;
-#pragma unroll
-  for (int kb = 0; kb < size<2>(p); ++kb) cute::gemm(mma, p(_, _, kb), v(_, _, kb), o);
-  warpgroup_commit_batch();
+  issue_o(mma, p, v, o);
   warpgroup_wait<0>();
   warpgroup_fence_operand(o);
   warpgroup_fence_operand(p);
