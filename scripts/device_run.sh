@@ -15,7 +15,7 @@
 #   synccheck   compute-sanitizer synccheck on MSA_SYNCCHECK_FILTER (default: a wgmma index test)
 #   stages      the kernel timing programs bench/attention_forward_cuda_bench.cu (+ torch SDPA),
 #               bench/index_topk_stages.cu (+ torch.topk on its dumped scores), bench/index_wgmma_stage1.cu
-#               (HMMA vs wgmma stage 1: output check and timings), and SASS instruction counts
+#               (HMMA vs the wgmma and warp-specialised stage 1 kernels: output check and timings), and SASS instruction counts
 #               (HGMMA, HMMA, LDL/STL) of the library's CUDA objects and of those programs
 #   training    bench/bench_training.py (training step vs cuDNN/FA2 fwd+bwd), arguments from
 #               MSA_TRAINING_ARGS; after `bench` when both run, which then leaves it
