@@ -557,7 +557,8 @@ def main(argv=None):
     decode = write_decode(paths, args.readme, args.decode_plot, args.print_only)
     cpu = report_cpu.write(load_results(paths, "cpu_prefill"), args.readme, args.cpu_plot, args.print_only,
                            dict(write_readme=write_readme, plot_speedup_series=plot_speedup_series,
-                                fmt_ms=fmt_ms, fmt_ctx=fmt_ctx, finish_table=finish_table))
+                                fmt_ms=fmt_ms, fmt_ctx=fmt_ctx, config_label=config_label,
+                                finish_table=finish_table))
     if not cases and not train and not hf and not decode and not cpu:
         print("make_report: no measured results found", file=sys.stderr)
         return 1

@@ -45,7 +45,7 @@ def speedup(rows):
     return dense / msa if dense and msa else None
 
 
-def make_table(cases, fmt_ms, fmt_ctx, finish_table, plot_link=None):
+def make_table(cases, fmt_ms, fmt_ctx, config_label, finish_table, plot_link=None):
     headers = (["CPU", "Commit", "Config", "Context", "Index q"] + [h + " (ms)" for _, h in COLUMNS] +
                ["MSA fwd TFLOP/s", "Speedup vs SDPA dense", "Check"])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -54,8 +54,7 @@ def make_table(cases, fmt_ms, fmt_ctx, finish_table, plot_link=None):
     for key in order:
         device, cfg, ctx, inputs = key
         doc, rows = cases[key]
-        shape = doc.get("config", {}).get("configs", {}).get(cfg, {})
-        label = f"Hq={shape.get('hq')} Hkv={shape.get('hkv')} D={shape.get('d')}" if shape else cfg
+        label = config_label(doc, cfg)
         cells = [device, f"`{str(doc.get('commit', '?'))[:10]}`", label, fmt_ctx(ctx), inputs]
         for method, _ in COLUMNS:
             r = rows.get(method)
@@ -94,7 +93,7 @@ def collect_decode(docs):
     return cases
 
 
-def make_decode_table(cases, fmt_ms, fmt_ctx, finish_table):
+def make_decode_table(cases, fmt_ms, fmt_ctx, config_label, finish_table):
     headers = ["CPU", "Commit", "Config", "Batch", "Context", "MSA decode (ms)", "MSA dense decode (ms)",
                "SDPA dense (ms)", "Speedup vs SDPA"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -102,8 +101,7 @@ def make_decode_table(cases, fmt_ms, fmt_ctx, finish_table):
     for key in sorted(cases):
         device, cfg, batch, ctx = key
         doc, rows = cases[key]
-        shape = doc.get("config", {}).get("configs", {}).get(cfg, {})
-        label = f"Hq={shape.get('hq')} Hkv={shape.get('hkv')} D={shape.get('d')}" if shape else cfg
+        label = config_label(doc, cfg)
         ms = {m: (rows.get(m) or {}).get("ms_median") for m in
               ("msa_paged_decode", "msa_paged_dense_decode", "sdpa_decode")}
         for m, r in rows.items():
@@ -143,12 +141,14 @@ def make_plot(cases, path, plot_series, fmt_ctx):
 
 
 def write(docs, readme, plot, print_only, helpers):
-    """helpers: make_report's write_readme, plot_speedup_series, fmt_ms, fmt_ctx and finish_table."""
-    write_readme, plot_series, fmt_ms, fmt_ctx, finish_table = (
-        helpers[k] for k in ("write_readme", "plot_speedup_series", "fmt_ms", "fmt_ctx", "finish_table"))
+    """helpers: make_report's write_readme, plot_speedup_series, fmt_ms, fmt_ctx, config_label and
+    finish_table."""
+    write_readme, plot_series, fmt_ms, fmt_ctx, config_label, finish_table = (
+        helpers[k] for k in ("write_readme", "plot_speedup_series", "fmt_ms", "fmt_ctx", "config_label",
+                             "finish_table"))
     decode = collect_decode(docs)
     if decode:
-        dtable = make_decode_table(decode, fmt_ms, fmt_ctx, finish_table)
+        dtable = make_decode_table(decode, fmt_ms, fmt_ctx, config_label, finish_table)
         if print_only:
             print(dtable + "\n")
         elif not write_readme(readme, dtable, DECODE_START, DECODE_END):
@@ -159,7 +159,7 @@ def write(docs, readme, plot, print_only, helpers):
         return bool(decode)
     link = os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(readme)))
     plotted = False if print_only else make_plot(cases, plot, plot_series, fmt_ctx)
-    table = make_table(cases, fmt_ms, fmt_ctx, finish_table, link if plotted else None)
+    table = make_table(cases, fmt_ms, fmt_ctx, config_label, finish_table, link if plotted else None)
     if print_only:
         print(table + "\n")
     elif write_readme(readme, table, CPU_START, CPU_END):

@@ -97,24 +97,15 @@ struct BackwardLayout {
 // The TMA dQ; false (nothing launched) when the driver cannot describe a tensor.
 template <class T, int D>
 bool launch_dq_tma(const Problem& p, const BackwardParams& a, const TensorView& q, const TensorView& k,
-                   const TensorView& v, const TensorView& dout, int max_q, ScratchArena& arena, cudaStream_t stream) {
-  const bool sparse = a.topk != nullptr;
-  const TmaTileLayout lay(p, sparse);
+                   const TensorView& v, const TensorView& topk, const TensorView& out, const TensorView& lse,
+                   const TensorView& dout, int max_q, ScratchArena& arena, cudaStream_t stream) {
+  const TmaTileLayout lay(p, topk.defined());
   tma::TmaDqParams dp{};
-  set_shared_params(dp.t.a, p, q, k, v, TensorView{}, TensorView{}, TensorView{});
-  dp.t.a.topk = a.topk;
-  dp.t.a.topk_s0 = a.topk_s0;
-  dp.t.a.topk_s1 = a.topk_s1;
-  dp.t.a.lse = const_cast<float*>(a.lse);
-  dp.t.a.lse_s0 = a.lse_s0;
-  dp.t.a.lse_s1 = a.lse_s1;
+  set_shared_params(dp.t.a, p, q, k, v, topk, out, lse);
   dp.t.a.scale_log2 = a.scale_log2;
   dp.t.a.bitmap_words = lay.caps.bitmap_words;
   dp.t.a.union_cap = lay.caps.union_cap;
-  const char* pp = std::getenv("MSA_TMA_PINGPONG");
-  dp.t.pingpong = pp == nullptr || *pp == '\0' || std::string(pp) != "0";
-  const int box_heads = std::min(p.cfg.group_size(), 64);
-  if (!encode_rows_map(&dp.do_map, dout, tma::kBoxElems, box_heads, 64 / box_heads) ||
+  if (!encode_query_rows_map(&dp.do_map, p, dout) ||
       !prepare_tma_tiles(p, dp.t, q, k, v, tma::kDqKeys, max_q, lay, arena, stream))
     return false;
   dp.delta = a.delta;
@@ -246,7 +237,7 @@ void attention_backward(const Problem& p, const TensorView& q, const TensorView&
     using T = decltype(t_tag);
     constexpr int kD = decltype(d_tag)::value;
     launch<T, kD>(p, a, max_q, max_k, [&] {
-      return lay.dq_tma && max_q > 0 && launch_dq_tma<T, kD>(p, a, q, k, v, dout, max_q, arena, stream);
+      return lay.dq_tma && max_q > 0 && launch_dq_tma<T, kD>(p, a, q, k, v, topk, out, lse, dout, max_q, arena, stream);
     }, stream);
   };
   if (p.dtype == DType::bf16) {

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_dq_tma_kernel(
       for (int e = 0; e < size(tSrS); ++e) {
         const int h = (e / 2) % 2;
         const int key = (e / 4) * 8 + (lane & 3) * 2 + (e & 1);
-        const float pr = wgmma::exp2_ftz(fmaf(tSrS(e), p.scale_log2, -lse2[h]));
+        const float pr = exp2_ftz(fmaf(tSrS(e), p.scale_log2, -lse2[h]));
         tQrdS(e) = static_cast<E>(key > lim[h] ? 0.f : pr * (tSrdP(e) - delta[h]));
       }
       warpgroup_fence_operand(tQrdS);

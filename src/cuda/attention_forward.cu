@@ -123,8 +123,6 @@ bool launch_tma(const Problem& p, const AttentionParams& a, const TensorView& q,
   const int keys = tma_chunk_keys(p);
   tma::TmaAttentionParams tp{};
   tp.a = a;
-  const char* pp = std::getenv("MSA_TMA_PINGPONG");
-  tp.pingpong = pp == nullptr || *pp == '\0' || std::string(pp) != "0";
   if (!prepare_tma_tiles(p, tp, q, k, v, keys, max_q, lay, arena, stream)) return false;
   using E = typename wgmma::CuteElem<T>::type;
   auto launch_keys = [&](auto kernel, std::size_t smem) {

@@ -42,6 +42,7 @@
 #include "cuda/attention_block_union.cuh"
 #include "cuda/attention_forward_kernel.cuh"
 #include "cuda/attention_mma.cuh"
+#include "cuda/exp2_ftz.cuh"
 #include "cuda/wgmma_issue.cuh"
 #include "msa/rules.h"
 
@@ -164,14 +165,6 @@ __device__ __forceinline__ void product_o(Mma& mma, const TS& s, TP& p, const TV
 // visible to it (the barrier that follows publishes them CTA-wide).
 __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// 2^x on the SFU without exp2f's range fix-up (denormal results flush to zero, far below what a
-// softmax sum of at least 1 can feel; 2^-inf = 0).
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // ---- Per-row pieces of the m64 accumulator layout (described at the top of this file: thread t holds

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "core/backend.h"
@@ -63,16 +64,25 @@ bool tma_tiles_applicable(const Problem& p, bool sparse, SmemBytes smem_bytes) {
   return smem_bytes(TmaTileLayout(p, sparse).record_bytes) <= std::size_t(optin);
 }
 
-// Encodes the K, V and Q maps (Q boxes of 64 rows), sets the tile counts and, sparse, builds every
-// tile's union record into the workspace. False (nothing launched) when the driver cannot describe
-// a tensor (not expected for rows that pass check_aligned_rows): the caller takes another kernel.
+// A map of a [rows, heads, D] tensor of query rows (q, dout) in boxes of 64 tile rows: 64 / G queries
+// of G heads, or 64 heads of one query.
+inline bool encode_query_rows_map(CUtensorMap* map, const Problem& p, const TensorView& t) {
+  const int box_heads = std::min(p.cfg.group_size(), 64);
+  return encode_rows_map(map, t, tma::kBoxElems, box_heads, 64 / box_heads);
+}
+
+// Encodes the K, V and Q maps, sets the tile counts and the ping-pong switch (MSA_TMA_PINGPONG=0:
+// off) and, sparse, builds every tile's union record into the workspace. False (nothing launched)
+// when the driver cannot describe a tensor (not expected for rows that pass check_aligned_rows):
+// the caller takes another kernel.
 inline bool prepare_tma_tiles(const Problem& p, tma::TmaAttentionParams& tp, const TensorView& q,
                               const TensorView& k, const TensorView& v, int keys, int max_q,
                               const TmaTileLayout& lay, ScratchArena& arena, cudaStream_t stream) {
-  const int box_heads = std::min(p.cfg.group_size(), 64);
   if (!encode_rows_map(&tp.k_map, k, tma::kBoxElems, 1, keys) || !encode_rows_map(&tp.v_map, v, tma::kBoxElems, 1, keys) ||
-      !encode_rows_map(&tp.q_map, q, tma::kBoxElems, box_heads, 64 / box_heads))
+      !encode_query_rows_map(&tp.q_map, p, q))
     return false;
+  const char* pp = std::getenv("MSA_TMA_PINGPONG");
+  tp.pingpong = pp == nullptr || std::string(pp) != "0";
   MSA_CHECK_ARG(p.batch <= 65535, "cu_seqlens_q", "the CUDA attention takes at most 65535 sequences");
   // 32-bit tile arithmetic (attention_forward_tma.cuh, Tile): tma_tiles_applicable bounded the counts.
   // (A caller's max_seqlen_q may exceed the longest sequence; total_q bounds it.)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/exp2_ftz.cuh"
 #include "cuda/index_block_scores.cuh"
 #include "msa/rules.h"
 
@@ -24,14 +25,6 @@ namespace msa {
 namespace detail {
 namespace cuda {
 namespace index {
-
-// 2^x on the special-function unit; flushes results below 2^-126 to zero (terms that small vanish
-// next to the block maximum's term of 1 anyway).
-__device__ __forceinline__ float exp2_approx_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // A store predicated in the instruction, not branched around.
 __device__ __forceinline__ void store_if(float* p, float v, bool pred) {
@@ -152,7 +145,7 @@ struct RowPool {
         for (int j = 0; j < kChains; ++j) ps[s][j] = 0.f;
 #pragma unroll
       for (int i = 0; i < kAcc; ++i)
-        ps[slot_of(i)][(i / 4) % kChains] += exp2_approx_ftz(fmaf(acc(i), lse_log2, -m_scaled[slot_of(i)]));
+        ps[slot_of(i)][(i / 4) % kChains] += exp2_ftz(fmaf(acc(i), lse_log2, -m_scaled[slot_of(i)]));
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
         float sum = ps[s][0];
@@ -161,7 +154,7 @@ struct RowPool {
         // No early exit for rows that see nothing yet: every lane must reach the shuffles.
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        run_sum[s] = run_sum[s] * exp2_approx_ftz(run_max[s] * lse_log2 - m_scaled[s]) + sum;
+        run_sum[s] = run_sum[s] * exp2_ftz(run_max[s] * lse_log2 - m_scaled[s]) + sum;
         run_max[s] = fmaxf(run_max[s], cmax[s]);
       }
     } else {
