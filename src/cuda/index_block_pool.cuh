@@ -34,20 +34,6 @@ __device__ __forceinline__ void store_if(float* p, float v, bool pred) {
       : "memory");
 }
 
-// chunk_key_range (index_block_scores.cuh) with the block of chunk c from a 32-bit division: the
-// 64-bit one calls a subroutine that ptxas treats as a divergent path (chunk counts stay far below
-// 2^31: a chunk holds at least 64 keys).
-template <int kKeys>
-__device__ __forceinline__ void chunk_range32(int c, int subchunks, int B, int64_t p_max, int64_t& kb, int64_t& ke) {
-  const int j = c / subchunks;
-  kb = rules::block_begin(j, B) + int64_t(c - j * subchunks) * kKeys;
-  ke = kb + kKeys;
-  const int64_t bend = rules::block_begin(int64_t(j) + 1, B);
-  ke = ke < bend ? ke : bend;
-  ke = ke < p_max + 1 ? ke : p_max + 1;
-  if (ke < kb) ke = kb;
-}
-
 // The query tile a CTA pools: rows r = query_in_tile * G + group_in_cta (G = a.groups_per_cta),
 // groups from g0, queries q0 .. q0 + tile_q - 1 of a sequence at q_begin with lq queries, lk keys.
 struct PoolTile {

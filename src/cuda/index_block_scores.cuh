@@ -128,14 +128,16 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, int stride, int rows, 
 // (subchunks chunks per block) and pools each block over its chunks.
 
 // Keys [kb, ke) of chunk c: sub-chunk c % subchunks of block c / subchunks, cut at the block's end and
-// after p_max, the tile's last query position (empty, ke == kb, when nothing is left).
+// after p_max, the tile's last query position (empty, ke == kb, when nothing is left). The block
+// comes from a 32-bit division (chunk counts stay far below 2^31: a chunk holds at least 64 keys): a
+// 64-bit one is a subroutine call, which in the wgmma kernels ptxas treats as a divergent path.
 template <int kChunkKeys>
-__device__ __forceinline__ void chunk_key_range(int64_t c, int subchunks, int B, int64_t p_max, int64_t& kb,
+__device__ __forceinline__ void chunk_key_range(int c, int subchunks, int B, int64_t p_max, int64_t& kb,
                                                 int64_t& ke) {
-  const int64_t j = c / subchunks;
-  kb = rules::block_begin(j, B) + (c - j * subchunks) * kChunkKeys;
+  const int j = c / subchunks;
+  kb = rules::block_begin(j, B) + int64_t(c - j * subchunks) * kChunkKeys;
   ke = kb + kChunkKeys;
-  const int64_t bend = rules::block_begin(j + 1, B);
+  const int64_t bend = rules::block_begin(int64_t(j) + 1, B);
   ke = ke < bend ? ke : bend;
   ke = ke < p_max + 1 ? ke : p_max + 1;
   if (ke < kb) ke = kb;
@@ -209,7 +211,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2) block_scores_kernel(const Bl
   const int subchunks = (B + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t num_chunks = num_blocks * subchunks;
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    chunk_key_range<kKeysPerChunk>(c, subchunks, B, p_max, kb, ke);
+    chunk_key_range<kKeysPerChunk>(int(c), subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;

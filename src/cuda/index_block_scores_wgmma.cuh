@@ -54,10 +54,6 @@ struct WgmmaScoreTraits {
   static constexpr std::size_t kSmemBytes = (kQElems + kKElems) * 2 + 1024;
 };
 
-inline std::size_t wgmma_block_score_smem_bytes(int dim, int keys) {
-  return (std::size_t(kScoreRows) * dim + std::size_t(keys) * dim * kWgmmaStages) * 2 + 1024;
-}
-
 __device__ __forceinline__ void fence_async_proxy_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -123,7 +119,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 2) block_scores_wgmma_kernel(co
   const int subchunks = (B + kKeys - 1) / kKeys;
   const int64_t num_chunks = num_blocks * subchunks;
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    chunk_key_range<kKeys>(c, subchunks, B, p_max, kb, ke);
+    chunk_key_range<kKeys>(int(c), subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) block_scores_wgmma_pipe_kern
   // does not know to be uniform, and the loop below exits on this count with a wgmma batch in flight.
   const int num_chunks = __shfl_sync(0xffffffffu, int(rules::local_block(p_max, B) + 1) * subchunks, 0);
   auto chunk_range = [&](int64_t c, int64_t& kb, int64_t& ke) {
-    chunk_range32<kKeys>(int(c), subchunks, B, p_max, kb, ke);
+    chunk_key_range<kKeys>(int(c), subchunks, B, p_max, kb, ke);
   };
   auto load_chunk = [&](int64_t c) {
     int64_t kb, ke;

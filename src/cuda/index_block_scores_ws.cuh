@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) block_scores_ws_kernel(const __
       if (c >= kWsStages) Barrier::wait(&empty[s], ((c / kWsStages) + 1) & 1);
       TxBarrier::arrive_and_expect_tx(&full[s], uint32_t(Tr::kStageBytes));
       int64_t kb, ke;
-      chunk_range32<kKeys>(c, subchunks, B, tile.p_max, kb, ke);
+      chunk_key_range<kKeys>(c, subchunks, B, tile.p_max, kb, ke);
 #pragma unroll
       for (int dh = 0; dh < kDim / kWsBoxElems; ++dh)
         SM90_TMA_LOAD_3D::copy(&wp.ki_map, &full[s], hint, pK + s * (kKeys * kDim) + dh * (kKeys * kWsBoxElems),
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) block_scores_ws_kernel(const __
     __syncwarp();
     if (lane == 0) Barrier::arrive(&empty[s]);  // this warp's reads of the stage are complete
     int64_t kb, ke;
-    chunk_range32<kKeys>(c, subchunks, B, tile.p_max, kb, ke);
+    chunk_key_range<kKeys>(c, subchunks, B, tile.p_max, kb, ke);
     rows.pool(a, tile, c, subchunks, kb, ke, acc, [&](int i) { return int(get<1>(tScS(i))); }, lse_log2);
   }
   if (pingpong && cw == 0) asm volatile("bar.sync %0, 256;\n" ::"r"(kWsTurnBarrier) : "memory");
