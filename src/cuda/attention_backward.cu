@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "cuda/attention_backward_dkdv_wgmma.cuh"
 #include "cuda/attention_backward_dq_tma.cuh"
 #include "cuda/attention_backward_kernel.cuh"
 #include "cuda/attention_host.cuh"
@@ -64,6 +65,14 @@ bool dq_tma(const Problem& p, bool sparse) {
     using E = cute::bfloat16_t;  // sizes are those of any 16-bit type
     return p.cfg.head_dim == 128 ? tma::DqSmem<E, 128>::bytes(record_bytes) : tma::DqSmem<E, 64>::bytes(record_bytes);
   });
+}
+
+// dK/dV on wgmma (attention_backward_dkdv_wgmma.cuh) on sm_90 where the dK/dV kernel writes no dQ
+// partials; MSA_ATTENTION_DKDV=mma keeps the mma.sync kernel (tests run both).
+bool dkdv_wgmma(bool dq_partials) {
+  if (dq_partials || !is_sm90()) return false;
+  const char* e = std::getenv("MSA_ATTENTION_DKDV");
+  return e == nullptr || std::string(e) != "mma";
 }
 
 // Workspace plan: delta, the dK/dV split partials (key_splits > 1), then (sparse) the key -> query
@@ -146,15 +155,22 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, DqT
 
   const int64_t k_tiles = (int64_t(max_k) + kAttnKeys - 1) / kAttnKeys;
   if (k_tiles == 0) return;
-  const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes(dq_partials);
-  const void* dkdv = dq_partials ? reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, true>)
-                                 : reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, false>);
-  allow_dynamic_smem(dkdv, kv_smem, "attention backward");
   const dim3 grid(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits));
-  if (dq_partials)
-    attention_backward_dkdv_kernel<T, D, true><<<grid, kAttnThreads, kv_smem, stream>>>(a);
-  else
-    attention_backward_dkdv_kernel<T, D, false><<<grid, kAttnThreads, kv_smem, stream>>>(a);
+  if (dkdv_wgmma(dq_partials)) {
+    constexpr std::size_t smem = DkdvWgmmaSmem<typename wgmma::CuteElem<T>::type, D>::kBytes;
+    allow_dynamic_smem(reinterpret_cast<const void*>(attention_backward_dkdv_wgmma_kernel<T, D>), smem,
+                       "attention backward (wgmma dK/dV)");
+    attention_backward_dkdv_wgmma_kernel<T, D><<<grid, 128, smem, stream>>>(a);
+  } else {
+    const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes(dq_partials);
+    const void* dkdv = dq_partials ? reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, true>)
+                                   : reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, false>);
+    allow_dynamic_smem(dkdv, kv_smem, "attention backward");
+    if (dq_partials)
+      attention_backward_dkdv_kernel<T, D, true><<<grid, kAttnThreads, kv_smem, stream>>>(a);
+    else
+      attention_backward_dkdv_kernel<T, D, false><<<grid, kAttnThreads, kv_smem, stream>>>(a);
+  }
   MSA_CUDA_CHECK_LAUNCH();
   if (a.key_splits > 1) {
     const int64_t n = p.total_k * p.cfg.num_kv_heads * 2 * D;

@@ -61,11 +61,12 @@ __device__ __forceinline__ int swz(int row, int col) {
 }
 
 // Copies 64 rows of D elements into a swizzled tile; row r comes from row_ptr(r), or zeros when null.
-// `any_row` is a valid address passed with the zero-fill copies (they read nothing).
-template <int D, class RowPtr>
+// `any_row` is a valid address passed with the zero-fill copies (they read nothing). Threads: the
+// CTA's size (each copy is issued by one thread).
+template <int D, int Threads = kAttnThreads, class RowPtr>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* any_row, RowPtr row_ptr) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < kAttnRows * kChunks; i += kAttnThreads) {
+  for (int i = threadIdx.x; i < kAttnRows * kChunks; i += Threads) {
     const int r = i / kChunks, c = i % kChunks;
     const uint16_t* src = row_ptr(r);
     mma::cp_async_16(mma::smem_addr(tile + swz<D>(r, c * 8)), src ? src + c * 8 : any_row, src ? 16 : 0);
@@ -74,10 +75,10 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* any_ro
 
 // Keys [ks, ks + 64) of a sequence whose keys start at packed row k_begin (row stride s0, column
 // offset col0: a group's slice) into a swizzled tile; rows at or past lk are zeros.
-template <int D>
+template <int D, int Threads = kAttnThreads>
 __device__ __forceinline__ void load_key_rows(uint16_t* tile, const uint16_t* base, int64_t k_begin, int64_t ks,
                                               int64_t lk, int64_t s0, int64_t col0) {
-  load_tile<D>(tile, base, [&](int r) -> const uint16_t* {
+  load_tile<D, Threads>(tile, base, [&](int r) -> const uint16_t* {
     const int64_t t = ks + r;
     return t < lk ? base + (k_begin + t) * s0 + col0 : nullptr;
   });

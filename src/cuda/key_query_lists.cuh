@@ -54,15 +54,17 @@ struct KeyQueryLists {
   }
 };
 
-// Rows of a gathered tile: up to 64 / G queries of a list (G <= 64), or one query's heads 64 at a
-// time (G > 64). Row r of tile u is head head(u, r) of the query at entry first_entry(u) + entry(r).
+// Rows of a gathered tile of `tile_rows` rows (64 but in the wide KL kernel): up to tile_rows / G
+// queries of a list (G <= tile_rows), or one query's heads tile_rows at a time (G > tile_rows). Row r
+// of tile u is head head(u, r) of the query at entry first_entry(u) + entry(r).
 struct GatheredTiles {
-  int G, rows_per_query, queries_per_tile, tiles_per_query;
-  __host__ __device__ explicit GatheredTiles(int group_size)
+  int G, tile_rows, rows_per_query, queries_per_tile, tiles_per_query;
+  __host__ __device__ explicit GatheredTiles(int group_size, int rows = kAttnRows)
       : G(group_size),
-        rows_per_query(group_size < kAttnRows ? group_size : kAttnRows),
-        queries_per_tile(kAttnRows / rows_per_query),
-        tiles_per_query((group_size + kAttnRows - 1) / kAttnRows) {}
+        tile_rows(rows),
+        rows_per_query(group_size < rows ? group_size : rows),
+        queries_per_tile(rows / rows_per_query),
+        tiles_per_query((group_size + rows - 1) / rows) {}
   __host__ __device__ int64_t tiles(int64_t entries) const {
     return (entries + queries_per_tile - 1) / queries_per_tile * tiles_per_query;
   }
@@ -73,7 +75,7 @@ struct GatheredTiles {
   }
   // Head within the group (>= G: a padding row of a query's last tile).
   __host__ __device__ int head(int64_t u, int r) const {
-    return int(u % tiles_per_query) * kAttnRows + r % rows_per_query;
+    return int(u % tiles_per_query) * tile_rows + r % rows_per_query;
   }
 };
 
@@ -87,8 +89,9 @@ struct GatheredWalk {
   int64_t begin = 0, count = 0;
 
   __device__ GatheredWalk(const KeyQueryLists& lists, bool dense, int G, int g, int b, int64_t k_begin,
-                          int64_t ks, int64_t lq, int64_t lk, int B, int splits, int split)
-      : tiles(G), entries(dense ? nullptr : lists.entries), slots(lists.slots) {
+                          int64_t ks, int64_t lq, int64_t lk, int B, int splits, int split,
+                          int tile_rows = kAttnRows)
+      : tiles(G, tile_rows), entries(dense ? nullptr : lists.entries), slots(lists.slots) {
     if (dense) {
       begin = ks - (lk - lq) > 0 ? ks - (lk - lq) : 0;
       count = lq > begin ? lq - begin : 0;

@@ -21,6 +21,7 @@
 #include "cuda/key_splits.h"
 #include "cuda/query_partials.cuh"
 #include "cuda/kl_alignment_mma.h"
+#include "cuda/kl_alignment_key_wide.cuh"
 #include "cuda/kl_alignment_mma_kernel.cuh"
 #include "cuda/kl_student_lse.cuh"
 #include "cuda/workspace.cuh"
@@ -46,6 +47,13 @@ bool kl_dqi_from_partials(const Problem& p, bool sparse) {
     return false;
   const char* e = std::getenv("MSA_KL_KERNEL");
   return e == nullptr || std::string(e) != "tiles";
+}
+
+// The key-major kernel over 256-row tiles (kl_alignment_key_wide.cuh) where the group fits it;
+// MSA_KL_KERNEL=narrow keeps the 64-row one (tests run both).
+bool kl_key_wide(int G) {
+  const char* e = std::getenv("MSA_KL_KERNEL");
+  return kl_wide_group(G) && (e == nullptr || std::string(e) != "narrow");
 }
 
 // Workspace: student LSE and loss parts per (query, group), the key-major kernel's dki partials
@@ -135,10 +143,16 @@ void launch(const Problem& p, const KlMmaParams& a, int max_q, int max_k, cudaSt
     MSA_CUDA_CHECK_LAUNCH();
   }
   if (k_tiles > 0) {
-    const std::size_t smem = S::key_bytes(kl_query_tiles(a.G));
-    allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem, "KL alignment");
-    kl_mma_key_kernel<T, D, Di>
-        <<<dim3(unsigned(k_tiles), unsigned(p.batch), unsigned(a.key_splits)), kAttnThreads, smem, stream>>>(a);
+    const dim3 grid(unsigned(k_tiles), unsigned(p.batch), unsigned(a.key_splits));
+    if (kl_key_wide(a.G)) {
+      constexpr std::size_t smem = KlWideSmem<D, Di>::kBytes;
+      allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_key_wide_kernel<T, D, Di>), smem, "KL alignment");
+      kl_mma_key_wide_kernel<T, D, Di><<<grid, kKlWideThreads, smem, stream>>>(a);
+    } else {
+      const std::size_t smem = S::key_bytes(kl_query_tiles(a.G));
+      allow_dynamic_smem(reinterpret_cast<const void*>(kl_mma_key_kernel<T, D, Di>), smem, "KL alignment");
+      kl_mma_key_kernel<T, D, Di><<<grid, kAttnThreads, smem, stream>>>(a);
+    }
     MSA_CUDA_CHECK_LAUNCH();
     if (a.key_splits > 1) {
       const int64_t n = p.total_k * Di;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/device_tensor.h"
@@ -141,11 +142,15 @@ TEST_F(AttentionBackwardCuda, Gqa128WiderThanTile) {
 // MSA_ATTENTION_DQ=tiles takes the TMA kernel on sm_90 where its 128-row tiles apply (G dividing 64
 // or a multiple of it; else the mma.sync kernel), =mma the mma.sync kernel. Cases: GQA 16, 1, 8, 128
 // and 3 (no TMA tiles), D 64 and 128, blocks of 64 and 128 keys (two 64-key chunks a block), and a
-// case with more tiles than SMs, so persistent CTAs reuse their tile slots and stages.
+// case with more tiles than SMs, so persistent CTAs reuse their tile slots and stages. Without dQ
+// partials dK/dV run on the wgmma kernel on sm_90 (MSA_ATTENTION_DKDV=mma: the mma.sync one); both
+// here (dense mode in every other test takes the wgmma kernel too).
 TEST_F(AttentionBackwardCuda, DqFromTileUnions) {
-  for (const char* kernel : {"tiles", "mma"}) {
+  for (const char* kernel : {"tiles", "mma", "tiles+dkdv-mma"}) {
     SCOPED_TRACE(kernel);
-    testing::ScopedKernelEnv env("MSA_ATTENTION_DQ", kernel);
+    const bool dkdv_mma = std::string(kernel) == "tiles+dkdv-mma";
+    testing::ScopedKernelEnv env("MSA_ATTENTION_DQ", dkdv_mma ? "tiles" : kernel);
+    testing::ScopedKernelEnv dkdv_env("MSA_ATTENTION_DKDV", dkdv_mma ? "mma" : "wgmma");
     check_case({64, 4, 128, 64, 3, {1, 63, 64, 65, 66}, {1, 63, 64, 65, 300}, DType::bf16}, 38);
     check_case({32, 8, 64, 128, 4, {127, 3, 200}, {127, 400, 333}, DType::f16}, 39);
     check_case({4, 4, 64, 64, 8, {1, 30, 129, 100}, {1, 30, 129, 250}, DType::bf16}, 40);

@@ -4,8 +4,9 @@
 // call; bitwise reproducible. Every case runs under each kernel choice: the FFMA one
 // (MSA_KL_KERNEL=ffma), the default (tensor-core kernels where the shape allows: block_size a multiple
 // of 64, D and Di in {64, 128}, G dividing 64; the FFMA kernel otherwise; sparse dqi and loss from the
-// key-major kernel's per-query partials) and `tiles` (the same with dqi and loss from the query-major
-// kernel's tile unions, as large problems run). On a mismatch the first element out of
+// key-major kernel's per-query partials; the key-major kernel over 256-row tiles where G is 16 or 32),
+// `tiles` (the same with dqi and loss from the query-major kernel's tile unions, as large problems
+// run) and `narrow` (the default with the 64-row key-major kernel for every G). On a mismatch the first element out of
 // tolerance is printed (index, got, expected) with the largest error.
 #include <gtest/gtest.h>
 
@@ -180,7 +181,18 @@ TEST_P(KlAlignmentCuda, Gqa8HeadDim128Block128Float16) {
   check_case({16, 2, 128, 128, 128, 2, {140, 9}, {400, 129}, DType::f16}, 49);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, KlAlignmentCuda, ::testing::Values("ffma", "default", "tiles"),
+// Lists longer than one 16-query tile of the wide key-major kernel, and a key split's share ending
+// inside a tile.
+TEST_P(KlAlignmentCuda, Gqa16LongListsBlock128) {
+  check_case({64, 4, 128, 128, 128, 4, {1000, 37}, {1000, 700}, DType::bf16}, 51);
+}
+
+// G = 32: the wide kernel's warps own one query of two m-tiles, its tiles 8 queries.
+TEST_P(KlAlignmentCuda, Gqa32HeadDim64Float16) {
+  check_case({64, 2, 64, 64, 64, 3, {300, 5, 1}, {300, 500, 64}, DType::f16}, 52);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, KlAlignmentCuda, ::testing::Values("ffma", "default", "tiles", "narrow"),
                          [](const ::testing::TestParamInfo<const char*>& i) { return std::string(i.param); });
 
 // The default kernel skips ids outside [0, local] and counts a duplicated id once, as the CUDA

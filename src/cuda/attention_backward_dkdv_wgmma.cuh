@@ -1,0 +1,256 @@
+// dK, dV of the block-sparse (and dense causal) attention backward on Hopper warpgroup products
+// (wgmma, sm_90a). The key-major walk of attention_backward_dkdv_kernel (attention_backward_kernel.cuh):
+// a CTA owns 64 keys of one group and visits, in ascending order, the queries that selected their
+// block (key_query_lists.cuh), gathered 64 rows at a time; here the CTA is one warpgroup and the four
+// products of a tile are wgmma:
+//   S^T = K Q^T and dP^T = V dO^T (SS: K, V and the tile's Q, dO in shared memory, K-major),
+//   P^T = exp2(S^T scale log2e - lse log2e), 0 past each query row's causal limit, dS^T = P^T (dP^T -
+//   delta), both converted in registers to the A operands of
+//   dV += P^T dO and dK += dS^T Q (RS: dO and Q read through the MN-major view of their tiles).
+// Same results and split partials as the mma.sync kernel, without dQ partials (on sm_90 dQ comes from
+// attention_backward_dq_tma.cuh). Deterministic: fixed list order, no atomics.
+//
+// Why: in the mma.sync kernel each of the four warps owns 16 keys, so every warp reads the whole Q and
+// dO tiles from shared memory twice per tile (ldmatrix), eight reads of each per tile; a warpgroup
+// product reads an operand tile once. At 128K tokens (Hq 64 / Hkv 4) that kernel took 102 of the
+// backward's ~142 ms on an H200 (~170 TFLOP/s).
+//
+// Tiles are written by cp.async through the CuTe smem tensors (&sQ(row, d, stage)), as the wgmma
+// forward's loaders (attention_forward_wgmma.cuh says why), and the accumulator element order is the
+// one that file documents: element e = i + 2 h + 4 n of a 64 x N accumulator sits at row 16 warp +
+// lane / 4 + 8 h, column 8 n + 2 (lane % 4) + i, as does element e of a 64 x K register A operand.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+#include "cuda/attention_backward_kernel.cuh"
+#include "cuda/attention_forward_wgmma.cuh"  // CuteElem, PvMma
+#include "cuda/exp2_ftz.cuh"
+#include "cuda/key_query_lists.cuh"
+#include "cuda/wgmma_issue.cuh"
+#include "msa/rules.h"
+
+namespace msa {
+namespace detail {
+namespace cuda {
+
+// Shared memory: K and V (key, d), two stages of Q and dO (row, d, stage) as 128-byte swizzled
+// K-major tiles, then per stage and row the causal limit, lse and delta, then the staged queries.
+template <class E, int D>
+struct DkdvWgmmaSmem {
+  using LayoutKV = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
+                                                cute::Shape<cute::_64, cute::Int<D>>{}));
+  using LayoutRows = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
+                                                  cute::Shape<cute::_64, cute::Int<D>, cute::_2>{}));
+  // The same bytes as LayoutRows seen (d, row, stage): the B operand of dV += P^T dO and dK += dS^T Q.
+  using LayoutRowsMN = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
+                                                    cute::Shape<cute::Int<D>, cute::_64, cute::_2>{},
+                                                    cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  static constexpr std::size_t kTileBytes = std::size_t(64) * D * 2;
+  static constexpr std::size_t kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
+  static constexpr std::size_t kK = 0, kV = kTileBytes, kQ = 2 * kTileBytes, kDo = 4 * kTileBytes;
+  static constexpr std::size_t kRowArrays = 6 * kTileBytes;  // lim, lse, delta: [2][64] each
+  static constexpr std::size_t kBytes = kAlign + kRowArrays + 3 * 2 * 64 * 4 + GatheredQueryStage::kBytes;
+  static_assert(int(cute::cosize_v<LayoutRows>) * 2 == 2 * kTileBytes, "Q stages are dense");
+  static_assert(int(cute::cosize_v<LayoutRowsMN>) * 2 == 2 * kTileBytes, "the MN view covers the same bytes");
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(const BackwardParams p) {
+  using namespace cute;
+  using E = typename wgmma::CuteElem<T>::type;
+  using Sm = DkdvWgmmaSmem<E, D>;
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<_64, _64, Int<D>>, GMMA::Major::K, GMMA::Major::K>()));
+  using MmaO = wgmma::PvMma<E, D, 64>;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + Sm::kAlign - 1) &
+                                                         ~uintptr_t(Sm::kAlign - 1));
+  E* const k_smem = reinterpret_cast<E*>(base + Sm::kK);
+  E* const v_smem = reinterpret_cast<E*>(base + Sm::kV);
+  E* const q_smem = reinterpret_cast<E*>(base + Sm::kQ);
+  E* const do_smem = reinterpret_cast<E*>(base + Sm::kDo);
+  int* const s_lim = reinterpret_cast<int*>(base + Sm::kRowArrays);  // [2][64]
+  float* const s_lse = reinterpret_cast<float*>(s_lim + 2 * 64);      // [2][64]
+  float* const s_delta = s_lse + 2 * 64;                               // [2][64]
+  GatheredQueryStage staged(reinterpret_cast<int*>(s_delta + 2 * 64));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = int(blockIdx.z) / p.key_splits, split = int(blockIdx.z) % p.key_splits, g = blockIdx.y;
+  const int G = p.group_size, B = p.block_size;
+  const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
+  const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
+  const int64_t ks = int64_t(blockIdx.x) * 64;
+  if (ks >= lk) return;
+  const GatheredWalk walk(p.lists, p.topk == nullptr, G, g, b, k_begin, ks, lq, lk, B, p.key_splits, split);
+  const int64_t num_tiles = walk.num_tiles();
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* dout = static_cast<const uint16_t*>(p.dout);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v);
+
+  Tensor sK = make_tensor(make_smem_ptr(k_smem), typename Sm::LayoutKV{});        // (key, d)
+  Tensor sV = make_tensor(make_smem_ptr(v_smem), typename Sm::LayoutKV{});        // (key, d)
+  Tensor sQ = make_tensor(make_smem_ptr(q_smem), typename Sm::LayoutRows{});      // (row, d, stage)
+  Tensor sdO = make_tensor(make_smem_ptr(do_smem), typename Sm::LayoutRows{});    // (row, d, stage)
+  Tensor sQmn = make_tensor(make_smem_ptr(q_smem), typename Sm::LayoutRowsMN{});  // (d, row, stage)
+  Tensor sdOmn = make_tensor(make_smem_ptr(do_smem), typename Sm::LayoutRowsMN{});
+
+  constexpr int kChunks = D / 8;
+  // K and V of these keys (zeros past the sequence).
+  for (int i = tid; i < 64 * kChunks; i += 128) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool in = ks + r < lk;
+    const int64_t t = k_begin + ks + r;
+    mma::cp_async_16_or_zero(mma::smem_addr(&sK(r, c * 8)), in ? k + t * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k,
+                             !in);
+    mma::cp_async_16_or_zero(mma::smem_addr(&sV(r, c * 8)), in ? v + t * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v,
+                             !in);
+  }
+  mma::cp_async_commit();
+
+  // Tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q and dO rows, lse and delta
+  // by cp.async, and per row the last key offset here it may see (-1: padding row, or its query is
+  // before these keys). Waits on no global read.
+  auto load_rows = [&](int64_t u, int stage) {
+#pragma unroll 4
+    for (int i = tid; i < 64 * kChunks; i += 128) {
+      const int r = i / kChunks, c = i % kChunks;
+      int head;
+      const int qi = staged.row_query(walk.tiles, stage, u, r, head);
+      const int64_t hq = int64_t(g) * G + head;
+      const uint16_t* qs = qi < 0 ? q : q + (q_begin + qi) * p.q_s0 + hq * p.q_s1 + c * 8;
+      const uint16_t* ds = qi < 0 ? dout : dout + (q_begin + qi) * p.do_s0 + hq * p.do_s1 + c * 8;
+      mma::cp_async_16_or_zero(mma::smem_addr(&sQ(r, c * 8, stage)), qs, qi < 0);
+      mma::cp_async_16_or_zero(mma::smem_addr(&sdO(r, c * 8, stage)), ds, qi < 0);
+    }
+    if (tid < 64) {
+      int head;
+      const int i = staged.row_query(walk.tiles, stage, u, tid, head);
+      const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
+      // Every listed query selected the block; the causal limit does the rest.
+      const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
+      const bool visible = i >= 0 && rules::causally_visible(ks, pos);
+      mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * 64 + tid),
+                              visible ? p.lse + row * p.lse_s0 + hq * p.lse_s1 : p.lse, !visible);
+      mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * 64 + tid),
+                              visible ? p.delta + row * p.num_q_heads + hq : p.delta, !visible);
+      s_lim[stage * 64 + tid] = visible ? (pos - ks < 64 ? int(pos - ks) : 63) : -1;
+    }
+  };
+  staged.fetch(walk, 0);
+  staged.store(0);
+  staged.fetch(walk, 1);
+  staged.store(1);
+  __syncthreads();
+  if (num_tiles > 0) load_rows(0, 0);
+  mma::cp_async_commit();
+  staged.fetch(walk, 2);
+
+  MmaS mma_s;
+  MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);      // A of S^T
+  Tensor tSrV = thr_s.partition_fragment_A(sV);      // A of dP^T
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);      // B of S^T, per stage
+  Tensor tSrdO = thr_s.partition_fragment_B(sdO);    // B of dP^T, per stage
+  Tensor tOrdO = thr_o.partition_fragment_B(sdOmn);  // B of dV, per stage
+  Tensor tOrQ = thr_o.partition_fragment_B(sQmn);    // B of dK, per stage
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, _64>{});
+  Tensor tSrdP = partition_fragment_C(mma_s, Shape<_64, _64>{});
+  Tensor tOrdV = partition_fragment_C(mma_o, Shape<_64, Int<D>>{});
+  Tensor tOrdK = partition_fragment_C(mma_o, Shape<_64, Int<D>>{});
+  Tensor tOrP = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, _64>{}));
+  Tensor tOrdS = make_tensor<E>(partition_shape_A(mma_o, Shape<_64, _64>{}));
+  static_assert(decltype(size(tSrS))::value == 32 && decltype(size(tOrP))::value == 32 &&
+                    decltype(size(tOrdV))::value == D / 2,
+                "fragment sizes of the m64 layouts (attention_forward_wgmma.cuh describes them)");
+  clear(tOrdV);
+  clear(tOrdK);
+  const int key_a = warp * 16 + (lane >> 2);  // this thread's keys: key_a and key_a + 8
+
+  for (int64_t u = 0; u < num_tiles; ++u) {
+    const int stage = int(u & 1);
+    if (u + 1 < num_tiles) {
+      load_rows(u + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    wgmma::issue_s(mma_s, tSrK, tSrQ(_, _, _, stage), tSrS);
+    wgmma::issue_s(mma_s, tSrV, tSrdO(_, _, _, stage), tSrdP);
+
+    const int* lim = s_lim + stage * 64;
+    const float* lse = s_lse + stage * 64;
+    const float* dlt = s_delta + stage * 64;
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(tSrdP);
+    // Column (query row) 8 n + 2 (lane % 4) + i holds elements e = i + 2 h + 4 n, keys key_a + 8 h.
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int col = n * 8 + (lane & 3) * 2 + i;
+        const int col_lim = lim[col];
+        const float col_lse2 = lse[col] * kLog2e, col_delta = dlt[col];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int e = i + 2 * h + 4 * n;
+          const float pr = key_a + 8 * h > col_lim ? 0.f : exp2_ftz(fmaf(tSrS(e), p.scale_log2, -col_lse2));
+          tOrP(e) = static_cast<E>(pr);
+          tOrdS(e) = static_cast<E>(pr * (tSrdP(e) - col_delta));
+        }
+      }
+    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(tOrdS);
+    wgmma::issue_o(mma_o, tOrP, tOrdO(_, _, _, stage), tOrdV);
+    wgmma::issue_o(mma_o, tOrdS, tOrQ(_, _, _, stage), tOrdK);
+    staged.store(stage);  // tile u + 2, into the buffer whose copies load_rows(u) issued
+    staged.fetch(walk, u + 3);
+    // The products read this stage's tiles and the P^T, dS^T registers: done before either is rewritten.
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrdV);
+    warpgroup_fence_operand(tOrdK);
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();  // the K/V group when no query tile was visited
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t t = ks + key_a + 8 * h;
+    if (t >= lk) continue;
+    if (p.key_splits > 1) {  // every split writes every key row (zeros included)
+      float* dst = p.dkdv_part + ((int64_t(split) * p.total_k + k_begin + t) * p.num_kv_heads + g) * (2 * D) +
+                   (lane & 3) * 2;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(dst + n * 8) =
+            make_float2(tOrdK(2 * h + 4 * n) * p.scale, tOrdK(1 + 2 * h + 4 * n) * p.scale);
+        *reinterpret_cast<float2*>(dst + D + n * 8) = make_float2(tOrdV(2 * h + 4 * n), tOrdV(1 + 2 * h + 4 * n));
+      }
+      continue;
+    }
+    T* dkd = static_cast<T*>(p.dk) + (k_begin + t) * p.dk_s0 + int64_t(g) * p.dk_s1 + (lane & 3) * 2;
+    T* dvd = static_cast<T*>(p.dv) + (k_begin + t) * p.dv_s0 + int64_t(g) * p.dv_s1 + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dkd + n * 8) =
+          mma::Elem<T>::pack(tOrdK(2 * h + 4 * n) * p.scale, tOrdK(1 + 2 * h + 4 * n) * p.scale);
+      *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(tOrdV(2 * h + 4 * n), tOrdV(1 + 2 * h + 4 * n));
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace detail
+}  // namespace msa
