@@ -185,6 +185,7 @@ __global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(c
     } else {
       mma::cp_async_wait<0>();
     }
+    wgmma::fence_async_shared();  // this thread's copies, visible to wgmma after the barrier
     __syncthreads();
     wgmma::issue_s(mma_s, tSrK, tSrQ(_, _, _, stage), tSrS);
     wgmma::issue_s(mma_s, tSrV, tSrdO(_, _, _, stage), tSrdP);
