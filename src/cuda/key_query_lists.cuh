@@ -59,23 +59,35 @@ struct KeyQueryLists {
 // of tile u is head head(u, r) of the query at entry first_entry(u) + entry(r).
 struct GatheredTiles {
   int G, tile_rows, rows_per_query, queries_per_tile, tiles_per_query;
+  int row_shift;  // log2(rows_per_query) when a power of two, else -1
   __host__ __device__ explicit GatheredTiles(int group_size, int rows = kAttnRows)
       : G(group_size),
         tile_rows(rows),
         rows_per_query(group_size < rows ? group_size : rows),
         queries_per_tile(rows / rows_per_query),
-        tiles_per_query((group_size + rows - 1) / rows) {}
+        tiles_per_query((group_size + rows - 1) / rows),
+        row_shift(-1) {
+    if ((rows_per_query & (rows_per_query - 1)) == 0)
+      for (row_shift = 0; (1 << row_shift) < rows_per_query; ++row_shift) {
+      }
+  }
+  // The loaders call these per row and per tile: powers of two and one tile per query (every
+  // benchmarked layout) avoid the 32-bit divisions and the 64-bit ones (a subroutine call each).
   __host__ __device__ int64_t tiles(int64_t entries) const {
     return (entries + queries_per_tile - 1) / queries_per_tile * tiles_per_query;
   }
-  __host__ __device__ int64_t first_entry(int64_t u) const { return u / tiles_per_query * queries_per_tile; }
+  __host__ __device__ int64_t first_entry(int64_t u) const {
+    return (tiles_per_query == 1 ? u : u / tiles_per_query) * queries_per_tile;
+  }
   // Entry offset of row r within its tile; -1 for the rows past the tile's whole queries.
   __host__ __device__ int entry(int r) const {
-    return r < queries_per_tile * rows_per_query ? r / rows_per_query : -1;
+    if (r >= queries_per_tile * rows_per_query) return -1;
+    return row_shift >= 0 ? r >> row_shift : r / rows_per_query;
   }
   // Head within the group (>= G: a padding row of a query's last tile).
   __host__ __device__ int head(int64_t u, int r) const {
-    return int(u % tiles_per_query) * tile_rows + r % rows_per_query;
+    const int in_query = row_shift >= 0 ? r & (rows_per_query - 1) : r % rows_per_query;
+    return tiles_per_query == 1 ? in_query : int(u % tiles_per_query) * tile_rows + in_query;
   }
 };
 
@@ -86,7 +98,7 @@ struct GatheredWalk {
   GatheredTiles tiles;
   const unsigned long long* entries;  // nullptr: dense
   const int* slots;
-  int64_t begin = 0, count = 0;
+  int64_t begin = 0, count = 0, tile_count = 0;
 
   __device__ GatheredWalk(const KeyQueryLists& lists, bool dense, int G, int g, int b, int64_t k_begin,
                           int64_t ks, int64_t lq, int64_t lk, int B, int splits, int split,
@@ -101,8 +113,9 @@ struct GatheredWalk {
       count = lists.end[list] - begin;
     }
     key_split_share(begin, count, splits, split, tiles.queries_per_tile);
+    tile_count = tiles.tiles(count);
   }
-  __device__ int64_t num_tiles() const { return tiles.tiles(count); }
+  __device__ int64_t num_tiles() const { return tile_count; }
   // Queries of tile u (the last tile of a list may hold fewer).
   __device__ int queries_in(int64_t u) const {
     const int64_t left = count - tiles.first_entry(u);

@@ -315,13 +315,16 @@ __global__ void __launch_bounds__(kKlWideThreads, 1) kl_mma_key_wide_kernel(cons
     // limit in these keys (-1: padding, or before them) and its dqi partial. Waits on no global read.
     auto issue_tile = [&](int stage) {
       const int* staged_query = staged.query + stage * kAttnRows;
-      constexpr int kChunks = D / 8;
+      // Thread tid copies chunk tid % kChunks of rows tid / kChunks + kPass m; G is 16 or 32, so a
+      // row's query and head are a shift and a mask.
+      constexpr int kChunks = D / 8, kPass = kKlWideThreads / kChunks;
+      const int c = tid % kChunks, g_shift = G == 16 ? 4 : 5;
+      const uint16_t* q_group = q + int64_t(g) * G * p.q_s1 + c * 8;
       uint16_t* tq = s.q + stage * (S::kQ / 2);
 #pragma unroll 4
-      for (int i = tid; i < kKlWideRows * kChunks; i += kKlWideThreads) {
-        const int r = i / kChunks, c = i % kChunks;
-        const int iq = staged_query[r / G];
-        const uint16_t* src = iq < 0 ? q : q + (q_begin + iq) * p.q_s0 + (int64_t(g) * G + r % G) * p.q_s1 + c * 8;
+      for (int r = tid / kChunks; r < kKlWideRows; r += kPass) {
+        const int iq = staged_query[r >> g_shift];
+        const uint16_t* src = iq < 0 ? q : q_group + (q_begin + iq) * p.q_s0 + (r & (G - 1)) * p.q_s1;
         mma::cp_async_16_or_zero(mma::smem_addr(tq + swz<D>(r, c * 8)), src, iq < 0);
       }
       uint16_t* tqi = s.qi + stage * (S::kQi / 2);
@@ -332,10 +335,10 @@ __global__ void __launch_bounds__(kKlWideThreads, 1) kl_mma_key_wide_kernel(cons
         mma::cp_async_16_or_zero(mma::smem_addr(tqi + swz<Di>(r, c * 8)), src, iq < 0);
       }
       {
-        const int iq = staged_query[tid / G];
+        const int iq = staged_query[tid >> g_shift];
         mma::cp_async_4_or_zero(
             mma::smem_addr(s.lse + stage * kKlWideRows + tid),
-            iq >= 0 ? p.lse + (q_begin + iq) * p.lse_s0 + (int64_t(g) * G + tid % G) * p.lse_s1 : p.lse, iq < 0);
+            iq >= 0 ? p.lse + (q_begin + iq) * p.lse_s0 + (int64_t(g) * G + (tid & (G - 1))) * p.lse_s1 : p.lse, iq < 0);
       }
       if (tid < kKlWideQueries) {
         const int iq = staged_query[tid];
