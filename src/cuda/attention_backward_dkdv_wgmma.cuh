@@ -38,54 +38,60 @@ namespace msa {
 namespace detail {
 namespace cuda {
 
-// Shared memory: K and V (key, d), two stages of Q and dO (row, d, stage) as 128-byte swizzled
-// K-major tiles, then per stage and row the causal limit, lse and delta, then the staged queries.
-template <class E, int D>
+// Shared memory: K and V (key, d, warpgroup), kStages stages of Q and dO (row, d, stage) as 128-byte
+// swizzled K-major tiles, then per stage and row the causal limit, lse and delta, then the staged
+// queries.
+template <class E, int D, int kWarpgroups, int kStages>
 struct DkdvWgmmaSmem {
   using LayoutKV = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
-                                                cute::Shape<cute::_64, cute::Int<D>>{}));
+                                                cute::Shape<cute::_64, cute::Int<D>, cute::Int<kWarpgroups>>{}));
   using LayoutRows = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
-                                                  cute::Shape<cute::_64, cute::Int<D>, cute::_2>{}));
+                                                  cute::Shape<cute::_64, cute::Int<D>, cute::Int<kStages>>{}));
   // The same bytes as LayoutRows seen (d, row, stage): the B operand of dV += P^T dO and dK += dS^T Q.
   using LayoutRowsMN = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<E>{},
-                                                    cute::Shape<cute::Int<D>, cute::_64, cute::_2>{},
+                                                    cute::Shape<cute::Int<D>, cute::_64, cute::Int<kStages>>{},
                                                     cute::Step<cute::_2, cute::_1, cute::_3>{}));
   static constexpr std::size_t kTileBytes = std::size_t(64) * D * 2;
   static constexpr std::size_t kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
-  static constexpr std::size_t kK = 0, kV = kTileBytes, kQ = 2 * kTileBytes, kDo = 4 * kTileBytes;
-  static constexpr std::size_t kRowArrays = 6 * kTileBytes;  // lim, lse, delta: [2][64] each
-  static constexpr std::size_t kBytes = kAlign + kRowArrays + 3 * 2 * 64 * 4 + GatheredQueryStage::kBytes;
-  static_assert(int(cute::cosize_v<LayoutRows>) * 2 == 2 * kTileBytes, "Q stages are dense");
-  static_assert(int(cute::cosize_v<LayoutRowsMN>) * 2 == 2 * kTileBytes, "the MN view covers the same bytes");
+  static constexpr std::size_t kK = 0, kV = kWarpgroups * kTileBytes, kQ = 2 * kWarpgroups * kTileBytes;
+  static constexpr std::size_t kDo = kQ + kStages * kTileBytes;
+  static constexpr std::size_t kRowArrays = kDo + kStages * kTileBytes;  // lim, lse, delta: [kStages][64]
+  static constexpr std::size_t kBytes = kAlign + kRowArrays + 3 * kStages * 64 * 4 + GatheredQueryStage::kBytes;
+  static_assert(int(cute::cosize_v<LayoutRows>) * 2 == kStages * kTileBytes, "Q stages are dense");
+  static_assert(int(cute::cosize_v<LayoutRowsMN>) * 2 == kStages * kTileBytes, "the MN view covers the same bytes");
 };
 
-template <class T, int D>
-__global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(const BackwardParams p) {
+// kWarpgroups = 1: 64 keys a CTA, two stages (two CTAs per SM), each tile's copies issued before the
+// previous tile's products (kLate = false) or after its score products (kLate = true). kWarpgroups = 2:
+// 128 keys of one block a CTA (B a multiple of 128), the two warpgroups sharing every gathered tile
+// (half the copies per product), three stages, copies issued after the score products.
+template <class T, int D, int kWarpgroups, int kStages, bool kLate>
+__global__ void __launch_bounds__(128 * kWarpgroups, 3 - kWarpgroups)
+    attention_backward_dkdv_wgmma_kernel(const BackwardParams p) {
   using namespace cute;
   using E = typename wgmma::CuteElem<T>::type;
-  using Sm = DkdvWgmmaSmem<E, D>;
+  using Sm = DkdvWgmmaSmem<E, D, kWarpgroups, kStages>;
   using MmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<E, E, float, Shape<_64, _64, Int<D>>, GMMA::Major::K, GMMA::Major::K>()));
   using MmaO = wgmma::PvMma<E, D, 64>;
+  constexpr int kThreads = 128 * kWarpgroups, kKeys = 64 * kWarpgroups;
+  constexpr int kAhead = kStages - 1;  // tiles whose copies are in flight ahead of the current one
+  static_assert(kLate || kStages == 2, "copies issued before the products need the end-of-tile barrier");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + Sm::kAlign - 1) &
                                                          ~uintptr_t(Sm::kAlign - 1));
-  E* const k_smem = reinterpret_cast<E*>(base + Sm::kK);
-  E* const v_smem = reinterpret_cast<E*>(base + Sm::kV);
-  E* const q_smem = reinterpret_cast<E*>(base + Sm::kQ);
-  E* const do_smem = reinterpret_cast<E*>(base + Sm::kDo);
-  int* const s_lim = reinterpret_cast<int*>(base + Sm::kRowArrays);  // [2][64]
-  float* const s_lse = reinterpret_cast<float*>(s_lim + 2 * 64);      // [2][64]
-  float* const s_delta = s_lse + 2 * 64;                               // [2][64]
-  GatheredQueryStage staged(reinterpret_cast<int*>(s_delta + 2 * 64));
+  int* const s_lim = reinterpret_cast<int*>(base + Sm::kRowArrays);  // [kStages][64]
+  float* const s_lse = reinterpret_cast<float*>(s_lim + kStages * 64);
+  float* const s_delta = s_lse + kStages * 64;
+  GatheredQueryStage staged(reinterpret_cast<int*>(s_delta + kStages * 64));
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, lane = tid & 31, warp = tid >> 5;
   const int b = int(blockIdx.z) / p.key_splits, split = int(blockIdx.z) % p.key_splits, g = blockIdx.y;
   const int G = p.group_size, B = p.block_size;
   const int64_t q_begin = p.cu_q[b], lq = p.cu_q[b + 1] - q_begin;
   const int64_t k_begin = p.cu_k[b], lk = p.cu_k[b + 1] - k_begin;
-  const int64_t ks = int64_t(blockIdx.x) * 64;
+  const int64_t ks = int64_t(blockIdx.x) * kKeys;
   if (ks >= lk) return;
   const GatheredWalk walk(p.lists, p.topk == nullptr, G, g, b, k_begin, ks, lq, lk, B, p.key_splits, split);
   const int64_t num_tiles = walk.num_tiles();
@@ -95,74 +101,88 @@ __global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(c
   const uint16_t* k = static_cast<const uint16_t*>(p.k);
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
 
-  Tensor sK = make_tensor(make_smem_ptr(k_smem), typename Sm::LayoutKV{});        // (key, d)
-  Tensor sV = make_tensor(make_smem_ptr(v_smem), typename Sm::LayoutKV{});        // (key, d)
-  Tensor sQ = make_tensor(make_smem_ptr(q_smem), typename Sm::LayoutRows{});      // (row, d, stage)
-  Tensor sdO = make_tensor(make_smem_ptr(do_smem), typename Sm::LayoutRows{});    // (row, d, stage)
-  Tensor sQmn = make_tensor(make_smem_ptr(q_smem), typename Sm::LayoutRowsMN{});  // (d, row, stage)
-  Tensor sdOmn = make_tensor(make_smem_ptr(do_smem), typename Sm::LayoutRowsMN{});
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kK)), typename Sm::LayoutKV{});  // (key, d, wg)
+  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kV)), typename Sm::LayoutKV{});
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kQ)), typename Sm::LayoutRows{});  // (row, d, stage)
+  Tensor sdO = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kDo)), typename Sm::LayoutRows{});
+  Tensor sQmn = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kQ)), typename Sm::LayoutRowsMN{});  // (d, row, stage)
+  Tensor sdOmn = make_tensor(make_smem_ptr(reinterpret_cast<E*>(base + Sm::kDo)), typename Sm::LayoutRowsMN{});
 
   constexpr int kChunks = D / 8;
   // K and V of these keys (zeros past the sequence).
-  for (int i = tid; i < 64 * kChunks; i += 128) {
+  for (int i = threadIdx.x; i < kKeys * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const bool in = ks + r < lk;
     const int64_t t = k_begin + ks + r;
-    mma::cp_async_16_or_zero(mma::smem_addr(&sK(r, c * 8)), in ? k + t * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k,
-                             !in);
-    mma::cp_async_16_or_zero(mma::smem_addr(&sV(r, c * 8)), in ? v + t * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v,
-                             !in);
+    mma::cp_async_16_or_zero(mma::smem_addr(&sK(r % 64, c * 8, r / 64)),
+                             in ? k + t * p.k_s0 + int64_t(g) * p.k_s1 + c * 8 : k, !in);
+    mma::cp_async_16_or_zero(mma::smem_addr(&sV(r % 64, c * 8, r / 64)),
+                             in ? v + t * p.v_s0 + int64_t(g) * p.v_s1 + c * 8 : v, !in);
   }
-  mma::cp_async_commit();
 
-  // Tile u, its queries staged in buffer `stage` (= u & 1), into `stage`: Q and dO rows, lse and delta
-  // by cp.async, and per row the last key offset here it may see (-1: padding row, or its query is
+  // Tile u, its queries staged in buffer u & 1, into stage u % kStages: Q and dO rows, lse and delta
+  // by cp.async, and per row the last key offset from ks it may see (-1: padding row, or its query is
   // before these keys). Waits on no global read.
-  auto load_rows = [&](int64_t u, int stage) {
+  auto load_rows = [&](int64_t u) {
+    const int buf = int(u & 1), stage = int(u % kStages);
 #pragma unroll 4
-    for (int i = tid; i < 64 * kChunks; i += 128) {
+    for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
       int head;
-      const int qi = staged.row_query(walk.tiles, stage, u, r, head);
+      const int qi = staged.row_query(walk.tiles, buf, u, r, head);
       const int64_t hq = int64_t(g) * G + head;
       const uint16_t* qs = qi < 0 ? q : q + (q_begin + qi) * p.q_s0 + hq * p.q_s1 + c * 8;
       const uint16_t* ds = qi < 0 ? dout : dout + (q_begin + qi) * p.do_s0 + hq * p.do_s1 + c * 8;
       mma::cp_async_16_or_zero(mma::smem_addr(&sQ(r, c * 8, stage)), qs, qi < 0);
       mma::cp_async_16_or_zero(mma::smem_addr(&sdO(r, c * 8, stage)), ds, qi < 0);
     }
-    if (tid < 64) {
+    if (threadIdx.x < 64) {
+      const int r = threadIdx.x;
       int head;
-      const int i = staged.row_query(walk.tiles, stage, u, tid, head);
+      const int i = staged.row_query(walk.tiles, buf, u, r, head);
       const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
       // Every listed query selected the block; the causal limit does the rest.
       const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
       const bool visible = i >= 0 && rules::causally_visible(ks, pos);
-      mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * 64 + tid),
+      mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * 64 + r),
                               visible ? p.lse + row * p.lse_s0 + hq * p.lse_s1 : p.lse, !visible);
-      mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * 64 + tid),
+      mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * 64 + r),
                               visible ? p.delta + row * p.num_q_heads + hq : p.delta, !visible);
-      s_lim[stage * 64 + tid] = visible ? (pos - ks < 64 ? int(pos - ks) : 63) : -1;
+      s_lim[stage * 64 + r] = visible ? (pos - ks < kKeys ? int(pos - ks) : kKeys - 1) : -1;
     }
   };
+  // One cp.async group per tile (empty past the walk), so that a fixed wait count finds tile u's.
+  auto issue_tile = [&](int64_t u) {
+    if (u < num_tiles) load_rows(u);
+    mma::cp_async_commit();
+  };
+  // The staged queries: buffer t & 1 holds tile t's from before its copies are issued until they are.
   staged.fetch(walk, 0);
   staged.store(0);
   staged.fetch(walk, 1);
   staged.store(1);
   __syncthreads();
-  if (num_tiles > 0) load_rows(0, 0);
-  mma::cp_async_commit();
-  staged.fetch(walk, 2);
+  issue_tile(0);  // with K and V
+  if (kAhead == 2) {
+    issue_tile(1);
+    staged.fetch(walk, 2);
+    __syncthreads();  // tile 0's copies have read buffer 0
+    staged.store(0);
+    staged.fetch(walk, 3);
+  } else {
+    staged.fetch(walk, 2);
+  }
 
   MmaS mma_s;
   MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrK = thr_s.partition_fragment_A(sK);      // A of S^T
-  Tensor tSrV = thr_s.partition_fragment_A(sV);      // A of dP^T
-  Tensor tSrQ = thr_s.partition_fragment_B(sQ);      // B of S^T, per stage
-  Tensor tSrdO = thr_s.partition_fragment_B(sdO);    // B of dP^T, per stage
-  Tensor tOrdO = thr_o.partition_fragment_B(sdOmn);  // B of dV, per stage
-  Tensor tOrQ = thr_o.partition_fragment_B(sQmn);    // B of dK, per stage
+  Tensor tSrK = thr_s.partition_fragment_A(sK(_, _, wg));  // A of S^T
+  Tensor tSrV = thr_s.partition_fragment_A(sV(_, _, wg));  // A of dP^T
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);            // B of S^T, per stage
+  Tensor tSrdO = thr_s.partition_fragment_B(sdO);          // B of dP^T, per stage
+  Tensor tOrdO = thr_o.partition_fragment_B(sdOmn);        // B of dV, per stage
+  Tensor tOrQ = thr_o.partition_fragment_B(sQmn);          // B of dK, per stage
   Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, _64>{});
   Tensor tSrdP = partition_fragment_C(mma_s, Shape<_64, _64>{});
   Tensor tOrdV = partition_fragment_C(mma_o, Shape<_64, Int<D>>{});
@@ -174,21 +194,19 @@ __global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(c
                 "fragment sizes of the m64 layouts (attention_forward_wgmma.cuh describes them)");
   clear(tOrdV);
   clear(tOrdK);
-  const int key_a = warp * 16 + (lane >> 2);  // this thread's keys: key_a and key_a + 8
+  const int key_a = 64 * wg + warp * 16 + (lane >> 2);  // this thread's keys from ks: key_a and key_a + 8
 
   for (int64_t u = 0; u < num_tiles; ++u) {
-    const int stage = int(u & 1);
-    if (u + 1 < num_tiles) {
-      load_rows(u + 1, stage ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
+    const int stage = int(u % kStages);
+    if (!kLate) issue_tile(u + kAhead);
+    mma::cp_async_wait<kLate ? kAhead - 1 : kAhead>();  // tile u's group (and K / V)
     wgmma::fence_async_shared();  // this thread's copies, visible to wgmma after the barrier
     __syncthreads();
     wgmma::issue_s(mma_s, tSrK, tSrQ(_, _, _, stage), tSrS);
     wgmma::issue_s(mma_s, tSrV, tSrdO(_, _, _, stage), tSrdP);
+    // Stage (u + kAhead) % kStages was last read by tile u - 1, whose products every thread waited
+    // for before the barrier above.
+    if (kLate) issue_tile(u + kAhead);
 
     const int* lim = s_lim + stage * 64;
     const float* lse = s_lse + stage * 64;
@@ -216,13 +234,14 @@ __global__ void __launch_bounds__(128, 2) attention_backward_dkdv_wgmma_kernel(c
     warpgroup_fence_operand(tOrdS);
     wgmma::issue_o(mma_o, tOrP, tOrdO(_, _, _, stage), tOrdV);
     wgmma::issue_o(mma_o, tOrdS, tOrQ(_, _, _, stage), tOrdK);
-    staged.store(stage);  // tile u + 2, into the buffer whose copies load_rows(u) issued
-    staged.fetch(walk, u + 3);
+    // Tile u + kAhead + 1 into the buffer tile u + kAhead - 1's copies read (before the barrier).
+    staged.store(int((u + kAhead + 1) & 1));
+    staged.fetch(walk, u + kAhead + 2);
     // The products read this stage's tiles and the P^T, dS^T registers: done before either is rewritten.
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrdV);
     warpgroup_fence_operand(tOrdK);
-    __syncthreads();
+    if (!kLate) __syncthreads();  // the next tile's copies go to the stage just read
   }
   mma::cp_async_wait<0>();  // the K/V group when no query tile was visited
 

@@ -48,7 +48,7 @@ void check_layouts() {
 template <int D>
 void check_dkdv_layouts() {
   using E = cute::bfloat16_t;
-  using Sm = detail::cuda::DkdvWgmmaSmem<E, D>;
+  using Sm = detail::cuda::DkdvWgmmaSmem<E, D, 2, 2>;
   alignas(1024) static E buf[2 * 64 * D];
   auto sQ = make_tensor(make_smem_ptr(buf), typename Sm::LayoutRows{});
   auto sQmn = make_tensor(make_smem_ptr(buf), typename Sm::LayoutRowsMN{});
@@ -60,7 +60,7 @@ void check_dkdv_layouts() {
         const std::ptrdiff_t want = tma_byte(r, d, s, 64, int(Sm::kTileBytes));
         const std::ptrdiff_t q = reinterpret_cast<char*>(&sQ(r, d, s)) - reinterpret_cast<char*>(buf);
         const std::ptrdiff_t mn = reinterpret_cast<char*>(&sQmn(d, r, s)) - reinterpret_cast<char*>(buf);
-        const std::ptrdiff_t k = s == 0 ? reinterpret_cast<char*>(&sK(r, d)) - reinterpret_cast<char*>(buf) : want;
+        const std::ptrdiff_t k = reinterpret_cast<char*>(&sK(r, d, s)) - reinterpret_cast<char*>(buf);
         if ((q != want || mn != want || k != want) && bad++ < 4)
           ADD_FAILURE() << "row " << r << " d " << d << " stage " << s << ": " << q << ", " << mn << ", " << k
                         << " != " << want;
