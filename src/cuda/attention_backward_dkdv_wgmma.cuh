@@ -249,25 +249,10 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 3 - kWarpgroups)
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + key_a + 8 * h;
     if (t >= lk) continue;
-    if (p.key_splits > 1) {  // every split writes every key row (zeros included)
-      float* dst = p.dkdv_part + ((int64_t(split) * p.total_k + k_begin + t) * p.num_kv_heads + g) * (2 * D) +
-                   (lane & 3) * 2;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<float2*>(dst + n * 8) =
-            make_float2(tOrdK(2 * h + 4 * n) * p.scale, tOrdK(1 + 2 * h + 4 * n) * p.scale);
-        *reinterpret_cast<float2*>(dst + D + n * 8) = make_float2(tOrdV(2 * h + 4 * n), tOrdV(1 + 2 * h + 4 * n));
-      }
-      continue;
-    }
-    T* dkd = static_cast<T*>(p.dk) + (k_begin + t) * p.dk_s0 + int64_t(g) * p.dk_s1 + (lane & 3) * 2;
-    T* dvd = static_cast<T*>(p.dv) + (k_begin + t) * p.dv_s0 + int64_t(g) * p.dv_s1 + (lane & 3) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(dkd + n * 8) =
-          mma::Elem<T>::pack(tOrdK(2 * h + 4 * n) * p.scale, tOrdK(1 + 2 * h + 4 * n) * p.scale);
-      *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(tOrdV(2 * h + 4 * n), tOrdV(1 + 2 * h + 4 * n));
-    }
+    store_dkdv_row<T, D>(
+        p, split, k_begin + t, g, (lane & 3) * 2,
+        [&](int n) { return make_float2(tOrdK(2 * h + 4 * n), tOrdK(1 + 2 * h + 4 * n)); },
+        [&](int n) { return make_float2(tOrdV(2 * h + 4 * n), tOrdV(1 + 2 * h + 4 * n)); });
   }
 }
 

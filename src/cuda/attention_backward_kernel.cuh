@@ -294,6 +294,32 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dq_kernel(
   }
 }
 
+// Packed key row `row` of group g: dK = scale * dk_pair(n) and dV = dv_pair(n) at columns col + 8 n,
+// col + 8 n + 1; with key splits, this CTA's f32 share (every split writes every key row, zeros
+// included). Shared by the mma.sync and wgmma dK/dV kernels.
+template <class T, int D, class DkPair, class DvPair>
+__device__ __forceinline__ void store_dkdv_row(const BackwardParams& p, int split, int64_t row, int g, int col,
+                                               DkPair dk_pair, DvPair dv_pair) {
+  if (p.key_splits > 1) {
+    float* dst = p.dkdv_part + ((int64_t(split) * p.total_k + row) * p.num_kv_heads + g) * (2 * D) + col;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const float2 dk = dk_pair(n);
+      *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dk.x * p.scale, dk.y * p.scale);
+      *reinterpret_cast<float2*>(dst + D + n * 8) = dv_pair(n);
+    }
+    return;
+  }
+  T* dkd = static_cast<T*>(p.dk) + row * p.dk_s0 + int64_t(g) * p.dk_s1 + col;
+  T* dvd = static_cast<T*>(p.dv) + row * p.dv_s0 + int64_t(g) * p.dv_s1 + col;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const float2 dk = dk_pair(n), dv = dv_pair(n);
+    *reinterpret_cast<uint32_t*>(dkd + n * 8) = mma::Elem<T>::pack(dk.x * p.scale, dk.y * p.scale);
+    *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(dv.x, dv.y);
+  }
+}
+
 // 3. dK, dV: one CTA per 64 keys of one group; warp w owns keys w*16 .. w*16+15 as the M dimension.
 // kDqPartials: also dQ's share of these keys for every gathered row, through shared memory (dS is
 // spread over the warps by key), written as that row's partial.
@@ -522,30 +548,13 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
   }
   mma::cp_async_wait<0>();  // the K/V group when no query tile was visited
 
-  T* dk_out = static_cast<T*>(p.dk);
-  T* dv_out = static_cast<T*>(p.dv);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + key_row + 8 * h;
     if (t >= lk) continue;
-    if (p.key_splits > 1) {  // every split writes every key row (zeros included)
-      float* dst = p.dkdv_part + ((int64_t(split) * p.total_k + k_begin + t) * p.num_kv_heads + g) * (2 * D) +
-                   (lane & 3) * 2;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
-        *reinterpret_cast<float2*>(dst + D + n * 8) = make_float2(dv[n][2 * h], dv[n][2 * h + 1]);
-      }
-      continue;
-    }
-    T* dkd = dk_out + (k_begin + t) * p.dk_s0 + int64_t(g) * p.dk_s1 + (lane & 3) * 2;
-    T* dvd = dv_out + (k_begin + t) * p.dv_s0 + int64_t(g) * p.dv_s1 + (lane & 3) * 2;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(dkd + n * 8) =
-          mma::Elem<T>::pack(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvd + n * 8) = mma::Elem<T>::pack(dv[n][2 * h], dv[n][2 * h + 1]);
-    }
+    store_dkdv_row<T, D>(
+        p, split, k_begin + t, g, (lane & 3) * 2, [&](int n) { return make_float2(dk[n][2 * h], dk[n][2 * h + 1]); },
+        [&](int n) { return make_float2(dv[n][2 * h], dv[n][2 * h + 1]); });
   }
 }
 

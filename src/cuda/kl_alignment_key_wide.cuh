@@ -387,38 +387,13 @@ __global__ void __launch_bounds__(kKlWideThreads, 1) kl_mma_key_wide_kernel(cons
     }
   }
   mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
-  if (p.dqi_part) {  // this CTA's loss, at its key tile's global index (as global_block with B = 64)
-    s.red[tid] = loss;
-    __syncthreads();
-    if (tid == 0) {
-      double sum = 0.0;
-      for (int t = 0; t < kKlWideThreads; ++t) sum += s.red[t];
-      p.key_loss_part[(k_begin / kAttnKeys + b + blockIdx.x) * p.key_splits + blockIdx.z] = sum;
-    }
-  }
-
-  // dki = norm * iscale * acc for this warp's keys and index dims (0 for keys nobody selected); with
-  // splits, this CTA's f32 share (every split writes every key row, zeros included).
+  if (p.dqi_part) store_key_loss<kKlWideThreads>(p, loss, s.red, k_begin, b);
+  // dki = norm * iscale * acc for this warp's keys and index dims (0 for keys nobody selected).
   const int km = warp & 3, dh = warp >> 2;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + km * 16 + (lane >> 2) + 8 * h;
-    if (t >= lk) continue;
-    const int col = dh * (Di / 2) + (lane & 3) * 2;
-    if (p.key_splits > 1) {
-      float* dst = p.dki_part + (int64_t(blockIdx.z) * p.total_k + k_begin + t) * Di + col;
-#pragma unroll
-      for (int n = 0; n < Di / 16; ++n)
-        *reinterpret_cast<float2*>(dst + n * 8) =
-            make_float2(acc[n][2 * h] * p.grad_scale, acc[n][2 * h + 1] * p.grad_scale);
-      continue;
-    }
-    T* dst = static_cast<T*>(p.dki) + (k_begin + t) * p.dki_s0 + col;
-#pragma unroll
-    for (int n = 0; n < Di / 16; ++n) {
-      dst[n * 8] = mma::Elem<T>::from_float(acc[n][2 * h] * p.grad_scale);
-      dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[n][2 * h + 1] * p.grad_scale);
-    }
+    if (t < lk) store_dki_row<T, Di>(p, k_begin + t, dh * (Di / 2) + (lane & 3) * 2, acc, h);
   }
 }
 

@@ -138,6 +138,41 @@ struct KlTiles {
   }
 };
 
+// The key-major kernels' epilogues. store_key_loss: this CTA's loss (per-thread parts summed in
+// thread order) at its key tile's global index (as global_block with B = 64) and split.
+template <int kThreads>
+__device__ __forceinline__ void store_key_loss(const KlMmaParams& p, double loss, double* red, int64_t k_begin,
+                                               int b) {
+  red[threadIdx.x] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double sum = 0.0;
+    for (int t = 0; t < kThreads; ++t) sum += red[t];
+    p.key_loss_part[(k_begin / kAttnKeys + b + blockIdx.x) * p.key_splits + blockIdx.z] = sum;
+  }
+}
+
+// Packed key row `row` of dki: columns col + 8 n and col + 8 n + 1 from row half h of acc, times
+// norm * iscale; with splits, this CTA's f32 share (every split writes every key row, zeros included).
+template <class T, int Di, int kTiles>
+__device__ __forceinline__ void store_dki_row(const KlMmaParams& p, int64_t row, int col, const float (&acc)[kTiles][4],
+                                              int h) {
+  if (p.key_splits > 1) {
+    float* dst = p.dki_part + (int64_t(blockIdx.z) * p.total_k + row) * Di + col;
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n)
+      *reinterpret_cast<float2*>(dst + n * 8) =
+          make_float2(acc[n][2 * h] * p.grad_scale, acc[n][2 * h + 1] * p.grad_scale);
+    return;
+  }
+  T* dst = static_cast<T*>(p.dki) + row * p.dki_s0 + col;
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n) {
+    dst[n * 8] = mma::Elem<T>::from_float(acc[n][2 * h] * p.grad_scale);
+    dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[n][2 * h + 1] * p.grad_scale);
+  }
+}
+
 // load_tile (attention_forward_kernel.cuh) for the first `rows` rows of a [rows][D] swizzled tile.
 template <int D, class RowPtr>
 __device__ __forceinline__ void load_query_rows(uint16_t* tile, int rows, const uint16_t* any_row, RowPtr row_ptr) {
@@ -617,38 +652,12 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
     }
   }
   mma::cp_async_wait<0>();  // the ki tile, when no query tile was visited
-  if (p.dqi_part) {  // this CTA's loss, at its key tile's global index (as global_block with B = 64)
-    s.red[tid] = loss;
-    __syncthreads();
-    if (tid == 0) {
-      double sum = 0.0;
-      for (int t = 0; t < kAttnThreads; ++t) sum += s.red[t];
-      p.key_loss_part[(k_begin / kAttnKeys + b + blockIdx.x) * p.key_splits + blockIdx.z] = sum;
-    }
-  }
-
-  // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected); with splits,
-  // this CTA's f32 share (every split writes every key row, zeros included).
-  T* dki = static_cast<T*>(p.dki);
+  if (p.dqi_part) store_key_loss<kAttnThreads>(p, loss, s.red, k_begin, b);
+  // dki = norm * iscale * acc for the keys of this tile (0 for keys nobody selected).
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t t = ks + warp * 16 + (lane >> 2) + 8 * h;
-    if (t >= lk) continue;
-    const int col = (lane & 3) * 2;
-    if (p.key_splits > 1) {
-      float* dst = p.dki_part + (int64_t(blockIdx.z) * p.total_k + k_begin + t) * Di + col;
-#pragma unroll
-      for (int n = 0; n < Di / 8; ++n)
-        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(acc[n][2 * h] * p.grad_scale,
-                                                              acc[n][2 * h + 1] * p.grad_scale);
-      continue;
-    }
-    T* dst = dki + (k_begin + t) * p.dki_s0 + col;
-#pragma unroll
-    for (int n = 0; n < Di / 8; ++n) {
-      dst[n * 8] = mma::Elem<T>::from_float(acc[n][2 * h] * p.grad_scale);
-      dst[n * 8 + 1] = mma::Elem<T>::from_float(acc[n][2 * h + 1] * p.grad_scale);
-    }
+    if (t < lk) store_dki_row<T, Di>(p, k_begin + t, (lane & 3) * 2, acc, h);
   }
 }
 
