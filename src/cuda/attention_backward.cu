@@ -158,19 +158,15 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, DqT
   const dim3 grid(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits));
   if (dkdv_wgmma(dq_partials)) {
     using E = typename wgmma::CuteElem<T>::type;
-    const char* sched = std::getenv("MSA_DKDV_SCHEDULE");
-    const std::string sc = sched ? sched : "early";
     auto run = [&](auto kernel, std::size_t smem, int threads, unsigned tiles) {
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "attention backward (wgmma dK/dV)");
       kernel<<<dim3(tiles, grid.y, grid.z), threads, smem, stream>>>(a);
     };
-    if (sc == "wide" && p.cfg.block_size % 128 == 0)
-      run(attention_backward_dkdv_wgmma_kernel<T, D, 2, 3, true>, DkdvWgmmaSmem<E, D, 2, 3>::kBytes, 256,
+    if (p.cfg.block_size % 128 == 0)  // two warpgroups over 128 keys of one block
+      run(attention_backward_dkdv_wgmma_kernel<T, D, 2>, DkdvWgmmaSmem<E, D, 2, 3>::kBytes, 256,
           unsigned((int64_t(max_k) + 127) / 128));
-    else if (sc == "late")
-      run(attention_backward_dkdv_wgmma_kernel<T, D, 1, 2, true>, DkdvWgmmaSmem<E, D, 1, 2>::kBytes, 128, grid.x);
     else
-      run(attention_backward_dkdv_wgmma_kernel<T, D, 1, 2, false>, DkdvWgmmaSmem<E, D, 1, 2>::kBytes, 128, grid.x);
+      run(attention_backward_dkdv_wgmma_kernel<T, D, 1>, DkdvWgmmaSmem<E, D, 1, 2>::kBytes, 128, grid.x);
   } else {
     const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes(dq_partials);
     const void* dkdv = dq_partials ? reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, true>)
