@@ -8,7 +8,7 @@ sequence of random bf16 inputs under torch.profiler and prints each CUDA kernel'
 --index iid: random index queries, iid selections, the worst case for tiles of consecutive queries;
 --index smooth: index keys with a per-block topic and index queries drifting with position, as
 bench_prefill.py / bench_training.py make them (neighbours share blocks). The kernel-choice
-variables (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_KL_KERNEL) apply as usual.
+variables (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_ATTENTION_DKDV, MSA_KL_KERNEL) apply as usual.
 """
 import argparse
 import os

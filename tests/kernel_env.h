@@ -1,4 +1,4 @@
-// Pins one kernel-selection variable (MSA_ATTENTION_KERNEL, MSA_INDEX_KERNEL, MSA_KL_KERNEL,
+// Pins one kernel-selection variable (MSA_ATTENTION_KERNEL, MSA_ATTENTION_DQ, MSA_ATTENTION_DKDV, MSA_INDEX_KERNEL, MSA_KL_KERNEL,
 // MSA_CPU_AMX) for the life of a test fixture and restores the caller's value afterwards: the
 // variables are process-wide, so a test must not leak its choice into the next test, nor erase one
 // the caller set.
