@@ -22,6 +22,7 @@ import os
 import sys
 
 import report_cpu
+import report_training_plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -547,6 +548,8 @@ def main(argv=None):
     p.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
     p.add_argument("--plot", default=os.path.join(REPO_ROOT, "bench", "results", "speedup_vs_context.png"))
     p.add_argument("--decode-plot", default=DECODE_PLOT)
+    p.add_argument("--training-plot",
+                   default=os.path.join(REPO_ROOT, "bench", "results", "training_step_history.png"))
     p.add_argument("--cpu-plot", default=os.path.join(REPO_ROOT, "bench", "results", "cpu_speedup_vs_context.png"))
     p.add_argument("--print", dest="print_only", action="store_true", help="print the table, write nothing")
     args = p.parse_args(argv)
@@ -562,6 +565,9 @@ def main(argv=None):
     if not cases and not train and not hf and not decode and not cpu:
         print("make_report: no measured results found", file=sys.stderr)
         return 1
+    if train and not args.print_only:
+        if report_training_plot.make_training_history_plot(load_results(paths, "training"), args.training_plot):
+            print(f"make_report: plot written to {args.training_plot}")
     if train:
         ttable = make_training_table(train)
         if args.print_only:
