@@ -24,6 +24,8 @@ cp "$BUILD/tests/msa_tests" .gpubin/build/tests/
 cp "$BUILD/msa" .gpubin/build/
 cp "$BUILD"/python/msa/_C*.so .gpubin/py/python/msa/
 cp "$(g++ -print-file-name=libgomp.so.1)" .gpubin/lib/
+# The commit these binaries were built from, for the device's result files (device_run.sh reads it).
+git describe --always --abbrev=7 --dirty > .gpubin/COMMIT 2>/dev/null || echo unknown > .gpubin/COMMIT
 mkdir -p .gpubin_pack
 tar cJf .gpubin_pack/gpubin.tar.xz .gpubin
 du -sh .gpubin .gpubin_pack

@@ -75,7 +75,12 @@ export PYTHONUNBUFFERED=1
 export ROOT OUT
 PY=$(command -v python3 || echo python3)
 export PY
-# The device copy of the tree has no .git: the lead passes MSA_COMMIT; git is the fallback.
+# The device copy of the tree has no .git of its own (git there can answer for another repository):
+# the lead passes MSA_COMMIT, else the commit scripts/build_gpubin.sh recorded beside the prebuilt
+# binaries (with -dirty when the tree had changes), and git is the last fallback.
+if [ -z "${MSA_COMMIT:-}" ] && [ -n "$PREBUILT" ] && [ -s "$PREBUILT/COMMIT" ]; then
+  MSA_COMMIT=$(cat "$PREBUILT/COMMIT")
+fi
 if [ -z "${MSA_COMMIT:-}" ]; then
   MSA_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 fi
