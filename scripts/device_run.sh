@@ -20,6 +20,8 @@
 #   training    bench/bench_training.py (training step vs cuDNN/FA2 fwd+bwd), arguments from
 #               MSA_TRAINING_ARGS; after `bench` when both run, which then leaves it
 #               MSA_TRAINING_RESERVE_S seconds (default 240)
+#   profile     bench/profile_layer.py: the training step's CUDA kernels, one line each (default 128K,
+#               Hq 64 / Hkv 4 / D 128, smooth index; arguments from MSA_PROFILE_ARGS); after `training`
 #   hf          python/tests/test_hf.py (msa.hf vs transformers' MiniMax-M3 eager path, CPU and CUDA)
 #               then bench/bench_hf.py (real-width 2-layer MiniMax-M3, msa vs sdpa/eager; arguments
 #               from MSA_HF_ARGS); needs torch and transformers >= 5.17 on the machine (on PYTHONPATH,
@@ -92,7 +94,7 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
-OPT_IN=" synccheck stages training hf decode "
+OPT_IN=" synccheck stages training profile hf decode "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
@@ -123,7 +125,7 @@ selected pybuild && DO_PYBUILD=1
 for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
 selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
-for s in pytest bench training hf decode; do selected $s && ! have_ext && DO_PYBUILD=1; done
+for s in pytest bench training profile hf decode; do selected $s && ! have_ext && DO_PYBUILD=1; done
 if [ -n "$PREBUILT" ]; then DO_BUILD=0; DO_PYBUILD=0; fi
 
 # ---- step runner -----------------------------------------------------------------------------
@@ -180,6 +182,7 @@ step_note() {
       tr '\n' ';' | cut -c1-150 ;;
     bench) grep -E '^== bench summary' "$log" | tail -1 | cut -c1-150 ;;
     training) grep -E '^== training summary' "$log" | tail -1 | cut -c1-150 ;;
+    profile) grep -E 'msa kernels' "$log" | tail -1 | cut -c1-150 ;;
     decode) grep -E '^== decode summary' "$log" | tail -1 | cut -c1-150 ;;
     synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
     stages) grep -E '^stages:' "$log" | tr '\n' ';' | cut -c1-150 ;;
@@ -297,6 +300,12 @@ step_training() {
   # shellcheck disable=SC2086  # MSA_TRAINING_ARGS is a word list on purpose
   "$PY" bench/bench_training.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_TRAINING_ARGS:-}
 }
+step_profile() {
+  py_env
+  echo "== profile summary (kernel time per step)"
+  # shellcheck disable=SC2086  # MSA_PROFILE_ARGS is a word list on purpose
+  "$PY" bench/profile_layer.py ${MSA_PROFILE_ARGS:---seq 131072 --hq 64 --hkv 4 --d 128 --di 128 --block 128 --topk 16 --steps 2 --index smooth}
+}
 step_hf() {
   py_env
   local rc
@@ -327,7 +336,7 @@ step_decode() {
 }
 export -f step_decode
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
-  step_stages step_pybuild py_env step_pytest step_bench step_training step_hf step_cli
+  step_stages step_pybuild py_env step_pytest step_bench step_training step_profile step_hf step_cli
 
 # ---- run ---------------------------------------------------------------------------------------
 selected gpu && run_step gpu 30 step_gpu
@@ -389,6 +398,7 @@ if selected training; then
   export LIMIT_S
   MSA_TIMEOUT_TRAINING=$LIMIT_S run_step training "$LIMIT_S" step_training
 fi
+selected profile && run_step profile 120 step_profile
 if selected hf; then
   LIMIT_S=$(($(limit_for hf 420) - $(selected cli && echo 45 || echo 0)))
   export LIMIT_S
@@ -407,7 +417,7 @@ selected cli && run_step cli 45 step_cli
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   [ -n "$FALLBACKS" ] && echo "kernel fallbacks (a default kernel failed its GPU tests):$FALLBACKS"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training hf decode cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training profile hf decode cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
@@ -419,7 +429,7 @@ selected cli && run_step cli 45 step_cli
     echo "---- $s: last lines of its log"
     grep -vE '^\s*$' "$WORK/$s.log" 2>/dev/null | tail -15 | cut -c1-200
   done
-  for s in bench training hf decode; do  # each benchmark prints its table after "== <step> summary"
+  for s in bench training profile hf decode; do  # each prints its table after "== <step> summary"
     [ -f "$WORK/$s.log" ] || continue
     echo "---- $s table"
     sed -n "/^== $s summary/,\$p" "$WORK/$s.log" | cut -c1-220
