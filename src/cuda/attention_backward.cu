@@ -157,16 +157,19 @@ void launch(const Problem& p, const BackwardParams& a, int max_q, int max_k, DqT
   if (k_tiles == 0) return;
   const dim3 grid(unsigned(k_tiles), unsigned(p.cfg.num_kv_heads), unsigned(p.batch * a.key_splits));
   if (dkdv_wgmma(dq_partials)) {
-    using E = typename wgmma::CuteElem<T>::type;
-    auto run = [&](auto kernel, std::size_t smem, int threads, unsigned tiles) {
+    // A warpgroup per 64 keys: two over the 128 keys of one block where blocks hold 128.
+    auto run = [&](auto warpgroups) {
+      constexpr int kW = decltype(warpgroups)::value;
+      constexpr std::size_t smem = DkdvWgmmaSmem<typename wgmma::CuteElem<T>::type, D, kW>::kBytes;
+      const auto kernel = attention_backward_dkdv_wgmma_kernel<T, D, kW>;
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "attention backward (wgmma dK/dV)");
-      kernel<<<dim3(tiles, grid.y, grid.z), threads, smem, stream>>>(a);
+      const unsigned key_tiles = unsigned((int64_t(max_k) + 64 * kW - 1) / (64 * kW));
+      kernel<<<dim3(key_tiles, grid.y, grid.z), 128 * kW, smem, stream>>>(a);
     };
-    if (p.cfg.block_size % 128 == 0)  // two warpgroups over 128 keys of one block
-      run(attention_backward_dkdv_wgmma_kernel<T, D, 2>, DkdvWgmmaSmem<E, D, 2, 3>::kBytes, 256,
-          unsigned((int64_t(max_k) + 127) / 128));
+    if (p.cfg.block_size % 128 == 0)
+      run(std::integral_constant<int, 2>{});
     else
-      run(attention_backward_dkdv_wgmma_kernel<T, D, 1>, DkdvWgmmaSmem<E, D, 1, 2>::kBytes, 128, grid.x);
+      run(std::integral_constant<int, 1>{});
   } else {
     const std::size_t kv_smem = BackwardSmem<D>::dkdv_bytes(dq_partials);
     const void* dkdv = dq_partials ? reinterpret_cast<const void*>(attention_backward_dkdv_kernel<T, D, true>)

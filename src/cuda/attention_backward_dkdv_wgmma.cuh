@@ -41,9 +41,10 @@ namespace cuda {
 
 // Shared memory: K and V (key, d, warpgroup), kStages stages of Q and dO (row, d, stage) as 128-byte
 // swizzled K-major tiles, then per stage and row the causal limit, lse and delta, then the staged
-// queries.
-template <class E, int D, int kWarpgroups, int kStages>
+// queries. Two warpgroups take three stages (one CTA per SM), one warpgroup two (two CTAs per SM).
+template <class E, int D, int kWarpgroups>
 struct DkdvWgmmaSmem {
+  static constexpr int kStages = kWarpgroups == 2 ? 3 : 2;
   using LayoutKV = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
                                                 cute::Shape<cute::_64, cute::Int<D>, cute::Int<kWarpgroups>>{}));
   using LayoutRows = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<E>{},
@@ -73,9 +74,9 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 3 - kWarpgroups)
     attention_backward_dkdv_wgmma_kernel(const BackwardParams p) {
   using namespace cute;
   using E = typename wgmma::CuteElem<T>::type;
-  constexpr int kStages = kWarpgroups == 2 ? 3 : 2;
+  using Sm = DkdvWgmmaSmem<E, D, kWarpgroups>;
+  constexpr int kStages = Sm::kStages;
   constexpr bool kLate = kWarpgroups == 2;
-  using Sm = DkdvWgmmaSmem<E, D, kWarpgroups, kStages>;
   using MmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<E, E, float, Shape<_64, _64, Int<D>>, GMMA::Major::K, GMMA::Major::K>()));
   using MmaO = wgmma::PvMma<E, D, 64>;
@@ -145,14 +146,13 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 3 - kWarpgroups)
       int head;
       const int i = staged.row_query(walk.tiles, buf, u, r, head);
       const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
-      // Every listed query selected the block; the causal limit does the rest.
-      const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
-      const bool visible = i >= 0 && rules::causally_visible(ks, pos);
+      const int lim = gathered_limit(lq, lk, i, ks, kKeys);
+      const bool visible = lim >= 0;
       mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * 64 + r),
                               visible ? p.lse + row * p.lse_s0 + hq * p.lse_s1 : p.lse, !visible);
       mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * 64 + r),
                               visible ? p.delta + row * p.num_q_heads + hq : p.delta, !visible);
-      s_lim[stage * 64 + r] = visible ? (pos - ks < kKeys ? int(pos - ks) : kKeys - 1) : -1;
+      s_lim[stage * 64 + r] = lim;
     }
   };
   // One cp.async group per tile (empty past the walk), so that a fixed wait count finds tile u's.

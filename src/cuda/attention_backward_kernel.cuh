@@ -379,18 +379,13 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_backward_dkdv_kerne
       int head;
       const int i = staged.row_query(walk.tiles, stage, u, tid, head);
       const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
-      int lim = -1;
+      const int lim = gathered_limit(lq, lk, i, ks, kAttnKeys);
+      const bool visible = lim >= 0;
       int64_t part = -1;
-      // Every listed query selected the block (0..local by construction); the causal limit does the
-      // rest.
-      const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
-      const bool visible = i >= 0 && rules::causally_visible(ks, pos);
-      if (visible) {
-        lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-        if constexpr (kDqPartials)
+      if constexpr (kDqPartials)
+        if (visible)
           part = (row * p.num_q_heads + hq) * p.dq_partials_per_row +
                  partial_index(staged.slot[stage * kAttnRows + walk.tiles.entry(tid)], block, ks, B);
-      }
       mma::cp_async_4_or_zero(mma::smem_addr(s_lse + stage * kAttnRows + tid),
                               visible ? p.lse + row * p.lse_s0 + hq * p.lse_s1 : p.lse, !visible);
       mma::cp_async_4_or_zero(mma::smem_addr(s_delta + stage * kAttnRows + tid),

@@ -87,16 +87,12 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attention_forward_gathered_ke
     if (tid < kAttnRows) {
       int head;
       const int64_t i = walk.row_query(u, tid, head);
-      int lim = -1;
+      const int lim = gathered_limit(lq, lk, i, ks, kAttnKeys);
       int64_t part = -1;
-      if (i >= 0) {
-        const int64_t pos = rules::query_position(lq, lk, i);
-        if (rules::causally_visible(ks, pos)) {  // every listed query selected the block
-          const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
-          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          part = (row * gp.num_q_heads + hq) * gp.partials_per_row +
-                 partial_index(walk.slot(u, walk.tiles.entry(tid)), block, ks, B);
-        }
+      if (lim >= 0) {
+        const int64_t row = q_begin + i, hq = int64_t(g) * G + head;
+        part = (row * gp.num_q_heads + hq) * gp.partials_per_row +
+               partial_index(walk.slot(u, walk.tiles.entry(tid)), block, ks, B);
       }
       s_lim[stage * kAttnRows + tid] = lim;
       s_part[stage * kAttnRows + tid] = part;

@@ -136,6 +136,16 @@ struct GatheredWalk {
   }
 };
 
+// The one rule of every key-major kernel for a listed query's keys: the last offset in [ks, ks + keys)
+// that query i (sequence-local; < 0: a padding row) may see, -1 for none. Every listed query selected
+// the keys' block, so only the causal limit remains.
+__host__ __device__ __forceinline__ int gathered_limit(int64_t lq, int64_t lk, int64_t i, int64_t ks, int keys) {
+  if (i < 0) return -1;
+  const int64_t pos = rules::query_position(lq, lk, i);
+  if (!rules::causally_visible(ks, pos)) return -1;
+  return pos - ks < keys ? int(pos - ks) : keys - 1;
+}
+
 // The queries (and slots) of gathered tiles staged in shared memory one tile before their loads are
 // issued, so that issuing a tile's copies waits on no global read: each thread below the tile's
 // query count fetches one entry into registers a whole tile ahead (fetch), and writes it to one of

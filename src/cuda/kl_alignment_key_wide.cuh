@@ -315,10 +315,10 @@ __global__ void __launch_bounds__(kKlWideThreads, 1) kl_mma_key_wide_kernel(cons
     // limit in these keys (-1: padding, or before them) and its dqi partial. Waits on no global read.
     auto issue_tile = [&](int stage) {
       const int* staged_query = staged.query + stage * kAttnRows;
-      // Thread tid copies chunk tid % kChunks of rows tid / kChunks + kPass m; G is 16 or 32, so a
-      // row's query and head are a shift and a mask.
+      // Thread tid copies chunk tid % kChunks of rows tid / kChunks + kPass m; G (16 or 32) is a power
+      // of two and a query takes one tile, so a row's query and head are a shift and a mask.
       constexpr int kChunks = D / 8, kPass = kKlWideThreads / kChunks;
-      const int c = tid % kChunks, g_shift = G == 16 ? 4 : 5;
+      const int c = tid % kChunks, g_shift = walk.tiles.row_shift;
       const uint16_t* q_group = q + int64_t(g) * G * p.q_s1 + c * 8;
       uint16_t* tq = s.q + stage * (S::kQ / 2);
 #pragma unroll 4
@@ -342,17 +342,12 @@ __global__ void __launch_bounds__(kKlWideThreads, 1) kl_mma_key_wide_kernel(cons
       }
       if (tid < kKlWideQueries) {
         const int iq = staged_query[tid];
-        int lim = -1;
+        const int lim = gathered_limit(lq, lk, iq, ks, kAttnKeys);
+        const bool visible = lim >= 0;
         int64_t part = -1;
-        const int64_t pos = iq < 0 ? -1 : rules::query_position(lq, lk, iq);
-        // Every listed query selected the block; the causal limit does the rest.
-        const bool visible = iq >= 0 && rules::causally_visible(ks, pos);
-        if (visible) {
-          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          if (p.dqi_part)
-            part = ((q_begin + iq) * p.hkv + g) * p.partials_per_row +
-                   partial_index(staged.slot[stage * kAttnRows + tid], rules::block_of(ks, B), ks, B);
-        }
+        if (visible && p.dqi_part)
+          part = ((q_begin + iq) * p.hkv + g) * p.partials_per_row +
+                 partial_index(staged.slot[stage * kAttnRows + tid], rules::block_of(ks, B), ks, B);
         mma::cp_async_4_or_zero(mma::smem_addr(s.slse + stage * kKlWideQueries + tid),
                                 visible ? p.student_lse + (q_begin + iq) * p.hkv + g : p.student_lse, !visible);
         s.part[stage * kKlWideQueries + tid] = part;

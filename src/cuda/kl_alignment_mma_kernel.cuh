@@ -586,18 +586,13 @@ __global__ void __launch_bounds__(kAttnThreads) kl_mma_key_kernel(const KlMmaPar
         mma::cp_async_4_or_zero(
             mma::smem_addr(s.lse + stage * kAttnRows + tid),
             ir >= 0 ? p.lse + (q_begin + ir) * p.lse_s0 + (int64_t(g) * G + tid % G) * p.lse_s1 : p.lse, ir < 0);
-        int lim = -1;
-        int64_t part = -1;
         const int i = tid < nq ? staged_query[tid] : -1;
-        const int64_t pos = i < 0 ? -1 : rules::query_position(lq, lk, i);
-        // Every listed query selected the block; the causal limit does the rest.
-        const bool visible = i >= 0 && rules::causally_visible(ks, pos);
-        if (visible) {
-          lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-          if (p.dqi_part)
-            part = ((q_begin + i) * p.hkv + g) * p.partials_per_row +
-                   partial_index(staged.slot[stage * kAttnRows + tid], rules::block_of(ks, B), ks, B);
-        }
+        const int lim = gathered_limit(lq, lk, i, ks, kAttnKeys);
+        const bool visible = lim >= 0;
+        int64_t part = -1;
+        if (visible && p.dqi_part)
+          part = ((q_begin + i) * p.hkv + g) * p.partials_per_row +
+                 partial_index(staged.slot[stage * kAttnRows + tid], rules::block_of(ks, B), ks, B);
         mma::cp_async_4_or_zero(mma::smem_addr(s.slse + stage * kAttnRows + tid),
                                 visible ? p.student_lse + (q_begin + i) * p.hkv + g : p.student_lse, !visible);
         s_qpart[stage * kAttnRows + tid] = part;

@@ -66,17 +66,10 @@ __global__ void __launch_bounds__(kAttnThreads) kl_student_lse_partials_kernel(c
       });
       if (tid < kAttnRows) {
         const int64_t i = walk.query(u, tid);
-        int lim = -1;
+        const int lim = gathered_limit(lq, lk, i, ks, kAttnKeys);
         int64_t part = -1;
-        if (i >= 0) {
-          const int64_t pos = rules::query_position(lq, lk, i);
-          if (rules::causally_visible(ks, pos)) {  // every listed query selected the block
-            const int64_t row = q_begin + i;
-            lim = pos - ks < kAttnKeys ? int(pos - ks) : kAttnKeys - 1;
-            part = (row * p.hkv + g) * p.partials_per_row +
-                   partial_index(walk.slot(u, tid), block, ks, B);
-          }
-        }
+        if (lim >= 0)
+          part = ((q_begin + i) * p.hkv + g) * p.partials_per_row + partial_index(walk.slot(u, tid), block, ks, B);
         s_lim[stage * kAttnRows + tid] = lim;
         s_part[stage * kAttnRows + tid] = part;
       }

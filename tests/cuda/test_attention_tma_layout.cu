@@ -45,22 +45,26 @@ void check_layouts() {
 
 // The wgmma dK/dV kernel's gathered row tiles (attention_backward_dkdv_wgmma.cuh): K-major (row, d,
 // stage) and its MN-major (d, row, stage) view over the same bytes as a 64-row TMA stage would write.
-template <int D>
+template <int D, int kWarpgroups>
 void check_dkdv_layouts() {
   using E = cute::bfloat16_t;
-  using Sm = detail::cuda::DkdvWgmmaSmem<E, D, 2, 2>;
-  alignas(1024) static E buf[2 * 64 * D];
+  using Sm = detail::cuda::DkdvWgmmaSmem<E, D, kWarpgroups>;
+  constexpr int kTiles = Sm::kStages > kWarpgroups ? Sm::kStages : kWarpgroups;
+  alignas(1024) static E buf[kTiles * 64 * D];
   auto sQ = make_tensor(make_smem_ptr(buf), typename Sm::LayoutRows{});
   auto sQmn = make_tensor(make_smem_ptr(buf), typename Sm::LayoutRowsMN{});
   auto sK = make_tensor(make_smem_ptr(buf), typename Sm::LayoutKV{});
   int bad = 0;
-  for (int s = 0; s < 2; ++s)
+  for (int s = 0; s < kTiles; ++s)
     for (int r = 0; r < 64; ++r)
       for (int d = 0; d < D; ++d) {
         const std::ptrdiff_t want = tma_byte(r, d, s, 64, int(Sm::kTileBytes));
-        const std::ptrdiff_t q = reinterpret_cast<char*>(&sQ(r, d, s)) - reinterpret_cast<char*>(buf);
-        const std::ptrdiff_t mn = reinterpret_cast<char*>(&sQmn(d, r, s)) - reinterpret_cast<char*>(buf);
-        const std::ptrdiff_t k = reinterpret_cast<char*>(&sK(r, d, s)) - reinterpret_cast<char*>(buf);
+        const std::ptrdiff_t q =
+            s < Sm::kStages ? reinterpret_cast<char*>(&sQ(r, d, s)) - reinterpret_cast<char*>(buf) : want;
+        const std::ptrdiff_t mn =
+            s < Sm::kStages ? reinterpret_cast<char*>(&sQmn(d, r, s)) - reinterpret_cast<char*>(buf) : want;
+        const std::ptrdiff_t k =
+            s < kWarpgroups ? reinterpret_cast<char*>(&sK(r, d, s)) - reinterpret_cast<char*>(buf) : want;
         if ((q != want || mn != want || k != want) && bad++ < 4)
           ADD_FAILURE() << "row " << r << " d " << d << " stage " << s << ": " << q << ", " << mn << ", " << k
                         << " != " << want;
@@ -68,8 +72,14 @@ void check_dkdv_layouts() {
   EXPECT_EQ(bad, 0);
 }
 
-TEST(AttentionTmaLayout, DkdvRowsHeadDim128) { check_dkdv_layouts<128>(); }
-TEST(AttentionTmaLayout, DkdvRowsHeadDim64) { check_dkdv_layouts<64>(); }
+TEST(AttentionTmaLayout, DkdvRowsHeadDim128) {
+  check_dkdv_layouts<128, 1>();
+  check_dkdv_layouts<128, 2>();
+}
+TEST(AttentionTmaLayout, DkdvRowsHeadDim64) {
+  check_dkdv_layouts<64, 1>();
+  check_dkdv_layouts<64, 2>();
+}
 
 TEST(AttentionTmaLayout, HeadDim128Keys128) { check_layouts<128, 128>(); }
 TEST(AttentionTmaLayout, HeadDim128Keys64) { check_layouts<128, 64>(); }

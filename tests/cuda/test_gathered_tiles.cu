@@ -1,7 +1,8 @@
 // The gathered-tile arithmetic of the key-major kernels (GatheredTiles, key_query_lists.cuh): its
 // shift-and-mask and one-tile-per-query fast paths against the plain divisions they replace, for
 // every group size from 1 to 130 and the 64-row (attention, narrow KL) and 256-row (wide KL) tiles.
-// Host only: runs without a GPU.
+// And gathered_limit, the key-major kernels' per-query key limit, against a key-by-key scan of the
+// causal rule. Host only: runs without a GPU.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -30,6 +31,21 @@ TEST(GatheredTiles, FastPathsEqualTheDivisions) {
       }
     }
   }
+}
+
+TEST(GatheredTiles, LimitIsTheLastCausallyVisibleKey) {
+  namespace rules = msa::rules;
+  for (int keys : {64, 128})
+    for (int64_t lq : {1, 5, 130})
+      for (int64_t lk : {lq, lq + 70, lq + 300})
+        for (int64_t i = -1; i < lq; ++i)
+          for (int64_t ks = 0; ks < lk; ks += 64) {
+            int want = -1;
+            for (int o = 0; o < keys && i >= 0; ++o)
+              if (rules::causally_visible(ks + o, rules::query_position(lq, lk, i))) want = o;
+            ASSERT_EQ(detail::cuda::gathered_limit(lq, lk, i, ks, keys), want)
+                << "lq " << lq << " lk " << lk << " i " << i << " ks " << ks << " keys " << keys;
+          }
 }
 
 }  // namespace
