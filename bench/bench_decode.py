@@ -5,7 +5,8 @@ paged dense mode.
 
 One layer of Hq=64 / Hkv=4 / D=Di=128, B=128, k=16; batch 1, 8, 32, 128; context 8K, 32K, 128K
 (combinations that do not fit in GPU memory are recorded as skipped); q_len 1 and 4 per request;
-bf16 and FP8 E4M3 paged caches (shuffled page tables). Per case: index time and attention time
+bf16 and FP8 E4M3 paged caches (shuffled page tables), K / V pages token-major ([pages, B, Hkv, D] in
+memory) and head-major ([pages, Hkv, B, D], passed through msa.paged.head_major). Per case: index time and attention time
 (kernel durations from the torch profiler), the total paged_run time (CUDA events, median), the
 bytes each kernel actually reads and its GB/s, the speedup over SDPA dense decode, and the device
 copy bandwidth (torch copy of a 1 GiB tensor) measured in the same run.
@@ -14,6 +15,7 @@ copy bandwidth (torch copy of a 1 GiB tensor) measured in the same run.
     python3 bench/bench_decode.py --quick               # batch 1, 32; 8K and 32K
     python3 bench/bench_decode.py --smoke               # tiny, on the CPU (tests the script)
     python3 bench/bench_decode.py --quick --methods msa_sparse,sdpa_dense
+    python3 bench/bench_decode.py --batches 32 --contexts 128k --q-lens 1 --kv-layouts head_major
 
 Within a case msa_paged_dense runs last, so a fault in it cannot lose the SDPA baseline of the same
 case. A CUDA fault (a sticky error: the context is lost) ends the run: the JSON of what was measured
@@ -38,6 +40,7 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
+KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
 INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_", "select_topk_kernel")
@@ -79,6 +82,9 @@ def build_parser():
     p.add_argument("--contexts", type=parse_ints, default=None)
     p.add_argument("--q-lens", type=parse_ints, default=None)
     p.add_argument("--caches", default=",".join(CACHES), help="comma list of bf16, fp8")
+    p.add_argument("--kv-layouts", default=",".join(KV_LAYOUTS),
+                   help="comma list of token_major ([pages, B, Hkv, D] in memory), head_major ([pages, Hkv, "
+                        "B, D]); msa_sparse runs each, the dense methods token-major")
     p.add_argument("--methods", type=parse_methods, default=list(METHODS),
                    help="comma list of " + ", ".join(METHODS) + " (default all; msa_paged_dense "
                         "runs last within each case, bf16 caches only)")
@@ -104,6 +110,11 @@ class Run:
             if v:
                 self.shape[key] = v
         self.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        self.layouts = [x.strip() for x in args.kv_layouts.split(",") if x.strip()]
+        bad = [x for x in self.layouts if x not in KV_LAYOUTS]
+        if bad or not self.layouts:
+            raise SystemExit(f"bench_decode: unknown --kv-layouts {bad or args.kv_layouts!r}; choose from "
+                             f"{','.join(KV_LAYOUTS)}")
         self.methods = list(args.methods)
         self.dev = "cpu" if args.smoke else "cuda"
         self.budget = C.Budget(args.time_budget)
@@ -119,7 +130,7 @@ class Run:
             "benchmark": "decode", "commit": self.commit, "device": self.device,
             "torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None),
             "timestamp": C.utc_timestamp(),
-            "config": dict(self.shape, caches=self.caches, methods=self.methods,
+            "config": dict(self.shape, caches=self.caches, kv_layouts=self.layouts, methods=self.methods,
                            warmup=args.warmup, iters=args.iters,
                            smoke=bool(args.smoke), l2_bytes=self.l2,
                            msa_module=getattr(msa, "__file__", None),
@@ -145,7 +156,7 @@ class Run:
         self.rows.append(row)
         msg = row.get("error") or row.get("skipped") or (
             f"{row['ms_median']:.3f} ms" if row.get("ms_median") is not None else "")
-        print(f"[{row['method']} {row.get('cache', '')} b={row['batch']} L={row['context']} "
+        print(f"[{row['method']} {row.get('cache', '')} {row.get('kv_layout', '')} b={row['batch']} L={row['context']} "
               f"q={row['q_len']}] {msg}", flush=True)
         self.save()
 
@@ -215,7 +226,7 @@ class Run:
         return dict(bytes=n, ms_median=t["ms_median"], gb_per_s=gbs, note="read + write bytes / time")
 
     # ---- one case ---------------------------------------------------------------------------
-    def make_step(self, batch, ctx, q_len, cache_kind, gen):
+    def make_step(self, batch, ctx, q_len, cache_kind, gen, layout="token_major"):
         torch, msa = self.torch, self.msa
         s = self.shape
         B, hkv, d, di = s["block"], s["hkv"], s["d"], s["di"]
@@ -233,13 +244,19 @@ class Run:
         def rnd(*shape):
             return torch.randn(*shape, generator=dgen, dtype=bf, device=self.dev)
 
+        def kv_pages(dtype):  # [num_pages, B, Hkv, D], stored in `layout`
+            if layout == "head_major":
+                return msa.paged.head_major(torch.empty(num_pages, hkv, B, d, dtype=dtype, device=self.dev))
+            return torch.empty(num_pages, B, hkv, d, dtype=dtype, device=self.dev)
+
         if cache_kind == "bf16":
-            cache = msa.paged.Cache(rnd(num_pages, B, hkv, d), rnd(num_pages, B, hkv, d),
-                                    rnd(num_pages, B, di))
+            k, v = kv_pages(bf), kv_pages(bf)
+            k.copy_(rnd(num_pages, B, hkv, d))
+            v.copy_(rnd(num_pages, B, hkv, d))
+            cache = msa.paged.Cache(k, v, rnd(num_pages, B, di))
         else:  # FP8 E4M3 bytes with per-(page, head) amax / 448 scales, made a slice at a time
             f8, u8 = torch.float8_e4m3fn, torch.uint8
-            k8 = torch.empty(num_pages, B, hkv, d, dtype=u8, device=self.dev)
-            v8 = torch.empty_like(k8)
+            k8, v8 = kv_pages(u8), kv_pages(u8)
             ki8 = torch.empty(num_pages, B, di, dtype=u8, device=self.dev)
             ks = torch.empty(num_pages, hkv, dtype=torch.float32, device=self.dev)
             vs = torch.empty_like(ks)
@@ -327,7 +344,8 @@ class Run:
         totals = {}
         if "msa_sparse" in self.methods:
             for cache_kind in self.caches:
-                self.run_msa(batch, ctx, q_len, gen, cache_kind, False, totals)
+                for layout in self.layouts:
+                    self.run_msa(batch, ctx, q_len, gen, cache_kind, False, totals, layout)
         sdpa_row = self.run_sdpa(batch, ctx, q_len, totals) if "sdpa_dense" in self.methods else None
         # Last: a fault here cannot lose this case's rows above (they are saved already).
         if "msa_paged_dense" in self.methods and "bf16" in self.caches:
@@ -336,10 +354,10 @@ class Run:
                 sdpa_row["speedup_msa_paged_dense_bf16"] = sdpa_row["ms_median"] / ms
                 self.save()
 
-    def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals):
-        """msa.paged.run on fresh paged caches of one kind; returns the median ms or None."""
+    def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
+        """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None."""
         method = "msa_paged_dense" if dense else "msa_sparse"
-        base = dict(batch=batch, context=ctx, q_len=q_len)
+        base = dict(batch=batch, context=ctx, q_len=q_len, kv_layout=layout)
         if self.budget.exhausted(10):
             self.add(method=method, cache=cache_kind, **base, skipped="time budget")
             return None
@@ -348,7 +366,7 @@ class Run:
         try:
             # Caches below ~3x L2 would stay cached between timed calls: rotate among copies.
             sets = C.rotation_sets(self.cache_bytes(batch, ctx, cache_kind), self.l2) if self.l2 else 1
-            steps = [self.make_step(batch, ctx, q_len, cache_kind, gen) for _ in range(sets)]
+            steps = [self.make_step(batch, ctx, q_len, cache_kind, gen, layout) for _ in range(sets)]
             st = steps[0]
             calls = [self.msa_call(x, dense) for x in steps]
             call = calls[0]
@@ -361,7 +379,7 @@ class Run:
                        index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
                        attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
                        total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
-            ms = totals[(method, cache_kind)] = t["ms_median"]
+            ms = totals[(method, cache_kind + ("" if layout == "token_major" else "_" + layout))] = t["ms_median"]
             self.add(**row)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -449,7 +467,7 @@ class Run:
     def print_summary(self):
         print(f"\n== decode summary ({self.device}, commit {self.commit[:12]}) -> {self.out_path}")
         bw = (self.doc.get("copy_bandwidth") or {}).get("gb_per_s")
-        headers = ["b", "L", "q", "cache", "idx_ms", "attn_ms", "total_ms", "idx_GB/s", "attn_GB/s",
+        headers = ["b", "L", "q", "cache", "layout", "idx_ms", "attn_ms", "total_ms", "idx_GB/s", "attn_GB/s",
                    "pdense_ms", "sdpa_ms", "sdpa_GB/s", "x_sdpa"]
         by = {}
         for r in self.rows:
@@ -458,16 +476,17 @@ class Run:
         for (b, L, q), rows in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
             sd = next((r for r in rows if r["method"] == "sdpa_dense" and "ms_median" in r), None)
             pd = next((r for r in rows if r["method"] == "msa_paged_dense" and "ms_median" in r), None)
-            for ck in self.caches:
-                sp = next((r for r in rows if r["method"] == "msa_sparse" and r.get("cache") == ck), None)
+            for ck, lay in [(c, x) for c in self.caches for x in self.layouts]:
+                sp = next((r for r in rows if r["method"] == "msa_sparse" and r.get("cache") == ck
+                           and r.get("kv_layout", "token_major") == lay), None)
                 if sp is None:
-                    if ck != self.caches[0] or not (pd or sd):
+                    if (ck, lay) != (self.caches[0], self.layouts[0]) or not (pd or sd):
                         continue
                     sp = {"ms_median": None}  # --methods without msa_sparse
 
                 def f(x, fmt="{:.3f}"):
                     return fmt.format(x) if isinstance(x, (int, float)) else "-"
-                table.append([str(b), f"{L // 1024}K" if L >= 1024 else str(L), str(q), ck,
+                table.append([str(b), f"{L // 1024}K" if L >= 1024 else str(L), str(q), ck, lay,
                               f(sp.get("index_ms")), f(sp.get("attention_ms")),
                               f(sp.get("ms_median")) if "ms_median" in sp else (sp.get("error") or sp.get("skipped") or "-")[:20],
                               f(sp.get("index_gb_per_s"), "{:.0f}"), f(sp.get("attention_gb_per_s"), "{:.0f}"),

@@ -443,7 +443,10 @@ def collect_decode(docs):
         for r in doc["rows"]:
             if r.get("method") != "msa_sparse":
                 continue
-            key = (doc.get("device", "?"), r.get("batch"), r.get("context"), r.get("q_len"), r.get("cache"))
+            # Head-major K / V pages are their own rows; files before the layout option are token-major.
+            layout = r.get("kv_layout", "token_major")
+            cache = r.get("cache") if layout == "token_major" else f"{r.get('cache')} {layout.replace('_', '-')}"
+            key = (doc.get("device", "?"), r.get("batch"), r.get("context"), r.get("q_len"), cache)
             if key in out and r.get("ms_median") is None:
                 continue
             out[key] = (doc, r, dense.get(key[1:4], {}))

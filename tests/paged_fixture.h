@@ -1,12 +1,14 @@
 // A random serving step on the host: the contiguous varlen problem (TestProblem) and the same tokens
 // in a paged cache with a shuffled page table. The prefix (kv_len - q_len tokens) is written into the
 // pages directly; the step's new tokens are left for paged_append_kv. Unwritten cache slots hold NaN,
-// so a kernel that reads past kv_len fails.
+// so a kernel that reads past kv_len fails. K / V pages are token-major or head-major in memory
+// (KvLayout); the API sees both as the same logical [num_pages, B, Hkv, D] tensor.
 #pragma once
 
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "common/host_tensor.h"
@@ -17,16 +19,45 @@
 namespace msa {
 namespace testing {
 
+// How K / V pages lie in memory. token_major: [num_pages, B, Hkv, D], the contiguous logical shape.
+// head_major: [num_pages, Hkv, B, D] (FlashInfer's HND, TensorRT-LLM's pages), each (page, head)
+// one contiguous run of B rows, passed as the logical shape with dims 1 and 2 swapped in the strides.
+enum class KvLayout { token_major, head_major };
+
+inline const char* kv_layout_name(KvLayout l) { return l == KvLayout::head_major ? "head_major" : "token_major"; }
+
+// Physical shape of a K / V cache in `layout`.
+inline std::vector<int64_t> kv_storage_shape(KvLayout layout, int64_t pages, int B, int hkv, int D) {
+  return layout == KvLayout::head_major ? std::vector<int64_t>{pages, hkv, B, D}
+                                        : std::vector<int64_t>{pages, B, hkv, D};
+}
+
+// The logical [num_pages, B, Hkv, D] view of a K / V cache stored in `layout` (host or device).
+inline TensorView kv_logical_view(TensorView stored, KvLayout layout) {
+  if (layout == KvLayout::head_major) {
+    std::swap(stored.shape[1], stored.shape[2]);
+    std::swap(stored.stride[1], stored.stride[2]);
+  }
+  return stored;
+}
+
+// Element index of (page, slot, head, d) in a K / V cache stored in `layout`.
+inline int64_t kv_element(KvLayout layout, int64_t page, int64_t slot, int h, int d, int B, int hkv, int D) {
+  return layout == KvLayout::head_major ? ((page * hkv + h) * B + slot) * D + d
+                                        : ((page * B + slot) * hkv + h) * D + d;
+}
+
 struct PagedStep {
   std::vector<int32_t> q_lens, kv_lens;
   TestProblem p;  // contiguous: queries [total_q], keys [sum kv_len]
   int64_t num_pages = 0, width = 0;
   HostTensor k_cache, v_cache, ki_cache, page_table, cu_q, kv;
   HostTensor k_new, v_new, ki_new;  // the new tokens, packed like q
+  KvLayout layout = KvLayout::token_major;
 
   PagedStep(const Config& cfg, std::vector<int32_t> ql, std::vector<int32_t> kl, DType dt,
-            uint64_t seed, int spare_pages = 3)
-      : q_lens(std::move(ql)), kv_lens(std::move(kl)), p(cfg, q_lens, kv_lens, dt, seed) {
+            uint64_t seed, int spare_pages = 3, KvLayout kv_layout = KvLayout::token_major)
+      : q_lens(std::move(ql)), kv_lens(std::move(kl)), p(cfg, q_lens, kv_lens, dt, seed), layout(kv_layout) {
     const int B = cfg.block_size, hkv = cfg.num_kv_heads, D = cfg.head_dim, Di = cfg.index_head_dim;
     const int batch = int(q_lens.size());
     for (int r = 0; r < batch; ++r) {
@@ -41,8 +72,8 @@ struct PagedStep {
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
 
-    k_cache = HostTensor(dt, {num_pages, B, hkv, D});
-    v_cache = HostTensor(dt, {num_pages, B, hkv, D});
+    k_cache = HostTensor(dt, kv_storage_shape(layout, num_pages, B, hkv, D));
+    v_cache = HostTensor(dt, kv_storage_shape(layout, num_pages, B, hkv, D));
     ki_cache = HostTensor(dt, {num_pages, B, Di});
     k_cache.poison();
     v_cache.poison();
@@ -70,7 +101,7 @@ struct PagedStep {
         for (int h = 0; h < hkv; ++h)
           for (int d = 0; d < D; ++d) {
             const int64_t src = ((k0 + t) * hkv + h) * D + d;
-            const int64_t dst = ((page * B + slot) * hkv + h) * D + d;
+            const int64_t dst = kv_element(layout, page, slot, h, d, B, hkv, D);
             if (cached) {
               k_cache.set(dst, p.k.get(src));
               v_cache.set(dst, p.v.get(src));
@@ -89,7 +120,14 @@ struct PagedStep {
     }
   }
 
-  PagedKVCache cache() { return {k_cache.view(), v_cache.view(), ki_cache.view(), {}, {}, {}}; }
+  // Element index of (page, slot, head, d) in k_cache / v_cache.
+  int64_t kv_index(int64_t page, int64_t slot, int h, int d) const {
+    return kv_element(layout, page, slot, h, d, p.cfg.block_size, p.cfg.num_kv_heads, p.cfg.head_dim);
+  }
+  PagedKVCache cache() {
+    return {kv_logical_view(k_cache.view(), layout), kv_logical_view(v_cache.view(), layout), ki_cache.view(),
+            {}, {}, {}};
+  }
   PagedBatch batch() { return {cu_q.view(), kv.view(), page_table.view()}; }
   PagedPlan plan(const PagedOptions& opt = {}) {
     return paged_plan(p.cfg, q_lens.data(), kv_lens.data(), int(q_lens.size()), p.dtype,

@@ -23,11 +23,13 @@ enum class ScalePolicy {
 // quantised (the unwritten ones stay NaN), the new tokens left for paged_append_kv.
 struct Fp8Cache {
   HostTensor k, v, ki, k_scale, v_scale, ki_scale;
+  KvLayout layout;  // of k and v: the step's
   PagedKVCache view() {
-    return {k.view(), v.view(), ki.view(), k_scale.view(), v_scale.view(), ki_scale.view()};
+    return {kv_logical_view(k.view(), layout), kv_logical_view(v.view(), layout), ki.view(), k_scale.view(),
+            v_scale.view(), ki_scale.view()};
   }
 
-  Fp8Cache(PagedStep& s, ScalePolicy policy) {
+  Fp8Cache(PagedStep& s, ScalePolicy policy) : layout(s.layout) {
     const Config& c = s.p.cfg;
     const int B = c.block_size, hkv = c.num_kv_heads, D = c.head_dim, Di = c.index_head_dim;
     const int64_t P = s.num_pages;
@@ -61,14 +63,17 @@ struct Fp8Cache {
       }
       ki_scale.set(p, scale(aki, p, 0, 1));
     }
-    k = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
-    v = HostTensor(DType::fp8_e4m3, {P, B, hkv, D});
+    k = HostTensor(DType::fp8_e4m3, kv_storage_shape(layout, P, B, hkv, D));
+    v = HostTensor(DType::fp8_e4m3, kv_storage_shape(layout, P, B, hkv, D));
     ki = HostTensor(DType::fp8_e4m3, {P, B, Di});
-    for (int64_t i = 0; i < k.numel(); ++i) {
-      const int64_t p = i / (int64_t(B) * hkv * D), h = (i / D) % hkv;
-      k.set(i, float(s.k_cache.get(i)) / float(k_scale.get(p * hkv + h)));
-      v.set(i, float(s.v_cache.get(i)) / float(v_scale.get(p * hkv + h)));
-    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int slot = 0; slot < B; ++slot)
+        for (int h = 0; h < hkv; ++h)
+          for (int d = 0; d < D; ++d) {
+            const int64_t i = s.kv_index(p, slot, h, d);
+            k.set(i, float(s.k_cache.get(i)) / float(k_scale.get(p * hkv + h)));
+            v.set(i, float(s.v_cache.get(i)) / float(v_scale.get(p * hkv + h)));
+          }
     for (int64_t i = 0; i < ki.numel(); ++i)
       ki.set(i, float(s.ki_cache.get(i)) / float(ki_scale.get(i / (int64_t(B) * Di))));
   }

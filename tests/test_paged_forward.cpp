@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 #include <string>
 #include <vector>
@@ -19,6 +20,7 @@
 namespace msa {
 namespace {
 
+using testing::KvLayout;
 using testing::PagedStep;
 
 Config small_config(int hq, int hkv) {
@@ -123,10 +125,11 @@ void expect_same(PagedStep& s, const PagedOptions& opt = {}) {
 struct Case {
   int hq, hkv;
   DType dtype;
+  KvLayout layout = KvLayout::token_major;
 };
 std::string case_name(const ::testing::TestParamInfo<Case>& i) {
   return "Hq" + std::to_string(i.param.hq) + "_Hkv" + std::to_string(i.param.hkv) + "_" +
-         dtype_name(i.param.dtype);
+         dtype_name(i.param.dtype) + (i.param.layout == KvLayout::head_major ? "_head_major" : "");
 }
 
 class PagedForward : public ::testing::TestWithParam<Case> {};
@@ -138,7 +141,7 @@ TEST_P(PagedForward, RaggedDecodeLengths) {
   // kv: 1, B-1, B, B+1, shorter than k blocks, long; q_len cycles through decode sizes.
   const std::vector<int32_t> kv = {1, B - 1, B, B + 1, 3 * B - 2, 13 * B + 5};
   const std::vector<int32_t> q = {1, 4, 16, 2, 9, 16};
-  PagedStep s(c, q, kv, cs.dtype, 101);
+  PagedStep s(c, q, kv, cs.dtype, 101, 3, cs.layout);
   expect_same(s);
 }
 
@@ -150,7 +153,7 @@ TEST_P(PagedForward, EveryDecodeQueryCount) {
     q.push_back(n);
     kv.push_back(150 + 7 * n);
   }
-  PagedStep s(c, q, kv, cs.dtype, 202);
+  PagedStep s(c, q, kv, cs.dtype, 202, 3, cs.layout);
   expect_same(s);
 }
 
@@ -158,14 +161,14 @@ TEST_P(PagedForward, ChunkedPrefill) {
   const Case cs = GetParam();
   const Config c = small_config(cs.hq, cs.hkv);
   // A chunk over a cached prefix, a chunk starting mid-page, and a whole prompt (q_len == kv_len).
-  PagedStep s(c, {40, 37, 70}, {300, 101, 70}, cs.dtype, 303);
+  PagedStep s(c, {40, 37, 70}, {300, 101, 70}, cs.dtype, 303, 3, cs.layout);
   expect_same(s);
 }
 
 TEST_P(PagedForward, KeySplitsMergeByLse) {
   const Case cs = GetParam();
   const Config c = small_config(cs.hq, cs.hkv);
-  PagedStep s(c, {3}, {517}, cs.dtype, 404);
+  PagedStep s(c, {3}, {517}, cs.dtype, 404, 3, cs.layout);
   PagedOptions opt;
   opt.num_threads = 7;  // one tile, seven workers: index block ranges and attention key splits
   const PagedPlan plan = s.plan(opt);
@@ -177,7 +180,7 @@ TEST_P(PagedForward, KeySplitsMergeByLse) {
 TEST_P(PagedForward, DenseModeEqualsDenseAttention) {
   const Case cs = GetParam();
   const Config c = small_config(cs.hq, cs.hkv);
-  PagedStep s(c, {1, 5, 33}, {200, 17, 90}, cs.dtype, 505);
+  PagedStep s(c, {1, 5, 33}, {200, 17, 90}, cs.dtype, 505, 3, cs.layout);
   PagedOptions opt;
   opt.dense = true;
   expect_same(s, opt);
@@ -188,7 +191,9 @@ TEST_P(PagedForward, DenseModeEqualsDenseAttention) {
 INSTANTIATE_TEST_SUITE_P(Cpu, PagedForward,
                          ::testing::Values(Case{4, 4, DType::f32}, Case{4, 1, DType::f32},
                                            Case{16, 1, DType::f32}, Case{8, 2, DType::bf16},
-                                           Case{16, 4, DType::f16}),
+                                           Case{16, 4, DType::f16},
+                                           Case{4, 1, DType::f32, KvLayout::head_major},
+                                           Case{8, 2, DType::bf16, KvLayout::head_major}),
                          case_name);
 
 // bf16 pages of 64 and 128 keys take the index's tile-unit kernel where the CPU has AMX (index head
@@ -222,19 +227,35 @@ TEST(PagedForward, EmptyRequestsAndNoQueries) {
   expect_same(s);
 }
 
+// After the append every token of every request sits in its (page, slot), in either page layout; the
+// slots no request uses keep their poison.
 TEST(PagedForward, AppendWritesOnlyTheNewSlots) {
-  const Config c = small_config(4, 2);
-  PagedStep s(c, {3, 1}, {20, 33}, DType::f32, 707);
-  const PagedPlan plan = s.plan();
-  paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), s.cache());
-  const int B = c.block_size;
-  for (int r = 0; r < 2; ++r)
-    for (int t = 0; t < s.kv_lens[r]; ++t) {
-      const int64_t page = int64_t(s.page_table.get(r * s.width + t / B));
-      const int64_t src = (s.p.lens.cu_k[r] + t) * c.index_head_dim;
-      for (int d = 0; d < c.index_head_dim; ++d)
-        ASSERT_EQ(s.ki_cache.get((page * B + t % B) * c.index_head_dim + d), s.p.ki.get(src + d));
-    }
+  for (KvLayout layout : {KvLayout::token_major, KvLayout::head_major}) {
+    SCOPED_TRACE(testing::kv_layout_name(layout));
+    const Config c = small_config(4, 2);
+    PagedStep s(c, {3, 1}, {20, 33}, DType::f32, 707, 3, layout);
+    const PagedPlan plan = s.plan();
+    paged_append_kv(plan, s.batch(), s.k_new.view(), s.v_new.view(), s.ki_new.view(), s.cache());
+    const int B = c.block_size, hkv = c.num_kv_heads, D = c.head_dim;
+    std::vector<char> used(size_t(s.k_cache.numel()), 0);
+    for (int r = 0; r < 2; ++r)
+      for (int t = 0; t < s.kv_lens[r]; ++t) {
+        const int64_t page = int64_t(s.page_table.get(r * s.width + t / B));
+        const int64_t tok = s.p.lens.cu_k[r] + t;
+        for (int d = 0; d < c.index_head_dim; ++d)
+          ASSERT_EQ(s.ki_cache.get((page * B + t % B) * c.index_head_dim + d),
+                    s.p.ki.get(tok * c.index_head_dim + d));
+        for (int h = 0; h < hkv; ++h)
+          for (int d = 0; d < D; ++d) {
+            const int64_t at = s.kv_index(page, t % B, h, d);
+            ASSERT_EQ(s.k_cache.get(at), s.p.k.get((tok * hkv + h) * D + d)) << "request " << r << " token " << t;
+            ASSERT_EQ(s.v_cache.get(at), s.p.v.get((tok * hkv + h) * D + d)) << "request " << r << " token " << t;
+            used[size_t(at)] = 1;
+          }
+      }
+    for (int64_t i = 0; i < s.k_cache.numel(); ++i)
+      if (!used[size_t(i)]) ASSERT_TRUE(std::isnan(s.k_cache.get(i))) << "k_cache element " << i << " was written";
+  }
 }
 
 }  // namespace

@@ -30,6 +30,8 @@ namespace msa {
 namespace {
 
 using testing::Fp8Cache;
+using testing::KvLayout;
+using testing::kv_layout_name;
 using testing::PagedStep;
 using testing::ScalePolicy;
 
@@ -151,13 +153,15 @@ std::set<int32_t> selected(const Outputs& o, const Config& c, int64_t tq, int g,
 }
 
 // A step of ragged requests: decode (1, 3, 16 queries), a prefill chunk, a short request.
-PagedStep make_step(int hq, int hkv, uint64_t seed) {
+PagedStep make_step(int hq, int hkv, uint64_t seed, KvLayout layout = KvLayout::token_major) {
   return PagedStep(fp8_config(hq, hkv), {1, 3, 16, 40, 5}, {1000, 517, 700, 300, 17}, DType::bf16,
-                   seed);
+                   seed, 3, layout);
 }
 
-TEST(PagedFp8, AppendQuantisesTheNewRowsWithThePageScale) {
-  PagedStep s = make_step(8, 2, 1);
+class PagedFp8Layout : public ::testing::TestWithParam<KvLayout> {};
+
+TEST_P(PagedFp8Layout, AppendQuantisesTheNewRowsWithThePageScale) {
+  PagedStep s = make_step(8, 2, 1, GetParam());
   Fp8Cache f(s, ScalePolicy::page_amax);
   const HostTensor k_before = f.k, ki_before = f.ki;
   run_step(s, f.view());
@@ -170,7 +174,7 @@ TEST(PagedFp8, AppendQuantisesTheNewRowsWithThePageScale) {
       const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + pos / B));
       for (int h = 0; h < hkv; ++h)
         for (int d = 0; d < D; ++d) {
-          const int64_t at = ((page * B + pos % B) * hkv + h) * D + d;
+          const int64_t at = s.kv_index(page, pos % B, h, d);
           const float x = float(s.k_new.get((row * hkv + h) * D + d));
           const uint8_t want = float_to_fp8_e4m3(x / float(f.k_scale.get(page * hkv + h)));
           ASSERT_EQ(static_cast<uint8_t*>(f.k.data())[at], want) << "request " << r << " token " << i;
@@ -195,10 +199,10 @@ TEST(PagedFp8, AppendQuantisesTheNewRowsWithThePageScale) {
 
 // The FP8 run on the values the cache holds: the contiguous f32 API on the dequantised tokens (and
 // the bf16 queries, exact in f32) selects the same blocks and gives the same outputs.
-TEST(PagedFp8, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
+TEST_P(PagedFp8Layout, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
   for (const auto& [hq, hkv] : std::vector<std::pair<int, int>>{{2, 2}, {8, 2}, {16, 1}}) {
     SCOPED_TRACE("Hq " + std::to_string(hq) + " Hkv " + std::to_string(hkv));
-    PagedStep s = make_step(hq, hkv, 7 + hq);
+    PagedStep s = make_step(hq, hkv, 7 + hq, GetParam());
     Fp8Cache f(s, ScalePolicy::page_amax);
     PagedOptions opt;
     opt.num_threads = 3;  // key splits and index block ranges
@@ -216,7 +220,7 @@ TEST(PagedFp8, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
         for (int h = 0; h < hkv; ++h) {
           const float ks = float(f.k_scale.get(page * hkv + h)), vs = float(f.v_scale.get(page * hkv + h));
           for (int d = 0; d < D; ++d) {
-            const int64_t at = ((page * B + t % B) * hkv + h) * D + d;
+            const int64_t at = s.kv_index(page, t % B, h, d);
             ref.k.set((tok * hkv + h) * D + d, float(f.k.get(at)) * ks);
             ref.v.set((tok * hkv + h) * D + d, float(f.v.get(at)) * vs);
           }
@@ -236,6 +240,9 @@ TEST(PagedFp8, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
     EXPECT_LT(relative_error(got.lse.to_double(), want.lse.to_double()), 1e-6);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Pages, PagedFp8Layout, ::testing::Values(KvLayout::token_major, KvLayout::head_major),
+                         [](const ::testing::TestParamInfo<KvLayout>& i) { return std::string(kv_layout_name(i.param)); });
 
 // FP8 against bf16 caches holding the same data (N(0,1), bf16-rounded), both scale policies, GQA
 // 1 / 4 / 16, two seeds each. Measured on this CPU: docs/serving.md "FP8 caches" has the figures; the

@@ -11,6 +11,10 @@ is preallocated by the caller (DLPack: torch or numpy), nothing is allocated per
 
 FP8 E4M3 caches: pass the cache as uint8 bytes of the same shape (torch: ``t.view(torch.uint8)``)
 with its f32 scale (``k_scale`` / ``v_scale`` [num_pages, Hkv], ``ki_scale`` [num_pages]).
+
+K / V pages may lie token-major ([num_pages, B, Hkv, D], contiguous) or head-major in memory
+([num_pages, Hkv, B, D], FlashInfer's "HND"): pass ``head_major(storage)``, a strided view of the
+logical shape. Any outer strides work; the innermost dimension must be contiguous.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -40,6 +44,13 @@ class Cache:
     k_scale: Optional[Any] = None
     v_scale: Optional[Any] = None
     ki_scale: Optional[Any] = None
+
+
+def head_major(storage):
+    """The logical [num_pages, B, Hkv, D] view of K or V pages stored head-major,
+    [num_pages, Hkv, B, D] (torch tensor or NumPy array; no copy). Each (page, head) is then one
+    contiguous run of B rows, the order in which the decode attention reads a group's keys."""
+    return storage.swapaxes(1, 2)
 
 
 def _host_int32(x):

@@ -46,17 +46,29 @@ class Step:
                                for r in range(len(lengths))]).astype(np.int64)
         self.k_new, self.v_new, self.ki_new = self.k[rows], self.v[rows], self.ki[rows]
 
-    def empty_cache(self, cfg, dtype=np.float32):
+    def empty_cache(self, cfg, dtype=np.float32, head_major=False):
+        """k, v [num_pages, B, Hkv, D] (head_major: views of [num_pages, Hkv, B, D] storage), ki."""
         B, hkv, D, Di = cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.index_head_dim
         fill = 0 if dtype == np.uint8 else np.nan
-        return (np.full((self.num_pages, B, hkv, D), fill, dtype), np.full((self.num_pages, B, hkv, D), fill, dtype),
-                np.full((self.num_pages, B, Di), fill, dtype))
+        if head_major:
+            k, v = (msa.paged.head_major(np.full((self.num_pages, hkv, B, D), fill, dtype)) for _ in range(2))
+            assert not k.flags.c_contiguous and k.shape == (self.num_pages, B, hkv, D)
+        else:
+            k, v = (np.full((self.num_pages, B, hkv, D), fill, dtype) for _ in range(2))
+        return k, v, np.full((self.num_pages, B, Di), fill, dtype)
 
     def prefix_slots(self, cfg):
         """(page, slot, token) of every cached token that precedes the step."""
         B = cfg.block_size
         for r in range(len(self.q_lens)):
             for t in range(self.kv_lens[r] - self.q_lens[r]):
+                yield self.page_table[r, t // B], t % B, self.cu_k[r] + t
+
+    def new_slots(self, cfg):
+        """(page, slot, token) of every token this step appends."""
+        B = cfg.block_size
+        for r in range(len(self.q_lens)):
+            for t in range(self.kv_lens[r] - self.q_lens[r], self.kv_lens[r]):
                 yield self.page_table[r, t // B], t % B, self.cu_k[r] + t
 
     def batch(self):
@@ -81,14 +93,16 @@ def rel_err(x, r):
     return np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-300)
 
 
-@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (16, 1)])
-def test_sparse_step_matches_contiguous_ops(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,head_major", [(2, 2, False), (8, 2, False), (16, 1, False), (8, 2, True)])
+def test_sparse_step_matches_contiguous_ops(hq, hkv, head_major):
     cfg = make_cfg(hq, hkv)
     s = Step(cfg, seed=hq + hkv)
-    k_c, v_c, ki_c = s.empty_cache(cfg)
+    k_c, v_c, ki_c = s.empty_cache(cfg, head_major=head_major)
     for page, slot, tok in s.prefix_slots(cfg):
         k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
     out, lse, topk = run(cfg, s, msa.paged.Cache(k_c, v_c, ki_c))
+    for page, slot, tok in s.new_slots(cfg):  # the append wrote through the strides
+        assert np.array_equal(k_c[page, slot], s.k[tok]) and np.array_equal(v_c[page, slot], s.v[tok])
     # Selections: layout of rules.h, each chosen block within rounding of the n-th best score.
     scores, _, _ = ref.index_topk(cfg, s.cu_q, s.cu_k, s.qi.astype(np.float64), s.ki.astype(np.float64))
     for g in range(hkv):
@@ -180,8 +194,10 @@ def test_bad_arguments_name_themselves():
     assert e.value.argument == "device"
 
 
-def test_cuda_step_matches_cpu_step():
-    """The CUDA backend through torch tensors (skipped without torch, a GPU or a CUDA build)."""
+@pytest.mark.parametrize("head_major", [False, True])
+def test_cuda_step_matches_cpu_step(head_major):
+    """The CUDA backend through torch tensors (skipped without torch, a GPU or a CUDA build), with
+    token-major and head-major K / V pages."""
     torch = pytest.importorskip("torch")
     if not (torch.cuda.is_available() and msa.cuda_available()):
         pytest.skip("no CUDA device or no CUDA build")
@@ -196,7 +212,9 @@ def test_cuda_step_matches_cpu_step():
             k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
         p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32", device=device)
         t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device))
-        cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c))
+        kv = (lambda x: msa.paged.head_major(t(x.swapaxes(1, 2)))) if head_major else t
+        cache = msa.paged.Cache(kv(k_c), kv(v_c), t(ki_c))
+        assert cache.k.is_contiguous() != head_major
         batch = msa.paged.Batch(t(s.cu_q), t(s.kv_lens), t(s.page_table))
         ws = torch.zeros(p.workspace_bytes, dtype=torch.uint8, device=device)
         out = torch.full(s.q.shape, float("nan"), device=device)

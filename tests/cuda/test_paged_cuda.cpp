@@ -35,6 +35,7 @@ namespace msa {
 namespace {
 
 using testing::DeviceTensor;
+using testing::KvLayout;
 using testing::PagedStep;
 
 Config make_config(int hq, int hkv, int d, int di, int b, int k) {
@@ -56,6 +57,7 @@ struct Case {
   bool fp8 = false, dense = false;
   int num_workers = 0;  // 0: the default (132); 1: one key split; large: many splits
   uint64_t seed = 1;
+  KvLayout layout = KvLayout::token_major;  // of the K / V pages in memory
 };
 
 // A cache to run on: the step's own (query dtype) or its FP8 copies with per-page amax / 448 scales
@@ -63,7 +65,8 @@ struct Case {
 struct HostCache {
   HostTensor k, v, ki, k_scale, v_scale, ki_scale;
   bool fp8 = false;
-  HostCache(PagedStep& s, bool to_fp8) : fp8(to_fp8) {
+  KvLayout layout;
+  HostCache(PagedStep& s, bool to_fp8) : fp8(to_fp8), layout(s.layout) {
     if (!fp8) {
       k = s.k_cache;
       v = s.v_cache;
@@ -79,8 +82,9 @@ struct HostCache {
     ki_scale = std::move(f.ki_scale);
   }
   PagedKVCache view() {
-    if (!fp8) return {k.view(), v.view(), ki.view(), {}, {}, {}};
-    return {k.view(), v.view(), ki.view(), k_scale.view(), v_scale.view(), ki_scale.view()};
+    const TensorView kl = testing::kv_logical_view(k.view(), layout), vl = testing::kv_logical_view(v.view(), layout);
+    if (!fp8) return {kl, vl, ki.view(), {}, {}, {}};
+    return {kl, vl, ki.view(), k_scale.view(), v_scale.view(), ki_scale.view()};
   }
   // Dequantised ki element (page, slot, d).
   double ki_at(int64_t page, int64_t slot, int64_t d, int B, int Di) const {
@@ -116,9 +120,10 @@ Result run_cpu(PagedStep& s, HostCache& cache, const PagedOptions& opt) {
 struct DeviceStep {
   DeviceTensor k, v, ki, pt, cu_q, kv, q, qi, k_new, v_new, ki_new;
   std::unique_ptr<DeviceTensor> k_scale, v_scale, ki_scale;
+  KvLayout layout;
   DeviceStep(PagedStep& s, HostCache& c)
       : k(c.k), v(c.v), ki(c.ki), pt(s.page_table), cu_q(s.cu_q), kv(s.kv), q(s.p.q), qi(s.p.qi),
-        k_new(s.k_new), v_new(s.v_new), ki_new(s.ki_new) {
+        k_new(s.k_new), v_new(s.v_new), ki_new(s.ki_new), layout(c.layout) {
     if (c.fp8) {
       k_scale.reset(new DeviceTensor(c.k_scale));
       v_scale.reset(new DeviceTensor(c.v_scale));
@@ -126,7 +131,8 @@ struct DeviceStep {
     }
   }
   PagedKVCache cache() const {
-    PagedKVCache pc{k.view(), v.view(), ki.view(), {}, {}, {}};
+    PagedKVCache pc{testing::kv_logical_view(k.view(), layout), testing::kv_logical_view(v.view(), layout),
+                    ki.view(), {}, {}, {}};
     if (k_scale) {
       pc.k_scale = k_scale->view();
       pc.v_scale = v_scale->view();
@@ -180,8 +186,8 @@ void run_case_once(const Case& tc, bool capture) {
   const char* kernel = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
   SCOPED_TRACE(tc.name + " [MSA_PAGED_ATTENTION_KERNEL=" + (kernel ? kernel : "unset") + "]");
   const Config& cfg = tc.cfg;
-  PagedStep cpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
-  PagedStep gpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed);
+  PagedStep cpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed, 3, tc.layout);
+  PagedStep gpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed, 3, tc.layout);
   HostCache cpu_cache(cpu_step, tc.fp8), gpu_cache(gpu_step, tc.fp8);
   PagedOptions opt;
   opt.dense = tc.dense;
@@ -467,6 +473,28 @@ TEST(PagedCuda, AttentionPageIdsReadPerChunk) {
   Case f = decode_case("per-chunk page ids fp8 Hq64/Hkv4 D128", make_config(64, 4, 128, 128, 32, 8), 26);
   f.fp8 = true;
   run_case(f);
+}
+// Head-major K / V pages ([num_pages, Hkv, B, D] in memory, passed as the logical shape with swapped
+// strides; FlashInfer's HND): every decode query count and ragged lengths, bf16 and FP8, chunked
+// prefill and dense mode, under both attention kernels.
+TEST(PagedCuda, HeadMajorPages) {
+  Case c = decode_case("head-major Hq64/Hkv4 D128 B32", make_config(64, 4, 128, 128, 32, 8), 27);
+  c.layout = KvLayout::head_major;
+  run_case(c);
+  c.name = "head-major fp8 Hq64/Hkv4 D128 B32";
+  c.fp8 = true;
+  run_case(c);
+  Case p;
+  p.name = "head-major chunked prefill";
+  p.cfg = make_config(8, 2, 64, 32, 16, 6);
+  p.q_lens = {100, 1, 16, 37};
+  p.kv_lens = {357, 40, 16, 37};
+  p.layout = KvLayout::head_major;
+  run_case(p);
+  Case d = decode_case("head-major dense Hq16/Hkv1 D64", make_config(16, 1, 64, 32, 16, 4), 28);
+  d.layout = KvLayout::head_major;
+  d.dense = true;
+  run_case(d);
 }
 TEST_P(PagedCudaIndex, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
