@@ -45,7 +45,10 @@ KV_LAYOUTS = ["token_major", "head_major"]
 # attention_kernel (FFMA) / attention_mma_kernel.
 INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_", "select_topk_kernel")
 ATTENTION_KERNELS = ("attention_kernel", "attention_mma_kernel", "merge_kernel")
-METHODS = ("msa_sparse", "sdpa_dense", "msa_paged_dense")  # the order within a case
+METHODS = ("msa_sparse", "sdpa_dense", "flashinfer_dense", "msa_paged_dense")  # the order within a case
+# FlashInfer's tensor-core backends, each timed (the faster is the baseline): fa2 (its FlashAttention-2
+# style kernels) and fa3 (Hopper wgmma). scripts/setup_flashinfer.sh builds both ahead of time.
+FLASHINFER_BACKENDS = ("fa2", "fa3")
 FAULT_EXIT = 3
 # Sticky CUDA errors: after one every later CUDA call fails, so the run cannot go on.
 FAULT_MARKERS = ("illegal memory access", "illegal instruction", "misaligned address",
@@ -347,6 +350,8 @@ class Run:
                 for layout in self.layouts:
                     self.run_msa(batch, ctx, q_len, gen, cache_kind, False, totals, layout)
         sdpa_row = self.run_sdpa(batch, ctx, q_len, totals) if "sdpa_dense" in self.methods else None
+        if "flashinfer_dense" in self.methods and self.dev == "cuda":
+            self.run_flashinfer(batch, ctx, q_len, totals, sdpa_row)
         # Last: a fault here cannot lose this case's rows above (they are saved already).
         if "msa_paged_dense" in self.methods and "bf16" in self.caches:
             ms = self.run_msa(batch, ctx, q_len, gen, "bf16", True, totals)
@@ -427,6 +432,95 @@ class Run:
             self.raise_if_fault(e)
         self.free()
         return row
+
+    def run_flashinfer(self, batch, ctx, q_len, totals, sdpa_row):
+        """Dense baseline: FlashInfer's paged decode (q_len 1: BatchDecode on tensor cores, needed for
+        GQA groups above 8; q_len > 1: BatchPrefill, causal, i.e. the same suffix rule) over a bf16
+        head-major ("HND") cache with pages of B tokens and a shuffled page table; one row per
+        backend. Checked once against SDPA on request 0 (relative error in the row)."""
+        torch, s = self.torch, self.shape
+        base = dict(batch=batch, context=ctx, q_len=q_len)
+        try:
+            import flashinfer
+        except Exception as e:  # noqa: BLE001
+            if not getattr(self, "_fi_missing_noted", False):
+                print(f"bench_decode: FlashInfer baseline skipped ({C.short_error(e)}); "
+                      "scripts/setup_flashinfer.sh prepares it", flush=True)
+                self._fi_missing_noted = True
+            self.add(method="flashinfer_dense", cache="bf16", **base, skipped=f"flashinfer: {C.short_error(e)}")
+            return
+        bf, dev = torch.bfloat16, self.dev
+        hq, hkv, d, B = s["hq"], s["hkv"], s["d"], s["block"]
+        pages_per = (ctx + B - 1) // B
+        num_pages = batch * pages_per
+        try:
+            sets = C.rotation_sets(self.cache_bytes(batch, ctx), self.l2) if self.l2 else 1
+            kv = [(torch.randn(num_pages, hkv, B, d, dtype=bf, device=dev),
+                   torch.randn(num_pages, hkv, B, d, dtype=bf, device=dev)) for _ in range(sets)]
+            perm = torch.randperm(num_pages, device=dev).to(torch.int32)
+            kv_indptr = (torch.arange(batch + 1, device=dev, dtype=torch.int32) * pages_per)
+            last = torch.full((batch,), ctx - (pages_per - 1) * B, dtype=torch.int32, device=dev)
+            qo_indptr = torch.arange(batch + 1, device=dev, dtype=torch.int32) * q_len
+            q = torch.randn(batch * q_len, hq, d, dtype=bf, device=dev)
+            ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+        except Exception as e:  # noqa: BLE001
+            self.add(method="flashinfer_dense", cache="bf16", **base, error=C.short_error(e))
+            self.raise_if_fault(e)
+            self.free()
+            return
+        best = None
+        for backend in FLASHINFER_BACKENDS:
+            try:
+                if q_len == 1:
+                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "HND", use_tensor_cores=True,
+                                                                      backend=backend)
+                    w.plan(kv_indptr, perm, last, hq, hkv, d, B, q_data_type=bf, kv_data_type=bf)
+                else:
+                    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "HND", backend=backend)
+                    w.plan(qo_indptr, kv_indptr, perm, last, hq, hkv, d, B, causal=True,
+                           q_data_type=bf, kv_data_type=bf)
+                out = w.run(q, kv[0])
+                err = self.flashinfer_check(out, q, kv[0], perm[:pages_per], ctx, q_len)
+                calls = [lambda k=k, v=v, w=w: w.run(q, (k, v)) for k, v in kv]
+                t = self.time_calls(calls)
+                dense_bytes = 2 * batch * hkv * ctx * d * 2
+                row = dict(method="flashinfer_dense", backend=backend, cache="bf16", kv_layout="head_major",
+                           **base, **t, flashinfer=flashinfer.__version__, check_rel_err=err,
+                           attention_bytes=dense_bytes,
+                           total_gb_per_s=dense_bytes / (t["ms_median"] * 1e-3) / 1e9)
+                for (m, ck), ms in totals.items():
+                    row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
+                self.add(**row)
+                if err > 2e-2:
+                    print(f"bench_decode: FlashInfer {backend} differs from SDPA (rel err {err:.3g})", flush=True)
+                elif best is None or t["ms_median"] < best["ms_median"]:
+                    best = row
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                self.add(method="flashinfer_dense", backend=backend, cache="bf16", **base, error=C.short_error(e))
+                self.raise_if_fault(e)
+        if best is not None and sdpa_row is not None:
+            sdpa_row["flashinfer_best_ms"] = best["ms_median"]
+            sdpa_row["flashinfer_best_backend"] = best["backend"]
+            self.save()
+        kv = q = ws = None
+        self.free()
+
+    def flashinfer_check(self, out, q, kv, pages, ctx, q_len):
+        """Relative error of FlashInfer's output for request 0 (its pages: `pages`, `ctx` tokens)
+        against SDPA in f32 over those pages gathered."""
+        torch = self.torch
+        pages = pages.long()
+        k = kv[0][pages].permute(1, 0, 2, 3).reshape(1, kv[0].shape[1], -1, kv[0].shape[3])[:, :, :ctx]
+        v = kv[1][pages].permute(1, 0, 2, 3).reshape(1, kv[1].shape[1], -1, kv[1].shape[3])[:, :, :ctx]
+        q0 = q[:q_len].permute(1, 0, 2).unsqueeze(0)  # [1, Hq, q_len, D]
+        # The new tokens are the last q_len positions: query i sees keys 0 .. ctx - q_len + i.
+        pos_q = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= pos_q
+        ref = torch.nn.functional.scaled_dot_product_attention(q0.float(), k.float(), v.float(), attn_mask=mask,
+                                                               enable_gqa=True)
+        got = out[:q_len].permute(1, 0, 2).unsqueeze(0).float()
+        return float((got - ref).norm() / ref.norm())
 
     def main(self):
         torch = self.torch

@@ -440,6 +440,12 @@ def collect_decode(docs):
         for r in doc["rows"]:
             if r.get("method") in ("sdpa_dense", "msa_paged_dense") and r.get("cache", "bf16") == "bf16":
                 dense.setdefault((r.get("batch"), r.get("context"), r.get("q_len")), {})[r["method"]] = r
+            elif r.get("method") == "flashinfer_dense" and ms_of(r) is not None and \
+                    (r.get("check_rel_err") or 0) <= 2e-2:
+                # FlashInfer: its faster backend (fa2 / fa3) among those that agreed with SDPA.
+                case = dense.setdefault((r.get("batch"), r.get("context"), r.get("q_len")), {})
+                if ms_of(case.get("flashinfer_dense")) is None or ms_of(r) < ms_of(case["flashinfer_dense"]):
+                    case["flashinfer_dense"] = r
         for r in doc["rows"]:
             if r.get("method") != "msa_sparse":
                 continue
@@ -453,9 +459,15 @@ def collect_decode(docs):
     return out
 
 
-def decode_speedup(row, dense):
-    sdpa, ms = ms_of(dense.get("sdpa_dense")), ms_of(row)
-    return sdpa / ms if sdpa and ms else None
+def decode_speedup(row, dense, method="sdpa_dense"):
+    base, ms = ms_of(dense.get(method)), ms_of(row)
+    return base / ms if base and ms else None
+
+
+def decode_speedup_best(row, dense):
+    """Against the fastest dense baseline of the same run (SDPA or FlashInfer)."""
+    found = [x for x in (decode_speedup(row, dense, m) for m in ("sdpa_dense", "flashinfer_dense")) if x]
+    return min(found) if found else None
 
 
 def _decode_shape(doc):
@@ -467,7 +479,8 @@ def _decode_shape(doc):
 def make_decode_table(cases, plot_link=None):
     headers = ["Device", "Commit", "Batch", "Context", "q_len", "Cache", "index (ms)", "attention (ms)",
                "MSA total (ms)", "index GB/s", "attention GB/s", "% of copy bandwidth (index / attention)",
-               "paged dense, ours (ms)", "SDPA dense (ms)", "Speedup vs SDPA"]
+               "paged dense, ours (ms)", "SDPA dense (ms)", "FlashInfer dense (ms)", "Speedup vs SDPA",
+               "Speedup vs fastest dense"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     errors, sources = [], []
     for key in sorted(cases, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3] or 0, str(k[4]))):
@@ -482,14 +495,16 @@ def make_decode_table(cases, plot_link=None):
         def pct(x):
             return "n/a" if x is None or not bw else f"{100 * x / bw:.0f}%"
         idx_bw, att_bw = row.get("index_gb_per_s"), row.get("attention_gb_per_s")
-        sp = decode_speedup(row, dense)
+        sp, best = decode_speedup(row, dense), decode_speedup_best(row, dense)
+        fi = dense.get("flashinfer_dense")
         cells = [device, f"`{str(doc.get('commit', 'unknown'))[:10]}`", str(batch), fmt_ctx(ctx), str(q_len),
                  str(cache), fmt_ms(row.get("index_ms")), fmt_ms(row.get("attention_ms")),
                  _ms_cell(row, errors, f"{where}, msa_sparse"), gbs(idx_bw), gbs(att_bw),
                  f"{pct(idx_bw)} / {pct(att_bw)}",
                  _ms_cell(dense.get("msa_paged_dense"), errors, f"{where}, msa_paged_dense"),
                  _ms_cell(dense.get("sdpa_dense"), errors, f"{where}, sdpa_dense"),
-                 f"{sp:.2f}x" if sp else "n/a"]
+                 f"{fmt_ms(fi['ms_median'])} ({fi.get('backend', '?')})" if fi else "-",
+                 f"{sp:.2f}x" if sp else "n/a", f"{best:.2f}x" if best else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
         if doc["_path"] not in sources:
             sources.append(doc["_path"])
@@ -500,7 +515,10 @@ def make_decode_table(cases, plot_link=None):
         "mean of 5 calls). GB/s = bytes the kernel reads / its time; % of copy "
         "bandwidth = that over the device's measured copy bandwidth (read + write bytes / time, in each "
         "file). The dense columns use bf16 caches for every row: paged dense = our paged kernel over "
-        "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA). Speedup = SDPA dense / MSA total."),
+        "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA); FlashInfer = its paged decode on tensor "
+        "cores (q_len > 1: its causal paged prefill) over head-major pages of the same size, the faster of its "
+        "fa2 / fa3 backends, checked against SDPA in the run (files before it have none). Speedup = dense / "
+        "MSA total; fastest dense = the smaller of the dense times."),
         sources, errors, plot_link, "decode speedup vs SDPA against context")
 
 

@@ -27,7 +27,9 @@
 #               from MSA_HF_ARGS); needs torch and transformers >= 5.17 on the machine (on PYTHONPATH,
 #               e.g. a carried folder); after `training`
 #   decode      bench/bench_decode.py (paged serving decode step: msa sparse / paged dense vs SDPA dense
-#               decode, bf16 and FP8 caches), arguments from MSA_DECODE_ARGS; after `hf`
+#               decode and FlashInfer's, bf16 and FP8 caches), arguments from MSA_DECODE_ARGS; after
+#               `hf`. FlashInfer comes from .deps/flashinfer-pack when the call carries it
+#               (scripts/setup_flashinfer.sh); without it that baseline is recorded as skipped
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -330,6 +332,14 @@ step_cli() {
 }
 step_decode() {
   py_env
+  # FlashInfer as a dense baseline when a call carries .deps/flashinfer-pack (scripts/setup_flashinfer.sh).
+  if [ -f "$ROOT/.deps/flashinfer-pack/flashinfer.tar.xz" ]; then
+    local site
+    site=$(head -1 "$ROOT/.deps/flashinfer-pack/CONTENTS")
+    [ -d "$ROOT/.deps/flashinfer-run/$site" ] ||
+      { mkdir -p "$ROOT/.deps/flashinfer-run" && tar xJf "$ROOT/.deps/flashinfer-pack/flashinfer.tar.xz" -C "$ROOT/.deps/flashinfer-run"; }
+    export PYTHONPATH="$PYTHONPATH:$ROOT/.deps/flashinfer-run/$site"
+  fi
   mkdir -p "$BENCH_DIR"
   # shellcheck disable=SC2086  # MSA_DECODE_ARGS is a word list on purpose
   "$PY" bench/bench_decode.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_DECODE_ARGS:-}

@@ -16,6 +16,7 @@ K / V pages may lie token-major ([num_pages, B, Hkv, D], contiguous) or head-maj
 ([num_pages, Hkv, B, D], FlashInfer's "HND"): pass ``head_major(storage)``, a strided view of the
 logical shape. Any outer strides work; the innermost dimension must be contiguous.
 """
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,6 +54,27 @@ def head_major(storage):
     return storage.swapaxes(1, 2)
 
 
+def _dl(x):
+    """What the binding receives for one array: torch tensors as DLPack capsules. Given the tensor,
+    nanobind would call Tensor.__dlpack__(), which makes the default stream wait on the current one
+    through an event: an error inside a CUDA graph capture on a side stream (torch.cuda.graph), and
+    a cross-stream wait per tensor otherwise. NumPy arrays and capsules pass as they are."""
+    torch = sys.modules.get("torch")
+    if x is None or torch is None or not isinstance(x, torch.Tensor):
+        return x
+    return torch.utils.dlpack.to_dlpack(x.detach())
+
+
+def _stream(stream, like):
+    """The stream to launch on: the caller's, else torch's current stream for CUDA tensors, else 0."""
+    if stream is not None:
+        return stream
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(like, torch.Tensor) and like.is_cuda:
+        return torch.cuda.current_stream(like.device).cuda_stream
+    return 0
+
+
 def _host_int32(x):
     if hasattr(x, "detach"):  # torch
         x = x.detach().cpu().numpy()
@@ -68,17 +90,21 @@ def plan(cfg, q_lens, kv_lens, dtype="bfloat16", device="cpu", device_index=0, d
                          num_workers=num_workers)
 
 
-def append(p: PagedPlan, batch: Batch, k_new, v_new, ki_new, cache: Cache, stream=0):
+def append(p: PagedPlan, batch: Batch, k_new, v_new, ki_new, cache: Cache, stream=None):
     """Writes the step's new k / v / ki rows [total_q, ...] into their pages (FP8: quantised with
-    the page's scale)."""
-    _C.paged_append_kv(p, batch.cu_seqlens_q, batch.kv_lens, batch.page_table, k_new, v_new, ki_new,
-                       cache.k, cache.v, cache.ki, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                       ki_scale=cache.ki_scale, stream=stream)
+    the page's scale). stream: a CUDA stream handle (int); default torch's current stream."""
+    _C.paged_append_kv(p, _dl(batch.cu_seqlens_q), _dl(batch.kv_lens), _dl(batch.page_table), _dl(k_new),
+                       _dl(v_new), _dl(ki_new), _dl(cache.k), _dl(cache.v), _dl(cache.ki),
+                       k_scale=_dl(cache.k_scale), v_scale=_dl(cache.v_scale), ki_scale=_dl(cache.ki_scale),
+                       stream=_stream(stream, k_new))
 
 
-def run(p: PagedPlan, batch: Batch, q, qi, cache: Cache, out, lse, topk, workspace, stream=0):
+def run(p: PagedPlan, batch: Batch, q, qi, cache: Cache, out, lse, topk, workspace, stream=None):
     """One layer: index top-k then sparse attention (dense mode: qi / topk may be None). Writes out
-    [total_q, Hq, D], lse [total_q, Hq] f32 and topk [Hkv, total_q, k] int32 (logical block ids)."""
-    _C.paged_run(p, batch.cu_seqlens_q, batch.kv_lens, batch.page_table, q, qi, cache.k, cache.v,
-                 cache.ki, out, lse, topk, workspace, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                 ki_scale=cache.ki_scale, stream=stream)
+    [total_q, Hq, D], lse [total_q, Hq] f32 and topk [Hkv, total_q, k] int32 (logical block ids).
+    stream: a CUDA stream handle (int); default torch's current stream (so the call can be captured
+    by torch.cuda.graph)."""
+    _C.paged_run(p, _dl(batch.cu_seqlens_q), _dl(batch.kv_lens), _dl(batch.page_table), _dl(q), _dl(qi),
+                 _dl(cache.k), _dl(cache.v), _dl(cache.ki), _dl(out), _dl(lse), _dl(topk), _dl(workspace),
+                 k_scale=_dl(cache.k_scale), v_scale=_dl(cache.v_scale), ki_scale=_dl(cache.ki_scale),
+                 stream=_stream(stream, q))

@@ -230,3 +230,79 @@ def test_cuda_step_matches_cpu_step(head_major):
     assert np.array_equal(np.sort(t_g, axis=-1), np.sort(t_c, axis=-1)), "selections differ"
     assert rel_err(o_g, o_c) < 1e-5
     assert rel_err(l_g, l_c) < 1e-5
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_torch_tensors_equal_numpy_arrays(head_major):
+    """torch tensors go to the binding as DLPack capsules (msa.paged._dl): the CPU step through
+    torch equals the one through NumPy, head-major views included."""
+    torch = pytest.importorskip("torch")
+    cfg = make_cfg(8, 2)
+    results = []
+    for use_torch in (False, True):
+        s = Step(cfg, seed=5)
+        k_c, v_c, ki_c = s.empty_cache(cfg, head_major=head_major)
+        for page, slot, tok in s.prefix_slots(cfg):
+            k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+        p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32")
+        t = (lambda x: torch.from_numpy(x)) if use_torch else (lambda x: x)
+        cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c))
+        batch = msa.paged.Batch(t(s.cu_q), t(s.kv_lens), t(s.page_table))
+        out = np.full(s.q.shape, np.nan, np.float32)
+        lse = np.full(s.q.shape[:2], np.nan, np.float32)
+        topk = np.full((cfg.num_kv_heads, s.q.shape[0], cfg.topk), -7, np.int32)
+        ws = np.zeros(p.workspace_bytes, np.uint8)
+        msa.paged.append(p, batch, t(s.k_new), t(s.v_new), t(s.ki_new), cache)
+        msa.paged.run(p, batch, t(s.q), t(s.qi), cache, t(out), t(lse), t(topk), t(ws))
+        assert np.all(np.isfinite(out)), "the outputs were not written through the torch views"
+        results.append((out, lse, topk, np.array(k_c)))
+    (o_n, l_n, t_n, k_n), (o_t, l_t, t_t, k_t) = results
+    np.testing.assert_array_equal(o_t, o_n)
+    np.testing.assert_array_equal(l_t, l_n)
+    np.testing.assert_array_equal(t_t, t_n)
+    np.testing.assert_array_equal(np.nan_to_num(k_t, nan=1e30), np.nan_to_num(k_n, nan=1e30))
+
+
+def test_cuda_run_captured_by_torch_cuda_graph():
+    """msa.paged.run inside torch.cuda.graph (a side stream, torch's current stream by default):
+    the replay writes what an eager run writes (skipped without a GPU or a CUDA build)."""
+    torch = pytest.importorskip("torch")
+    if not (torch.cuda.is_available() and msa.cuda_available()):
+        pytest.skip("no CUDA device or no CUDA build")
+    cfg = msa.Config(num_q_heads=16, num_kv_heads=2, head_dim=128, index_head_dim=64, block_size=16,
+                     topk=4)
+    s = Step(cfg, seed=13, lengths=[(1, 300), (4, 77), (1, 16), (16, 400)])
+    k_c, v_c, ki_c = s.empty_cache(cfg, head_major=True)
+    for page, slot, tok in s.prefix_slots(cfg):
+        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    dev, bf = "cuda", torch.bfloat16
+    t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev))
+    kv = (lambda x: msa.paged.head_major(t(np.nan_to_num(x).swapaxes(1, 2)).to(bf)))
+    cache = msa.paged.Cache(kv(k_c), kv(v_c), t(np.nan_to_num(ki_c)).to(bf))
+    batch = msa.paged.Batch(t(s.cu_q), t(s.kv_lens), t(s.page_table))
+    p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="bfloat16", device="cuda")
+    ws = torch.zeros(p.workspace_bytes, dtype=torch.uint8, device=dev)
+    q, qi = t(s.q).to(bf), t(s.qi).to(bf)
+    msa.paged.append(p, batch, t(s.k_new).to(bf), t(s.v_new).to(bf), t(s.ki_new).to(bf), cache)
+
+    def outputs():
+        return (torch.full(q.shape, float("nan"), dtype=bf, device=dev),
+                torch.full(q.shape[:2], float("nan"), device=dev),
+                torch.full((cfg.num_kv_heads, q.shape[0], cfg.topk), -7, dtype=torch.int32, device=dev))
+    eager = outputs()
+    msa.paged.run(p, batch, q, qi, cache, *eager, ws)
+    captured = outputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capturing stream, as torch's docs ask
+        msa.paged.run(p, batch, q, qi, cache, *captured, ws)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in captured:
+        x.fill_(-7)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        msa.paged.run(p, batch, q, qi, cache, *captured, ws)
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
