@@ -294,14 +294,23 @@ class Run:
         plan = msa.paged.plan(self.cfg, st["q_lens"], st["kv_lens"], dtype="bfloat16", device=self.dev,
                               dense=dense)
         ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=self.dev)
-        stream = torch.cuda.current_stream().cuda_stream if self.dev == "cuda" else 0
         qi = None if dense else st["qi"]
         topk = None if dense else st["topk"]
 
-        def call():
-            msa.paged.run(plan, st["batch"], st["q"], qi, st["cache"], st["out"], st["lse"], topk, ws,
-                          stream=stream)
+        def call():  # on torch's current stream, so that torch.cuda.graph can capture it
+            msa.paged.run(plan, st["batch"], st["q"], qi, st["cache"], st["out"], st["lse"], topk, ws)
         return call
+
+    def graph_time(self, calls):
+        """{"ms_graph": median of CUDA-graph replays} of `calls`, or {"graph_error": ...}; {} on the CPU."""
+        if self.dev != "cuda":
+            return {}
+        try:
+            t = self.time_calls(C.cuda_graph_replays(calls))
+            return {"ms_graph": t["ms_median"]}
+        except Exception as e:  # noqa: BLE001
+            self.raise_if_fault(e)
+            return {"graph_error": C.short_error(e)}
 
     def bytes_read(self, st, batch, ctx, q_len, cache_kind, dense):
         """Bytes the kernels read: index = the ki pages up to each query tile's last candidate
@@ -345,6 +354,7 @@ class Run:
                 self.add(method=m, **base, skipped="does not fit in GPU memory")
             return
         totals = {}
+        self.graph_totals = {}  # the same keys, CUDA-graph replay times
         if "msa_sparse" in self.methods:
             for cache_kind in self.caches:
                 for layout in self.layouts:
@@ -376,6 +386,7 @@ class Run:
             calls = [self.msa_call(x, dense) for x in steps]
             call = calls[0]
             t = self.time_calls(calls)
+            t.update(self.graph_time(calls))
             idx_ms, att_ms = self.kernel_ms(call)
             ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
             row = dict(method=method, cache=cache_kind, **base, **t,
@@ -384,7 +395,10 @@ class Run:
                        index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
                        attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
                        total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
-            ms = totals[(method, cache_kind + ("" if layout == "token_major" else "_" + layout))] = t["ms_median"]
+            key = (method, cache_kind + ("" if layout == "token_major" else "_" + layout))
+            ms = totals[key] = t["ms_median"]
+            if t.get("ms_graph"):
+                self.graph_totals[key] = t["ms_graph"]
             self.add(**row)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -398,6 +412,7 @@ class Run:
         """Dense baseline: SDPA over a contiguous bf16 cache of the same lengths; returns its row."""
         torch, s = self.torch, self.shape
         base = dict(batch=batch, context=ctx, q_len=q_len)
+        graph_totals = self.graph_totals
         row = None
         try:
             bf = torch.bfloat16
@@ -417,12 +432,16 @@ class Run:
             calls, mode, note = C.first_gqa_variant(make, hq // hkv, self.sync,
                                                     torch.cuda.empty_cache if self.dev == "cuda" else (lambda: None))
             t = self.time_calls(calls)
+            t.update(self.graph_time(calls))
             dense_bytes = 2 * batch * hkv * ctx * d * 2
             row = dict(method="sdpa_dense", cache="bf16", **base, **t, gqa_mode=mode, note=note,
                        attention_bytes=dense_bytes,
                        total_gb_per_s=dense_bytes / (t["ms_median"] * 1e-3) / 1e9)
             for (m, ck), ms in totals.items():
                 row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
+            for (m, ck), ms in graph_totals.items():
+                if t.get("ms_graph"):
+                    row[f"speedup_graph_{m}_{ck}"] = t["ms_graph"] / ms
             self.add(**row)
             del qkv, calls
         except Exception as e:  # noqa: BLE001
@@ -561,8 +580,8 @@ class Run:
     def print_summary(self):
         print(f"\n== decode summary ({self.device}, commit {self.commit[:12]}) -> {self.out_path}")
         bw = (self.doc.get("copy_bandwidth") or {}).get("gb_per_s")
-        headers = ["b", "L", "q", "cache", "layout", "idx_ms", "attn_ms", "total_ms", "idx_GB/s", "attn_GB/s",
-                   "pdense_ms", "sdpa_ms", "sdpa_GB/s", "x_sdpa"]
+        headers = ["b", "L", "q", "cache", "layout", "idx_ms", "attn_ms", "total_ms", "graph_ms", "idx_GB/s",
+                   "attn_GB/s", "pdense_ms", "sdpa_ms", "sdpa_graph", "fi_ms", "x_sdpa", "x_fastest"]
         by = {}
         for r in self.rows:
             by.setdefault((r["batch"], r["context"], r["q_len"]), []).append(r)
@@ -570,6 +589,10 @@ class Run:
         for (b, L, q), rows in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
             sd = next((r for r in rows if r["method"] == "sdpa_dense" and "ms_median" in r), None)
             pd = next((r for r in rows if r["method"] == "msa_paged_dense" and "ms_median" in r), None)
+            fi = [r["ms_median"] for r in rows if r["method"] == "flashinfer_dense" and r.get("ms_median")
+                  and (r.get("check_rel_err") or 0) <= 2e-2]
+            fi_ms = min(fi) if fi else None
+            fastest = min([x for x in (fi_ms, sd.get("ms_median") if sd else None) if x], default=None)
             for ck, lay in [(c, x) for c in self.caches for x in self.layouts]:
                 sp = next((r for r in rows if r["method"] == "msa_sparse" and r.get("cache") == ck
                            and r.get("kv_layout", "token_major") == lay), None)
@@ -583,13 +606,16 @@ class Run:
                 table.append([str(b), f"{L // 1024}K" if L >= 1024 else str(L), str(q), ck, lay,
                               f(sp.get("index_ms")), f(sp.get("attention_ms")),
                               f(sp.get("ms_median")) if "ms_median" in sp else (sp.get("error") or sp.get("skipped") or "-")[:20],
+                              f(sp.get("ms_graph")),
                               f(sp.get("index_gb_per_s"), "{:.0f}"), f(sp.get("attention_gb_per_s"), "{:.0f}"),
                               f(pd.get("ms_median")) if pd else "-", f(sd.get("ms_median")) if sd else "-",
-                              f(sd.get("total_gb_per_s"), "{:.0f}") if sd else "-",
-                              f(sd["ms_median"] / sp["ms_median"], "{:.2f}") if sd and sp.get("ms_median") else "-"])
+                              f(sd.get("ms_graph")) if sd else "-", f(fi_ms),
+                              f(sd["ms_median"] / sp["ms_median"], "{:.2f}") if sd and sp.get("ms_median") else "-",
+                              f(fastest / sp["ms_median"], "{:.2f}") if fastest and sp.get("ms_median") else "-"])
         C.print_table(headers, table)
-        print(f"(device copy bandwidth {bw:.0f} GB/s; GB/s = bytes the kernel reads / its time; "
-              "x_sdpa = SDPA dense ms / msa sparse total ms)" if bw else "")
+        print(f"(device copy bandwidth {bw:.0f} GB/s; GB/s = bytes the kernel reads / its time; graph = CUDA-graph "
+              "replays; x_sdpa = SDPA dense ms / msa sparse total ms; x_fastest = the faster of SDPA and "
+              "FlashInfer (fi) / msa)" if bw else "")
 
 
 def main(argv=None):
