@@ -47,10 +47,14 @@ class Step:
         self.k_new, self.v_new, self.ki_new = self.k[rows], self.v[rows], self.ki[rows]
 
     def empty_cache(self, cfg, dtype=np.float32, head_major=False):
-        """k, v [num_pages, B, Hkv, D] (head_major: views of [num_pages, Hkv, B, D] storage), ki."""
+        """k, v [num_pages, B, Hkv, D], ki. head_major: views of [num_pages, Hkv, B, D] storage;
+        "kv_pairs": of one [num_pages, 2, Hkv, B, D] buffer (FlashInfer's HND kv_cache tensor)."""
         B, hkv, D, Di = cfg.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.index_head_dim
         fill = 0 if dtype == np.uint8 else np.nan
-        if head_major:
+        if head_major == "kv_pairs":
+            both = np.full((self.num_pages, 2, hkv, B, D), fill, dtype)
+            k, v = msa.paged.head_major(both[:, 0]), msa.paged.head_major(both[:, 1])
+        elif head_major:
             k, v = (msa.paged.head_major(np.full((self.num_pages, hkv, B, D), fill, dtype)) for _ in range(2))
             assert not k.flags.c_contiguous and k.shape == (self.num_pages, B, hkv, D)
         else:
@@ -93,7 +97,8 @@ def rel_err(x, r):
     return np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-300)
 
 
-@pytest.mark.parametrize("hq,hkv,head_major", [(2, 2, False), (8, 2, False), (16, 1, False), (8, 2, True)])
+@pytest.mark.parametrize("hq,hkv,head_major", [(2, 2, False), (8, 2, False), (16, 1, False), (8, 2, True),
+                                               (8, 2, "kv_pairs")])
 def test_sparse_step_matches_contiguous_ops(hq, hkv, head_major):
     cfg = make_cfg(hq, hkv)
     s = Step(cfg, seed=hq + hkv)
