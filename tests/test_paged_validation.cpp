@@ -100,6 +100,34 @@ TEST(PagedValidation, Workspace) {
   expect_arg("workspace", [&] { t.run(t.s.batch(), t.s.cache(), t.s.p.q.view(), c); });
 }
 
+// Caches (append writes them) and run's outputs with indices sharing addresses are rejected by name;
+// head-major caches (a permutation of the same bytes) are not (the PagedForward tests run them).
+TEST(PagedValidation, OverlappingWrittenTensors) {
+  Step t;
+  PagedKVCache cache = t.s.cache();
+  cache.k.stride[1] = 0;  // every slot of a page at one address
+  expect_arg("k_cache", [&] { t.run(t.s.batch(), cache, t.s.p.q.view(), t.ctx()); });
+  expect_arg("k_cache", [&] {
+    paged_append_kv(t.plan, t.s.batch(), t.s.k_new.view(), t.s.v_new.view(), t.s.ki_new.view(), cache);
+  });
+  cache = t.s.cache();
+  cache.ki.stride[0] = cache.ki.stride[1];  // page p + 1 starts at slot 1 of page p
+  expect_arg("ki_cache", [&] { t.run(t.s.batch(), cache, t.s.p.q.view(), t.ctx()); });
+  TensorView out = t.out.view();
+  out.stride[1] = 0;
+  expect_arg("out", [&] {
+    paged_run(t.plan, t.s.batch(), t.s.p.q.view(), t.s.p.qi.view(), t.s.cache(), out, t.lse.view(),
+              t.topk.view(), t.ctx());
+  });
+  TensorView topk = t.topk.view();
+  topk.stride[0] = 0;
+  expect_arg("topk", [&] {
+    paged_run(t.plan, t.s.batch(), t.s.p.q.view(), t.s.p.qi.view(), t.s.cache(), t.out.view(),
+              t.lse.view(), topk, t.ctx());
+  });
+  t.run();  // the untouched step still runs
+}
+
 TEST(PagedValidation, DtypesAndShapes) {
   Step t;
   HostTensor q16(DType::f16, {3, 4, 16});

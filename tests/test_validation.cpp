@@ -6,6 +6,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -209,6 +210,34 @@ TEST_F(Validation, InnermostStrideMustBeOne) {
       t.stride[t.ndim - 1] = 2;
       expect_argument_error([&] { op.call(a); }, name, std::string(op.name) + ", stride of " + name);
     }
+}
+
+// A written tensor whose indices share addresses (a stride of 0, as a broadcast view has) would be
+// written by several threads in turn: rejected, naming it. The same tensors permuted with room to
+// spare (a padded outer stride) are accepted.
+TEST_F(Validation, OverlappingOutputsAreRejected) {
+  const std::map<std::string, std::vector<std::string>> writes = {
+      {"index_topk", {"topk"}},
+      {"sparse_attention_forward", {"out", "lse"}},
+      {"sparse_attention_backward", {"dq", "dk", "dv"}},
+      {"kl_alignment", {"dqi", "dki"}},
+      {"dense_attention_forward", {"out", "lse"}},
+      {"dense_attention_backward", {"dq", "dk", "dv"}},
+  };
+  int checked = 0;
+  for (const OpInfo& op : operations())
+    for (const std::string& name : writes.at(op.name)) {
+      Args a = a_;
+      TensorView& t = tensor(a, name);
+      ASSERT_GT(t.shape[0], 1) << name;
+      t.stride[0] = 0;
+      expect_argument_error([&] { op.call(a); }, name, std::string(op.name) + ", stride 0 in " + name);
+      t.stride[0] = t.ndim > 1 ? t.stride[1] : 0;  // rows overlapping the next row's elements
+      if (t.ndim > 1 && t.shape[1] > 1)
+        expect_argument_error([&] { op.call(a); }, name, std::string(op.name) + ", overlapping rows of " + name);
+      ++checked;
+    }
+  EXPECT_EQ(checked, 13);
 }
 
 TEST_F(Validation, NegativeOuterStrideIsRejected) {

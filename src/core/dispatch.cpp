@@ -10,6 +10,7 @@
 namespace msa {
 
 using detail::check_input_dtype;
+using detail::check_no_overlap;
 using detail::check_tensor;
 using detail::Problem;
 using detail::stats_dtype;
@@ -56,6 +57,8 @@ void check_forward_io(const Problem& p, const TensorView& v, const TensorView& o
   check_tensor(v, "v", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
   check_tensor(out, "out", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
   check_tensor(lse, "lse", {p.total_q, p.cfg.num_q_heads}, stats_dtype(p.dtype), p.device);
+  check_no_overlap(out, "out");
+  check_no_overlap(lse, "lse");
 }
 
 void check_backward_io(const Problem& p, const TensorView& dout, const TensorView& dq,
@@ -64,6 +67,9 @@ void check_backward_io(const Problem& p, const TensorView& dout, const TensorVie
   check_tensor(dq, "dq", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
   check_tensor(dk, "dk", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
   check_tensor(dv, "dv", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
+  check_no_overlap(dq, "dq");
+  check_no_overlap(dk, "dk");
+  check_no_overlap(dv, "dv");
 }
 
 }  // namespace
@@ -85,9 +91,12 @@ void index_topk(const Config& cfg, const Varlen& varlen, const TensorView& qi, c
   check_tensor(qi, "qi", {p.total_q, cfg.num_kv_heads, cfg.index_head_dim}, p.dtype, p.device);
   check_tensor(ki, "ki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
   check_topk(p, topk);
-  if (selected_lse.defined())
+  check_no_overlap(topk, "topk");
+  if (selected_lse.defined()) {
     check_tensor(selected_lse, "selected_lse", {cfg.num_kv_heads, p.total_q}, stats_dtype(p.dtype),
                  p.device);
+    check_no_overlap(selected_lse, "selected_lse");
+  }
   check_workspace(p, Op::index_topk, ctx);
   MSA_DISPATCH(p, index_topk, p, qi, ki, topk, selected_lse, temperature, ctx);
 }
@@ -128,6 +137,8 @@ void kl_alignment(const Config& cfg, const Varlen& varlen, const TensorView& q, 
   check_tensor(loss, "loss", {1}, stats_dtype(p.dtype), p.device);
   check_tensor(dqi, "dqi", {p.total_q, cfg.num_kv_heads, cfg.index_head_dim}, p.dtype, p.device);
   check_tensor(dki, "dki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
+  check_no_overlap(dqi, "dqi");
+  check_no_overlap(dki, "dki");
   check_workspace(p, Op::kl_alignment, ctx);
   MSA_DISPATCH(p, kl_alignment, p, q, k, lse, qi, ki, topk, coeff, loss, dqi, dki, ctx);
 }

@@ -151,6 +151,29 @@ void check_tensor(const TensorView& t, const char* name, std::initializer_list<i
     MSA_CHECK_ARG(t.stride[d] >= 0, name, "strides must be non-negative");
 }
 
+void check_no_overlap(const TensorView& t, const char* name) {
+  // The dimensions with more than one index, by increasing stride: each must step past everything
+  // the smaller ones span. Sufficient for distinct addresses, and true of every permutation of a
+  // dense or padded layout (head-major pages, column slices).
+  int order[TensorView::kMaxDims];
+  int n = 0;
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] <= 1) continue;
+    int i = n++;  // insertion by stride (a few dimensions)
+    for (; i > 0 && t.stride[order[i - 1]] > t.stride[d]; --i) order[i] = order[i - 1];
+    order[i] = d;
+  }
+  int64_t span = 1;  // elements covered by the dimensions so far
+  for (int i = 0; i < n; ++i) {
+    const int d = order[i];
+    MSA_CHECK_ARG(t.stride[d] >= span, name,
+                  "is written, so its elements must not overlap: dimension " + std::to_string(d) + " has stride " +
+                      std::to_string(t.stride[d]) + " but the smaller strides already span " +
+                      std::to_string(span) + " elements (a broadcast or overlapping view?)");
+    span += t.stride[d] * (t.shape[d] - 1);
+  }
+}
+
 void check_input_dtype(const TensorView& t, const char* name, Device device) {
   MSA_CHECK_ARG(t.defined(), name, "is required (null data pointer)");
   const bool ok = t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16 ||
