@@ -14,7 +14,8 @@ default) and Hq=16/Hkv=1/D=128, contexts 4K..64K, inputs made exactly as bench_p
 
 Then one decode step (q_len 1, bf16 paged caches with shuffled page tables, batch 1 and 8, contexts 16K
 and 64K): msa_paged_decode (`msa.paged.run`: index over every cached block, attention over the 16
-selected pages), msa_paged_dense_decode (the same call in dense mode) and sdpa_decode (torch SDPA over
+selected pages), msa_paged_dense_decode (the same call in dense mode), both again on the same pages
+head-major ([pages, Hkv, B, D] in memory: the *_head_major methods), and sdpa_decode (torch SDPA over
 contiguous K/V of the same tokens, GQA: what a dense engine reads).
 
 Wall-clock medians (perf_counter) after a warm-up, inputs rotated over two sets. Writes
@@ -122,19 +123,24 @@ def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
         rows = table.flatten().long()
         kd = k[rows].view(batch, pages * P.BLOCK, hkv, d)[:, :L].transpose(1, 2).contiguous()
         vd = v[rows].view(batch, pages * P.BLOCK, hkv, d)[:, :L].transpose(1, 2).contiguous()
-        steps.append(dict(cache=mp.Cache(k, v, ki), table=table, q=q, qi=qi, kd=kd, vd=vd))
+        # The same pages head-major ([pages, Hkv, B, D] in memory), passed through msa.paged.head_major.
+        kh, vh = (mp.head_major(x.transpose(1, 2).contiguous()) for x in (k, v))
+        steps.append(dict(cache=mp.Cache(k, v, ki), cache_head_major=mp.Cache(kh, vh, ki), table=table, q=q,
+                          qi=qi, kd=kd, vd=vd))
     cu = torch.arange(batch + 1, dtype=torch.int32)
     lens = torch.full((batch,), L, dtype=torch.int32)
     out = torch.empty(batch, hq, d, dtype=torch.bfloat16)
     lse = torch.empty(batch, hq)
     topk = torch.empty(hkv, batch, P.TOPK, dtype=torch.int32)
     times = {}
-    for method, dense in (("msa_paged_decode", False), ("msa_paged_dense_decode", True)):
+    for method, dense, pages in (("msa_paged_decode", False, "cache"), ("msa_paged_dense_decode", True, "cache"),
+                                 ("msa_paged_decode_head_major", False, "cache_head_major"),
+                                 ("msa_paged_dense_decode_head_major", True, "cache_head_major")):
         plan = mp.plan(cfg, [1] * batch, [L] * batch, dense=dense)
         ws = torch.empty(max(1, plan.workspace_bytes), dtype=torch.uint8)
 
-        def call(x, plan=plan, ws=ws):
-            return lambda: mp.run(plan, mp.Batch(cu, lens, x["table"]), x["q"], x["qi"], x["cache"], out,
+        def call(x, plan=plan, ws=ws, pages=pages):
+            return lambda: mp.run(plan, mp.Batch(cu, lens, x["table"]), x["q"], x["qi"], x[pages], out,
                                   lse, topk, ws)
         times[method] = record(cfg_name, L, "decode", method, [call(x) for x in steps], iters=DECODE_ITERS,
                                batch=batch)
