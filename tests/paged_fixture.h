@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <numeric>
 #include <random>
-#include <utility>
 #include <vector>
 
 #include "common/host_tensor.h"
@@ -32,13 +31,12 @@ inline std::vector<int64_t> kv_storage_shape(KvLayout layout, int64_t pages, int
                                         : std::vector<int64_t>{pages, B, hkv, D};
 }
 
-// The logical [num_pages, B, Hkv, D] view of a K / V cache stored in `layout` (host or device).
-inline TensorView kv_logical_view(TensorView stored, KvLayout layout) {
-  if (layout == KvLayout::head_major) {
-    std::swap(stored.shape[1], stored.shape[2]);
-    std::swap(stored.stride[1], stored.stride[2]);
-  }
-  return stored;
+// The logical [num_pages, B, Hkv, D] view of a K / V cache stored in `layout` (host or device);
+// head-major through the public helper, msa::head_major_kv_cache.
+inline TensorView kv_logical_view(const TensorView& stored, KvLayout layout) {
+  if (layout == KvLayout::token_major) return stored;
+  return head_major_kv_cache(stored.data, stored.dtype, stored.shape[0], int(stored.shape[2]),
+                             int(stored.shape[1]), int(stored.shape[3]), stored.device);
 }
 
 // Element index of (page, slot, head, d) in a K / V cache stored in `layout`.

@@ -227,6 +227,23 @@ TEST(PagedForward, EmptyRequestsAndNoQueries) {
   expect_same(s);
 }
 
+// head_major_kv_cache: the strides of [num_pages, Hkv, B, D] storage (packed, or K and V interleaved per
+// page), and its argument checks.
+TEST(PagedForward, HeadMajorViewHelper) {
+  float buf[1];
+  const TensorView t = head_major_kv_cache(buf, DType::bf16, 5, 16, 4, 64, Device::cpu());
+  EXPECT_EQ(t.ndim, 4);
+  const int64_t want_shape[4] = {5, 16, 4, 64}, want_stride[4] = {4 * 16 * 64, 64, 16 * 64, 1};
+  for (int d = 0; d < 4; ++d) {
+    EXPECT_EQ(t.shape[d], want_shape[d]) << d;
+    EXPECT_EQ(t.stride[d], want_stride[d]) << d;
+  }
+  EXPECT_EQ(head_major_kv_cache(buf, DType::bf16, 5, 16, 4, 64, Device::cpu(), 2 * 4 * 16 * 64).stride[0],
+            2 * 4 * 16 * 64);
+  EXPECT_THROW(head_major_kv_cache(buf, DType::bf16, 5, 16, 4, 64, Device::cpu(), 100), ArgumentError);
+  EXPECT_THROW(head_major_kv_cache(buf, DType::bf16, -1, 16, 4, 64), ArgumentError);
+}
+
 // After the append every token of every request sits in its (page, slot), in either page layout; the
 // slots no request uses keep their poison.
 TEST(PagedForward, AppendWritesOnlyTheNewSlots) {

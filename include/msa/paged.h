@@ -39,6 +39,14 @@ struct PagedKVCache {
   TensorView k_scale, v_scale, ki_scale;  // FP8 only; undefined otherwise
 };
 
+// K or V pages stored head-major, [num_pages, Hkv, B, D] in memory (FlashInfer's "HND", TensorRT-LLM's
+// pages): the logical [num_pages, B, Hkv, D] view the API takes, dims 1 and 2 swapped in the strides.
+// Each (page, head) is then one contiguous run of B rows, the order the decode attention reads them in
+// (docs/serving.md, "Page layout in memory"). page_stride: elements from a page to the next; 0 means
+// Hkv * B * D (2 * Hkv * B * D for K and V interleaved per page, FlashInfer's [pages, 2, Hkv, B, D]).
+TensorView head_major_kv_cache(void* data, DType dtype, int64_t num_pages, int block_size, int num_kv_heads,
+                               int head_dim, Device device = Device::cpu(), int64_t page_stride = 0);
+
 // The per-step batch description, on the device of the tensors. cu_seqlens_q [batch + 1] int32 (prefix
 // sums of q_len), kv_lens [batch] int32 (tokens in the cache INCLUDING this step's new ones),
 // page_table [batch, max_pages] int32. They must hold the lengths the plan was made with.
