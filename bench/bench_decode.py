@@ -40,6 +40,9 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
+# Cache kinds beyond CACHES: "fp8_registers" = FP8 caches through the attention's register mode
+# (MSA_PAGED_ATTENTION_FP8=registers, set around that kind's calls only).
+ALL_CACHES = CACHES + ["fp8_registers"]
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -84,7 +87,7 @@ def build_parser():
     p.add_argument("--batches", type=parse_ints, default=None)
     p.add_argument("--contexts", type=parse_ints, default=None)
     p.add_argument("--q-lens", type=parse_ints, default=None)
-    p.add_argument("--caches", default=",".join(CACHES), help="comma list of bf16, fp8")
+    p.add_argument("--caches", default=",".join(CACHES), help="comma list of " + ", ".join(ALL_CACHES))
     p.add_argument("--kv-layouts", default=",".join(KV_LAYOUTS),
                    help="comma list of token_major ([pages, B, Hkv, D] in memory), head_major ([pages, Hkv, "
                         "B, D]); msa_sparse runs each, the dense methods token-major")
@@ -113,6 +116,9 @@ class Run:
             if v:
                 self.shape[key] = v
         self.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+        bad = [c for c in self.caches if c not in ALL_CACHES]
+        if bad:
+            raise SystemExit(f"bench_decode: unknown --caches {bad}; choose from {','.join(ALL_CACHES)}")
         self.layouts = [x.strip() for x in args.kv_layouts.split(",") if x.strip()]
         bad = [x for x in self.layouts if x not in KV_LAYOUTS]
         if bad or not self.layouts:
@@ -318,7 +324,7 @@ class Run:
         (request, group) tile reads (the union of its queries' selections; dense: all blocks)."""
         s = self.shape
         B, hkv, d, di = s["block"], s["hkv"], s["d"], s["di"]
-        e = 1 if cache_kind == "fp8" else 2
+        e = 1 if cache_kind.startswith("fp8") else 2
         nblk = (ctx + B - 1) // B
         local = (ctx - 1) // B  # candidates of the last query
         index = 0 if dense else batch * local * B * di * e + 2 * 4 * batch * q_len * hkv * nblk
@@ -337,7 +343,7 @@ class Run:
     def cache_bytes(self, batch, ctx, cache_kind="bf16"):
         s = self.shape
         tokens = batch * ((ctx + s["block"] - 1) // s["block"]) * s["block"]
-        return tokens * (2 * s["hkv"] * s["d"] + s["di"]) * (1 if cache_kind == "fp8" else 2)
+        return tokens * (2 * s["hkv"] * s["d"] + s["di"]) * (1 if cache_kind.startswith("fp8") else 2)
 
     def fits(self, batch, ctx, q_len):
         """The bf16 paged cache (the largest thing alive at once; the SDPA K/V come after it is freed)."""
@@ -370,7 +376,21 @@ class Run:
                 self.save()
 
     def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
-        """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None."""
+        """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None.
+        fp8_registers: FP8 caches with MSA_PAGED_ATTENTION_FP8=registers for these calls only."""
+        if cache_kind != "fp8_registers":
+            return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
+        before = os.environ.get("MSA_PAGED_ATTENTION_FP8")
+        os.environ["MSA_PAGED_ATTENTION_FP8"] = "registers"
+        try:
+            return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
+        finally:
+            if before is None:
+                os.environ.pop("MSA_PAGED_ATTENTION_FP8", None)
+            else:
+                os.environ["MSA_PAGED_ATTENTION_FP8"] = before
+
+    def run_msa_calls(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout):
         method = "msa_paged_dense" if dense else "msa_sparse"
         base = dict(batch=batch, context=ctx, q_len=q_len, kv_layout=layout)
         if self.budget.exhausted(10):

@@ -17,6 +17,13 @@
 // fully masked); with one m-tile the four warps take a quarter of each chunk's keys each, with two
 // a half, with three or four one m-tile each; every warp keeps its own online softmax (fp32, log2
 // domain) and the key slices are combined through shared memory at the end.
+//
+// FP8 caches take one of two modes (MmaMode). fp8_widened (the default): each thread widens the codes
+// it copied into a 16-bit tile stage, which ldmatrix then reads. fp8_registers (K and V both FP8;
+// MSA_PAGED_ATTENTION_FP8=registers while it is measured): the fragments come straight from the raw
+// tiles as 32-bit words (paged_fp8_fragments.h: Q and K share a permutation of D, V's columns are
+// permuted and O's written back through the same map), so there is no 16-bit tile and the freed
+// shared memory holds four raw stages (three chunks in flight while one is computed).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +33,7 @@
 #include "cuda/attention_forward_kernel.cuh"  // swz: the swizzled 16-bit tile ldmatrix reads
 #include "cuda/attention_mma.cuh"
 #include "cuda/paged_attention.cuh"
+#include "cuda/paged_fp8_fragments.h"
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
 #include "cuda/paged_tile.cuh"
@@ -50,29 +58,47 @@ struct MmaKeyMeta {
   float kscale[kMmaKeys], vscale[kMmaKeys];
 };
 
-// The kernel's static shared memory (two stages of MmaKeyMeta, list_len), on top of the dynamic bytes.
-constexpr std::size_t kMmaStaticSmem = 2 * sizeof(MmaKeyMeta) + 16;
+// How the K / V tiles reach the tensor cores (see the top of this file).
+enum class MmaMode : int { sixteen_bit = 0, fp8_widened = 1, fp8_registers = 2 };
+
+// Chunks staged at once: one computed while the others are in flight.
+__host__ __device__ constexpr int mma_stages(MmaMode m) { return m == MmaMode::fp8_registers ? 4 : 2; }
+
+// The kernel's static shared memory (a MmaKeyMeta per stage, list_len), on top of the dynamic bytes.
+__host__ __device__ constexpr std::size_t mma_static_smem(MmaMode m) {
+  return std::size_t(mma_stages(m)) * sizeof(MmaKeyMeta) + 16;
+}
 
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
 struct MmaSmem {
   std::size_t q, tiles, raw, ml, mask, list, pages, scales, bytes;
 };
 __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 127) / 128 * 128; }
-// The 16-bit tiles are double-buffered unless both caches are FP8: then the copies land in the raw
-// FP8 stages and one 16-bit stage, refilled by dequantisation each chunk, is enough (two CTAs an SM).
-__host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8) { return k_fp8 && v_fp8 ? 1 : 2; }
+// 16-bit tile stages: one a stage for 16-bit caches; one in all when both caches are FP8 and widened
+// (the copies land in the raw FP8 stages, and one 16-bit stage refilled each chunk keeps two CTAs an
+// SM); none in the register mode.
+__host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8, MmaMode m) {
+  return m == MmaMode::fp8_registers ? 0 : k_fp8 && v_fp8 ? 1 : mma_stages(m);
+}
 __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
-                                             bool stage_pages) {
+                                             bool stage_pages, MmaMode mode) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
   s.q = 0;
   s.tiles = mma_align(rows_pad * D * 2);
   // [stage][K, V][kMmaKeys][D] 16-bit; after the key loop, the slices' O ([warp][16][D + 8] fp32).
-  const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8)) * 2 * kMmaKeys * D * 2;
+  const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8, mode)) * 2 * kMmaKeys * D * 2;
   const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
-  s.raw = s.tiles + mma_align(tile_bytes > combine_bytes ? tile_bytes : combine_bytes);
-  // FP8 raw stages [stage][K, V][key][D]. (The two stages' MmaKeyMeta are static shared memory.)
-  s.ml = s.raw + (k_fp8 || v_fp8 ? mma_align(std::size_t(2) * 2 * kMmaKeys * D) : 0);
+  // FP8 raw stages [stage][K, V][kMmaKeys * D codes] (fp8_tile_offset). The stages' MmaKeyMeta are
+  // static shared memory.
+  const std::size_t raw_bytes = k_fp8 || v_fp8 ? std::size_t(mma_stages(mode)) * 2 * kMmaKeys * D : 0;
+  if (mode == MmaMode::fp8_registers) {  // the raw stages, then the slices' O, share one region
+    s.raw = s.tiles;
+    s.ml = s.tiles + mma_align(raw_bytes > combine_bytes ? raw_bytes : combine_bytes);
+  } else {
+    s.raw = s.tiles + mma_align(tile_bytes > combine_bytes ? tile_bytes : combine_bytes);
+    s.ml = s.raw + mma_align(raw_bytes);
+  }
   // m, l of each warp's 16 rows, then the combined m, l of each row.
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
@@ -85,8 +111,8 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
 }
 template <int D>
 inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
-                                            bool stage_pages) {
-  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8, stage_pages).bytes;
+                                            bool stage_pages, MmaMode mode) {
+  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8, stage_pages, mode).bytes;
 }
 
 // Eight FP8 codes widened exactly to T (no scale: the page scales go on S and P).
@@ -97,18 +123,10 @@ __device__ __forceinline__ uint4 fp8x8_widen(const unsigned char* raw) {
   return make_uint4(fp8x2_to_pair<T>(p[0]), fp8x2_to_pair<T>(p[1]), fp8x2_to_pair<T>(p[2]), fp8x2_to_pair<T>(p[3]));
 }
 
-// One warp's share of a staged chunk: keys [kbase, kbase + KS) against its m-tile's 16 rows.
-// S = Q K^T, masking, online softmax (scores raw, exp2 with qscale folded in; m_run raw, l_run a
-// lane's partial sum), O += P V.
+// S = Q K^T of a warp's keys [kbase, kbase + KS) from a 16-bit tile (ldmatrix).
 template <class T, int D, int KS>
-__device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV, const MmaKeyMeta& meta,
-                                          int kbase, const uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4],
-                                          float (&m_run)[2], float (&l_run)[2], const bool (&row_ok)[2],
-                                          const int (&qbit)[2], const int64_t (&qpos)[2], float qscale,
-                                          bool all_visible, bool k_scaled, bool v_scaled, int lane) {
-  float s[KS / 8][4];
-#pragma unroll
-  for (int n = 0; n < KS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+__device__ __forceinline__ void chunk_scores(const uint16_t* tK, int kbase, const uint32_t (&qf)[D / 16][4],
+                                             float (&s)[KS / 8][4], int lane) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -120,6 +138,34 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
       mma::mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
     }
   }
+}
+
+// The same from a raw FP8 tile: one 32-bit word of key g per k-step, its codes widened to b0, b1;
+// qf holds Q in the matching order of D (fp8_k_column).
+template <class T, int D, int KS>
+__device__ __forceinline__ void chunk_scores_fp8(const unsigned char* rK, int kbase, const uint32_t (&qf)[D / 16][4],
+                                                 float (&s)[KS / 8][4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < KS / 8; ++n) {
+      const uint32_t w =
+          *reinterpret_cast<const uint32_t*>(rK + fp8_tile_offset<D>(kbase + n * 8 + g, fp8_k_column(kk, t)));
+      mma::mma_16816<T>(s[n], qf[kk], fp8x2_to_pair<T>(__nv_fp8x2_storage_t(w)),
+                        fp8x2_to_pair<T>(__nv_fp8x2_storage_t(w >> 16)));
+    }
+  }
+}
+
+// Between the two products: FP8 K's page scales on S, the mask, the online softmax (scores raw, exp2
+// with qscale folded in; m_run raw, l_run a lane's partial sum), FP8 V's page scales on P, O rescaled.
+template <int D, int KS>
+__device__ __forceinline__ void chunk_softmax(float (&s)[KS / 8][4], const MmaKeyMeta& meta, int kbase,
+                                              float (&o)[D / 8][4], float (&m_run)[2], float (&l_run)[2],
+                                              const bool (&row_ok)[2], const int (&qbit)[2],
+                                              const int64_t (&qpos)[2], float qscale, bool all_visible,
+                                              bool k_scaled, bool v_scaled, int lane) {
   if (k_scaled) {  // FP8 K: the tile holds the codes, S takes each key's page scale
 #pragma unroll
     for (int n = 0; n < KS / 8; ++n)
@@ -179,13 +225,25 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
       o[n][3] *= alpha[1];
     }
   }
+}
+
+// P of a 16-key k-step as an A fragment (the S accumulators of n-tiles 2 kk and 2 kk + 1).
+template <class T, int KS>
+__device__ __forceinline__ void p_fragment(const float (&s)[KS / 8][4], int kk, uint32_t (&pa)[4]) {
+  pa[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// O += P V from a 16-bit tile (ldmatrix.trans).
+template <class T, int D, int KS>
+__device__ __forceinline__ void chunk_pv(const uint16_t* tV, int kbase, const float (&s)[KS / 8][4],
+                                         float (&o)[D / 8][4], int lane) {
 #pragma unroll
   for (int kk = 0; kk < KS / 16; ++kk) {
     uint32_t pa[4];
-    pa[0] = mma::Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-    pa[1] = mma::Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-    pa[2] = mma::Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pa[3] = mma::Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    p_fragment<T, KS>(s, kk, pa);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b0, b1, b2, b3;
@@ -197,10 +255,65 @@ __device__ __forceinline__ void mma_chunk(const uint16_t* tK, const uint16_t* tV
   }
 }
 
-// kAnyFp8: an instance for plans with an FP8 cache (the 16-bit one carries none of its code).
-template <class T, int D, bool kAnyFp8>
+// The same from a raw FP8 tile: n-tile j of O holds columns fp8_v_column(j, .); the words of keys
+// 2t, 2t + 1, 2t + 8, 2t + 9 at column 32 m + 4 g give n-tiles 4m .. 4m + 3 their codes.
+template <class T, int D, int KS>
+__device__ __forceinline__ void chunk_pv_fp8(const unsigned char* rV, int kbase, const float (&s)[KS / 8][4],
+                                             float (&o)[D / 8][4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < KS / 16; ++kk) {
+    uint32_t pa[4];
+    p_fragment<T, KS>(s, kk, pa);
+    const int k0 = kbase + kk * 16 + 2 * t;
+#pragma unroll
+    for (int m = 0; m < D / 32; ++m) {
+      uint32_t w[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        w[q] = *reinterpret_cast<const uint32_t*>(
+            rV + fp8_tile_offset<D>(k0 + (q & 1) + (q >> 1) * 8, fp8_v_column(4 * m, g)));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t pick = uint32_t(i) | (uint32_t(i + 4) << 4);  // code i of the first word, then of the second
+        mma::mma_16816<T>(o[4 * m + i], pa, fp8x2_to_pair<T>(__nv_fp8x2_storage_t(__byte_perm(w[0], w[1], pick))),
+                          fp8x2_to_pair<T>(__nv_fp8x2_storage_t(__byte_perm(w[2], w[3], pick))));
+      }
+    }
+  }
+}
+
+// One warp's share of a staged chunk: keys [kbase, kbase + KS) against its m-tile's 16 rows. K and V
+// come from 16-bit tiles (tK, tV) or, in the register mode, from the raw FP8 tiles (rK, rV).
+template <class T, int D, int KS, MmaMode kMode>
+__device__ __forceinline__ void mma_chunk(const void* K, const void* V, const MmaKeyMeta& meta, int kbase,
+                                          const uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4],
+                                          float (&m_run)[2], float (&l_run)[2], const bool (&row_ok)[2],
+                                          const int (&qbit)[2], const int64_t (&qpos)[2], float qscale,
+                                          bool all_visible, bool k_scaled, bool v_scaled, int lane) {
+  float s[KS / 8][4];
+#pragma unroll
+  for (int n = 0; n < KS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  if constexpr (kMode == MmaMode::fp8_registers)
+    chunk_scores_fp8<T, D, KS>(static_cast<const unsigned char*>(K), kbase, qf, s, lane);
+  else
+    chunk_scores<T, D, KS>(static_cast<const uint16_t*>(K), kbase, qf, s, lane);
+  chunk_softmax<D, KS>(s, meta, kbase, o, m_run, l_run, row_ok, qbit, qpos, qscale, all_visible, k_scaled,
+                       v_scaled, lane);
+  if constexpr (kMode == MmaMode::fp8_registers)
+    chunk_pv_fp8<T, D, KS>(static_cast<const unsigned char*>(V), kbase, s, o, lane);
+  else
+    chunk_pv<T, D, KS>(static_cast<const uint16_t*>(V), kbase, s, o, lane);
+}
+
+// kMode: sixteen_bit instances carry none of the FP8 code; fp8_widened serves every plan with an FP8
+// cache; fp8_registers plans whose K and V caches are both FP8.
+template <class T, int D, MmaMode kMode>
 __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
+  constexpr bool kAnyFp8 = kMode != MmaMode::sixteen_bit;
+  constexpr bool kFp8Registers = kMode == MmaMode::fp8_registers;
+  constexpr int kStages = mma_stages(kMode);
   constexpr int kVecs = D / 8;  // 16-byte vectors of a 16-bit row
   constexpr int kTile = kMmaKeys * D;
   constexpr int OP = D + 8;  // fp32 row pitch of the slice combine
@@ -209,14 +322,14 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
   const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
   const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8, a.stage_pages != 0);
-  const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8) == 1;
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode);
+  const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8, kMode) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
-  unsigned char* sRaw = smem + L.raw;
+  unsigned char* sRaw = smem + L.raw;                           // [stage][K, V][kTile codes], swizzled
   // Static, so every access is a shared-memory load: carved from the dynamic buffer, the copy loop's
   // per-key offsets compiled to generic 64-bit loads (seen in the H100 SASS, ~15 instructions a copy).
-  __shared__ MmaKeyMeta sMeta[2];
+  __shared__ MmaKeyMeta sMeta[kStages];
   float* warp_m = reinterpret_cast<float*>(smem + L.ml);  // [warp][16]
   float* warp_l = warp_m + kMmaWarps * 16;
   float* row_m = warp_l + kMmaWarps * 16;  // [kMaxRows]
@@ -334,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
           const int key = t / kV8 + i * (kThreads / kV8);
           const int64_t off = offs[key];
           mma::cp_async_16_or_zero(
-              mma::smem_addr(sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16),
+              mma::smem_addr(sRaw + std::size_t(st * 2 + kvi) * kTile + fp8_tile_offset<D>(key, v * 16)),
               base + (off < 0 ? 0 : off) + v * 16, off < 0);
         }
       } else {
@@ -359,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
 #pragma unroll
       for (int i = 0; i < kMmaKeys * kV8 / kThreads; ++i) {
         const int key = t / kV8 + i * (kThreads / kV8);
-        const unsigned char* raw = sRaw + (std::size_t(st * 2 + kvi) * kMmaKeys + key) * D + v * 16;
+        const unsigned char* raw = sRaw + std::size_t(st * 2 + kvi) * kTile + fp8_tile_offset<D>(key, v * 16);
         uint16_t* dst = sT + ((one_tile_stage ? 0 : st) * 2 + kvi) * kTile;
         *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16)) = fp8x8_widen<T>(raw);
         *reinterpret_cast<uint4*>(dst + swz<D>(key, v * 16 + 8)) = fp8x8_widen<T>(raw + 8);
@@ -367,12 +480,22 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     }
   };
 
-  bool all_visible = false;  // of the chunk being computed
-  if (chunks > 0) {
-    all_visible = __syncthreads_and(describe(0, 0));
-    issue(0);
-  }
-  mma::cp_async_commit();
+  // Chunk c is staged in stage c % kStages, kStages - 1 chunks ahead of the one computed. One cp.async
+  // group per chunk, empty past the last one, so "all but the newest kStages - 1 groups complete"
+  // always means the chunk due has landed. Bit s of `visible`: the chunk in stage s is seen whole by
+  // every row (its compute skips the mask).
+  uint32_t visible = 0;
+  auto stage_chunk = [&](int c) {
+    if (c < chunks) {
+      const int st = c % kStages;
+      const bool whole = __syncthreads_and(describe(c, st));
+      visible = whole ? visible | (1u << st) : visible & ~(1u << st);
+      issue(st);
+    }
+    mma::cp_async_commit();
+  };
+#pragma unroll
+  for (int c = 0; c < kStages - 1; ++c) stage_chunk(c);
 
   // This thread's two rows of its m-tile: validity, query bit and position.
   bool row_ok[2];
@@ -385,13 +508,23 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     qbit[h] = row_ok[h] ? row / G : 0;
     qpos[h] = p_first + qbit[h];
   }
-  mma::cp_async_wait<1>();
+  mma::cp_async_wait<kStages - 1>();  // Q's group (the first) has landed
   __syncthreads();
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const int rr = (active ? mt : 0) * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
-    mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(rr, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+    if constexpr (kFp8Registers) {  // D in fp8_k_column's order: a0 / a2 (row g), a1 / a3 (row g + 8)
+      const int rr = (active ? mt : 0) * 16 + (lane >> 2), c = fp8_k_column(kk, lane & 3);
+      const uint2 lo = *reinterpret_cast<const uint2*>(sQ + swz<D>(rr, c));
+      const uint2 hi = *reinterpret_cast<const uint2*>(sQ + swz<D>(rr + 8, c));
+      qf[kk][0] = lo.x;
+      qf[kk][1] = hi.x;
+      qf[kk][2] = lo.y;
+      qf[kk][3] = hi.y;
+    } else {
+      const int rr = (active ? mt : 0) * 16 + (lane & 15), c = kk * 16 + (lane >> 4) * 8;
+      mma::ldmatrix_x4(mma::smem_addr(sQ + swz<D>(rr, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+    }
   }
 
   float o[D / 8][4];
@@ -399,36 +532,30 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int st = int(c & 1);
-    bool next_visible = false;
-    if (c + 1 < chunks) {
-      next_visible = __syncthreads_and(describe(c + 1, st ^ 1));
-      issue(st ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    if (any_fp8) dequantise(st);
+  for (int c = 0; c < chunks; ++c) {
+    const int st = c % kStages;
+    stage_chunk(c + kStages - 1);  // into the stage computed last iteration (its trailing barrier passed)
+    mma::cp_async_wait<kStages - 1>();
+    if (kMode == MmaMode::fp8_widened && any_fp8) dequantise(st);
     __syncthreads();
     if (active) {
-      const uint16_t* tK = sT + ((one_tile_stage ? 0 : st) * 2) * kTile;
-      const uint16_t* tV = tK + kTile;
+      const bool all_visible = (visible >> st) & 1u;
+      // 16-bit tiles, or the raw FP8 stage itself in the register mode.
+      const void* K = kFp8Registers ? static_cast<const void*>(sRaw + std::size_t(st * 2) * kTile)
+                                    : static_cast<const void*>(sT + ((one_tile_stage ? 0 : st) * 2) * kTile);
+      const void* V = kFp8Registers ? static_cast<const void*>(sRaw + std::size_t(st * 2 + 1) * kTile)
+                                    : static_cast<const void*>(sT + ((one_tile_stage ? 0 : st) * 2 + 1) * kTile);
       if (kslices == 4)
-        mma_chunk<T, D, kMmaKeys / 4>(tK, tV, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, all_visible, k_fp8, v_fp8,
-                                      lane);
+        mma_chunk<T, D, kMmaKeys / 4, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok,
+                                             qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
       else if (kslices == 2)
-        mma_chunk<T, D, kMmaKeys / 2>(tK, tV, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok, qbit,
-                                      qpos, a.qscale, all_visible, k_fp8, v_fp8,
-                                      lane);
+        mma_chunk<T, D, kMmaKeys / 2, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok,
+                                             qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
       else
-        mma_chunk<T, D, kMmaKeys>(tK, tV, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
-                                  all_visible, k_fp8, v_fp8, lane);
+        mma_chunk<T, D, kMmaKeys, kMode>(K, V, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
+                                         all_visible, k_fp8, v_fp8, lane);
     }
     __syncthreads();
-    all_visible = next_visible;
   }
 
   // Combine the key slices of each row: m and l (log2 domain) per warp, then per row, then O scaled
@@ -464,9 +591,15 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       const float mw = warp_m[warp * 16 + rr];
       const float f = (row >= rows || mw == -INFINITY) ? 0.f : exp2f(mw - row_m[row]);
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n)
-        *reinterpret_cast<float2*>(sO + (warp * 16 + rr) * OP + n * 8 + (lane & 3) * 2) =
-            make_float2(o[n][2 * h] * f, o[n][2 * h + 1] * f);
+      for (int n = 0; n < D / 8; ++n) {
+        float* dst = sO + (warp * 16 + rr) * OP;
+        if constexpr (kFp8Registers) {  // n-tile n holds the columns fp8_v_column(n, .)
+          dst[fp8_v_column(n, (lane & 3) * 2)] = o[n][2 * h] * f;
+          dst[fp8_v_column(n, (lane & 3) * 2 + 1)] = o[n][2 * h + 1] * f;
+        } else {
+          *reinterpret_cast<float2*>(dst + n * 8 + (lane & 3) * 2) = make_float2(o[n][2 * h] * f, o[n][2 * h + 1] * f);
+        }
+      }
     }
   }
   __syncthreads();

@@ -72,6 +72,14 @@ int mma_ctas_per_sm(std::size_t bytes) {
   return int(std::min<std::size_t>(2, std::size_t(per_sm) / (bytes + std::size_t(reserved))));
 }
 
+// MSA_PAGED_ATTENTION_FP8=registers: plans whose K and V caches are both FP8 take the attention's
+// register mode (paged_attention_mma.cuh) instead of widening into 16-bit tiles; opt-in until the
+// device measurements decide the default.
+bool paged_fp8_registers_requested() {
+  const char* e = std::getenv("MSA_PAGED_ATTENTION_FP8");
+  return e != nullptr && std::string(e) == "registers";
+}
+
 // MSA_PAGED_ATTENTION_STAGE_PAGES=0 makes the mma attention read page ids per chunk (the path very
 // long requests take when staging them does not fit), so tests can run it at small sizes.
 bool paged_stage_pages_requested() {
@@ -83,19 +91,28 @@ bool paged_stage_pages_requested() {
 // ids costs 4 (FP8: 12) bytes per block of the longest request, so it is dropped where it does not fit
 // (FP8 near 1M tokens) or would cost a CTA per SM (bf16 at 512K: 1.6x the attention time on the H200).
 template <int D>
-std::size_t mma_attention_smem(paged::AttentionArgs& a) {
+std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
   using namespace paged;
-  const std::size_t smem_max = std::size_t(max_smem_per_block());
-  const std::size_t with = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, true);
-  const std::size_t without = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, false);
-  const bool stage = paged_stage_pages_requested() && with + kMmaStaticSmem <= smem_max &&
-                     mma_ctas_per_sm(with + kMmaStaticSmem) >= mma_ctas_per_sm(without + kMmaStaticSmem);
+  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode);
+  const std::size_t with = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, true, mode);
+  const std::size_t without = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, false, mode);
+  const bool stage = paged_stage_pages_requested() && with + fixed <= smem_max &&
+                     mma_ctas_per_sm(with + fixed) >= mma_ctas_per_sm(without + fixed);
   a.stage_pages = stage ? 1 : 0;
   const std::size_t bytes = stage ? with : without;
-  if (bytes + kMmaStaticSmem > smem_max)
-    throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(bytes + kMmaStaticSmem) +
+  if (bytes + fixed > smem_max)
+    throw NotSupportedError("msa: CUDA paged attention (mma) needs " + std::to_string(bytes + fixed) +
                             " bytes of shared memory, more than the device has per block");
   return bytes;
+}
+
+// The mma attention in `kMode` (its own record of the shared memory it was allowed).
+template <class T, int D, paged::MmaMode kMode>
+void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
+  static std::size_t allowed = 0;
+  const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
+  allow_smem(paged::attention_mma_kernel<T, D, kMode>, bytes, "attention (mma)", allowed);
+  paged::attention_mma_kernel<T, D, kMode><<<unsigned(ctas), paged::kThreads, bytes, stream>>>(aa);
 }
 
 template <class T>
@@ -259,16 +276,12 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (paged_mma_requested()) {
-      const std::size_t msmem = mma_attention_smem<D>(aa);
-      if (aa.k_fp8 || aa.v_fp8) {
-        static std::size_t mma_fp8_allowed = 0;
-        allow_smem(attention_mma_kernel<T, D, true>, msmem, "attention (mma)", mma_fp8_allowed);
-        attention_mma_kernel<T, D, true><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
-      } else {
-        static std::size_t mma_allowed = 0;
-        allow_smem(attention_mma_kernel<T, D, false>, msmem, "attention (mma)", mma_allowed);
-        attention_mma_kernel<T, D, false><<<unsigned(acta), kThreads, msmem, stream>>>(aa);
-      }
+      if (aa.k_fp8 && aa.v_fp8 && paged_fp8_registers_requested())
+        launch_mma_attention<T, D, MmaMode::fp8_registers>(aa, acta, stream);
+      else if (aa.k_fp8 || aa.v_fp8)
+        launch_mma_attention<T, D, MmaMode::fp8_widened>(aa, acta, stream);
+      else
+        launch_mma_attention<T, D, MmaMode::sixteen_bit>(aa, acta, stream);
       launched = true;
     }
   }

@@ -184,7 +184,9 @@ double ref_block_score(PagedStep& s, const HostCache& c, int r, int64_t row, int
 
 void run_case_once(const Case& tc, bool capture) {
   const char* kernel = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
-  SCOPED_TRACE(tc.name + " [MSA_PAGED_ATTENTION_KERNEL=" + (kernel ? kernel : "unset") + "]");
+  const char* fp8 = std::getenv("MSA_PAGED_ATTENTION_FP8");
+  SCOPED_TRACE(tc.name + " [MSA_PAGED_ATTENTION_KERNEL=" + (kernel ? kernel : "unset") +
+               " MSA_PAGED_ATTENTION_FP8=" + (fp8 ? fp8 : "unset") + "]");
   const Config& cfg = tc.cfg;
   PagedStep cpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed, 3, tc.layout);
   PagedStep gpu_step(cfg, tc.q_lens, tc.kv_lens, tc.dtype, tc.seed, 3, tc.layout);
@@ -329,11 +331,16 @@ void run_case_once(const Case& tc, bool capture) {
 }
 
 // Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA kernel and the
-// default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step.
+// default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step; FP8 cases
+// also under the mma kernel's register mode (MSA_PAGED_ATTENTION_FP8=registers).
 void run_case(const Case& tc, bool capture = false) {
   MSA_SKIP_WITHOUT_GPU();
   for (const char* kernel : {"ffma", "mma"}) {
     testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_KERNEL", kernel);
+    run_case_once(tc, capture);
+  }
+  if (tc.fp8) {
+    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_FP8", "registers");
     run_case_once(tc, capture);
   }
 }
