@@ -9,8 +9,9 @@ is preallocated by the caller (DLPack: torch or numpy), nothing is allocated per
     msa.paged.append(p, batch, k_new, v_new, ki_new, cache)
     msa.paged.run(p, batch, q, qi, cache, out, lse, topk, ws)
 
-FP8 E4M3 caches: pass the cache as uint8 bytes of the same shape (torch: ``t.view(torch.uint8)``)
-with its f32 scale (``k_scale`` / ``v_scale`` [num_pages, Hkv], ``ki_scale`` [num_pages]).
+FP8 E4M3 caches: torch ``float8_e4m3fn`` tensors, or their bytes as uint8 of the same shape (NumPy,
+or torch ``t.view(torch.uint8)``), with the f32 scales (``k_scale`` / ``v_scale`` [num_pages, Hkv],
+``ki_scale`` [num_pages]).
 
 K / V pages may lie token-major ([num_pages, B, Hkv, D], contiguous) or head-major in memory
 ([num_pages, Hkv, B, D], FlashInfer's "HND"): pass ``head_major(storage)``, a strided view of the
@@ -62,6 +63,8 @@ def _dl(x):
     torch = sys.modules.get("torch")
     if x is None or torch is None or not isinstance(x, torch.Tensor):
         return x
+    if x.dtype == torch.float8_e4m3fn:  # DLPack has no E4M3 code: its bytes, which a cache reads as FP8
+        x = x.view(torch.uint8)
     return torch.utils.dlpack.to_dlpack(x.detach())
 
 

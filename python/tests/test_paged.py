@@ -189,6 +189,32 @@ def test_fp8_cache_as_uint8_bytes():
     assert rel_err(lse, want_lse) < 1e-5
 
 
+def test_fp8_cache_as_torch_float8():
+    """torch float8_e4m3fn caches go in as they are (msa.paged._dl passes their bytes): the same
+    result as the same codes as uint8 bytes, and not the result of other codes."""
+    torch = pytest.importorskip("torch")
+    cfg = make_cfg(8, 2)
+    results = []
+    for as_float8 in (False, True):
+        s = Step(cfg, seed=19)
+        hkv = cfg.num_kv_heads
+        k_c, v_c, ki_c = s.empty_cache(cfg, np.uint8)
+        scale = np.float32(5.0 / 448)
+        for page, slot, tok in s.prefix_slots(cfg):  # codes straight from torch's own E4M3 rounding
+            for dst, src in ((k_c, s.k), (v_c, s.v), (ki_c, s.ki)):
+                dst[page, slot] = torch.from_numpy(src[tok] / scale).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        t = (lambda x: torch.from_numpy(x).view(torch.float8_e4m3fn)) if as_float8 else torch.from_numpy
+        ks = np.full((s.num_pages, hkv), scale, np.float32)
+        kis = np.full((s.num_pages,), scale, np.float32)
+        cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c), ks, ks.copy(), kis)
+        results.append(run(cfg, s, cache))
+    (o_u8, l_u8, t_u8), (o_f8, l_f8, t_f8) = results
+    assert np.all(np.isfinite(o_f8))
+    np.testing.assert_array_equal(o_f8, o_u8)
+    np.testing.assert_array_equal(l_f8, l_u8)
+    np.testing.assert_array_equal(t_f8, t_u8)
+
+
 def test_bad_arguments_name_themselves():
     cfg = make_cfg(8, 2)
     with pytest.raises(msa.ArgumentError) as e:
