@@ -30,6 +30,9 @@
 #               decode and FlashInfer's, bf16 and FP8 caches), arguments from MSA_DECODE_ARGS; after
 #               `hf`. FlashInfer comes from .deps/flashinfer-pack when the call carries it
 #               (scripts/setup_flashinfer.sh); without it that baseline is recorded as skipped
+#   decode_ncu  Nsight Compute on the paged attention kernel, one decode step per cache kind and K/V
+#               page layout (bench/ncu_decode.py, arguments from MSA_NCU_DECODE_ARGS): DRAM bytes and
+#               throughput, L2 hit rate, shared-memory bank conflicts; CSV into the bench folder
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -96,7 +99,7 @@ BENCH_ARGS=("$@")
 ONLY=",${MSA_ONLY:-},"
 ONLY=${ONLY//,sanitizer,/,memcheck,racecheck,}
 ONLY=${ONLY//,python,/,pybuild,pytest,}
-OPT_IN=" synccheck stages training profile hf decode "
+OPT_IN=" synccheck stages training profile hf decode decode_ncu "
 selected() {
   local s=$1 var
   if [ "$ONLY" != ",," ]; then
@@ -127,7 +130,7 @@ selected pybuild && DO_PYBUILD=1
 for s in ctest memcheck racecheck synccheck; do selected $s && ! have_tests && DO_BUILD=1; done
 selected stages && ! have_lib && DO_BUILD=1
 selected cli && ! have_cli && DO_BUILD=1
-for s in pytest bench training profile hf decode; do selected $s && ! have_ext && DO_PYBUILD=1; done
+for s in pytest bench training profile hf decode decode_ncu; do selected $s && ! have_ext && DO_PYBUILD=1; done
 if [ -n "$PREBUILT" ]; then DO_BUILD=0; DO_PYBUILD=0; fi
 
 # ---- step runner -----------------------------------------------------------------------------
@@ -186,6 +189,7 @@ step_note() {
     training) grep -E '^== training summary' "$log" | tail -1 | cut -c1-150 ;;
     profile) grep -E 'msa kernels' "$log" | tail -1 | cut -c1-150 ;;
     decode) grep -E '^== decode summary' "$log" | tail -1 | cut -c1-150 ;;
+    decode_ncu) echo "$(grep -c 'gpu__time_duration' "$log") profiled launches" ;;
     synccheck) grep -hE 'ERROR SUMMARY' "$log" | tail -1 | cut -c1-150 ;;
     stages) grep -E '^stages:' "$log" | tr '\n' ';' | cut -c1-150 ;;
     *) grep -iE 'error|FAILED' "$log" | head -1 | cut -c1-150 ;;
@@ -345,6 +349,18 @@ step_decode() {
   "$PY" bench/bench_decode.py --out "$BENCH_DIR/" --time-budget $((LIMIT_S - 20)) ${MSA_DECODE_ARGS:-}
 }
 export -f step_decode
+step_decode_ncu() {
+  py_env
+  mkdir -p "$BENCH_DIR"
+  local metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+  metrics+=,lts__t_sector_hit_rate.pct,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
+  metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed
+  echo "== decode_ncu summary (attention kernel, two launches per case: warm-up, then profiled)"
+  # shellcheck disable=SC2086  # MSA_NCU_DECODE_ARGS is a word list on purpose
+  ncu --csv --kernel-name regex:attention_mma_kernel --metrics "$metrics" \
+    "$PY" bench/ncu_decode.py ${MSA_NCU_DECODE_ARGS:-} | tee "$BENCH_DIR/ncu_decode.csv"
+}
+export -f step_decode_ncu
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
   step_stages step_pybuild py_env step_pytest step_bench step_training step_profile step_hf step_cli
 
@@ -419,6 +435,7 @@ if selected decode; then
   export LIMIT_S
   MSA_TIMEOUT_DECODE=$LIMIT_S run_step decode "$LIMIT_S" step_decode
 fi
+selected decode_ncu && run_step decode_ncu 240 step_decode_ncu
 selected cli && run_step cli 45 step_cli
 
 # ---- summary (printed last) --------------------------------------------------------------------
@@ -427,7 +444,7 @@ selected cli && run_step cli 45 step_cli
   echo "================ device_run summary ($(elapsed)s, commit ${MSA_COMMIT:0:12}) ================"
   [ -n "$FALLBACKS" ] && echo "kernel fallbacks (a default kernel failed its GPU tests):$FALLBACKS"
   printf '%-10s %-10s %6s  %s\n' step status secs note
-  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training profile hf decode cli; do
+  for s in gpu build ctest memcheck racecheck synccheck stages pybuild pytest bench training profile hf decode decode_ncu cli; do
     if [ -n "${STATUS[$s]+x}" ]; then
       printf '%-10s %-10s %6s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "${NOTE[$s]}"
     else
@@ -439,7 +456,7 @@ selected cli && run_step cli 45 step_cli
     echo "---- $s: last lines of its log"
     grep -vE '^\s*$' "$WORK/$s.log" 2>/dev/null | tail -15 | cut -c1-200
   done
-  for s in bench training profile hf decode; do  # each prints its table after "== <step> summary"
+  for s in bench training profile hf decode decode_ncu; do  # each prints its table after "== <step> summary"
     [ -f "$WORK/$s.log" ] || continue
     echo "---- $s table"
     sed -n "/^== $s summary/,\$p" "$WORK/$s.log" | cut -c1-220
