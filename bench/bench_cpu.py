@@ -15,7 +15,8 @@ default) and Hq=16/Hkv=1/D=128, contexts 4K..64K, inputs made exactly as bench_p
 Then one decode step (q_len 1, bf16 paged caches with shuffled page tables, batch 1 and 8, contexts 16K
 and 64K): msa_paged_decode (`msa.paged.run`: index over every cached block, attention over the 16
 selected pages), msa_paged_dense_decode (the same call in dense mode), both again on the same pages
-head-major ([pages, Hkv, B, D] in memory: the *_head_major methods), and sdpa_decode (torch SDPA over
+head-major ([pages, Hkv, B, D] in memory: the *_head_major methods), msa_paged_decode_fp8 (FP8 E4M3
+caches of the same tokens, one amax / 448 scale each), and sdpa_decode (torch SDPA over
 contiguous K/V of the same tokens, GQA: what a dense engine reads).
 
 Wall-clock medians (perf_counter) after a warm-up, inputs rotated over two sets. Writes
@@ -104,6 +105,11 @@ class Amx:
             os.environ["MSA_CPU_AMX"] = self.prev
 
 
+def fp8_scale(x) -> float:
+    """One E4M3 scale for a whole cache: its amax / 448 (the calibrated per-tensor policy)."""
+    return max(float(x.float().abs().max()), 1e-12) / 448.0
+
+
 def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
     """One decode step of `batch` requests of L cached tokens (the new one included), q_len 1."""
     import msa.paged as mp
@@ -125,8 +131,13 @@ def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
         vd = v[rows].view(batch, pages * P.BLOCK, hkv, d)[:, :L].transpose(1, 2).contiguous()
         # The same pages head-major ([pages, Hkv, B, D] in memory), passed through msa.paged.head_major.
         kh, vh = (mp.head_major(x.transpose(1, 2).contiguous()) for x in (k, v))
-        steps.append(dict(cache=mp.Cache(k, v, ki), cache_head_major=mp.Cache(kh, vh, ki), table=table, q=q,
-                          qi=qi, kd=kd, vd=vd))
+        # And as FP8 E4M3 caches (float8_e4m3fn) with one scale per cache: amax / 448.
+        f8 = [(x.float() / s).to(torch.float8_e4m3fn) for x, s in ((k, fp8_scale(k)), (v, fp8_scale(v)), (ki, fp8_scale(ki)))]
+        ks = torch.full((batch * pages, hkv), fp8_scale(k))
+        vs = torch.full((batch * pages, hkv), fp8_scale(v))
+        kis = torch.full((batch * pages,), fp8_scale(ki))
+        steps.append(dict(cache=mp.Cache(k, v, ki), cache_head_major=mp.Cache(kh, vh, ki),
+                          cache_fp8=mp.Cache(*f8, ks, vs, kis), table=table, q=q, qi=qi, kd=kd, vd=vd))
     cu = torch.arange(batch + 1, dtype=torch.int32)
     lens = torch.full((batch,), L, dtype=torch.int32)
     out = torch.empty(batch, hq, d, dtype=torch.bfloat16)
@@ -135,7 +146,8 @@ def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
     times = {}
     for method, dense, pages in (("msa_paged_decode", False, "cache"), ("msa_paged_dense_decode", True, "cache"),
                                  ("msa_paged_decode_head_major", False, "cache_head_major"),
-                                 ("msa_paged_dense_decode_head_major", True, "cache_head_major")):
+                                 ("msa_paged_dense_decode_head_major", True, "cache_head_major"),
+                                 ("msa_paged_decode_fp8", False, "cache_fp8")):
         plan = mp.plan(cfg, [1] * batch, [L] * batch, dense=dense)
         ws = torch.empty(max(1, plan.workspace_bytes), dtype=torch.uint8)
 

@@ -96,6 +96,7 @@ def collect_decode(docs):
 def make_decode_table(cases, fmt_ms, fmt_ctx, config_label, finish_table):
     headers = ["CPU", "Commit", "Config", "Batch", "Context", "MSA decode (ms)", "MSA dense decode (ms)",
                "MSA decode, head-major pages (ms)", "MSA dense decode, head-major pages (ms)",
+               "MSA decode, FP8 caches (ms)",
                "SDPA dense (ms)", "Speedup vs SDPA"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     sources, errors = [], []
@@ -105,7 +106,7 @@ def make_decode_table(cases, fmt_ms, fmt_ctx, config_label, finish_table):
         label = config_label(doc, cfg)
         ms = {m: (rows.get(m) or {}).get("ms_median") for m in
               ("msa_paged_decode", "msa_paged_dense_decode", "msa_paged_decode_head_major",
-               "msa_paged_dense_decode_head_major", "sdpa_decode")}
+               "msa_paged_dense_decode_head_major", "msa_paged_decode_fp8", "sdpa_decode")}
         for m, r in rows.items():
             if r.get("error"):
                 errors.append(f"{device}, {cfg}, batch {batch}, {fmt_ctx(ctx)}, {m}: {r['error']}")
@@ -121,7 +122,8 @@ def make_decode_table(cases, fmt_ms, fmt_ctx, config_label, finish_table):
         "(method: [docs/benchmarks.md](docs/benchmarks.md#cpu-prefill)). MSA decode = `msa.paged.run` "
         "(index over every cached block, attention over the selected pages); MSA dense decode = the same "
         "call in dense mode; head-major = the same pages laid out [pages, Hkv, B, D] in memory (files before "
-        "that column have none); SDPA dense = PyTorch SDPA over contiguous K/V of the same tokens (GQA). "
+        "that column have none); FP8 caches = the same tokens as float8_e4m3fn K / V / ki with one amax / 448 "
+        "scale each; SDPA dense = PyTorch SDPA over contiguous K/V of the same tokens (GQA). "
         "Speedup = SDPA / MSA decode on token-major pages."),
         sources, errors)
 

@@ -22,6 +22,7 @@
 #include "common/float_convert.h"
 #include "msa/error.h"
 #include "msa/ops.h"
+#include "kernel_env.h"
 #include "msa/paged.h"
 #include "paged_fixture.h"
 #include "paged_fp8_cache.h"
@@ -199,45 +200,75 @@ TEST_P(PagedFp8Layout, AppendQuantisesTheNewRowsWithThePageScale) {
 
 // The FP8 run on the values the cache holds: the contiguous f32 API on the dequantised tokens (and
 // the bf16 queries, exact in f32) selects the same blocks and gives the same outputs.
+// The FP8 run on the values the cache holds: the contiguous f32 API on the dequantised tokens (and
+// the bf16 queries, exact in f32) selects the same blocks and gives the same outputs.
+void expect_run_equals_dequantised(PagedStep& s, const PagedOptions& opt) {
+  Fp8Cache f(s, ScalePolicy::page_amax);
+  Outputs got = run_step(s, f.view(), opt);
+  const Config& c = s.p.cfg;
+  const int B = c.block_size, D = c.head_dim, Di = c.index_head_dim, hkv = c.num_kv_heads;
+  // The contiguous problem in f32 with the cached (dequantised) k / v / ki of every token.
+  testing::TestProblem ref(c, s.q_lens, s.kv_lens, DType::f32, 1);
+  for (int64_t i = 0; i < ref.q.numel(); ++i) ref.q.set(i, s.p.q.get(i));
+  for (int64_t i = 0; i < ref.qi.numel(); ++i) ref.qi.set(i, s.p.qi.get(i));
+  for (size_t r = 0; r < s.kv_lens.size(); ++r)
+    for (int64_t t = 0; t < s.kv_lens[r]; ++t) {
+      const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + t / B));
+      const int64_t tok = s.p.lens.cu_k[r] + t;
+      for (int h = 0; h < hkv; ++h) {
+        const float ks = float(f.k_scale.get(page * hkv + h)), vs = float(f.v_scale.get(page * hkv + h));
+        for (int d = 0; d < D; ++d) {
+          const int64_t at = s.kv_index(page, t % B, h, d);
+          ref.k.set((tok * hkv + h) * D + d, float(f.k.get(at)) * ks);
+          ref.v.set((tok * hkv + h) * D + d, float(f.v.get(at)) * vs);
+        }
+      }
+      for (int d = 0; d < Di; ++d)
+        ref.ki.set(tok * Di + d, float(f.ki.get((page * B + t % B) * Di + d)) * float(f.ki_scale.get(page)));
+    }
+  const int64_t tq = s.p.total_q();
+  Outputs want(c, tq, DType::f32);
+  index_topk(c, ref.varlen, ref.qi.view(), ref.ki.view(), want.topk.view(), TensorView{});
+  for (int g = 0; g < hkv; ++g)
+    for (int64_t row = 0; row < tq; ++row)
+      ASSERT_EQ(selected(got, c, tq, g, row), selected(want, c, tq, g, row)) << "group " << g << " row " << row;
+  sparse_attention_forward(c, ref.varlen, ref.q.view(), ref.k.view(), ref.v.view(), got.topk.view(),
+                           want.out.view(), want.lse.view());
+  EXPECT_LT(relative_error(got.out.to_double(), want.out.to_double()), 4e-3);  // bf16 output rounding
+  EXPECT_LT(relative_error(got.lse.to_double(), want.lse.to_double()), 1e-6);
+}
+
 TEST_P(PagedFp8Layout, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
   for (const auto& [hq, hkv] : std::vector<std::pair<int, int>>{{2, 2}, {8, 2}, {16, 1}}) {
     SCOPED_TRACE("Hq " + std::to_string(hq) + " Hkv " + std::to_string(hkv));
     PagedStep s = make_step(hq, hkv, 7 + hq, GetParam());
-    Fp8Cache f(s, ScalePolicy::page_amax);
     PagedOptions opt;
     opt.num_threads = 3;  // key splits and index block ranges
-    Outputs got = run_step(s, f.view(), opt);
-    const Config& c = s.p.cfg;
-    const int B = c.block_size, D = c.head_dim, Di = c.index_head_dim;
-    // The contiguous problem in f32 with the cached (dequantised) k / v / ki of every token.
-    testing::TestProblem ref(c, s.q_lens, s.kv_lens, DType::f32, 1);
-    for (int64_t i = 0; i < ref.q.numel(); ++i) ref.q.set(i, s.p.q.get(i));
-    for (int64_t i = 0; i < ref.qi.numel(); ++i) ref.qi.set(i, s.p.qi.get(i));
-    for (size_t r = 0; r < s.kv_lens.size(); ++r)
-      for (int64_t t = 0; t < s.kv_lens[r]; ++t) {
-        const int64_t page = int64_t(s.page_table.get(int64_t(r) * s.width + t / B));
-        const int64_t tok = s.p.lens.cu_k[r] + t;
-        for (int h = 0; h < hkv; ++h) {
-          const float ks = float(f.k_scale.get(page * hkv + h)), vs = float(f.v_scale.get(page * hkv + h));
-          for (int d = 0; d < D; ++d) {
-            const int64_t at = s.kv_index(page, t % B, h, d);
-            ref.k.set((tok * hkv + h) * D + d, float(f.k.get(at)) * ks);
-            ref.v.set((tok * hkv + h) * D + d, float(f.v.get(at)) * vs);
-          }
-        }
-        for (int d = 0; d < Di; ++d)
-          ref.ki.set(tok * Di + d, float(f.ki.get((page * B + t % B) * Di + d)) * float(f.ki_scale.get(page)));
-      }
-    const int64_t tq = s.p.total_q();
-    Outputs want(c, tq, DType::f32);
-    index_topk(c, ref.varlen, ref.qi.view(), ref.ki.view(), want.topk.view(), TensorView{});
-    for (int g = 0; g < hkv; ++g)
-      for (int64_t row = 0; row < tq; ++row)
-        ASSERT_EQ(selected(got, c, tq, g, row), selected(want, c, tq, g, row)) << "group " << g << " row " << row;
-    sparse_attention_forward(c, ref.varlen, ref.q.view(), ref.k.view(), ref.v.view(), got.topk.view(),
-                             want.out.view(), want.lse.view());
-    EXPECT_LT(relative_error(got.out.to_double(), want.out.to_double()), 4e-3);  // bf16 output rounding
-    EXPECT_LT(relative_error(got.lse.to_double(), want.lse.to_double()), 1e-6);
+    expect_run_equals_dequantised(s, opt);
+  }
+}
+
+// FP8 ki pages of 64 and 128 keys with bf16 queries take the index's tile-unit path where the CPU has
+// AMX (codes widened to bf16 a 64-key chunk at a time, amx::widen_fp8_chunk; the page scale on each
+// block's max); index head dims 64 and 40 (a staged partial tile); each case also with MSA_CPU_AMX=0.
+TEST(PagedFp8, TileUnitIndexOnFp8Pages) {
+  struct Shape {
+    int block, index_dim;
+  };
+  for (const char* amx : {"1", "0"}) {
+    testing::ScopedKernelEnv env("MSA_CPU_AMX", amx);
+    for (const Shape sh : {Shape{64, 64}, Shape{128, 128}, Shape{64, 40}}) {
+      SCOPED_TRACE(std::string("MSA_CPU_AMX=") + amx + " block " + std::to_string(sh.block) + " Di " +
+                   std::to_string(sh.index_dim));
+      Config c = fp8_config(8, 2);
+      c.block_size = sh.block;
+      c.index_head_dim = sh.index_dim;
+      const int B = sh.block;
+      PagedStep s(c, {1, 4, 16, 2, 9, 40}, {1, B - 1, B + 1, 3 * B - 2, 13 * B + 5, 300}, DType::bf16,
+                  505 + B + sh.index_dim);
+      expect_run_equals_dequantised(s, PagedOptions{});
+      if (HasFatalFailure()) return;
+    }
   }
 }
 

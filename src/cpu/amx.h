@@ -95,6 +95,11 @@ void index_chunk_scores(const uint16_t* q, int d, int64_t first_panel, int64_t p
 const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, bool in_place,
                           uint16_t* staged);
 
+// The `keys` argument of index_chunk_max_key_major for nk keys of FP8 E4M3 codes (d codes a row, rows
+// `stride` bytes apart): widened exactly to bf16 (every E4M3 value is a bf16 value; unscaled) into
+// `staged` (kPackKeys x packed_dim(d), zero past nk keys and d), whose row length is packed_dim(d).
+void widen_fp8_chunk(const uint8_t* codes, int64_t stride, int nk, int d, uint16_t* staged);
+
 // The query rows of the key-major kernel: `rows` bf16 rows of packed_dim(d) elements (zero-padded
 // up to packed_keys(rows)) packed as score tiles into `packed`, and their positions (nondecreasing)
 // padded so that the padding rows see every key; their results are never read.

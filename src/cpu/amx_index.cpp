@@ -1,7 +1,9 @@
 // AMX kernels of the index branch (bf16): one key chunk's scores against the packed query rows of
 // an index tile. Pooling and selection stay in index_topk.cpp, shared with the other dtypes.
 #include <algorithm>
+#include <array>
 
+#include "common/float_convert.h"
 #include "cpu/amx.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -71,6 +73,39 @@ MSA_AMX_TARGET void index_chunk_max_key_major(const uint16_t* keys, int64_t key_
   }
 }
 
+// The 128 non-negative E4M3 codes as bf16 bits (exact); a code's sign bit is bf16's, 8 places up.
+static const std::array<uint16_t, 128>& fp8_magnitudes() {
+  static const std::array<uint16_t, 128> t = [] {
+    std::array<uint16_t, 128> a{};
+    for (int c = 0; c < 128; ++c) a[size_t(c)] = float_to_bf16(fp8_e4m3_to_float(uint8_t(c)));
+    return a;
+  }();
+  return t;
+}
+
+// 32 codes a step: zero-extended to 16-bit lanes, their low 7 bits looked up in the 128-entry table
+// (two 64-entry word permutes, picked by bit 6), the sign bit moved to bit 15. Lanes past d load
+// code 0, which is +0.
+MSA_AMX_TARGET void widen_fp8_chunk(const uint8_t* codes, int64_t stride, int nk, int d, uint16_t* staged) {
+  const int dk = packed_dim(d);
+  const uint16_t* table = fp8_magnitudes().data();
+  const __m512i t0 = _mm512_loadu_si512(table), t1 = _mm512_loadu_si512(table + 32);
+  const __m512i t2 = _mm512_loadu_si512(table + 64), t3 = _mm512_loadu_si512(table + 96);
+  const __m512i low7 = _mm512_set1_epi16(0x7f), bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16(0x80);
+  for (int t = 0; t < kPackKeys; ++t) {
+    uint16_t* dst = staged + int64_t(t) * dk;
+    for (int i = 0; i < dk; i += 32) {
+      const int n = t < nk ? std::min(32, d - i) : 0;
+      const __mmask32 m = n >= 32 ? ~__mmask32(0) : n > 0 ? (__mmask32(1) << n) - 1 : 0;
+      const __m512i c = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, codes + int64_t(t) * stride + i));
+      const __m512i idx = _mm512_and_si512(c, low7);
+      const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(c, bit6), _mm512_permutex2var_epi16(t0, idx, t1),
+                                                _mm512_permutex2var_epi16(t2, idx, t3));
+      _mm512_storeu_si512(dst + i, _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(c, sign), 8)));
+    }
+  }
+}
+
 }  // namespace amx
 }  // namespace cpu
 }  // namespace detail
@@ -88,6 +123,7 @@ ThreadTiles::~ThreadTiles() {}
 void index_chunk_scores(const uint16_t*, int, int64_t, int64_t, const uint16_t*, float*, int64_t) {}
 void index_chunk_max_key_major(const uint16_t*, int64_t, int, int, int64_t, const uint16_t*,
                                int64_t, const int64_t*, float*, float*) {}
+void widen_fp8_chunk(const uint8_t*, int64_t, int, int, uint16_t*) {}
 
 }  // namespace amx
 }  // namespace cpu

@@ -2,8 +2,9 @@
 //  1. score_blocks: one work item = a query tile of one request x a range of its blocks; every
 //     (query, group) row of the tile shares one pass over each ki page of the range (converted and
 //     transposed once per 64-key chunk, scored by the index branch's register-blocked micro-kernel),
-//     max-pooled per block over the row's visible keys into the plan's block-score region; bf16 pages
-//     on a CPU with AMX go through the index's key-major tile kernel instead (score_blocks_amx).
+//     max-pooled per block over the row's visible keys into the plan's block-score region; bf16
+//     queries on a CPU with AMX go through the index's key-major tile kernel instead
+//     (score_blocks_amx), over bf16 pages in place or FP8 pages widened to bf16 a chunk at a time.
 //  2. select_row: per (query, group) the local block plus the k-1 best earlier blocks, written in the
 //     layout rules.h defines, with the same ordering as the contiguous index branch.
 #pragma once
@@ -52,11 +53,24 @@ struct IndexScratch {
   }
 };
 
-// The tile-unit path of score_blocks (bf16 ki pages, blocks a multiple of 64 keys): the index's
-// key-major kernel over each page, its rows read in place (amx.h, index_chunk_max_key_major).
+// Whether every page of the work item's blocks has a finite positive ki scale: then a block's maximum
+// of unscaled scores times the scale is the maximum of the scaled scores.
+inline bool ki_scales_positive(const PagedIndexWork& w, const TensorView& ki_scale, const TensorView& page_table) {
+  for (int64_t j = w.block_begin; j < w.block_end; ++j) {
+    const float sc = page_scale(ki_scale, page_of(page_table, w.request, j));
+    if (!(std::isfinite(sc) && sc > 0.f)) return false;
+  }
+  return true;
+}
+
+// The tile-unit path of score_blocks (bf16 queries, blocks a multiple of 64 keys): the index's
+// key-major kernel over each page (amx.h, index_chunk_max_key_major). bf16 rows are read in place;
+// FP8 rows are widened exactly to bf16 codes a chunk at a time and the page scale (positive:
+// ki_scales_positive) multiplies each block's maximum.
 inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, const TensorView& qi,
-                             const TensorView& ki_cache, const TensorView& page_table,
-                             unsigned char* ws, unsigned char* mine, const IndexScratch& lay) {
+                             const TensorView& ki_cache, const TensorView& ki_scale,
+                             const TensorView& page_table, unsigned char* ws, unsigned char* mine,
+                             const IndexScratch& lay) {
   const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
   const int dk = amx::packed_dim(di);
   uint16_t* qtiles = reinterpret_cast<uint16_t*>(mine + lay.qtiles);
@@ -80,6 +94,7 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
   amx::pack_key_major_rows(qtiles, rows, di, position, qpacked);
   const int64_t p_max = position[rows - 1];
   amx::ThreadTiles tile_unit;
+  const bool fp8 = is_fp8(ki_cache);
   for (int64_t j = w.block_begin; j < w.block_end; ++j) {
     const int32_t page = page_of(page_table, w.request, j);
     const int64_t kbeg = rules::block_begin(j, B);
@@ -87,16 +102,25 @@ inline void score_blocks_amx(const PagedPlan& plan, const PagedIndexWork& w, con
     std::fill(run_max, run_max + rows_tiles, -INFINITY);
     for (int64_t c0 = kbeg; c0 < kend; c0 += kKeyChunk) {
       const int nk = int(std::min<int64_t>(kKeyChunk, kend - c0));
-      // A page holds B slots, so a chunk's 64 rows are there even past the cached length (loaded,
-      // but masked out); a head dim that is not a multiple of 32 is staged.
       int64_t stride = ki_cache.stride[1];
-      const uint16_t* keys = amx::key_chunk(ki_row<const uint16_t>(ki_cache, page, c0 - kbeg), &stride,
-                                            nk, di, di == dk, staged);
+      const uint16_t* keys;
+      if (fp8) {
+        amx::widen_fp8_chunk(ki_row<const uint8_t>(ki_cache, page, c0 - kbeg), stride, nk, di, staged);
+        keys = staged;
+        stride = dk;
+      } else {
+        // A page holds B slots, so a chunk's 64 rows are there even past the cached length (loaded,
+        // but masked out); a head dim that is not a multiple of 32 is staged.
+        keys = amx::key_chunk(ki_row<const uint16_t>(ki_cache, page, c0 - kbeg), &stride, nk, di, di == dk,
+                              staged);
+      }
       amx::index_chunk_max_key_major(keys, stride, di, nk, c0, qpacked, rows, position, scores,
                                      run_max);
     }
-    // iscale > 0 and rounding is monotone: the max of the scaled scores is the scaled max.
-    for (int64_t r = 0; r < rows; ++r) bscore[(w.q_begin * hkv + r) * nblk_req + j] = run_max[r] * iscale;
+    // iscale > 0 (and the FP8 page scale > 0) and rounding is monotone: the max of the scaled scores
+    // is the scaled max.
+    const float scale = fp8 ? iscale * page_scale(ki_scale, page) : iscale;
+    for (int64_t r = 0; r < rows; ++r) bscore[(w.q_begin * hkv + r) * nblk_req + j] = run_max[r] * scale;
   }
 }
 
@@ -108,8 +132,8 @@ void score_blocks(const PagedPlan& plan, const PagedIndexWork& w, const TensorVi
   constexpr int MR = simd::kMR, NR = simd::kNR<float>;
   const int hkv = plan.cfg.num_kv_heads, di = plan.cfg.index_head_dim, B = plan.cfg.block_size;
   if constexpr (std::is_same_v<T, bf16>)
-    if (lay.amx && !is_fp8(ki_cache) && B % kKeyChunk == 0)
-      return score_blocks_amx(plan, w, qi, ki_cache, page_table, ws, mine, lay);
+    if (lay.amx && B % kKeyChunk == 0 && (!is_fp8(ki_cache) || ki_scales_positive(w, ki_scale, page_table)))
+      return score_blocks_amx(plan, w, qi, ki_cache, ki_scale, page_table, ws, mine, lay);
   float* qpanel = reinterpret_cast<float*>(mine + lay.qpanel);
   float* keys_t = reinterpret_cast<float*>(mine + lay.keys_t);
   float* scores = reinterpret_cast<float*>(mine + lay.scores);
