@@ -21,7 +21,7 @@ namespace cpu {
 namespace amx {
 
 // True when this process may run AMX bf16 tile instructions: an x86-64 build by GCC or Clang, a CPU
-// with AMX-TILE, AMX-BF16 and AVX-512 (F, BW, VL, BF16), the kernel's permission for tile data
+// with AMX-TILE, AMX-BF16 and AVX-512 (F, BW, VL, BF16, VBMI; every AMX CPU so far has them), the kernel's permission for tile data
 // (arch_prctl, asked once per process), and the environment variable MSA_CPU_AMX not set to 0
 // (read on every call, so tests and benchmarks can compare both paths in one process).
 bool usable();

@@ -25,7 +25,8 @@ namespace {
 bool cpu_and_kernel_allow_amx() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool avx512 = (b >> 16 & 1) /* F */ && (b >> 30 & 1) /* BW */ && (b >> 31 & 1) /* VL */;
+  const bool avx512 = (b >> 16 & 1) /* F */ && (b >> 30 & 1) /* BW */ && (b >> 31 & 1) /* VL */ &&
+                      (c >> 1 & 1) /* VBMI: the FP8 widening of the paged index */;
   const bool amx = (d >> 22 & 1) /* AMX-BF16 */ && (d >> 24 & 1) /* AMX-TILE */;
   if (!avx512 || !amx) return false;
   unsigned a1, b1, c1, d1;
