@@ -12,6 +12,18 @@
 namespace msa {
 namespace testing {
 
+// A configuration: heads Hq / Hkv, head dims D / Di, block size B, top-k k.
+inline Config make_config(int hq, int hkv, int d, int di, int b, int k) {
+  Config c;
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.head_dim = d;
+  c.index_head_dim = di;
+  c.block_size = b;
+  c.topk = k;
+  return c;
+}
+
 struct TestProblem {
   Config cfg;
   reference::Lengths lens;

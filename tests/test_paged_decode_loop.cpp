@@ -17,16 +17,7 @@ namespace {
 
 using testing::KvLayout;
 
-Config loop_config() {
-  Config c;
-  c.num_q_heads = 8;
-  c.num_kv_heads = 2;
-  c.head_dim = 32;
-  c.index_head_dim = 16;
-  c.block_size = 16;
-  c.topk = 4;
-  return c;
-}
+Config loop_config() { return testing::make_config(8, 2, 32, 16, 16, 4); }
 
 struct LoopCase {
   DType dtype;

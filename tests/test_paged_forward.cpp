@@ -24,16 +24,7 @@ namespace {
 using testing::KvLayout;
 using testing::PagedStep;
 
-Config small_config(int hq, int hkv) {
-  Config c;
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.head_dim = 32;
-  c.index_head_dim = 16;
-  c.block_size = 16;
-  c.topk = 4;
-  return c;
-}
+Config small_config(int hq, int hkv) { return testing::make_config(hq, hkv, 32, 16, 16, 4); }
 
 using Outputs = testing::PagedOutputs;
 

@@ -24,6 +24,7 @@
 #include "msa/ops.h"
 #include "kernel_env.h"
 #include "msa/paged.h"
+#include "paged_compare.h"
 #include "paged_fixture.h"
 #include "paged_fp8_cache.h"
 
@@ -108,29 +109,10 @@ TEST(Fp8E4M3, RandomFloatsRoundToNearestEvenAndSaturate) {
 // ---------------------------------------------------------------------------------------------
 // Paged steps with FP8 caches
 
-Config fp8_config(int hq, int hkv) {
-  Config c;
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.head_dim = 64;
-  c.index_head_dim = 32;
-  c.block_size = 16;
-  c.topk = 8;
-  return c;
-}
+Config fp8_config(int hq, int hkv) { return testing::make_config(hq, hkv, 64, 32, 16, 8); }
 
 
-struct Outputs {
-  HostTensor out, lse, topk;
-  Outputs(const Config& c, int64_t tq, DType dt)
-      : out(dt, {tq, c.num_q_heads, c.head_dim}),
-        lse(DType::f32, {tq, c.num_q_heads}),
-        topk(DType::i32, {c.num_kv_heads, tq, c.topk}) {
-    out.poison();
-    lse.poison();
-    topk.poison();
-  }
-};
+using Outputs = testing::PagedOutputs;
 
 Outputs run_step(PagedStep& s, const PagedKVCache& cache, const PagedOptions& opt = {}) {
   const PagedPlan plan = s.plan(opt);

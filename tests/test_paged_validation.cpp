@@ -13,16 +13,7 @@ namespace {
 
 using testing::PagedStep;
 
-Config tiny() {
-  Config c;
-  c.num_q_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 16;
-  c.index_head_dim = 8;
-  c.block_size = 8;
-  c.topk = 3;
-  return c;
-}
+Config tiny() { return testing::make_config(4, 2, 16, 8, 8, 3); }
 
 template <class F>
 void expect_arg(const char* argument, F f) {

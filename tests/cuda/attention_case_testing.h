@@ -22,13 +22,7 @@ struct Case {
 
 // Hq, Hkv, head dim, block size and k of a case; every other field keeps its default.
 inline Config attention_config(int hq, int hkv, int d, int block, int k) {
-  Config cfg;
-  cfg.num_q_heads = hq;
-  cfg.num_kv_heads = hkv;
-  cfg.head_dim = d;
-  cfg.block_size = block;
-  cfg.topk = k;
-  return cfg;
+  return make_config(hq, hkv, d, Config{}.index_head_dim, block, k);
 }
 
 // Valid random topk rows [Hkv, total_q, k]: distinct ids below the local block, the local block,

@@ -38,16 +38,7 @@ using testing::DeviceTensor;
 using testing::KvLayout;
 using testing::PagedStep;
 
-Config make_config(int hq, int hkv, int d, int di, int b, int k) {
-  Config c;
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.head_dim = d;
-  c.index_head_dim = di;
-  c.block_size = b;
-  c.topk = k;
-  return c;
-}
+using testing::make_config;
 
 struct Case {
   std::string name;

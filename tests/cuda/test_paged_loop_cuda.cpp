@@ -26,16 +26,7 @@ namespace {
 using testing::DeviceTensor;
 using testing::KvLayout;
 
-Config loop_config() {
-  Config c;
-  c.num_q_heads = 16;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.index_head_dim = 32;
-  c.block_size = 16;
-  c.topk = 4;
-  return c;
-}
+Config loop_config() { return testing::make_config(16, 2, 64, 32, 16, 4); }
 
 // Block score of (query row, group, block j) in float64 over the keys the query sees.
 double block_score(const testing::TestProblem& p, int r, int64_t row, int g, int64_t j) {
