@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/amx.h"
 #include "cpu/attention_simd.h"
 #include "cpu/attention_tile.h"
 #include "cpu/paged_fp8.h"
@@ -60,9 +61,14 @@ inline void page_rows(const attn::Geometry& geo, const TensorView& cache, const 
                       int32_t page, int group, int nkeys, float* buf, const float** rows) {
   if (is_fp8(cache)) {
     const float sc = page_scale(scale, page, group);
+    const bool vector = amx::usable();  // AVX-512 VBMI is part of what it checks
     for (int i = 0; i < nkeys; ++i) {
       float* dst = buf + int64_t(i) * geo.Dp;
-      dequantise_row(kv_row<const uint8_t>(cache, page, i, group), geo.D, sc, dst, geo.Dp);
+      const uint8_t* src = kv_row<const uint8_t>(cache, page, i, group);
+      if (vector)
+        amx::dequantise_fp8_row(src, geo.D, sc, dst, geo.Dp);
+      else
+        dequantise_row(src, geo.D, sc, dst, geo.Dp);
       rows[i] = dst;
     }
     return;
