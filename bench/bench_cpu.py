@@ -132,10 +132,11 @@ def decode_case(msa, torch, F, record, shape, cfg_name, batch, L, seed):
         # The same pages head-major ([pages, Hkv, B, D] in memory), passed through msa.paged.head_major.
         kh, vh = (mp.head_major(x.transpose(1, 2).contiguous()) for x in (k, v))
         # And as FP8 E4M3 caches (float8_e4m3fn) with one scale per cache: amax / 448.
-        f8 = [(x.float() / s).to(torch.float8_e4m3fn) for x, s in ((k, fp8_scale(k)), (v, fp8_scale(v)), (ki, fp8_scale(ki)))]
-        ks = torch.full((batch * pages, hkv), fp8_scale(k))
-        vs = torch.full((batch * pages, hkv), fp8_scale(v))
-        kis = torch.full((batch * pages,), fp8_scale(ki))
+        sk, sv, ski = fp8_scale(k), fp8_scale(v), fp8_scale(ki)
+        f8 = [(x.float() / sc).to(torch.float8_e4m3fn) for x, sc in ((k, sk), (v, sv), (ki, ski))]
+        ks = torch.full((batch * pages, hkv), sk)
+        vs = torch.full((batch * pages, hkv), sv)
+        kis = torch.full((batch * pages,), ski)
         steps.append(dict(cache=mp.Cache(k, v, ki), cache_head_major=mp.Cache(kh, vh, ki),
                           cache_fp8=mp.Cache(*f8, ks, vs, kis), table=table, q=q, qi=qi, kd=kd, vd=vd))
     cu = torch.arange(batch + 1, dtype=torch.int32)

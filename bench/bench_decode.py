@@ -24,6 +24,7 @@ is written (with "fatal") and the script exits with status 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -43,6 +44,23 @@ CACHES = ["bf16", "fp8"]
 # Cache kinds beyond CACHES: "fp8_registers" = FP8 caches through the attention's register mode
 # (MSA_PAGED_ATTENTION_FP8=registers, set around that kind's calls only).
 ALL_CACHES = CACHES + ["fp8_registers"]
+
+
+@contextlib.contextmanager
+def cache_kind_env(cache_kind):
+    """MSA_PAGED_ATTENTION_FP8=registers while an fp8_registers call runs; the previous value after."""
+    if cache_kind != "fp8_registers":
+        yield
+        return
+    before = os.environ.get("MSA_PAGED_ATTENTION_FP8")
+    os.environ["MSA_PAGED_ATTENTION_FP8"] = "registers"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MSA_PAGED_ATTENTION_FP8", None)
+        else:
+            os.environ["MSA_PAGED_ATTENTION_FP8"] = before
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -359,8 +377,7 @@ class Run:
             for m in self.methods:
                 self.add(method=m, **base, skipped="does not fit in GPU memory")
             return
-        totals = {}
-        self.graph_totals = {}  # the same keys, CUDA-graph replay times
+        totals = {}  # (method, cache label) -> the timing of that msa call (ms_median, ms_graph)
         if "msa_sparse" in self.methods:
             for cache_kind in self.caches:
                 for layout in self.layouts:
@@ -378,17 +395,8 @@ class Run:
     def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
         """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None.
         fp8_registers: FP8 caches with MSA_PAGED_ATTENTION_FP8=registers for these calls only."""
-        if cache_kind != "fp8_registers":
+        with cache_kind_env(cache_kind):
             return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
-        before = os.environ.get("MSA_PAGED_ATTENTION_FP8")
-        os.environ["MSA_PAGED_ATTENTION_FP8"] = "registers"
-        try:
-            return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
-        finally:
-            if before is None:
-                os.environ.pop("MSA_PAGED_ATTENTION_FP8", None)
-            else:
-                os.environ["MSA_PAGED_ATTENTION_FP8"] = before
 
     def run_msa_calls(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout):
         method = "msa_paged_dense" if dense else "msa_sparse"
@@ -415,10 +423,8 @@ class Run:
                        index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
                        attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,
                        total_gb_per_s=(ib + ab) / (t["ms_median"] * 1e-3) / 1e9)
-            key = (method, cache_kind + ("" if layout == "token_major" else "_" + layout))
-            ms = totals[key] = t["ms_median"]
-            if t.get("ms_graph"):
-                self.graph_totals[key] = t["ms_graph"]
+            totals[(method, cache_kind + ("" if layout == "token_major" else "_" + layout))] = t
+            ms = t["ms_median"]
             self.add(**row)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -432,7 +438,6 @@ class Run:
         """Dense baseline: SDPA over a contiguous bf16 cache of the same lengths; returns its row."""
         torch, s = self.torch, self.shape
         base = dict(batch=batch, context=ctx, q_len=q_len)
-        graph_totals = self.graph_totals
         row = None
         try:
             bf = torch.bfloat16
@@ -457,11 +462,10 @@ class Run:
             row = dict(method="sdpa_dense", cache="bf16", **base, **t, gqa_mode=mode, note=note,
                        attention_bytes=dense_bytes,
                        total_gb_per_s=dense_bytes / (t["ms_median"] * 1e-3) / 1e9)
-            for (m, ck), ms in totals.items():
-                row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
-            for (m, ck), ms in graph_totals.items():
-                if t.get("ms_graph"):
-                    row[f"speedup_graph_{m}_{ck}"] = t["ms_graph"] / ms
+            for (m, ck), mt in totals.items():
+                row[f"speedup_{m}_{ck}"] = t["ms_median"] / mt["ms_median"]
+                if t.get("ms_graph") and mt.get("ms_graph"):
+                    row[f"speedup_graph_{m}_{ck}"] = t["ms_graph"] / mt["ms_graph"]
             self.add(**row)
             del qkv, calls
         except Exception as e:  # noqa: BLE001
@@ -527,8 +531,8 @@ class Run:
                            **base, **t, flashinfer=flashinfer.__version__, check_rel_err=err,
                            attention_bytes=dense_bytes,
                            total_gb_per_s=dense_bytes / (t["ms_median"] * 1e-3) / 1e9)
-                for (m, ck), ms in totals.items():
-                    row[f"speedup_{m}_{ck}"] = t["ms_median"] / ms
+                for (m, ck), mt in totals.items():
+                    row[f"speedup_{m}_{ck}"] = t["ms_median"] / mt["ms_median"]
                 self.add(**row)
                 if err > 2e-2:
                     print(f"bench_decode: FlashInfer {backend} differs from SDPA (rel err {err:.3g})", flush=True)

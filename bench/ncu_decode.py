@@ -33,15 +33,12 @@ def main(argv=None):
     ctx = args.context[0]
     for cache in run.caches:
         for layout in run.layouts:
-            if cache == "fp8_registers":
-                os.environ["MSA_PAGED_ATTENTION_FP8"] = "registers"
-            else:
-                os.environ.pop("MSA_PAGED_ATTENTION_FP8", None)
             step = run.make_step(args.batch, ctx, args.q_len, cache, gen, layout)
             call = run.msa_call(step, False)
-            for _ in range(2):
-                call()
-                torch.cuda.synchronize()
+            with BD.cache_kind_env(cache):
+                for _ in range(2):
+                    call()
+                    torch.cuda.synchronize()
             print(f"ncu_decode: batch {args.batch} context {ctx} q_len {args.q_len} {cache} {layout}: "
                   "two attention launches", flush=True)
             del step, call

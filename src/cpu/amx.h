@@ -100,9 +100,10 @@ const uint16_t* key_chunk(const uint16_t* keys, int64_t* stride, int nk, int d, 
 // `staged` (kPackKeys x packed_dim(d), zero past nk keys and d), whose row length is packed_dim(d).
 void widen_fp8_chunk(const uint8_t* codes, int64_t stride, int nk, int d, uint16_t* staged);
 
-// n FP8 E4M3 codes -> f32 x scale into dst, zero padding up to dp: the attention's K / V rows of FP8
-// pages (the same exact widening, then bf16 -> f32, then the page scale).
-void dequantise_fp8_row(const uint8_t* src, int n, float scale, float* dst, int dp);
+// `rows` rows of n FP8 E4M3 codes (`stride` bytes apart) -> f32 x scale into dst (rows dp floats
+// apart, zero padding past n): the attention's K / V rows of an FP8 page (the same exact widening,
+// then bf16 -> f32, then the page scale).
+void dequantise_fp8_rows(const uint8_t* src, int64_t stride, int rows, int n, float scale, float* dst, int dp);
 
 // The query rows of the key-major kernel: `rows` bf16 rows of packed_dim(d) elements (zero-padded
 // up to packed_keys(rows)) packed as score tiles into `packed`, and their positions (nondecreasing)

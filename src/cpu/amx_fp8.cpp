@@ -96,18 +96,23 @@ MSA_FP8_TARGET void widen_fp8_chunk(const uint8_t* codes, int64_t stride, int nk
   }
 }
 
-MSA_FP8_TARGET void dequantise_fp8_row(const uint8_t* src, int n, float scale, float* dst, int dp) {
+MSA_FP8_TARGET void dequantise_fp8_rows(const uint8_t* src, int64_t stride, int rows, int n, float scale, float* dst,
+                                        int dp) {
   const Widener w;
   const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < dp; i += 64) {  // codes past n load as 0
-    __m512i a, b;
-    w.widen(_mm512_maskz_loadu_epi8(first_n(n - i), src + i), &a, &b);
-    const __m512i halves[2] = {a, b};
-    for (int q = 0; q < 4; ++q) {  // 16 floats a step, the last masked at dp
-      const int at = i + 16 * q;
-      if (at >= dp) break;
-      const __mmask16 keep = dp - at >= 16 ? __mmask16(0xffff) : __mmask16((1u << (dp - at)) - 1);
-      _mm512_mask_storeu_ps(dst + at, keep, bf16_half_to_f32(halves[q >> 1], q & 1, s));
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* row = src + int64_t(r) * stride;
+    float* out = dst + int64_t(r) * dp;
+    for (int i = 0; i < dp; i += 64) {  // codes past n load as 0
+      __m512i a, b;
+      w.widen(_mm512_maskz_loadu_epi8(first_n(n - i), row + i), &a, &b);
+      const __m512i halves[2] = {a, b};
+      for (int q = 0; q < 4; ++q) {  // 16 floats a step, the last masked at dp
+        const int at = i + 16 * q;
+        if (at >= dp) break;
+        const __mmask16 keep = dp - at >= 16 ? __mmask16(0xffff) : __mmask16((1u << (dp - at)) - 1);
+        _mm512_mask_storeu_ps(out + at, keep, bf16_half_to_f32(halves[q >> 1], q & 1, s));
+      }
     }
   }
 }
@@ -125,7 +130,7 @@ namespace cpu {
 namespace amx {
 
 void widen_fp8_chunk(const uint8_t*, int64_t, int, int, uint16_t*) {}
-void dequantise_fp8_row(const uint8_t*, int, float, float*, int) {}
+void dequantise_fp8_rows(const uint8_t*, int64_t, int, int, float, float*, int) {}
 
 }  // namespace amx
 }  // namespace cpu

@@ -37,8 +37,9 @@ struct AttentionScratch {
   int64_t* pos;
   int32_t* rows;
   attn::TilePlan plan;
+  bool fp8_vector;  // FP8 K / V rows through amx::dequantise_fp8_rows (decided once per run and thread)
 
-  AttentionScratch(attn::Carver& c, const attn::Geometry& geo) {
+  AttentionScratch(attn::Carver& c, const attn::Geometry& geo) : fp8_vector(amx::usable()) {
     q = c.take<float>(int64_t(geo.rows) * geo.Dp);
     o = c.take<float>(int64_t(geo.rows) * geo.Dp);
     m = c.take<float>(geo.rows);
@@ -58,17 +59,15 @@ struct AttentionScratch {
 // (FP8 pages: dequantised with the (page, group) scale).
 template <class T>
 inline void page_rows(const attn::Geometry& geo, const TensorView& cache, const TensorView& scale,
-                      int32_t page, int group, int nkeys, float* buf, const float** rows) {
+                      int32_t page, int group, int nkeys, bool fp8_vector, float* buf, const float** rows) {
   if (is_fp8(cache)) {
     const float sc = page_scale(scale, page, group);
-    const bool vector = amx::usable();  // AVX-512 VBMI is part of what it checks
+    if (fp8_vector)  // a page's rows of one group are cache.stride[1] bytes apart
+      amx::dequantise_fp8_rows(kv_row<const uint8_t>(cache, page, 0, group), cache.stride[1], nkeys, geo.D, sc, buf,
+                               geo.Dp);
     for (int i = 0; i < nkeys; ++i) {
       float* dst = buf + int64_t(i) * geo.Dp;
-      const uint8_t* src = kv_row<const uint8_t>(cache, page, i, group);
-      if (vector)
-        amx::dequantise_fp8_row(src, geo.D, sc, dst, geo.Dp);
-      else
-        dequantise_row(src, geo.D, sc, dst, geo.Dp);
+      if (!fp8_vector) dequantise_row(kv_row<const uint8_t>(cache, page, i, group), geo.D, sc, dst, geo.Dp);
       rows[i] = dst;
     }
     return;
@@ -125,8 +124,8 @@ void attend_tile(const PagedPlan& plan, const attn::Geometry& geo, const PagedAt
     const int nkeys = attn::visible_in_block(geo, j, sc.pos[parts[nparts - 1]]);
     const int npad = int(attn::round_up(nkeys, attn::kScorePad));
     const int32_t page = page_of(page_table, w.request, j);
-    page_rows<T>(geo, cache.k, cache.k_scale, page, it.group, nkeys, sc.kbuf, sc.krows);
-    page_rows<T>(geo, cache.v, cache.v_scale, page, it.group, nkeys, sc.vbuf, sc.vrows);
+    page_rows<T>(geo, cache.k, cache.k_scale, page, it.group, nkeys, sc.fp8_vector, sc.kbuf, sc.krows);
+    page_rows<T>(geo, cache.v, cache.v_scale, page, it.group, nkeys, sc.fp8_vector, sc.vbuf, sc.vrows);
 
     int nrows = 0;
     for (int pi = 0; pi < nparts; ++pi)
