@@ -10,7 +10,7 @@
 namespace msa {
 
 using detail::check_input_dtype;
-using detail::check_no_overlap;
+using detail::check_output;
 using detail::check_tensor;
 using detail::Problem;
 using detail::stats_dtype;
@@ -55,21 +55,16 @@ Problem main_problem(const Config& cfg, const Varlen& varlen, const TensorView& 
 void check_forward_io(const Problem& p, const TensorView& v, const TensorView& out,
                       const TensorView& lse) {
   check_tensor(v, "v", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_tensor(out, "out", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_tensor(lse, "lse", {p.total_q, p.cfg.num_q_heads}, stats_dtype(p.dtype), p.device);
-  check_no_overlap(out, "out");
-  check_no_overlap(lse, "lse");
+  check_output(out, "out", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
+  check_output(lse, "lse", {p.total_q, p.cfg.num_q_heads}, stats_dtype(p.dtype), p.device);
 }
 
 void check_backward_io(const Problem& p, const TensorView& dout, const TensorView& dq,
                        const TensorView& dk, const TensorView& dv) {
   check_tensor(dout, "dout", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_tensor(dq, "dq", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_tensor(dk, "dk", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_tensor(dv, "dv", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
-  check_no_overlap(dq, "dq");
-  check_no_overlap(dk, "dk");
-  check_no_overlap(dv, "dv");
+  check_output(dq, "dq", {p.total_q, p.cfg.num_q_heads, p.cfg.head_dim}, p.dtype, p.device);
+  check_output(dk, "dk", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
+  check_output(dv, "dv", {p.total_k, p.cfg.num_kv_heads, p.cfg.head_dim}, p.dtype, p.device);
 }
 
 }  // namespace
@@ -90,13 +85,9 @@ void index_topk(const Config& cfg, const Varlen& varlen, const TensorView& qi, c
   Problem p = detail::make_problem(cfg, varlen, qi.shape[0], ki.shape[0], qi.dtype, qi.device);
   check_tensor(qi, "qi", {p.total_q, cfg.num_kv_heads, cfg.index_head_dim}, p.dtype, p.device);
   check_tensor(ki, "ki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
-  check_topk(p, topk);
-  check_no_overlap(topk, "topk");
-  if (selected_lse.defined()) {
-    check_tensor(selected_lse, "selected_lse", {cfg.num_kv_heads, p.total_q}, stats_dtype(p.dtype),
-                 p.device);
-    check_no_overlap(selected_lse, "selected_lse");
-  }
+  check_output(topk, "topk", {cfg.num_kv_heads, p.total_q, cfg.topk}, DType::i32, p.device);
+  if (selected_lse.defined())
+    check_output(selected_lse, "selected_lse", {cfg.num_kv_heads, p.total_q}, stats_dtype(p.dtype), p.device);
   check_workspace(p, Op::index_topk, ctx);
   MSA_DISPATCH(p, index_topk, p, qi, ki, topk, selected_lse, temperature, ctx);
 }
@@ -135,10 +126,8 @@ void kl_alignment(const Config& cfg, const Varlen& varlen, const TensorView& q, 
   check_tensor(ki, "ki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
   if (topk.defined()) check_topk(p, topk);
   check_tensor(loss, "loss", {1}, stats_dtype(p.dtype), p.device);
-  check_tensor(dqi, "dqi", {p.total_q, cfg.num_kv_heads, cfg.index_head_dim}, p.dtype, p.device);
-  check_tensor(dki, "dki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
-  check_no_overlap(dqi, "dqi");
-  check_no_overlap(dki, "dki");
+  check_output(dqi, "dqi", {p.total_q, cfg.num_kv_heads, cfg.index_head_dim}, p.dtype, p.device);
+  check_output(dki, "dki", {p.total_k, cfg.index_head_dim}, p.dtype, p.device);
   check_workspace(p, Op::kl_alignment, ctx);
   MSA_DISPATCH(p, kl_alignment, p, q, k, lse, qi, ki, topk, coeff, loss, dqi, dki, ctx);
 }

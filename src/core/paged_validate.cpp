@@ -11,7 +11,7 @@
 
 namespace msa {
 
-using detail::check_no_overlap;
+using detail::check_output;
 using detail::check_tensor;
 
 namespace {
@@ -39,16 +39,12 @@ int64_t num_pages_of(const PagedPlan& plan, const PagedKVCache& cache) {
   auto cache_dtype = [&](const TensorView& t) {
     return t.dtype == DType::fp8_e4m3 ? DType::fp8_e4m3 : plan.dtype;
   };
-  check_tensor(cache.k, "k_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim},
-               cache_dtype(cache.k), plan.device);
-  check_tensor(cache.v, "v_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim},
-               cache_dtype(cache.v), plan.device);
-  check_tensor(cache.ki, "ki_cache", {pages, c.block_size, c.index_head_dim}, cache_dtype(cache.ki),
-               plan.device);
   // Written by paged_append_kv; any non-overlapping strides (token- or head-major pages) are fine.
-  check_no_overlap(cache.k, "k_cache");
-  check_no_overlap(cache.v, "v_cache");
-  check_no_overlap(cache.ki, "ki_cache");
+  check_output(cache.k, "k_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim}, cache_dtype(cache.k),
+               plan.device);
+  check_output(cache.v, "v_cache", {pages, c.block_size, c.num_kv_heads, c.head_dim}, cache_dtype(cache.v),
+               plan.device);
+  check_output(cache.ki, "ki_cache", {pages, c.block_size, c.index_head_dim}, cache_dtype(cache.ki), plan.device);
   check_scale(plan, cache.k, "k_cache", cache.k_scale, "k_scale", {pages, c.num_kv_heads});
   check_scale(plan, cache.v, "v_cache", cache.v_scale, "v_scale", {pages, c.num_kv_heads});
   check_scale(plan, cache.ki, "ki_cache", cache.ki_scale, "ki_scale", {pages});
@@ -126,14 +122,11 @@ void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView&
   const Config& c = plan.cfg;
   const int64_t tq = plan.total_q;
   check_tensor(q, "q", {tq, c.num_q_heads, c.head_dim}, plan.dtype, plan.device);
-  check_tensor(out, "out", {tq, c.num_q_heads, c.head_dim}, plan.dtype, plan.device);
-  check_tensor(lse, "lse", {tq, c.num_q_heads}, DType::f32, plan.device);
-  check_no_overlap(out, "out");
-  check_no_overlap(lse, "lse");
+  check_output(out, "out", {tq, c.num_q_heads, c.head_dim}, plan.dtype, plan.device);
+  check_output(lse, "lse", {tq, c.num_q_heads}, DType::f32, plan.device);
   if (!plan.options.dense) {
     check_tensor(qi, "qi", {tq, c.num_kv_heads, c.index_head_dim}, plan.dtype, plan.device);
-    check_tensor(topk, "topk", {c.num_kv_heads, tq, c.topk}, DType::i32, plan.device);
-    check_no_overlap(topk, "topk");
+    check_output(topk, "topk", {c.num_kv_heads, tq, c.topk}, DType::i32, plan.device);
   } else if (topk.defined()) {
     check_tensor(topk, "topk", {c.num_kv_heads, tq, c.topk}, DType::i32, plan.device);
   }

@@ -151,6 +151,9 @@ void check_tensor(const TensorView& t, const char* name, std::initializer_list<i
     MSA_CHECK_ARG(t.stride[d] >= 0, name, "strides must be non-negative");
 }
 
+
+namespace {
+
 void check_no_overlap(const TensorView& t, const char* name) {
   // The dimensions with more than one index, by increasing stride: each must step past everything
   // the smaller ones span. Sufficient for distinct addresses, and true of every permutation of a
@@ -172,6 +175,14 @@ void check_no_overlap(const TensorView& t, const char* name) {
                       std::to_string(span) + " elements (a broadcast or overlapping view?)");
     span += t.stride[d] * (t.shape[d] - 1);
   }
+}
+
+}  // namespace
+
+void check_output(const TensorView& t, const char* name, std::initializer_list<int64_t> shape, DType dtype,
+                  Device device) {
+  check_tensor(t, name, shape, dtype, device);
+  check_no_overlap(t, name);
 }
 
 void check_input_dtype(const TensorView& t, const char* name, Device device) {

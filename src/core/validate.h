@@ -19,9 +19,10 @@ Problem make_problem(const Config& cfg, const Varlen& varlen, int64_t total_q, i
 void check_tensor(const TensorView& t, const char* name, std::initializer_list<int64_t> shape,
                   DType dtype, Device device);
 
-// For a tensor the operation writes: distinct indices must be distinct addresses (no stride 0, no
-// overlapping strides such as a broadcast view), else threads would write one element in turn.
-void check_no_overlap(const TensorView& t, const char* name);
+// check_tensor for a tensor the operation writes; also distinct indices must be distinct addresses (no
+// stride 0, no overlapping strides such as a broadcast view), else threads would write one element in turn.
+void check_output(const TensorView& t, const char* name, std::initializer_list<int64_t> shape, DType dtype,
+                  Device device);
 
 // Floating dtype accepted for the inputs of an operation.
 void check_input_dtype(const TensorView& t, const char* name, Device device);
