@@ -16,7 +16,12 @@ or torch ``t.view(torch.uint8)``), with the f32 scales (``k_scale`` / ``v_scale`
 K / V pages may lie token-major ([num_pages, B, Hkv, D], contiguous) or head-major in memory
 ([num_pages, Hkv, B, D], FlashInfer's "HND"): pass ``head_major(storage)``, a strided view of the
 logical shape. Any outer strides work; the innermost dimension must be contiguous.
+
+Compiled models (torch.compile) call msa.paged_torch.append / run instead, which take the plan from
+the enclosing ``with msa.paged.use_plan(p):``.
 """
+import contextlib
+import contextvars
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,6 +29,7 @@ from typing import Any, Optional
 import numpy as _np
 
 from . import _C
+from ._errors import ArgumentError
 
 PagedPlan = _C.PagedPlan
 
@@ -46,6 +52,26 @@ class Cache:
     k_scale: Optional[Any] = None
     v_scale: Optional[Any] = None
     ki_scale: Optional[Any] = None
+
+
+_current_plan = contextvars.ContextVar("msa_paged_plan", default=None)
+
+
+@contextlib.contextmanager
+def use_plan(p: PagedPlan):
+    """The plan that msa.paged_torch's ops use inside the block (per thread / async task)."""
+    if not isinstance(p, PagedPlan):
+        raise ArgumentError(f"plan: expected an msa.paged.PagedPlan, got {type(p).__name__}", "plan")
+    token = _current_plan.set(p)
+    try:
+        yield p
+    finally:
+        _current_plan.reset(token)
+
+
+def current_plan() -> Optional[PagedPlan]:
+    """The plan of the innermost enclosing use_plan, or None."""
+    return _current_plan.get()
 
 
 def head_major(storage):
