@@ -145,11 +145,9 @@ void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const Tenso
   const Config& c = plan.cfg;
   if (c.head_dim % 8 || c.index_head_dim % 8)
     throw NotSupportedError("msa: CUDA paged append: D and Di must be multiples of 8");
-  for (const TensorView* t : {&k_new, &v_new, &ki_new, &cache.k, &cache.v, &cache.ki}) {
-    bool ok = reinterpret_cast<std::uintptr_t>(t->data) % (8 * dtype_size(t->dtype)) == 0;
-    for (int d = 0; d + 1 < t->ndim; ++d) ok = ok && t->stride[d] % 8 == 0;
-    if (!ok) throw NotSupportedError("msa: CUDA paged append: rows must be 8-element aligned");
-  }
+  for (const TensorView* t : {&k_new, &v_new, &ki_new, &cache.k, &cache.v, &cache.ki})
+    if (!paged::rows_aligned(*t, 8 * dtype_size(t->dtype)))
+      throw NotSupportedError("msa: CUDA paged append: rows must be 8-element aligned");
   cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
   switch (plan.dtype) {
     case DType::bf16: return append_impl<__nv_bfloat16>(plan, batch, k_new, v_new, ki_new, cache, stream);

@@ -8,7 +8,7 @@
 //  - O += P V: keys keep their order (P comes from S), D is permuted instead: column g of n-tile j is
 //    d = 32 (j / 4) + 4 g + j % 4, so the word of 4 codes at 32 (j / 4) + 4 g serves n-tiles 4 (j / 4) ..
 //    + 3, and O's accumulator columns go back to d through the same map.
-// Host and device: tests/cuda/test_paged_fp8_fragments.cu checks the maps with an emulated mma.
+// Host and device: tests/cuda/test_paged_fp8_fragments.cpp checks the maps with an emulated mma.
 #pragma once
 
 #include "msa/rules.h"  // MSA_HOST_DEVICE

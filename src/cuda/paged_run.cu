@@ -300,14 +300,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   }
 }
 
-bool aligned16(const TensorView& t, int inner_elems_per_vec) {
-  if (!t.defined()) return true;
-  if (reinterpret_cast<std::uintptr_t>(t.data) % (dtype_size(t.dtype) * inner_elems_per_vec) != 0) return false;
-  for (int d = 0; d + 1 < t.ndim; ++d)
-    if (t.stride[d] % inner_elems_per_vec != 0) return false;
-  return true;
-}
-
 void check_supported(const PagedPlan& plan, const PagedBatch& batch, const PagedKVCache& cache,
                      std::initializer_list<const TensorView*> rows) {
   const Config& c = plan.cfg;
@@ -317,11 +309,16 @@ void check_supported(const PagedPlan& plan, const PagedBatch& batch, const Paged
   if (c.num_kv_heads > paged::kMaxRows || c.group_size() > paged::kMaxRows)
     unsupported("Hkv and Hq/Hkv must be at most " + std::to_string(paged::kMaxRows));
   if (c.head_dim % 8 || c.index_head_dim % 8) unsupported("D and Di must be multiples of 8");
-  // Vector loads: 8 elements (16 bytes of a 16-bit dtype) per access.
+  // Vector loads: 8 elements (16 bytes of a 16-bit dtype) per access; K / V pages are staged by
+  // 16-byte copies whatever their dtype (FP8 included).
+  auto vec = [](const TensorView& t) { return std::size_t(8) * dtype_size(t.dtype); };
   for (const TensorView* t : rows)
-    if (!aligned16(*t, 8)) unsupported("rows must be 8-element aligned (pointer and outer strides)");
-  for (const TensorView* t : {&cache.k, &cache.v, &cache.ki})
-    if (!aligned16(*t, 8)) unsupported("cache rows must be 8-element aligned (pointer and strides)");
+    if (!paged::rows_aligned(*t, vec(*t))) unsupported("rows must be 8-element aligned (pointer and outer strides)");
+  if (!paged::rows_aligned(cache.ki, vec(cache.ki)))
+    unsupported("ki_cache rows must be 8-element aligned (pointer and strides)");
+  for (const TensorView* t : {&cache.k, &cache.v})
+    if (!paged::rows_aligned(*t, std::max<std::size_t>(16, vec(*t))))
+      unsupported("K / V cache rows must be 16-byte and 8-element aligned (pointer and strides)");
   (void)batch;
 }
 

@@ -49,6 +49,9 @@ struct Case {
   int num_workers = 0;  // 0: the default (132); 1: one key split; large: many splits
   uint64_t seed = 1;
   KvLayout layout = KvLayout::token_major;  // of the K / V pages in memory
+  // Pass q / qi / out / lse / topk / the new rows as torch's DLPack export gives them: every
+  // extent-1 dimension with stride 1 (a batch-1 single-token decode's q is [1, Hq, D], strides (1, D, 1)).
+  bool unit_dim_strides = false;
 };
 
 // A cache to run on: the step's own (query dtype) or its FP8 copies with per-page amax / 448 scales
@@ -200,10 +203,18 @@ void run_case_once(const Case& tc, bool capture) {
   Context ctx;
   ctx.stream = stream;
   ctx.workspace = {ws.p, plan.workspace_bytes};
-  paged_append_kv(plan, d.batch(), d.k_new.view(), d.v_new.view(), d.ki_new.view(), d.cache(), ctx);
+  auto exported = [&](TensorView t) {
+    for (int i = 0; tc.unit_dim_strides && i < t.ndim; ++i)
+      if (t.shape[i] == 1) t.stride[i] = 1;
+    return t;
+  };
+  const TensorView q = exported(d.q.view()), qi = exported(d.qi.view()), out_v = exported(out.view()),
+                   lse_v = exported(lse.view()), topk_v = exported(topk.view());
+  paged_append_kv(plan, d.batch(), exported(d.k_new.view()), exported(d.v_new.view()),
+                  exported(d.ki_new.view()), d.cache(), ctx);
   MSA_TEST_CUDA(cudaStreamSynchronize(stream));
   if (capture) {  // warm-up outside the capture, then the captured run writes the compared outputs
-    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+    paged_run(plan, d.batch(), q, qi, d.cache(), out_v, lse_v, topk_v, ctx);
     MSA_TEST_CUDA(cudaStreamSynchronize(stream));
     got.out.poison();
     got.lse.poison();
@@ -214,7 +225,7 @@ void run_case_once(const Case& tc, bool capture) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     MSA_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+    paged_run(plan, d.batch(), q, qi, d.cache(), out_v, lse_v, topk_v, ctx);
     MSA_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
     MSA_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
     MSA_TEST_CUDA(cudaGraphLaunch(exec, stream));
@@ -222,7 +233,7 @@ void run_case_once(const Case& tc, bool capture) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
   } else {
-    paged_run(plan, d.batch(), d.q.view(), d.qi.view(), d.cache(), out.view(), lse.view(), topk.view(), ctx);
+    paged_run(plan, d.batch(), q, qi, d.cache(), out_v, lse_v, topk_v, ctx);
   }
   MSA_TEST_CUDA(cudaStreamSynchronize(stream));
   MSA_TEST_CUDA(cudaStreamDestroy(stream));
@@ -392,6 +403,9 @@ TEST_P(PagedCudaIndex, DecodeSingleTokenBatch1LongContext) {
   c.cfg = make_config(16, 2, 128, 64, 16, 8);
   c.q_lens = {1};
   c.kv_lens = {3000};
+  run_case(c);
+  c.name += ", extent-1 dims with stride 1";
+  c.unit_dim_strides = true;
   run_case(c);
 }
 TEST(PagedCuda, DecodeGroup1Bf16) {  // up to 32 one-head queries a tile: two m-tiles of the mma kernel
