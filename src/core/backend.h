@@ -33,6 +33,26 @@ MSA_BACKEND_DECLARATIONS
 namespace cuda {
 MSA_BACKEND_DECLARATIONS
 int device_count();
+
+// Makes the tensors' device current for one call and gives the caller's back afterwards: kernels
+// launch on the current device, which need not be the tensors' (FlashAttention's CUDAGuard). No
+// runtime call when it is already current (the usual case, and inside graph captures).
+class DeviceScope {
+ public:
+  explicit DeviceScope(Device device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;  // the caller's device where it had to change
+};
+
+template <class F>
+auto on_device(Device device, F&& call) -> decltype(call()) {
+  DeviceScope scope(device);
+  return call();
+}
 }  // namespace cuda
 #endif
 }  // namespace detail

@@ -19,8 +19,9 @@ namespace {
 
 #if defined(MSA_WITH_CUDA)
 #define MSA_DISPATCH(p, fn, ...)                                                       \
-  ((p).device.type == DeviceType::cpu ? detail::cpu::fn(__VA_ARGS__)                  \
-                                      : detail::cuda::fn(__VA_ARGS__))
+  ((p).device.type == DeviceType::cpu                                                  \
+       ? detail::cpu::fn(__VA_ARGS__)                                                  \
+       : detail::cuda::on_device((p).device, [&] { return detail::cuda::fn(__VA_ARGS__); }))
 #else
 #define MSA_DISPATCH(p, fn, ...)                                                       \
   ((p).device.type == DeviceType::cpu                                                  \

@@ -3,6 +3,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "core/backend.h"
 #include "core/paged_backend.h"
 #include "core/validate.h"
 #include "msa/error.h"
@@ -108,7 +109,8 @@ void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const Tenso
   check_tensor(ki_new, "ki_new", {plan.total_q, c.index_head_dim}, plan.dtype, plan.device);
 #ifdef MSA_WITH_CUDA
   if (plan.device.type == DeviceType::cuda)
-    return detail::cuda::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache, ctx);
+    return detail::cuda::on_device(
+        plan.device, [&] { detail::cuda::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache, ctx); });
 #endif
   if (plan.device.type != DeviceType::cpu) no_backend(plan);
   detail::cpu::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache);
@@ -139,7 +141,8 @@ void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView&
   if (plan.total_q == 0) return;
 #ifdef MSA_WITH_CUDA
   if (plan.device.type == DeviceType::cuda)
-    return detail::cuda::paged_run(plan, batch, q, qi, cache, out, lse, topk, ctx);
+    return detail::cuda::on_device(
+        plan.device, [&] { detail::cuda::paged_run(plan, batch, q, qi, cache, out, lse, topk, ctx); });
 #endif
   if (plan.device.type != DeviceType::cpu) no_backend(plan);
   detail::cpu::paged_run(plan, batch, q, qi, cache, out, lse, topk, ctx.workspace);

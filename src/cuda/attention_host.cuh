@@ -14,6 +14,7 @@
 #include "core/backend.h"
 #include "cuda/attention_forward_kernel.cuh"  // kAttnKeys
 #include "cuda/cuda_check.cuh"
+#include "cuda/rows_aligned.h"
 #include "msa/error.h"
 
 namespace msa {
@@ -49,18 +50,15 @@ inline void check_attention_support(const Problem& p, const char* op) {
 
 // Rows read with 16-byte cp.async.
 inline void check_aligned_rows(const TensorView& t, const char* name, const char* op) {
-  const bool ok = reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.stride[0] % 8 == 0 &&
-                  t.stride[1] % 8 == 0;
-  MSA_CHECK_ARG(ok, name,
+  MSA_CHECK_ARG(rows_aligned(t, 16), name,
                 std::string("the CUDA attention ") + op +
                     " needs 16-byte aligned rows (data pointer and outer strides multiples of 8 elements)");
 }
 
 // Outputs written as element pairs.
 inline void check_aligned_pairs(const TensorView& t, const char* name, const char* op) {
-  MSA_CHECK_ARG(t.stride[0] % 2 == 0 && t.stride[1] % 2 == 0 &&
-                    reinterpret_cast<uintptr_t>(t.data) % 4 == 0,
-                name, std::string("the CUDA attention ") + op + " needs 4-byte aligned element pairs");
+  MSA_CHECK_ARG(rows_aligned(t, 2 * dtype_size(t.dtype)), name,
+                std::string("the CUDA attention ") + op + " needs 4-byte aligned element pairs");
 }
 
 // Longest sequence (queries or keys): the caller's bound, or one host copy of the prefix sums.

@@ -16,6 +16,18 @@ int device_count() {
   return n;
 }
 
+DeviceScope::DeviceScope(Device device) {
+  int current = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&current));
+  if (current == device.index) return;
+  MSA_CUDA_CHECK(cudaSetDevice(device.index));
+  previous_ = current;
+}
+
+DeviceScope::~DeviceScope() {
+  if (previous_ >= 0) cudaSetDevice(previous_);  // no throw from a destructor; it was current before
+}
+
 std::size_t workspace_bytes(Op op, const Problem& p, int /*num_threads*/) {
   switch (op) {
     case Op::index_topk: return index_topk_workspace_bytes(p);

@@ -17,6 +17,7 @@
 #include "cuda/index_block_scores.cuh"
 #include "cuda/index_select.cuh"
 #include "cuda/index_wgmma_launch.cuh"
+#include "cuda/rows_aligned.h"
 #include "cuda/workspace.cuh"
 #include "msa/error.h"
 #include "msa/rules.h"
@@ -60,8 +61,6 @@ std::size_t score_array_bytes(const Problem& p, const Bounds& bd) {
   return align_up(std::size_t(p.cfg.num_kv_heads) * std::size_t(p.total_q) *
                   std::size_t(score_ld(p, bd)) * sizeof(float));
 }
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 template <bool kBf16, bool kWantLse>
 void launch_block_scores(const index::BlockScoreArgs& args, dim3 grid, cudaStream_t stream) {
@@ -113,8 +112,7 @@ void index_topk(const Problem& p, const TensorView& qi, const TensorView& ki,
   s.block_size = cfg.block_size;
   s.iscale = cfg.index_softmax_scale();
   s.lse_factor = s.iscale / temperature;
-  s.vector_loads = cfg.index_head_dim % 8 == 0 && s.qi_s0 % 8 == 0 && s.qi_s1 % 8 == 0 &&
-                   s.ki_s0 % 8 == 0 && aligned16(qi.data) && aligned16(ki.data);
+  s.vector_loads = cfg.index_head_dim % 8 == 0 && rows_aligned(qi, 16) && rows_aligned(ki, 16);
   s.scores = scores;
   s.lses = lses;
   s.ld = ld;

@@ -20,6 +20,7 @@
 #include "cuda/key_query_lists.cuh"
 #include "cuda/key_splits.h"
 #include "cuda/query_partials.cuh"
+#include "cuda/rows_aligned.h"
 #include "cuda/kl_alignment_mma.h"
 #include "cuda/kl_alignment_key_wide.cuh"
 #include "cuda/kl_alignment_mma_kernel.cuh"
@@ -88,13 +89,6 @@ struct KlMmaLayout {
     return key_splits > 1 ? std::size_t(key_splits) * std::size_t(p.total_k) * p.cfg.index_head_dim : 0;
   }
 };
-
-bool aligned_rows(const TensorView& t, int outer_dims) {
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
-  for (int d = 0; d < outer_dims; ++d)
-    if (t.stride[d] % 8 != 0) return false;
-  return true;
-}
 
 // The loss: the query-major kernel's parts or the key-major kernel's (whichever computed it),
 // summed in a fixed order.
@@ -183,8 +177,8 @@ bool kl_alignment_mma_supports(const Problem& p, const TensorView& q, const Tens
   const int G = p.cfg.group_size();
   return (p.dtype == DType::bf16 || p.dtype == DType::f16) && (p.cfg.head_dim == 64 || p.cfg.head_dim == 128) &&
          (p.cfg.index_head_dim == 64 || p.cfg.index_head_dim == 128) && p.cfg.block_size % kAttnKeys == 0 &&
-         G >= 1 && G <= kAttnRows && kAttnRows % G == 0 && aligned_rows(q, 2) && aligned_rows(k, 2) &&
-         aligned_rows(qi, 2) && aligned_rows(ki, 1);
+         G >= 1 && G <= kAttnRows && kAttnRows % G == 0 && rows_aligned(q, 16) && rows_aligned(k, 16) &&
+         rows_aligned(qi, 16) && rows_aligned(ki, 16);
 }
 
 std::size_t kl_alignment_mma_workspace_bytes(const Problem& p) {

@@ -11,6 +11,7 @@
 #include "core/paged_backend.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/paged_layout.h"
+#include "cuda/rows_aligned.h"
 #include "cuda/paged_load.cuh"
 #include "cuda/sequence_of_row.cuh"
 #include "msa/error.h"
@@ -146,7 +147,7 @@ void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const Tenso
   if (c.head_dim % 8 || c.index_head_dim % 8)
     throw NotSupportedError("msa: CUDA paged append: D and Di must be multiples of 8");
   for (const TensorView* t : {&k_new, &v_new, &ki_new, &cache.k, &cache.v, &cache.ki})
-    if (!paged::rows_aligned(*t, 8 * dtype_size(t->dtype)))
+    if (!rows_aligned(*t, 8 * dtype_size(t->dtype)))
       throw NotSupportedError("msa: CUDA paged append: rows must be 8-element aligned");
   cudaStream_t stream = static_cast<cudaStream_t>(ctx.stream);
   switch (plan.dtype) {

@@ -32,17 +32,6 @@ constexpr int kIndexCtasPerWorker = 32;
 constexpr std::size_t kAlign = 256;
 
 inline std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-// Whether the kernels' vector accesses of `bytes` fit t's rows: the pointer and every outer stride
-// (in bytes) are multiples of `bytes`. Dimensions of extent 1 are skipped: their stride is only ever
-// multiplied by 0, and exporters normalise it freely (torch's DLPack gave such dims stride 1).
-inline bool rows_aligned(const TensorView& t, std::size_t bytes) {
-  if (!t.defined()) return true;
-  if (reinterpret_cast<std::uintptr_t>(t.data) % bytes != 0) return false;
-  for (int d = 0; d + 1 < t.ndim; ++d)
-    if (t.shape[d] > 1 && (t.stride[d] * int64_t(dtype_size(t.dtype))) % int64_t(bytes) != 0) return false;
-  return true;
-}
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Layout {

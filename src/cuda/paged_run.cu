@@ -24,6 +24,7 @@
 #include "cuda/paged_index_mma.cuh"
 #include "cuda/paged_index_stream.cuh"
 #include "cuda/paged_layout.h"
+#include "cuda/rows_aligned.h"
 #include "msa/error.h"
 
 namespace msa {
@@ -39,19 +40,31 @@ int max_smem_per_block() {
   return bytes;
 }
 
+// What one kernel has been allowed of dynamic shared memory, per device (the attribute is set per
+// device: a record shared by all devices let a launch on a second GPU go without it).
+struct SmemAllowed {
+  static constexpr int kDevices = 64;
+  std::size_t bytes[kDevices] = {};
+};
+
 // Opts a kernel into `bytes` of dynamic shared memory (an attribute, not a stream operation).
 // `allowed` must be the one record of this kernel: the attribute is per kernel, so two records of one
 // kernel (index_scores_kernel<T> is shared by the D = 64 and D = 128 paths) could lower it under
 // the other's launch (seen on the H100: "invalid argument" at that launch).
 template <class Kernel>
-void allow_smem(Kernel kernel, std::size_t bytes, const char* what, std::size_t& allowed) {
-  // Set once per kernel and size: later calls (inside a graph capture too) make no runtime call.
-  if (bytes <= allowed) return;
+void allow_smem(Kernel kernel, std::size_t bytes, const char* what, SmemAllowed& allowed) {
+  // Set once per kernel, device and size: later calls (inside a graph capture too) make no runtime
+  // call but cudaGetDevice.
+  int dev = 0;
+  MSA_CUDA_CHECK(cudaGetDevice(&dev));
+  std::size_t none = 0;
+  std::size_t& mine = dev < SmemAllowed::kDevices ? allowed.bytes[dev] : none;
+  if (bytes <= mine) return;
   if (bytes > std::size_t(max_smem_per_block()))
     throw NotSupportedError(std::string("msa: CUDA paged ") + what + " needs " + std::to_string(bytes) +
                             " bytes of shared memory, more than the device has per block");
   MSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  allowed = bytes;
+  mine = bytes;
 }
 
 int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
@@ -109,15 +122,15 @@ std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
 // The mma attention in `kMode` (its own record of the shared memory it was allowed).
 template <class T, int D, paged::MmaMode kMode>
 void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
-  static std::size_t allowed = 0;
+  static SmemAllowed allowed;
   const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
   allow_smem(paged::attention_mma_kernel<T, D, kMode>, bytes, "attention (mma)", allowed);
   paged::attention_mma_kernel<T, D, kMode><<<unsigned(ctas), paged::kThreads, bytes, stream>>>(aa);
 }
 
 template <class T>
-std::size_t& index_smem_allowed() {
-  static std::size_t allowed = 0;
+SmemAllowed& index_smem_allowed() {
+  static SmemAllowed allowed;
   return allowed;
 }
 
@@ -287,7 +300,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   }
   if (!launched) {
     const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
-    static std::size_t attention_allowed = 0;
+    static SmemAllowed attention_allowed;
     allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
     attention_kernel<T, D><<<unsigned(acta), kThreads, asmem, stream>>>(aa);
   }
@@ -313,11 +326,11 @@ void check_supported(const PagedPlan& plan, const PagedBatch& batch, const Paged
   // 16-byte copies whatever their dtype (FP8 included).
   auto vec = [](const TensorView& t) { return std::size_t(8) * dtype_size(t.dtype); };
   for (const TensorView* t : rows)
-    if (!paged::rows_aligned(*t, vec(*t))) unsupported("rows must be 8-element aligned (pointer and outer strides)");
-  if (!paged::rows_aligned(cache.ki, vec(cache.ki)))
+    if (!rows_aligned(*t, vec(*t))) unsupported("rows must be 8-element aligned (pointer and outer strides)");
+  if (!rows_aligned(cache.ki, vec(cache.ki)))
     unsupported("ki_cache rows must be 8-element aligned (pointer and strides)");
   for (const TensorView* t : {&cache.k, &cache.v})
-    if (!paged::rows_aligned(*t, std::max<std::size_t>(16, vec(*t))))
+    if (!rows_aligned(*t, std::max<std::size_t>(16, vec(*t))))
       unsupported("K / V cache rows must be 16-byte and 8-element aligned (pointer and strides)");
   (void)batch;
 }

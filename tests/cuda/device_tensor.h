@@ -15,7 +15,9 @@ namespace testing {
 
 class DeviceTensor {
  public:
+  // Allocated on the current device, which its views name.
   explicit DeviceTensor(HostTensor& host) : host_(&host) {
+    if (cudaGetDevice(&device_) != cudaSuccess) throw std::runtime_error("cudaGetDevice");
     bytes_ = size_t(host.numel()) * dtype_size(host.dtype());
     if (cudaMalloc(&ptr_, bytes_ ? bytes_ : 1) != cudaSuccess) throw std::runtime_error("cudaMalloc");
     upload();
@@ -34,7 +36,7 @@ class DeviceTensor {
       throw std::runtime_error("cudaMemcpy D2H");
   }
   TensorView view() const {
-    TensorView t = host_->view(Device::cuda(0));
+    TensorView t = host_->view(Device::cuda(device_));
     t.data = ptr_;
     return t;
   }
@@ -43,6 +45,7 @@ class DeviceTensor {
   HostTensor* host_;
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+  int device_ = 0;
 };
 
 #define MSA_SKIP_WITHOUT_GPU() \

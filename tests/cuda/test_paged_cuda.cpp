@@ -52,6 +52,7 @@ struct Case {
   // Pass q / qi / out / lse / topk / the new rows as torch's DLPack export gives them: every
   // extent-1 dimension with stride 1 (a batch-1 single-token decode's q is [1, Hq, D], strides (1, D, 1)).
   bool unit_dim_strides = false;
+  int device = 0;  // of the tensors and the plan; the calls are made with device 0 current
 };
 
 // A cache to run on: the step's own (query dtype) or its FP8 copies with per-page amax / 448 scales
@@ -192,7 +193,8 @@ void run_case_once(const Case& tc, bool capture) {
   PagedOptions gopt = opt;
   gopt.num_workers = tc.num_workers;
   const PagedPlan plan = paged_plan(cfg, tc.q_lens.data(), tc.kv_lens.data(), int(tc.q_lens.size()),
-                                    tc.dtype, Device::cuda(0), gopt);
+                                    tc.dtype, Device::cuda(tc.device), gopt);
+  MSA_TEST_CUDA(cudaSetDevice(tc.device));  // the tensors, workspace and stream live there
   const int64_t tq = plan.total_q;
   DeviceStep d(gpu_step, gpu_cache);
   Result got(cfg, tq, tc.dtype);
@@ -210,6 +212,7 @@ void run_case_once(const Case& tc, bool capture) {
   };
   const TensorView q = exported(d.q.view()), qi = exported(d.qi.view()), out_v = exported(out.view()),
                    lse_v = exported(lse.view()), topk_v = exported(topk.view());
+  MSA_TEST_CUDA(cudaSetDevice(0));  // the library makes the tensors' device current for each call
   paged_append_kv(plan, d.batch(), exported(d.k_new.view()), exported(d.v_new.view()),
                   exported(d.ki_new.view()), d.cache(), ctx);
   MSA_TEST_CUDA(cudaStreamSynchronize(stream));
@@ -237,6 +240,9 @@ void run_case_once(const Case& tc, bool capture) {
   }
   MSA_TEST_CUDA(cudaStreamSynchronize(stream));
   MSA_TEST_CUDA(cudaStreamDestroy(stream));
+  int current = -1;
+  MSA_TEST_CUDA(cudaGetDevice(&current));
+  EXPECT_EQ(current, 0) << "a call left the tensors' device current";
 
   // 1. Append: the same cache bytes.
   d.k.download();
@@ -406,6 +412,17 @@ TEST_P(PagedCudaIndex, DecodeSingleTokenBatch1LongContext) {
   run_case(c);
   c.name += ", extent-1 dims with stride 1";
   c.unit_dim_strides = true;
+  run_case(c);
+}
+// Tensors on device 1 while device 0 is current: each call runs on the tensors' device and gives
+// device 0 back (skipped with fewer than two GPUs).
+TEST(PagedCuda, TensorsOnAnotherDeviceThanTheCurrentOne) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 2) GTEST_SKIP() << "needs two CUDA devices";
+  Case c = decode_case("on cuda:1", make_config(16, 2, 128, 64, 16, 4), 31);
+  c.device = 1;
+  run_case(c);
+  c.fp8 = true;
   run_case(c);
 }
 TEST(PagedCuda, DecodeGroup1Bf16) {  // up to 32 one-head queries a tile: two m-tiles of the mma kernel

@@ -1,17 +1,18 @@
-// The CUDA paged backend's alignment rule for vector accesses (cuda/paged_layout.h rows_aligned):
-// pointer and outer byte strides must be multiples of the access; dimensions of extent 1 do not
-// count (torch's DLPack export gives them stride 1, e.g. q of a batch-1 single-token decode).
+// The CUDA kernels' alignment rule for vector accesses (cuda/rows_aligned.h: paged run and append,
+// the attention, index and KL kernels): pointer and outer byte strides must be multiples of the
+// access; dimensions of extent 1 do not count (torch's DLPack export gives them stride 1, e.g. q of a
+// batch-1 single-token decode).
 // Host only: runs without a GPU.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 
-#include "cuda/paged_layout.h"
+#include "cuda/rows_aligned.h"
 
 namespace msa {
 namespace {
 
-using detail::cuda::paged::rows_aligned;
+using detail::cuda::rows_aligned;
 
 alignas(64) unsigned char storage[1 << 16];
 
@@ -28,7 +29,7 @@ TensorView view(int64_t offset_bytes, DType dtype, std::initializer_list<int64_t
   return t;
 }
 
-TEST(PagedRowsAligned, ExtentOneDimensionsDoNotCount) {
+TEST(RowsAligned, ExtentOneDimensionsDoNotCount) {
   // q [1, 8, 128] bf16 as torch exports it: stride 1 on the batch-1 dimension.
   EXPECT_TRUE(rows_aligned(view(0, DType::bf16, {1, 8, 128}, {1, 128, 1}), 16));
   // The same stride on a dimension of extent 2 is a real misalignment.
@@ -37,7 +38,7 @@ TEST(PagedRowsAligned, ExtentOneDimensionsDoNotCount) {
   EXPECT_TRUE(rows_aligned(view(0, DType::bf16, {4, 128, 1, 64}, {128 * 64, 64, 3, 1}), 16));
 }
 
-TEST(PagedRowsAligned, PointerAndStridesInBytes) {
+TEST(RowsAligned, PointerAndStridesInBytes) {
   EXPECT_TRUE(rows_aligned(view(16, DType::bf16, {4, 128, 2, 64}, {128 * 2 * 64, 2 * 64, 64, 1}), 16));
   EXPECT_FALSE(rows_aligned(view(8, DType::bf16, {4, 128, 2, 64}, {128 * 2 * 64, 2 * 64, 64, 1}), 16));
   // Head-major FP8 pages (dims 1 and 2 swapped in the strides), D = 64: 16-byte aligned.
@@ -50,6 +51,9 @@ TEST(PagedRowsAligned, PointerAndStridesInBytes) {
   // f32: 8 elements are 32 bytes.
   EXPECT_FALSE(rows_aligned(view(0, DType::f32, {3, 4, 12}, {48, 12, 1}), 32));
   EXPECT_TRUE(rows_aligned(view(0, DType::f32, {3, 4, 16}, {64, 16, 1}), 32));
+  // Element pairs of a 16-bit output (4 bytes): odd element strides fail.
+  EXPECT_TRUE(rows_aligned(view(4, DType::bf16, {3, 2, 64}, {128, 64, 1}), 4));
+  EXPECT_FALSE(rows_aligned(view(4, DType::bf16, {3, 2, 63}, {126, 63, 1}), 4));
   EXPECT_TRUE(rows_aligned(TensorView{}, 16));  // undefined: nothing to load
 }
 
