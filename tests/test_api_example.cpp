@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 #include <string>
+
+#include "doc_example.h"
 
 // [readme-example]
 #include <cstdint>
@@ -47,13 +47,6 @@ std::vector<float> msa_prefill_example() {
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 TEST(ApiExample, RunsAndAveragesConstantValues) {
   // v is all ones, so every output is a softmax-weighted mean of ones.
   const std::vector<float> out = msa_prefill_example();
@@ -62,15 +55,7 @@ TEST(ApiExample, RunsAndAveragesConstantValues) {
 }
 
 TEST(ApiExample, IsTheCodeShownInTheReadme) {
-  const std::string here = __FILE__;
-  const std::string root = here.substr(0, here.rfind("/tests/"));
-  const std::string source = read_file(here), readme = read_file(root + "/README.md");
-  if (readme.empty()) GTEST_SKIP() << "README.md not found next to " << here;
-  const std::string begin = "// [readme-example]\n", end = "// [/readme-example]";
-  const size_t a = source.find(begin) + begin.size(), b = source.find(end);
-  ASSERT_LT(a, b);
-  EXPECT_NE(readme.find(source.substr(a, b - a)), std::string::npos)
-      << "README.md's C++ example differs from tests/test_api_example.cpp";
+  msa::testing::expect_example_in_doc(__FILE__, "README.md", "readme-example");
 }
 
 }  // namespace

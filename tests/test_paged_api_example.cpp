@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 #include <string>
+
+#include "doc_example.h"
 
 // [serving-example]
 #include <cstdint>
@@ -66,13 +66,6 @@ std::pair<std::vector<float>, std::vector<int32_t>> msa_decode_step_example() {
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 TEST(PagedApiExample, RunsOneDecodeStep) {
   const auto [out, topk] = msa_decode_step_example();
   ASSERT_EQ(out.size(), size_t(4 * 8 * 128));
@@ -94,15 +87,7 @@ TEST(PagedApiExample, RunsOneDecodeStep) {
 }
 
 TEST(PagedApiExample, IsTheCodeShownInServingMd) {
-  const std::string here = __FILE__;
-  const std::string root = here.substr(0, here.rfind("/tests/"));
-  const std::string source = read_file(here), doc = read_file(root + "/docs/serving.md");
-  if (doc.empty()) GTEST_SKIP() << "docs/serving.md not found next to " << here;
-  const std::string begin = "// [serving-example]\n", end = "// [/serving-example]";
-  const size_t a = source.find(begin) + begin.size(), b = source.find(end);
-  ASSERT_LT(a, b);
-  EXPECT_NE(doc.find(source.substr(a, b - a)), std::string::npos)
-      << "docs/serving.md's C++ example differs from tests/test_paged_api_example.cpp";
+  msa::testing::expect_example_in_doc(__FILE__, "docs/serving.md", "serving-example");
 }
 
 }  // namespace
