@@ -5,12 +5,16 @@
 // (KvLayout); the API sees both as the same logical [num_pages, B, Hkv, D] tensor.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/host_tensor.h"
+#include "kernel_env.h"
 #include "msa/paged.h"
 #include "msa/rules.h"
 #include "problem_fixture.h"
@@ -132,6 +136,28 @@ struct PagedStep {
                       Device::cpu(), opt);
   }
 };
+
+// The CPU index's tile-unit cases: pages of 64 and 128 keys, index head dims 64 / 128 (read in place)
+// and 40 (a staged partial tile), each with AMX on and off (MSA_CPU_AMX); `run(c)` gets `base` with
+// that block size and index head dim, under a trace naming the case.
+template <class Run>
+void for_each_tile_unit_case(const Config& base, Run run) {
+  struct Shape {
+    int block, index_dim;
+  };
+  for (const char* amx : {"1", "0"}) {
+    ScopedKernelEnv env("MSA_CPU_AMX", amx);
+    for (const Shape sh : {Shape{64, 64}, Shape{128, 128}, Shape{64, 40}}) {
+      SCOPED_TRACE(std::string("MSA_CPU_AMX=") + amx + " block " + std::to_string(sh.block) + " Di " +
+                   std::to_string(sh.index_dim));
+      Config c = base;
+      c.block_size = sh.block;
+      c.index_head_dim = sh.index_dim;
+      run(c);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
 
 }  // namespace testing
 }  // namespace msa

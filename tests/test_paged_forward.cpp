@@ -126,26 +126,15 @@ INSTANTIATE_TEST_SUITE_P(Cpu, PagedForward,
 // bf16 pages of 64 and 128 keys take the index's tile-unit kernel where the CPU has AMX (index head
 // dims 64 and 128 read in place, 40 staged); each case also runs with MSA_CPU_AMX=0.
 TEST(PagedForward, TileUnitIndexOnBf16Pages) {
-  struct Shape {
-    int block, index_dim;
-  };
-  for (const char* amx : {"1", "0"}) {
-    testing::ScopedKernelEnv env("MSA_CPU_AMX", amx);
-    for (const Shape sh : {Shape{64, 64}, Shape{128, 128}, Shape{64, 40}}) {
-      SCOPED_TRACE(std::string("MSA_CPU_AMX=") + amx + " block " + std::to_string(sh.block) +
-                   " Di " + std::to_string(sh.index_dim));
-      Config c = small_config(8, 2);
-      c.block_size = sh.block;
-      c.index_head_dim = sh.index_dim;
-      const int B = sh.block;
-      PagedStep s(c, {1, 4, 16, 2, 9, 16, 40}, {1, B - 1, B, B + 1, 3 * B - 2, 13 * B + 5, 300},
-                  DType::bf16, 808 + B + sh.index_dim);
-      expect_same(s);
-      // Only single-token decode: the plan's scratch is sized for 2 rows per work item.
-      PagedStep decode(c, {1, 1}, {13 * B + 5, 300}, DType::bf16, 909 + B + sh.index_dim);
-      expect_same(decode);
-    }
-  }
+  testing::for_each_tile_unit_case(small_config(8, 2), [](const Config& c) {
+    const int B = c.block_size;
+    PagedStep s(c, {1, 4, 16, 2, 9, 16, 40}, {1, B - 1, B, B + 1, 3 * B - 2, 13 * B + 5, 300}, DType::bf16,
+                808 + B + c.index_head_dim);
+    expect_same(s);
+    // Only single-token decode: the plan's scratch is sized for 2 rows per work item.
+    PagedStep decode(c, {1, 1}, {13 * B + 5, 300}, DType::bf16, 909 + B + c.index_head_dim);
+    expect_same(decode);
+  });
 }
 
 TEST(PagedForward, EmptyRequestsAndNoQueries) {

@@ -234,24 +234,12 @@ TEST_P(PagedFp8Layout, RunEqualsTheContiguousApiOnTheDequantisedTokens) {
 // AMX (codes widened to bf16 a 64-key chunk at a time, amx::widen_fp8_chunk; the page scale on each
 // block's max); index head dims 64 and 40 (a staged partial tile); each case also with MSA_CPU_AMX=0.
 TEST(PagedFp8, TileUnitIndexOnFp8Pages) {
-  struct Shape {
-    int block, index_dim;
-  };
-  for (const char* amx : {"1", "0"}) {
-    testing::ScopedKernelEnv env("MSA_CPU_AMX", amx);
-    for (const Shape sh : {Shape{64, 64}, Shape{128, 128}, Shape{64, 40}}) {
-      SCOPED_TRACE(std::string("MSA_CPU_AMX=") + amx + " block " + std::to_string(sh.block) + " Di " +
-                   std::to_string(sh.index_dim));
-      Config c = fp8_config(8, 2);
-      c.block_size = sh.block;
-      c.index_head_dim = sh.index_dim;
-      const int B = sh.block;
-      PagedStep s(c, {1, 4, 16, 2, 9, 40}, {1, B - 1, B + 1, 3 * B - 2, 13 * B + 5, 300}, DType::bf16,
-                  505 + B + sh.index_dim);
-      expect_run_equals_dequantised(s, PagedOptions{});
-      if (HasFatalFailure()) return;
-    }
-  }
+  testing::for_each_tile_unit_case(fp8_config(8, 2), [](const Config& c) {
+    const int B = c.block_size;
+    PagedStep s(c, {1, 4, 16, 2, 9, 40}, {1, B - 1, B + 1, 3 * B - 2, 13 * B + 5, 300}, DType::bf16,
+                505 + B + c.index_head_dim);
+    expect_run_equals_dequantised(s, PagedOptions{});
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Pages, PagedFp8Layout, ::testing::Values(KvLayout::token_major, KvLayout::head_major),

@@ -61,6 +61,13 @@ class Step:
             k, v = (np.full((self.num_pages, B, hkv, D), fill, dtype) for _ in range(2))
         return k, v, np.full((self.num_pages, B, Di), fill, dtype)
 
+    def prefix_cache(self, cfg, head_major=False):
+        """empty_cache holding the tokens that precede the step (what earlier steps appended)."""
+        k, v, ki = self.empty_cache(cfg, head_major=head_major)
+        for page, slot, tok in self.prefix_slots(cfg):
+            k[page, slot], v[page, slot], ki[page, slot] = self.k[tok], self.v[tok], self.ki[tok]
+        return k, v, ki
+
     def prefix_slots(self, cfg):
         """(page, slot, token) of every cached token that precedes the step."""
         B = cfg.block_size
@@ -102,9 +109,7 @@ def rel_err(x, r):
 def test_sparse_step_matches_contiguous_ops(hq, hkv, head_major):
     cfg = make_cfg(hq, hkv)
     s = Step(cfg, seed=hq + hkv)
-    k_c, v_c, ki_c = s.empty_cache(cfg, head_major=head_major)
-    for page, slot, tok in s.prefix_slots(cfg):
-        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    k_c, v_c, ki_c = s.prefix_cache(cfg, head_major=head_major)
     out, lse, topk = run(cfg, s, msa.paged.Cache(k_c, v_c, ki_c))
     for page, slot, tok in s.new_slots(cfg):  # the append wrote through the strides
         assert np.array_equal(k_c[page, slot], s.k[tok]) and np.array_equal(v_c[page, slot], s.v[tok])
@@ -131,9 +136,7 @@ def test_sparse_step_matches_contiguous_ops(hq, hkv, head_major):
 def test_dense_step_matches_dense_forward():
     cfg = make_cfg(8, 2)
     s = Step(cfg, seed=7)
-    k_c, v_c, ki_c = s.empty_cache(cfg)
-    for page, slot, tok in s.prefix_slots(cfg):
-        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    k_c, v_c, ki_c = s.prefix_cache(cfg)
     out, lse, _ = run(cfg, s, msa.paged.Cache(k_c, v_c, ki_c), dense=True)
     want_out, want_lse = np.full_like(out, np.nan), np.full_like(lse, np.nan)
     msa.dense_attention_forward(cfg, s.q, s.k, s.v, s.cu_q, s.cu_k, want_out, want_lse)
@@ -238,9 +241,7 @@ def test_cuda_step_matches_cpu_step(head_major):
     results = []
     for device in ("cpu", "cuda"):
         s = Step(cfg, seed=11, lengths=lengths)
-        k_c, v_c, ki_c = s.empty_cache(cfg)
-        for page, slot, tok in s.prefix_slots(cfg):
-            k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+        k_c, v_c, ki_c = s.prefix_cache(cfg)
         p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32", device=device)
         t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device))
         kv = (lambda x: msa.paged.head_major(t(x.swapaxes(1, 2)))) if head_major else t
@@ -272,9 +273,7 @@ def test_torch_tensors_equal_numpy_arrays(head_major):
     results = []
     for use_torch in (False, True):
         s = Step(cfg, seed=5)
-        k_c, v_c, ki_c = s.empty_cache(cfg, head_major=head_major)
-        for page, slot, tok in s.prefix_slots(cfg):
-            k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+        k_c, v_c, ki_c = s.prefix_cache(cfg, head_major=head_major)
         p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32")
         t = (lambda x: torch.from_numpy(x)) if use_torch else (lambda x: x)
         cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c))
@@ -303,9 +302,7 @@ def test_cuda_run_captured_by_torch_cuda_graph():
     cfg = msa.Config(num_q_heads=16, num_kv_heads=2, head_dim=128, index_head_dim=64, block_size=16,
                      topk=4)
     s = Step(cfg, seed=13, lengths=[(1, 300), (4, 77), (1, 16), (16, 400)])
-    k_c, v_c, ki_c = s.empty_cache(cfg, head_major=True)
-    for page, slot, tok in s.prefix_slots(cfg):
-        k_c[page, slot], v_c[page, slot], ki_c[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+    k_c, v_c, ki_c = s.prefix_cache(cfg, head_major=True)
     dev, bf = "cuda", torch.bfloat16
     t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev))
     kv = (lambda x: msa.paged.head_major(t(np.nan_to_num(x).swapaxes(1, 2)).to(bf)))

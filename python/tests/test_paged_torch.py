@@ -31,9 +31,7 @@ class Inputs:
     """One step's tensors: a cache holding the prefix, the new rows, fresh outputs and workspace."""
 
     def __init__(self, cfg, s, plan, head_major=False, fp8=False, device="cpu"):
-        k, v, ki = s.empty_cache(cfg, head_major=head_major)
-        for page, slot, tok in s.prefix_slots(cfg):
-            k[page, slot], v[page, slot], ki[page, slot] = s.k[tok], s.v[tok], s.ki[tok]
+        k, v, ki = s.prefix_cache(cfg, head_major=head_major)
 
         def t(x):
             return torch.from_numpy(np.ascontiguousarray(x)).to(device)

@@ -151,7 +151,6 @@ void check_tensor(const TensorView& t, const char* name, std::initializer_list<i
     MSA_CHECK_ARG(t.stride[d] >= 0, name, "strides must be non-negative");
 }
 
-
 namespace {
 
 void check_no_overlap(const TensorView& t, const char* name) {

@@ -545,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
                                     : static_cast<const void*>(sT + ((one_tile_stage ? 0 : st) * 2) * kTile);
       const void* V = kFp8Registers ? static_cast<const void*>(sRaw + std::size_t(st * 2 + 1) * kTile)
                                     : static_cast<const void*>(sT + ((one_tile_stage ? 0 : st) * 2 + 1) * kTile);
-      if (kFp8Registers) {
+      if constexpr (kFp8Registers) {
         // 16-key slices only: the 32- and 64-key instances push the register mode past 255 registers
         // (ptxas spilled at D = 128); a warp with a wider share runs its slices one after another.
         constexpr int kSlice = kMmaKeys / 4;
@@ -554,15 +554,17 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         for (int k0 = ks * per_warp; k0 < (ks + 1) * per_warp; k0 += kSlice)
           mma_chunk<T, D, kSlice, kMode>(K, V, sMeta[st], k0, qf, o, m_run, l_run, row_ok, qbit, qpos,
                                          a.qscale, all_visible, k_fp8, v_fp8, lane);
-      } else if (kslices == 4)
-        mma_chunk<T, D, kMmaKeys / 4, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run, row_ok,
-                                             qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
-      else if (kslices == 2)
-        mma_chunk<T, D, kMmaKeys / 2, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run, row_ok,
-                                             qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
-      else
-        mma_chunk<T, D, kMmaKeys, kMode>(K, V, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos, a.qscale,
-                                         all_visible, k_fp8, v_fp8, lane);
+      } else {
+        if (kslices == 4)
+          mma_chunk<T, D, kMmaKeys / 4, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run,
+                                               row_ok, qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
+        else if (kslices == 2)
+          mma_chunk<T, D, kMmaKeys / 2, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 2), qf, o, m_run, l_run,
+                                               row_ok, qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
+        else
+          mma_chunk<T, D, kMmaKeys, kMode>(K, V, sMeta[st], 0, qf, o, m_run, l_run, row_ok, qbit, qpos,
+                                           a.qscale, all_visible, k_fp8, v_fp8, lane);
+      }
     }
     __syncthreads();
   }
