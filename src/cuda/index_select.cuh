@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "cuda/grid_dependency.cuh"
 #include "msa/rules.h"
 
 namespace msa {
@@ -150,6 +151,7 @@ __device__ __forceinline__ float warp_logsumexp(float m, float s) {
 }
 
 __global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const SelectArgs a) {
+  wait_for_prior_grid_then_release_next();
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
   if (row >= int64_t(a.num_kv_heads) * a.total_q) return;

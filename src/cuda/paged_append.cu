@@ -10,6 +10,7 @@
 #include "common/float_convert.h"
 #include "core/paged_backend.h"
 #include "cuda/cuda_check.cuh"
+#include "cuda/grid_dependency.cuh"
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
 #include "cuda/rows_aligned.h"
@@ -65,6 +66,7 @@ __device__ void write8(const T* src, const Dst& d, int64_t page, int64_t slot, i
 
 template <class T>
 __global__ void append_kernel(const AppendArgs a) {
+  wait_for_prior_grid_then_release_next();
   const int kvec = a.hkv * a.D / 8, per_row = 2 * kvec + a.Di / 8;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= a.total_q * per_row) return;
@@ -133,7 +135,7 @@ void append_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorVie
   a.B = c.block_size;
   const int64_t n = plan.total_q * (2 * int64_t(c.num_kv_heads) * c.head_dim / 8 + c.index_head_dim / 8);
   const int threads = 256;
-  append_kernel<T><<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(a);
+  launch_chained(append_kernel<T>, unsigned((n + threads - 1) / threads), threads, 0, stream, a);
   MSA_CUDA_CHECK_LAUNCH();
 }
 

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "cuda/grid_dependency.cuh"
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
 #include "cuda/paged_tile.cuh"
@@ -111,6 +112,7 @@ __device__ __forceinline__ int64_t tile_blocks(const AttentionArgs& a, uint32_t*
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs a) {
+  wait_for_prior_grid_then_release_next();
   constexpr int DP = D + 4, C4 = cols4<D>(), RPT = rows_per_thread<D>(), RSTEP = kThreads / C4;
   extern __shared__ float4 smem4[];
   const int cap = a.row_cap;
@@ -329,6 +331,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 // Combines the splits of each (query, head) row by their LSE: one warp per row.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) merge_kernel(const AttentionArgs a) {
+  wait_for_prior_grid_then_release_next();
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= a.total_q * a.Hq) return;

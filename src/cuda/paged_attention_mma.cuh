@@ -310,6 +310,7 @@ __device__ __forceinline__ void mma_chunk(const void* K, const void* V, const Mm
 // cache; fp8_registers plans whose K and V caches are both FP8.
 template <class T, int D, MmaMode kMode>
 __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
+  wait_for_prior_grid_then_release_next();
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
   constexpr bool kAnyFp8 = kMode != MmaMode::sixteen_bit;
   constexpr bool kFp8Registers = kMode == MmaMode::fp8_registers;

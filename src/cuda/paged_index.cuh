@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda/grid_dependency.cuh"
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
 #include "cuda/paged_tile.cuh"
@@ -78,6 +79,7 @@ inline std::size_t index_smem_bytes(int row_cap, int di, int esize) {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs a) {
+  wait_for_prior_grid_then_release_next();
   extern __shared__ float4 smem4[];
   const int dp = a.di + 4;  // padded rows: lane c's float4 reads fall in distinct banks
   float* qs = reinterpret_cast<float*>(smem4);

@@ -55,6 +55,7 @@ struct MmaIndexShape {
 
 template <class T, bool kFp8, int kCpr, int kNT>
 __global__ void __launch_bounds__(kThreads, kNT >= 4 ? 2 : 4) index_scores_mma_kernel(const IndexArgs a) {
+  wait_for_prior_grid_then_release_next();
   using Shape = MmaIndexShape<kFp8, kCpr>;
   constexpr int E = Shape::kElems, KS = Shape::kSteps, TL = Shape::kTiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -197,11 +198,11 @@ inline bool mma_index_supported(int max_q_len, int q_bytes, int di, bool ki_fp8,
 template <class T, bool kFp8, int kCpr>
 void launch_mma_index_cpr(const IndexArgs& a, int rows, unsigned ctas, cudaStream_t stream) {
   if (rows <= 8)
-    index_scores_mma_kernel<T, kFp8, kCpr, 1><<<ctas, kThreads, 0, stream>>>(a);
+    launch_chained(index_scores_mma_kernel<T, kFp8, kCpr, 1>, ctas, kThreads, 0, stream, a);
   else if (rows <= 16)
-    index_scores_mma_kernel<T, kFp8, kCpr, 2><<<ctas, kThreads, 0, stream>>>(a);
+    launch_chained(index_scores_mma_kernel<T, kFp8, kCpr, 2>, ctas, kThreads, 0, stream, a);
   else
-    index_scores_mma_kernel<T, kFp8, kCpr, 4><<<ctas, kThreads, 0, stream>>>(a);
+    launch_chained(index_scores_mma_kernel<T, kFp8, kCpr, 4>, ctas, kThreads, 0, stream, a);
 }
 
 // rows: the plan's largest tile (row_cap); mma_index_supported has checked Di.

@@ -100,6 +100,7 @@ __device__ __forceinline__ void unpack16<__half, true>(const uint4& u, float* x)
 // registers and spilled.
 template <class T, bool kFp8, int kLanes>
 __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const IndexArgs a) {
+  wait_for_prior_grid_then_release_next();
   constexpr int E = StreamShape<T, kFp8>::kElems, U = StreamShape<T, kFp8>::kUnroll, R = kStreamRows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
@@ -200,11 +201,11 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
 template <class T, bool kFp8>
 void launch_stream_index(const IndexArgs& a, unsigned ctas, cudaStream_t stream) {
   switch (a.di / StreamShape<T, kFp8>::kElems) {
-    case 2: return index_scores_stream_kernel<T, kFp8, 2><<<ctas, kThreads, 0, stream>>>(a);
-    case 4: return index_scores_stream_kernel<T, kFp8, 4><<<ctas, kThreads, 0, stream>>>(a);
-    case 8: return index_scores_stream_kernel<T, kFp8, 8><<<ctas, kThreads, 0, stream>>>(a);
-    case 16: return index_scores_stream_kernel<T, kFp8, 16><<<ctas, kThreads, 0, stream>>>(a);
-    default: return index_scores_stream_kernel<T, kFp8, 32><<<ctas, kThreads, 0, stream>>>(a);
+    case 2: return launch_chained(index_scores_stream_kernel<T, kFp8, 2>, ctas, kThreads, 0, stream, a);
+    case 4: return launch_chained(index_scores_stream_kernel<T, kFp8, 4>, ctas, kThreads, 0, stream, a);
+    case 8: return launch_chained(index_scores_stream_kernel<T, kFp8, 8>, ctas, kThreads, 0, stream, a);
+    case 16: return launch_chained(index_scores_stream_kernel<T, kFp8, 16>, ctas, kThreads, 0, stream, a);
+    default: return launch_chained(index_scores_stream_kernel<T, kFp8, 32>, ctas, kThreads, 0, stream, a);
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include "core/paged_backend.h"
 #include "cuda/cuda_check.cuh"
+#include "cuda/grid_dependency.cuh"
 // index_select.cuh defines its kernel out of line and index_topk.cu already has a copy: this
 // translation unit takes its own copy of the same kernel under another name.
 #define select_topk_kernel paged_select_topk_kernel
@@ -125,7 +126,7 @@ void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t s
   static SmemAllowed allowed;
   const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
   allow_smem(paged::attention_mma_kernel<T, D, kMode>, bytes, "attention (mma)", allowed);
-  paged::attention_mma_kernel<T, D, kMode><<<unsigned(ctas), paged::kThreads, bytes, stream>>>(aa);
+  launch_chained(paged::attention_mma_kernel<T, D, kMode>, unsigned(ctas), paged::kThreads, bytes, stream, aa);
 }
 
 template <class T>
@@ -202,7 +203,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
       const std::size_t ismem =
           index_smem_bytes(ia.row_cap, c.index_head_dim, ia.ki_fp8 ? 1 : int(sizeof(T)));
       allow_smem(index_scores_kernel<T>, ismem, "index", index_smem_allowed<T>());
-      index_scores_kernel<T><<<unsigned(icta), kThreads, ismem, stream>>>(ia);
+      launch_chained(index_scores_kernel<T>, unsigned(icta), kThreads, ismem, stream, ia);
     }
     MSA_CUDA_CHECK_LAUNCH();
 
@@ -223,8 +224,9 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     sa.topk_s1 = topk.stride[1];
     sa.selected_lse = nullptr;
     const int64_t select_rows = int64_t(c.num_kv_heads) * plan.total_q;
-    index::paged_select_topk_kernel<<<unsigned((select_rows + index::kSelectWarps - 1) / index::kSelectWarps),
-                                index::kSelectWarps * 32, 0, stream>>>(sa);
+    launch_chained(index::paged_select_topk_kernel,
+                   unsigned((select_rows + index::kSelectWarps - 1) / index::kSelectWarps), index::kSelectWarps * 32,
+                   0, stream, sa);
     MSA_CUDA_CHECK_LAUNCH();
   }
 
@@ -302,13 +304,13 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
     static SmemAllowed attention_allowed;
     allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
-    attention_kernel<T, D><<<unsigned(acta), kThreads, asmem, stream>>>(aa);
+    launch_chained(attention_kernel<T, D>, unsigned(acta), kThreads, asmem, stream, aa);
   }
   MSA_CUDA_CHECK_LAUNCH();
   if (lay.splits > 1) {
     const int64_t rows = plan.total_q * c.num_q_heads;
     const int64_t per = kThreads / 32;
-    merge_kernel<T, D><<<unsigned((rows + per - 1) / per), kThreads, 0, stream>>>(aa);
+    launch_chained(merge_kernel<T, D>, unsigned((rows + per - 1) / per), kThreads, 0, stream, aa);
     MSA_CUDA_CHECK_LAUNCH();
   }
 }
