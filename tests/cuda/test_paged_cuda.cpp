@@ -525,6 +525,14 @@ TEST(PagedCuda, HeadMajorPages) {
   d.dense = true;
   run_case(d);
 }
+// Every other case runs the kernel chain with programmatic dependent launch (the default); this one
+// pins plain stream order (MSA_PAGED_PDL=0), eager and captured, with key splits (merge kernel).
+TEST(PagedCuda, WithoutProgrammaticLaunch) {
+  msa::testing::ScopedKernelEnv env("MSA_PAGED_PDL", "0");
+  Case c = decode_case("plain launches Hq64/Hkv4 D128", make_config(64, 4, 128, 128, 32, 8), 29);
+  run_case(c);
+  run_case(c, /*capture=*/true);
+}
 TEST_P(PagedCudaIndex, GraphCapturedRun) {
   Case c = decode_case("captured", make_config(8, 2, 64, 32, 16, 4), 20);
   run_case(c, /*capture=*/true);
