@@ -49,7 +49,9 @@ TensorView head_major_kv_cache(void* data, DType dtype, int64_t num_pages, int b
 
 // The per-step batch description, on the device of the tensors. cu_seqlens_q [batch + 1] int32 (prefix
 // sums of q_len), kv_lens [batch] int32 (tokens in the cache INCLUDING this step's new ones),
-// page_table [batch, max_pages] int32. They must hold the lengths the plan was made with.
+// page_table [batch, max_pages] int32. They must hold the lengths the plan was made with. Page ids
+// must lie in [0, num_pages): the CPU throws ArgumentError otherwise; a GPU, which cannot read device
+// tensors back without a synchronisation, writes NaN to the out / lse rows that would read such a page.
 struct PagedBatch {
   TensorView cu_seqlens_q;
   TensorView kv_lens;

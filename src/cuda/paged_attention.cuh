@@ -76,6 +76,29 @@ inline std::size_t attention_smem_bytes(int row_cap, int64_t max_blocks, int sta
          2 * std::size_t(kAttnKeys) * D * std::size_t(stage_esize) + 16;  // raw K/V staging
 }
 
+// A tile that met a page id outside the cache (the device cannot throw as the CPU does) overwrites
+// what it wrote with NaN: out and lse with one split; with several, its partial's (max, sum) become
+// (+inf, NaN), so merge_kernel weights it exp2(inf - inf) and the merged row is NaN too. The index
+// ranks such blocks first (kBadPageScore), so a bad page table shows in the rows that use it instead
+// of being skipped. Called by every thread after the tile's writes, only when bad_page is set.
+template <class T, int D>
+__device__ void poison_tile(const AttentionArgs& a, int split, int64_t qfirst, int g, int rows) {
+  __syncthreads();  // other threads wrote these rows
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    const int64_t qrow = qfirst + i / a.G;
+    const int head = g * a.G + i % a.G;
+    if (a.splits == 1) {
+      T* o = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1;
+      for (int d = 0; d < D; ++d) o[d] = from_float<T>(NAN);
+      a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = NAN;
+    } else {
+      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      a.part_ml[prow] = INFINITY;
+      a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = NAN;
+    }
+  }
+}
+
 // The tile's blocks: the union of its queries' selections, each block with the bits of the
 // queries that selected it (mask[j]), listed ascending (list); dense mode: every block up to nb,
 // visible by position alone (neither array is used). Returns their number. Called by every thread
@@ -131,6 +154,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       (reinterpret_cast<uintptr_t>(list + a.list_cap) + 15) & ~uintptr_t(15));
   const int slot_bytes = 8 * a.stage_esize;
   __shared__ int list_len;
+  __shared__ int bad_page;  // a page id outside the cache was met (poison_tile)
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
 
   int64_t id = blockIdx.x;
@@ -147,6 +171,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   const int64_t p_first = rules::query_position(q_len, kv, q0);
   const int64_t p_last = rules::query_position(q_len, kv, q0 + nq - 1);
   const int64_t nb = min(rules::local_block(p_last, B) + 1, a.max_blocks);
+  if (t == 0) bad_page = 0;  // published by tile_blocks' barriers
 
   for (int i = t; i < rows * (D / 8); i += kThreads) {
     const int row = i / (D / 8), v = i - row * (D / 8);
@@ -175,7 +200,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     const int64_t j = dense ? bi : list[bi];
     const uint32_t qmask = dense ? 0xffffffffu : mask[j];
     const int64_t page = a.page_table[r * a.pt_s0 + j * a.pt_s1];
-    if (page < 0 || page >= a.num_pages) continue;  // an id outside the cache is not read
+    if (page < 0 || page >= a.num_pages) {  // an id outside the cache is not read
+      if (t == 0) bad_page = 1;             // (the same id in every thread)
+      continue;
+    }
     const float ksc = a.k_fp8 ? a.k_scale[page * a.ks_s0 + g * a.ks_s1] : 1.f;
     const float vsc = a.v_fp8 ? a.v_scale[page * a.vs_s0 + g * a.vs_s1] : 1.f;
     const int64_t kbeg = rules::block_begin(j, B);
@@ -326,6 +354,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       }
     }
   }
+  __syncthreads();  // thread 0 may have set bad_page after the last barrier
+  if (bad_page) poison_tile<T, D>(a, split, qbase + q0, g, rows);
 }
 
 // Combines the splits of each (query, head) row by their LSE: one warp per row.

@@ -340,6 +340,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   int32_t* bpage = reinterpret_cast<int32_t*>(smem + L.pages);  // [block of the split]
   float* bscale = reinterpret_cast<float*>(smem + L.scales);    // [K, V][block of the split]
   __shared__ int list_len;
+  __shared__ int bad_page;  // a page id outside the cache was met (poison_tile)
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
 
   int64_t id = blockIdx.x;
@@ -372,6 +373,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   mma::cp_async_commit();
 
   const bool dense = a.topk == nullptr;
+  if (t == 0) bad_page = 0;  // published by tile_blocks' barriers
   const int64_t count = tile_blocks(a, mask, list, &list_len, g, qbase, q0, nq, nb);
   const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
   auto block_at = [&](int64_t bi) -> int64_t { return dense ? bi : int64_t(list[bi]); };
@@ -422,6 +424,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
         sel = dense ? 0xffffffffu : mask[j];
         ksc = !k_fp8 ? 1.f : staged ? bscale[nb_in] : a.k_scale[pg * a.ks_s0 + g * a.ks_s1];
         vsc = !v_fp8 ? 1.f : staged ? bscale[a.list_cap + nb_in] : a.v_scale[pg * a.vs_s0 + g * a.vs_s1];
+      } else {
+        atomicOr(&bad_page, 1);
       }
     }
     m.koff[t] = koff;
@@ -648,6 +652,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       }
     }
   }
+  if (bad_page) poison_tile<T, D>(a, split, qbase + q0, g, rows);  // set before the barrier above
 }
 
 }  // namespace paged

@@ -23,6 +23,10 @@ namespace cuda {
 namespace paged {
 
 constexpr int kIndexKeys = 32;  // keys per shared-memory chunk: one per lane
+// Block score of a page id outside the cache. The device cannot throw as the CPU does; ranking such a
+// block first makes the attention read its page id, and the attention writes NaN for every row that
+// reads one (paged_attention.cuh, kPoisonedM), so a bad page table shows instead of being skipped.
+constexpr float kBadPageScore = __builtin_huge_valf();
 
 struct IndexArgs {
   const void* qi;  // [total_q, Hkv, Di] of T
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
     const int64_t page = a.page_table[r * a.pt_s0 + j * a.pt_s1];
     const bool valid = page >= 0 && page < a.num_pages;  // an id outside the cache is not read
     const float scale = valid && a.ki_fp8 ? a.ki_scale[page * a.kis_s0] : 1.f;
-    if (t < rows) bmax[t] = -INFINITY;
+    if (t < rows) bmax[t] = valid ? -INFINITY : kBadPageScore;
     for (int c0 = 0; valid && c0 < B; c0 += kIndexKeys) {
       const int nk = min(kIndexKeys, B - c0);
       __syncthreads();  // the previous chunk's readers are done with ks; bmax is initialised

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
       const bool valid = page >= 0 && page < a.num_pages;  // an id outside the cache is not read
       float best[R];
 #pragma unroll
-      for (int i = 0; i < R; ++i) best[i] = -INFINITY;
+      for (int i = 0; i < R; ++i) best[i] = valid ? -INFINITY : kBadPageScore;
       if (valid) {  // warp-uniform
         const unsigned char* base = a.ki + page * a.ki_s0 + sub * 16;
         for (int k0 = 0; k0 < B; k0 += kpw * U) {
