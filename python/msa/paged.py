@@ -37,7 +37,9 @@ PagedPlan = _C.PagedPlan
 @dataclass
 class Batch:
     """Per-step lengths on the device of the tensors: cu_seqlens_q [batch+1], kv_lens [batch]
-    (new tokens included), page_table [batch, max_pages], all int32."""
+    (new tokens included), page_table [batch, max_pages], all int32. Page ids must lie in
+    [0, num_pages): the CPU raises ArgumentError; on a GPU the rows that would read a page outside
+    the cache come out NaN (a kernel cannot raise without a synchronisation)."""
     cu_seqlens_q: Any
     kv_lens: Any
     page_table: Any
