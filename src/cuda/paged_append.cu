@@ -13,6 +13,7 @@
 #include "cuda/grid_dependency.cuh"
 #include "cuda/paged_layout.h"
 #include "cuda/paged_load.cuh"
+#include "cuda/paged_tile.cuh"
 #include "cuda/rows_aligned.h"
 #include "cuda/sequence_of_row.cuh"
 #include "msa/error.h"
@@ -44,6 +45,7 @@ struct AppendArgs {
   const int32_t* page_table;
   int64_t pt_s0, pt_s1, num_pages, total_q;
   int batch, hkv, D, Di, B;
+  paged::PlanBounds bounds;
 };
 
 template <class T>
@@ -73,8 +75,10 @@ __global__ void append_kernel(const AppendArgs a) {
   const int64_t row = i / per_row;
   int w = int(i - row * per_row);
   const int r = sequence_of_row(a.cu_q, a.batch, row);
-  const int64_t q_len = a.cu_q[r + 1] - a.cu_q[r];
-  const int64_t pos = rules::query_position(q_len, a.kv_lens[r], row - a.cu_q[r]);
+  const paged::RequestSpan s = paged::request_span(a.cu_q, a.kv_lens, r, a.bounds);
+  if (row < s.q_begin || row >= s.q_begin + s.q_len) return;  // only with lengths unlike the plan's
+  const int64_t pos = rules::query_position(s.q_len, s.kv, row - s.q_begin);
+  if (pos < 0) return;  // likewise: kv_lens below q_len
   const int64_t j = rules::block_of(pos, a.B);
   const int64_t page = a.page_table[r * a.pt_s0 + j * a.pt_s1];
   if (page < 0 || page >= a.num_pages) return;  // an id outside the cache is not written
@@ -133,6 +137,7 @@ void append_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorVie
   a.D = c.head_dim;
   a.Di = c.index_head_dim;
   a.B = c.block_size;
+  a.bounds = paged::bounds_of(plan);
   const int64_t n = plan.total_q * (2 * int64_t(c.num_kv_heads) * c.head_dim / 8 + c.index_head_dim / 8);
   const int threads = 256;
   launch_chained(append_kernel<T>, unsigned((n + threads - 1) / threads), threads, 0, stream, a);

@@ -49,6 +49,7 @@ struct AttentionArgs {
   float* part_o;   // [splits, total_q, Hq, D]
   float* part_ml;  // m then l: [2, splits, total_q, Hq]
   int64_t total_q, max_blocks;
+  PlanBounds bounds;
   // Entries of the shared block mask and list: max_blocks when sparse, 0 in dense mode (which has
   // neither). The same number sized the shared memory (attention_smem_bytes), so the staging
   // buffer behind them starts where the host counted it.
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   id /= a.splits;
   const int g = int(id % a.hkv);
   id /= a.hkv;
-  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
+  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens, a.bounds);
   if (qt.nq == 0) return;
   const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
   const int64_t qbase = qt.qbase, kv = qt.kv;

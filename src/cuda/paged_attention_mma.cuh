@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   id /= a.splits;
   const int g = int(id % a.hkv);
   id /= a.hkv;
-  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
+  const QueryTile qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens, a.bounds);
   if (qt.nq == 0) return;
   const int r = qt.r, q_len = qt.q_len, q0 = qt.q0, nq = qt.nq;
   const int64_t qbase = qt.qbase, kv = qt.kv;

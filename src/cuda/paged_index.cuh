@@ -47,6 +47,7 @@ struct IndexArgs {
   int tile_q, tiles;
   int64_t chunk, chunks;
   int row_cap;  // rows of the largest tile of this plan (<= kMaxRows): sizes the row arrays
+  PlanBounds bounds;
 };
 
 // The CTA's share of an index grid (request x query tile x block chunk): its query tile, rows
@@ -63,7 +64,7 @@ __device__ __forceinline__ IndexWork index_work(const IndexArgs& a) {
   int64_t id = blockIdx.x;
   const int64_t chunk = id % a.chunks;
   id /= a.chunks;
-  w.qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens);
+  w.qt = query_tile(id, a.tiles, a.tile_q, a.cu_q, a.kv_lens, a.bounds);
   w.rows = w.qt.nq * a.hkv;
   const int64_t candidates =
       w.qt.nq == 0 ? 0

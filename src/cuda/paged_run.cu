@@ -181,6 +181,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.chunk = lay.index_chunk;
     ia.chunks = lay.index_chunks;
     ia.row_cap = std::min(lay.index_tile_q, std::max(1, plan.max_q_len)) * c.num_kv_heads;
+    ia.bounds = bounds_of(plan);
     const int64_t icta = int64_t(plan.batch) * lay.index_tiles * lay.index_chunks;
     // Decode-sized plans take the tensor-core kernel (paged_index_mma.cuh) or, where it does not
     // apply, the streaming kernel (paged_index_stream.cuh); same grid and score layout.
@@ -285,6 +286,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.tiles = lay.attn_tiles;
   aa.splits = lay.splits;
   aa.row_cap = std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * aa.G;
+  aa.bounds = bounds_of(plan);
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;

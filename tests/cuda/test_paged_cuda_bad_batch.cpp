@@ -1,12 +1,18 @@
-// CUDA paged_run with page ids outside the cache. The CPU rejects them (ArgumentError, PagedValidation);
-// the device cannot throw from a captured kernel, so the rows that would read such a page come out NaN
-// (out and lse), and every other request's rows are bitwise those of the same run with a valid table.
-// Sparse (the index ranks a bad block first, so it is selected) and dense mode; one key split and
-// many (the merge); both attention kernels; the three index kernels.
+// CUDA paged calls on a batch the plan does not describe; the CPU rejects both cases below with an
+// ArgumentError (PagedValidation), a captured GPU kernel cannot throw:
+//  - page ids outside the cache: the rows that would read such a page come out NaN (out and lse), and
+//    every other request's rows are bitwise those of the same run with a valid table. Sparse (the
+//    index ranks a bad block first, so it is selected) and dense mode; one key split and many (the
+//    merge); both attention kernels; the three index kernels.
+//  - device lengths unlike the plan's (larger cu_seqlens_q / kv_lens): append and run stay inside
+//    every buffer (the kernels clamp them to the plan's maxima); checked with guard rows after out,
+//    lse and topk, and by memcheck, which runs every PagedCuda* test.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -109,6 +115,67 @@ TEST_P(PagedCudaBadPages, RowsThatReadThemAreNaN) {
         check_bad_pages(dense, workers);
       }
   }
+}
+
+// The plan's lengths on the host, larger ones on the device: cu_seqlens_q past total_q and a kv_len
+// past the plan's longest.
+TEST(PagedCudaBadLengths, StayInsideTheBuffers) {
+  MSA_SKIP_WITHOUT_GPU();
+  const Config cfg = testing::make_config(16, 2, 64, 32, 16, 4);
+  const int B = cfg.block_size;
+  const std::vector<int32_t> q_lens = {1, 3, 2}, kv_lens = {5 * B + 3, 3 * B + 1, 2 * B};
+  PagedStep s(cfg, q_lens, kv_lens, DType::bf16, /*seed=*/43, 3, testing::KvLayout::token_major);
+  PagedOptions dense_opt;
+  dense_opt.dense = true;
+  const PagedPlan plans[2] = {paged_plan(cfg, q_lens.data(), kv_lens.data(), 3, DType::bf16, Device::cuda(0), {}),
+                              paged_plan(cfg, q_lens.data(), kv_lens.data(), 3, DType::bf16, Device::cuda(0), dense_opt)};
+  const int64_t tq = plans[0].total_q, guard = 8;
+  const std::size_t ws_bytes = std::max(plans[0].workspace_bytes, plans[1].workspace_bytes);
+  HostTensor cu_q(DType::i32, {4}), kv(DType::i32, {3});
+  const int32_t wrong_cu_q[4] = {0, 4, 9, 40}, wrong_kv[3] = {5 * B + 3, 30 * B, 2 * B};
+  for (int i = 0; i < 4; ++i) cu_q.set(i, wrong_cu_q[i]);
+  for (int i = 0; i < 3; ++i) kv.set(i, wrong_kv[i]);
+  // Outputs with guard rows behind the plan's total_q rows.
+  HostTensor out(DType::bf16, {tq + guard, cfg.num_q_heads, cfg.head_dim}), lse(DType::f32, {tq + guard, cfg.num_q_heads}),
+      topk(DType::i32, {cfg.num_kv_heads, tq + guard, cfg.topk});
+  out.poison();
+  lse.poison();
+  topk.poison();
+  HostTensor out0 = out, lse0 = lse, topk0 = topk;
+  DeviceTensor k(s.k_cache), v(s.v_cache), ki(s.ki_cache), pt(s.page_table), dcu(cu_q), dkv(kv), q(s.p.q),
+      qi(s.p.qi), k_new(s.k_new), v_new(s.v_new), ki_new(s.ki_new), dout(out), dlse(lse), dtopk(topk);
+  void* ws = nullptr;
+  MSA_TEST_CUDA(cudaMalloc(&ws, ws_bytes));
+  Context ctx;
+  ctx.workspace = {ws, ws_bytes};
+  const PagedKVCache cache{k.view(), v.view(), ki.view(), {}, {}, {}};
+  const PagedBatch batch{dcu.view(), dkv.view(), pt.view()};
+  TensorView o = dout.view(), l = dlse.view(), t = dtopk.view();
+  o.shape[0] = tq;
+  l.shape[0] = tq;
+  t.shape[1] = tq;  // topk [Hkv, total_q, k] inside the [Hkv, total_q + guard, k] buffer
+  for (const PagedPlan& p : plans) {
+    paged_append_kv(p, batch, k_new.view(), v_new.view(), ki_new.view(), cache, ctx);
+    paged_run(p, batch, q.view(), qi.view(), cache, o, l, p.options.dense ? TensorView{} : t, ctx);
+    MSA_TEST_CUDA(cudaDeviceSynchronize());
+  }
+  cudaFree(ws);
+  dout.download();
+  dlse.download();
+  dtopk.download();
+  const int64_t row_out = int64_t(cfg.num_q_heads) * cfg.head_dim;
+  for (int64_t i = tq * row_out; i < (tq + guard) * row_out; ++i)
+    ASSERT_EQ(std::memcmp(static_cast<const char*>(out.data()) + i * 2, static_cast<const char*>(out0.data()) + i * 2, 2), 0)
+        << "out guard element " << i - tq * row_out << " was written";
+  for (int64_t i = tq * cfg.num_q_heads; i < (tq + guard) * cfg.num_q_heads; ++i)
+    ASSERT_EQ(std::memcmp(static_cast<const char*>(lse.data()) + i * 4, static_cast<const char*>(lse0.data()) + i * 4, 4), 0)
+        << "lse guard element " << i - tq * cfg.num_q_heads << " was written";
+  for (int g = 0; g < cfg.num_kv_heads; ++g)
+    for (int64_t row = tq; row < tq + guard; ++row)
+      for (int slot = 0; slot < cfg.topk; ++slot) {
+        const int64_t i = (g * (tq + guard) + row) * cfg.topk + slot;
+        ASSERT_EQ(topk.get(i), topk0.get(i)) << "topk guard row " << row - tq << " of group " << g << " was written";
+      }
 }
 
 INSTANTIATE_TEST_SUITE_P(IndexKernels, PagedCudaBadPages, ::testing::Values("smem", "stream", "mma"),
