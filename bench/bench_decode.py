@@ -47,20 +47,26 @@ ALL_CACHES = CACHES + ["fp8_registers"]
 
 
 @contextlib.contextmanager
-def cache_kind_env(cache_kind):
-    """MSA_PAGED_ATTENTION_FP8=registers while an fp8_registers call runs; the previous value after."""
-    if cache_kind != "fp8_registers":
+def scoped_env(var, value):
+    """var=value inside the block (the library reads it at each launch); its previous value after.
+    value None: leave var as it is."""
+    if value is None:
         yield
         return
-    before = os.environ.get("MSA_PAGED_ATTENTION_FP8")
-    os.environ["MSA_PAGED_ATTENTION_FP8"] = "registers"
+    before = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("MSA_PAGED_ATTENTION_FP8", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["MSA_PAGED_ATTENTION_FP8"] = before
+            os.environ[var] = before
+
+
+def cache_kind_env(cache_kind):
+    """MSA_PAGED_ATTENTION_FP8=registers while an fp8_registers call runs."""
+    return scoped_env("MSA_PAGED_ATTENTION_FP8", "registers" if cache_kind == "fp8_registers" else None)
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -119,6 +125,8 @@ def build_parser():
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--mem-fraction", type=float, default=0.85, help="of free GPU memory a case may use")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compare-pdl", action="store_true",
+                   help="also time msa calls with MSA_PAGED_PDL=0 (ms_median_no_pdl, ms_graph_no_pdl)")
     return p
 
 
@@ -415,6 +423,12 @@ class Run:
             call = calls[0]
             t = self.time_calls(calls)
             t.update(self.graph_time(calls))
+            if self.args.compare_pdl and self.dev == "cuda":
+                # The same calls with the kernel chain launched in plain stream order (no PDL).
+                with scoped_env("MSA_PAGED_PDL", "0"):
+                    t0 = self.time_calls(calls)
+                    g0 = self.graph_time(calls)
+                t.update(ms_median_no_pdl=t0["ms_median"], ms_graph_no_pdl=g0.get("ms_graph"))
             idx_ms, att_ms = self.kernel_ms(call)
             ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
             row = dict(method=method, cache=cache_kind, **base, **t,
@@ -604,7 +618,7 @@ class Run:
     def print_summary(self):
         print(f"\n== decode summary ({self.device}, commit {self.commit[:12]}) -> {self.out_path}")
         bw = (self.doc.get("copy_bandwidth") or {}).get("gb_per_s")
-        headers = ["b", "L", "q", "cache", "layout", "idx_ms", "attn_ms", "total_ms", "graph_ms", "idx_GB/s",
+        headers = ["b", "L", "q", "cache", "layout", "idx_ms", "attn_ms", "total_ms", "graph_ms", "graph_nopdl", "idx_GB/s",
                    "attn_GB/s", "pdense_ms", "sdpa_ms", "sdpa_graph", "fi_ms", "x_sdpa", "x_fastest"]
         by = {}
         for r in self.rows:
@@ -630,7 +644,7 @@ class Run:
                 table.append([str(b), f"{L // 1024}K" if L >= 1024 else str(L), str(q), ck, lay,
                               f(sp.get("index_ms")), f(sp.get("attention_ms")),
                               f(sp.get("ms_median")) if "ms_median" in sp else (sp.get("error") or sp.get("skipped") or "-")[:20],
-                              f(sp.get("ms_graph")),
+                              f(sp.get("ms_graph")), f(sp.get("ms_graph_no_pdl")),
                               f(sp.get("index_gb_per_s"), "{:.0f}"), f(sp.get("attention_gb_per_s"), "{:.0f}"),
                               f(pd.get("ms_median")) if pd else "-", f(sd.get("ms_median")) if sd else "-",
                               f(sd.get("ms_graph")) if sd else "-", f(fi_ms),
