@@ -51,8 +51,8 @@ TensorView head_major_kv_cache(void* data, DType dtype, int64_t num_pages, int b
 // sums of q_len), kv_lens [batch] int32 (tokens in the cache INCLUDING this step's new ones),
 // page_table [batch, max_pages] int32. They must hold the lengths the plan was made with, and page ids
 // in [0, num_pages): the CPU throws ArgumentError otherwise. A GPU cannot read device tensors back
-// without a synchronisation: it writes NaN to the out / lse rows that would read a page outside the
-// cache, and clamps lengths to the plan's maxima (total_q, max_q_len, max_kv_len) so that a batch
+// without a synchronisation: it writes NaN to the out / lse rows of every query tile (a request's
+// queries x one group's heads) that reads a page outside the cache, and clamps lengths to the plan's maxima (total_q, max_q_len, max_kv_len) so that a batch
 // unlike its plan gives wrong rows but never reads or writes outside the tensors.
 struct PagedBatch {
   TensorView cu_seqlens_q;
