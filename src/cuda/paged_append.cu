@@ -43,7 +43,7 @@ struct AppendArgs {
   const int32_t* cu_q;
   const int32_t* kv_lens;
   const int32_t* page_table;
-  int64_t pt_s0, pt_s1, num_pages, total_q;
+  int64_t pt_s0, pt_s1, num_pages;
   int batch, hkv, D, Di, B;
   paged::PlanBounds bounds;
 };
@@ -71,7 +71,7 @@ __global__ void append_kernel(const AppendArgs a) {
   wait_for_prior_grid_then_release_next();
   const int kvec = a.hkv * a.D / 8, per_row = 2 * kvec + a.Di / 8;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= a.total_q * per_row) return;
+  if (i >= a.bounds.total_q * per_row) return;
   const int64_t row = i / per_row;
   int w = int(i - row * per_row);
   const int r = sequence_of_row(a.cu_q, a.batch, row);
@@ -131,7 +131,6 @@ void append_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorVie
   a.pt_s0 = batch.page_table.stride[0];
   a.pt_s1 = batch.page_table.stride[1];
   a.num_pages = cache.k.shape[0];
-  a.total_q = plan.total_q;
   a.batch = plan.batch;
   a.hkv = c.num_kv_heads;
   a.D = c.head_dim;

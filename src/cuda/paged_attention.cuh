@@ -48,8 +48,8 @@ struct AttentionArgs {
   int64_t l_s0, l_s1;
   float* part_o;   // [splits, total_q, Hq, D]
   float* part_ml;  // m then l: [2, splits, total_q, Hq]
-  int64_t total_q, max_blocks;
-  PlanBounds bounds;
+  int64_t max_blocks;
+  PlanBounds bounds;  // total_q: rows of q / out / lse / topk
   // Entries of the shared block mask and list: max_blocks when sparse, 0 in dense mode (which has
   // neither). The same number sized the shared memory (attention_smem_bytes), so the staging
   // buffer behind them starts where the host counted it.
@@ -93,9 +93,9 @@ __device__ void poison_tile(const AttentionArgs& a, int split, int64_t qfirst, i
       for (int d = 0; d < D; ++d) o[d] = from_float<T>(NAN);
       a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = NAN;
     } else {
-      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      const int64_t prow = (int64_t(split) * a.bounds.total_q + qrow) * a.Hq + head;
       a.part_ml[prow] = INFINITY;
-      a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = NAN;
+      a.part_ml[int64_t(a.splits) * a.bounds.total_q * a.Hq + prow] = NAN;
     }
   }
 }
@@ -346,12 +346,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
         a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] =
             l == 0.f ? -INFINITY : (row_m[row] + log2f(l)) * kLn2;
     } else {
-      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      const int64_t prow = (int64_t(split) * a.bounds.total_q + qrow) * a.Hq + head;
       reinterpret_cast<float4*>(a.part_o + prow * D)[c4] =
           make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
       if (c4 == 0) {
         a.part_ml[prow] = row_m[row];
-        a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = row_l[row];
+        a.part_ml[int64_t(a.splits) * a.bounds.total_q * a.Hq + prow] = row_l[row];
       }
     }
   }
@@ -365,10 +365,10 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const AttentionArgs a) 
   wait_for_prior_grid_then_release_next();
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (row >= a.total_q * a.Hq) return;
+  if (row >= a.bounds.total_q * a.Hq) return;
   const int64_t qrow = row / a.Hq;
   const int head = int(row - qrow * a.Hq);
-  const int64_t stride = a.total_q * a.Hq;
+  const int64_t stride = a.bounds.total_q * a.Hq;
   const float* pm = a.part_ml;
   const float* pl = a.part_ml + int64_t(a.splits) * stride;
   float mmax = -INFINITY;

@@ -644,11 +644,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       if (c4 == 0)
         a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = l == 0.f ? -INFINITY : (row_m[row] + log2f(l)) * kLn2;
     } else {
-      const int64_t prow = (int64_t(split) * a.total_q + qrow) * a.Hq + head;
+      const int64_t prow = (int64_t(split) * a.bounds.total_q + qrow) * a.Hq + head;
       reinterpret_cast<float4*>(a.part_o + prow * D)[c4] = acc;
       if (c4 == 0) {
         a.part_ml[prow] = row_m[row];
-        a.part_ml[int64_t(a.splits) * a.total_q * a.Hq + prow] = row_l[row];
+        a.part_ml[int64_t(a.splits) * a.bounds.total_q * a.Hq + prow] = row_l[row];
       }
     }
   }

@@ -41,7 +41,7 @@ struct IndexArgs {
   const int32_t* page_table;
   int64_t pt_s0, pt_s1, num_pages;
   float* scores;
-  int64_t ld, total_q;
+  int64_t ld;
   int hkv, di, block_size;
   float iscale;
   int tile_q, tiles;
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) index_scores_kernel(const IndexArgs 
       if (j < rules::local_block(p, B)) {
         const float s = bmax[t];
         // A NaN score has no rank: the lowest, as on the CPU.
-        a.scores[(int64_t(g) * a.total_q + qbase + q0 + qi) * a.ld + j] = isnan(s) ? -INFINITY : s;
+        a.scores[(int64_t(g) * a.bounds.total_q + qbase + q0 + qi) * a.ld + j] = isnan(s) ? -INFINITY : s;
       }
     }
   }

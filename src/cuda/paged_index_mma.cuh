@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, kNT >= 4 ? 2 : 4) index_scores_mma_k
             if (j >= rules::local_block(rules::query_position(q_len, kv, q0 + qrow), B)) continue;
             const float s = valid ? best[nt][c] * scale : kBadPageScore;
             // A NaN score has no rank: the lowest, as on the CPU.
-            a.scores[(int64_t(grp) * a.total_q + qbase + q0 + qrow) * a.ld + j] = isnan(s) ? -INFINITY : s;
+            a.scores[(int64_t(grp) * a.bounds.total_q + qbase + q0 + qrow) * a.ld + j] = isnan(s) ? -INFINITY : s;
           }
       }
     }

@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 3) index_scores_stream_kernel(const 
           const int qi = row / a.hkv, g = row - qi * a.hkv;
           const float s = best[i];
           // A NaN score has no rank: the lowest, as on the CPU.
-          a.scores[(int64_t(g) * a.total_q + qbase + q0 + qi) * a.ld + j] = isnan(s) ? -INFINITY : s;
+          a.scores[(int64_t(g) * a.bounds.total_q + qbase + q0 + qi) * a.ld + j] = isnan(s) ? -INFINITY : s;
         }
       }
     }

@@ -171,7 +171,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     ia.num_pages = num_pages;
     ia.scores = scores;
     ia.ld = lay.score_ld;
-    ia.total_q = plan.total_q;
     ia.hkv = c.num_kv_heads;
     ia.di = c.index_head_dim;
     ia.block_size = c.block_size;
@@ -275,7 +274,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.l_s1 = lse.stride[1];
   aa.part_o = reinterpret_cast<float*>(ws + lay.partials_offset);
   aa.part_ml = aa.part_o + int64_t(lay.splits) * plan.total_q * c.num_q_heads * D;
-  aa.total_q = plan.total_q;
   aa.max_blocks = lay.max_blocks;
   aa.hkv = c.num_kv_heads;
   aa.G = c.group_size();
