@@ -82,6 +82,24 @@ TEST(PagedValidation, LengthsDifferFromThePlan) {
   expect_arg("cu_seqlens_q", [&] { u.run(); });
 }
 
+// paged_check_batch reports what paged_run would, without running (the GPU's on-demand check; its
+// device side is in tests/cuda/test_paged_cuda_bad_batch.cpp).
+TEST(PagedValidation, CheckBatchNamesTheTensor) {
+  Step t;
+  EXPECT_NO_THROW(paged_check_batch(t.plan, t.s.batch(), t.s.cache()));
+  t.s.page_table.set(1, double(t.s.num_pages));
+  expect_arg("page_table", [&] { paged_check_batch(t.plan, t.s.batch(), t.s.cache()); });
+  Step u;
+  u.s.kv.set(0, 21);
+  expect_arg("kv_lens", [&] { paged_check_batch(u.plan, u.s.batch(), u.s.cache()); });
+  Step v;
+  v.s.cu_q.set(2, 2);
+  expect_arg("cu_seqlens_q", [&] { paged_check_batch(v.plan, v.s.batch(), v.s.cache()); });
+  PagedKVCache no_k = t.s.cache();
+  no_k.k = TensorView{};
+  expect_arg("k_cache", [&] { paged_check_batch(t.plan, t.s.batch(), no_k); });
+}
+
 TEST(PagedValidation, Workspace) {
   Step t;
   Context c = t.ctx();

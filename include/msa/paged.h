@@ -51,7 +51,7 @@ TensorView head_major_kv_cache(void* data, DType dtype, int64_t num_pages, int b
 // sums of q_len), kv_lens [batch] int32 (tokens in the cache INCLUDING this step's new ones),
 // page_table [batch, max_pages] int32. They must hold the lengths the plan was made with, and page ids
 // in [0, num_pages): the CPU throws ArgumentError otherwise. A GPU cannot read device tensors back
-// without a synchronisation: it writes NaN to the out / lse rows of every query tile (a request's
+// without a synchronisation (paged_check_batch does, on demand): it writes NaN to the out / lse rows of every query tile (a request's
 // queries x one group's heads) that reads a page outside the cache, and clamps lengths to the plan's maxima (total_q, max_q_len, max_kv_len) so that a batch
 // unlike its plan gives wrong rows but never reads or writes outside the tensors.
 struct PagedBatch {
@@ -106,6 +106,14 @@ PagedPlan paged_plan(const Config& cfg, const int32_t* q_lens, const int32_t* kv
 void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const TensorView& k_new,
                      const TensorView& v_new, const TensorView& ki_new, const PagedKVCache& cache,
                      const Context& ctx = {});
+
+// Checks the batch tensors' contents against the plan and the cache: cu_seqlens_q and kv_lens equal
+// to the plan's lengths, every page id a request uses in [0, num_pages); throws ArgumentError naming
+// the tensor, entry and value. paged_run does this itself on the CPU only. On a GPU this copies the
+// three tensors to the host and synchronises ctx.stream, so call it outside graph capture (it throws
+// inside one): a debug mode, a test, or once per step where a sync is affordable.
+void paged_check_batch(const PagedPlan& plan, const PagedBatch& batch, const PagedKVCache& cache,
+                       const Context& ctx = {});
 
 // One layer of the step. topk is written (the selection the main branch used; left untouched in dense
 // mode, where it may be undefined). ctx.workspace must hold plan.workspace_bytes.

@@ -7,6 +7,7 @@ is preallocated by the caller (DLPack: torch or numpy), nothing is allocated per
     batch = msa.paged.Batch(cu_seqlens_q, kv_lens, page_table)                     # device int32
     cache = msa.paged.Cache(k_cache, v_cache, ki_cache)                            # per layer
     msa.paged.append(p, batch, k_new, v_new, ki_new, cache)
+    msa.paged.check_batch(p, batch, cache)   # optional: on a GPU, reads the batch back (a sync)
     msa.paged.run(p, batch, q, qi, cache, out, lse, topk, ws)
 
 FP8 E4M3 caches: torch ``float8_e4m3fn`` tensors, or their bytes as uint8 of the same shape (NumPy,
@@ -39,7 +40,7 @@ class Batch:
     """Per-step lengths on the device of the tensors: cu_seqlens_q [batch+1], kv_lens [batch]
     (new tokens included), page_table [batch, max_pages], all int32. Page ids must lie in
     [0, num_pages): the CPU raises ArgumentError; on a GPU the rows that would read a page outside
-    the cache come out NaN (a kernel cannot raise without a synchronisation)."""
+    the cache come out NaN (a kernel cannot raise without a synchronisation; check_batch can)."""
     cu_seqlens_q: Any
     kv_lens: Any
     page_table: Any
@@ -128,6 +129,16 @@ def append(p: PagedPlan, batch: Batch, k_new, v_new, ki_new, cache: Cache, strea
                        _dl(v_new), _dl(ki_new), _dl(cache.k), _dl(cache.v), _dl(cache.ki),
                        k_scale=_dl(cache.k_scale), v_scale=_dl(cache.v_scale), ki_scale=_dl(cache.ki_scale),
                        stream=_stream(stream, k_new))
+
+
+def check_batch(p: PagedPlan, batch: Batch, cache: Cache, stream=None):
+    """Raises ArgumentError when the batch's contents disagree with the plan (cu_seqlens_q, kv_lens)
+    or a page id a request uses lies outside the cache. The CPU's run checks this on every call; on
+    a GPU this reads the tensors back and synchronises the stream, so call it outside graph capture
+    (a debug mode, a test, or once per step where a sync is affordable)."""
+    _C.paged_check_batch(p, _dl(batch.cu_seqlens_q), _dl(batch.kv_lens), _dl(batch.page_table), _dl(cache.k),
+                         _dl(cache.v), _dl(cache.ki), k_scale=_dl(cache.k_scale), v_scale=_dl(cache.v_scale),
+                         ki_scale=_dl(cache.ki_scale), stream=_stream(stream, batch.page_table))
 
 
 def run(p: PagedPlan, batch: Batch, q, qi, cache: Cache, out, lse, topk, workspace, stream=None):

@@ -1,5 +1,5 @@
 // msa._C bindings of the serving API (include/msa/paged.h, docs/serving.md): PagedPlan, paged_plan,
-// paged_append_kv, paged_run. Caches in FP8 E4M3 are passed as uint8 arrays of the same shape (torch:
+// paged_append_kv, paged_check_batch, paged_run. Caches in FP8 E4M3 are passed as uint8 arrays of the same shape (torch:
 // `t.view(torch.uint8)`), each with its f32 scale; other arrays convert as in the rest of the module.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -137,6 +137,21 @@ void bind_paged(nb::module_& m) {
       "plan"_a, "cu_seqlens_q"_a, "kv_lens"_a, "page_table"_a, "k_new"_a, "v_new"_a, "ki_new"_a,
       "k_cache"_a, "v_cache"_a, "ki_cache"_a, "k_scale"_a.none() = nb::none(),
       "v_scale"_a.none() = nb::none(), "ki_scale"_a.none() = nb::none(), "stream"_a = 0);
+
+  m.def(
+      "paged_check_batch",
+      [](const msa::PagedPlan& plan, const InArray& cu_q, const InArray& kv_lens, const InArray& page_table,
+         const OutArray& k_cache, const OutArray& v_cache, const OutArray& ki_cache, const OptIn& k_scale,
+         const OptIn& v_scale, const OptIn& ki_scale, std::uintptr_t stream) {
+        const msa::PagedBatch b = make_batch(cu_q, kv_lens, page_table);
+        const msa::PagedKVCache c = make_cache(k_cache, v_cache, ki_cache, k_scale, v_scale, ki_scale);
+        const msa::Context ctx = paged_context(stream, std::nullopt);
+        nb::gil_scoped_release release;
+        msa::paged_check_batch(plan, b, c, ctx);
+      },
+      "plan"_a, "cu_seqlens_q"_a, "kv_lens"_a, "page_table"_a, "k_cache"_a, "v_cache"_a, "ki_cache"_a,
+      "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(), "ki_scale"_a.none() = nb::none(),
+      "stream"_a = 0);
 
   m.def(
       "paged_run",

@@ -228,6 +228,36 @@ def test_bad_arguments_name_themselves():
     assert e.value.argument == "device"
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_check_batch_names_the_bad_tensor(device):
+    """msa.paged.check_batch: a batch that matches its plan passes; a page id outside the cache, a
+    kv_len or a cu_seqlens_q entry unlike the plan's raise ArgumentError naming the tensor. On the
+    GPU it reads the device tensors back (torch; skipped without a GPU or a CUDA build)."""
+    cfg = make_cfg(8, 2)
+    s = Step(cfg, seed=9)
+    t = lambda x: x
+    if device == "cuda":
+        torch = pytest.importorskip("torch")
+        if not (torch.cuda.is_available() and msa.cuda_available()):
+            pytest.skip("no CUDA device or no CUDA build")
+        t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to("cuda")
+    k_c, v_c, ki_c = s.empty_cache(cfg)
+    cache = msa.paged.Cache(t(k_c), t(v_c), t(ki_c))
+    p = msa.paged.plan(cfg, s.q_lens, s.kv_lens, dtype="float32", device=device)
+    msa.paged.check_batch(p, msa.paged.Batch(t(s.cu_q), t(s.kv_lens), t(s.page_table)), cache)
+    bad_table = s.page_table.copy()
+    bad_table[3, 1] = s.num_pages
+    bad_kv = s.kv_lens.copy()
+    bad_kv[2] += 1
+    bad_cu = s.cu_q.copy()
+    bad_cu[-1] += 1
+    for name, batch in [("page_table", (s.cu_q, s.kv_lens, bad_table)), ("kv_lens", (s.cu_q, bad_kv, s.page_table)),
+                        ("cu_seqlens_q", (bad_cu, s.kv_lens, s.page_table))]:
+        with pytest.raises(msa.ArgumentError) as e:
+            msa.paged.check_batch(p, msa.paged.Batch(*(t(x) for x in batch)), cache)
+        assert e.value.argument == name
+
+
 @pytest.mark.parametrize("head_major", [False, True])
 def test_cuda_step_matches_cpu_step(head_major):
     """The CUDA backend through torch tensors (skipped without torch, a GPU or a CUDA build), with

@@ -52,9 +52,8 @@ int64_t num_pages_of(const PagedPlan& plan, const PagedKVCache& cache) {
   return pages;
 }
 
-// Shapes of the batch tensors; on the CPU also their contents: lengths equal to the plan's and every
-// page id a request uses inside the cache. (A GPU backend checks ids where it reads them.)
-void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pages) {
+// Shapes of the batch tensors, and that the page table is wide enough for the plan's lengths.
+void check_batch_shapes(const PagedPlan& plan, const PagedBatch& batch) {
   const int nb = plan.batch;
   check_tensor(batch.cu_seqlens_q, "cu_seqlens_q", {nb + 1}, DType::i32, plan.device);
   check_tensor(batch.kv_lens, "kv_lens", {nb}, DType::i32, plan.device);
@@ -69,9 +68,13 @@ void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pag
                       " with kv_len " + std::to_string(plan.kv_lens[r]) + " needs " +
                       std::to_string(need) + " pages");
   }
-  if (plan.device.type != DeviceType::cpu) return;
-  const int32_t* cu = batch.cu_seqlens_q.ptr<const int32_t>();
-  const int32_t* kv = batch.kv_lens.ptr<const int32_t>();
+}
+
+// The batch's contents, in host memory: lengths equal to the plan's and every page id a request
+// uses inside the cache. table_stride: int32 elements from a page-table row to the next.
+void check_batch_values(const PagedPlan& plan, const int32_t* cu, const int32_t* kv, const int32_t* table,
+                        int64_t table_stride, int64_t num_pages) {
+  const int nb = plan.batch;
   for (int r = 0; r <= nb; ++r)
     MSA_CHECK_ARG(cu[r] == plan.cu_seqlens_q[r], "cu_seqlens_q",
                   "entry " + std::to_string(r) + " is " + std::to_string(cu[r]) + ", the plan has " +
@@ -80,7 +83,7 @@ void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pag
     MSA_CHECK_ARG(kv[r] == plan.kv_lens[r], "kv_lens",
                   "entry " + std::to_string(r) + " is " + std::to_string(kv[r]) + ", the plan has " +
                       std::to_string(plan.kv_lens[r]));
-    const int32_t* row = batch.page_table.ptr<const int32_t>() + r * batch.page_table.stride[0];
+    const int32_t* row = table + r * table_stride;
     const int64_t need = rules::num_blocks(plan.kv_lens[r], plan.cfg.block_size);
     for (int64_t j = 0; j < need; ++j)
       MSA_CHECK_ARG(row[j] >= 0 && row[j] < num_pages, "page_table",
@@ -88,6 +91,15 @@ void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pag
                         std::to_string(j) + "] is outside the cache's " + std::to_string(num_pages) +
                         " pages");
   }
+}
+
+// Every call checks the shapes; the CPU reads its tensors directly, so it checks their contents too.
+// (A GPU backend contains bad contents in its kernels; paged_check_batch checks them on demand.)
+void check_batch(const PagedPlan& plan, const PagedBatch& batch, int64_t num_pages) {
+  check_batch_shapes(plan, batch);
+  if (plan.device.type != DeviceType::cpu) return;
+  check_batch_values(plan, batch.cu_seqlens_q.ptr<const int32_t>(), batch.kv_lens.ptr<const int32_t>(),
+                     batch.page_table.ptr<const int32_t>(), batch.page_table.stride[0], num_pages);
 }
 
 [[noreturn]] void no_backend(const PagedPlan& plan) {
@@ -114,6 +126,23 @@ void paged_append_kv(const PagedPlan& plan, const PagedBatch& batch, const Tenso
 #endif
   if (plan.device.type != DeviceType::cpu) no_backend(plan);
   detail::cpu::paged_append_kv(plan, batch, k_new, v_new, ki_new, cache);
+}
+
+void paged_check_batch(const PagedPlan& plan, const PagedBatch& batch, const PagedKVCache& cache,
+                       const Context& ctx) {
+  const int64_t pages = num_pages_of(plan, cache);
+  check_batch(plan, batch, pages);
+  if (plan.device.type == DeviceType::cpu) return;  // check_batch read the contents already
+#ifdef MSA_WITH_CUDA
+  if (plan.device.type == DeviceType::cuda) {
+    const detail::HostBatch host = detail::cuda::on_device(
+        plan.device, [&] { return detail::cuda::paged_batch_to_host(batch, ctx); });
+    check_batch_values(plan, host.cu_seqlens_q.data(), host.kv_lens.data(), host.page_table.data(),
+                       batch.page_table.shape[1], pages);
+    return;
+  }
+#endif
+  no_backend(plan);
 }
 
 void paged_run(const PagedPlan& plan, const PagedBatch& batch, const TensorView& q,

@@ -7,6 +7,7 @@
 //  - device lengths unlike the plan's (larger cu_seqlens_q / kv_lens): append and run stay inside
 //    every buffer (the kernels clamp them to the plan's maxima); checked with guard rows after out,
 //    lse and topk, and by memcheck, which runs every PagedCuda* test.
+// paged_check_batch, which reads the batch back, turns both into the CPU's ArgumentError on demand.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -19,6 +20,7 @@
 
 #include "cuda/device_tensor.h"
 #include "kernel_env.h"
+#include "msa/error.h"
 #include "msa/paged.h"
 #include "msa/rules.h"
 #include "paged_fixture.h"
@@ -191,6 +193,69 @@ TEST(PagedCudaBadLengths, StayInsideTheBuffers) {
         const int64_t i = (g * (tq + guard) + row) * cfg.topk + slot;
         ASSERT_EQ(topk.get(i), topk0.get(i)) << "topk guard row " << row - tq << " of group " << g << " was written";
       }
+}
+
+template <class F>
+void expect_arg(const char* argument, F f) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected ArgumentError naming " << argument;
+  } catch (const ArgumentError& e) {
+    EXPECT_EQ(e.argument(), argument) << e.what();
+  }
+}
+
+// The device batch read back and checked like the CPU's: a good batch passes, each bad tensor is
+// named; page tables with rows apart (a slice of a wider table) and with one row for all requests
+// (stride 0); refused inside a graph capture.
+TEST(PagedCudaCheckBatch, NamesTheBadTensor) {
+  MSA_SKIP_WITHOUT_GPU();
+  const Config cfg = testing::make_config(16, 2, 64, 32, 16, 4);
+  const int B = cfg.block_size;
+  const std::vector<int32_t> q_lens = {1, 3, 2}, kv_lens = {5 * B + 3, 3 * B + 1, 2 * B};
+  PagedStep s(cfg, q_lens, kv_lens, DType::bf16, /*seed=*/47, 3, testing::KvLayout::token_major);
+  const PagedPlan plan = paged_plan(cfg, q_lens.data(), kv_lens.data(), 3, DType::bf16, Device::cuda(0), {});
+  StepOnDevice d(s, plan.workspace_bytes);
+  const PagedBatch good{d.cu_q.view(), d.kv.view(), d.pt.view()};
+  EXPECT_NO_THROW(paged_check_batch(plan, good, d.cache(), d.ctx));
+
+  HostTensor wide(DType::i32, {3, s.width + 5});
+  wide.poison();
+  for (int r = 0; r < 3; ++r)
+    for (int64_t j = 0; j < s.width; ++j) wide.set(r * (s.width + 5) + j, s.page_table.get(r * s.width + j));
+  DeviceTensor dwide(wide);
+  TensorView slice = dwide.view();
+  slice.shape[1] = s.width;
+  EXPECT_NO_THROW(paged_check_batch(plan, {good.cu_seqlens_q, good.kv_lens, slice}, d.cache(), d.ctx));
+  wide.set(2 * (s.width + 5) + 1, double(s.num_pages));  // request 2, block 1
+  dwide.upload();
+  expect_arg("page_table", [&] { paged_check_batch(plan, {good.cu_seqlens_q, good.kv_lens, slice}, d.cache(), d.ctx); });
+  TensorView one_row = d.pt.view();
+  one_row.stride[0] = 0;  // every request reads request 0's pages
+  EXPECT_NO_THROW(paged_check_batch(plan, {good.cu_seqlens_q, good.kv_lens, one_row}, d.cache(), d.ctx));
+  HostTensor bad_row0 = s.page_table;
+  bad_row0.set(2, -1);  // request 0, block 2
+  DeviceTensor dbad_row0(bad_row0);
+  one_row.data = dbad_row0.view().data;
+  expect_arg("page_table", [&] { paged_check_batch(plan, {good.cu_seqlens_q, good.kv_lens, one_row}, d.cache(), d.ctx); });
+
+  HostTensor kv = s.kv, cu_q = s.cu_q;
+  kv.set(1, 3 * B + 2);
+  cu_q.set(3, 7);
+  DeviceTensor dkv(kv), dcu(cu_q);
+  expect_arg("kv_lens", [&] { paged_check_batch(plan, {good.cu_seqlens_q, dkv.view(), good.page_table}, d.cache(), d.ctx); });
+  expect_arg("cu_seqlens_q", [&] { paged_check_batch(plan, {dcu.view(), good.kv_lens, good.page_table}, d.cache(), d.ctx); });
+
+  cudaStream_t stream = nullptr;
+  MSA_TEST_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  Context captured = d.ctx;
+  captured.stream = stream;
+  MSA_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  expect_arg("stream", [&] { paged_check_batch(plan, good, d.cache(), captured); });
+  cudaGraph_t graph = nullptr;
+  MSA_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
+  if (graph) cudaGraphDestroy(graph);
+  MSA_TEST_CUDA(cudaStreamDestroy(stream));
 }
 
 INSTANTIATE_TEST_SUITE_P(IndexKernels, PagedCudaBadPages, ::testing::Values("smem", "stream", "mma"),
