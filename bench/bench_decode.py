@@ -41,9 +41,10 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
-# Cache kinds beyond CACHES: "fp8_registers" = FP8 caches through the attention's register mode
-# (MSA_PAGED_ATTENTION_FP8=registers, set around that kind's calls only).
-ALL_CACHES = CACHES + ["fp8_registers"]
+# Cache kinds beyond CACHES: FP8 caches with the attention's FP8 mode forced (MSA_PAGED_ATTENTION_FP8,
+# set around that kind's calls only); plain "fp8" takes the library's default for the query tile.
+FP8_MODES = {"fp8_registers": "registers", "fp8_widened": "widened"}
+ALL_CACHES = CACHES + list(FP8_MODES)
 
 
 @contextlib.contextmanager
@@ -65,8 +66,8 @@ def scoped_env(var, value):
 
 
 def cache_kind_env(cache_kind):
-    """MSA_PAGED_ATTENTION_FP8=registers while an fp8_registers call runs."""
-    return scoped_env("MSA_PAGED_ATTENTION_FP8", "registers" if cache_kind == "fp8_registers" else None)
+    """MSA_PAGED_ATTENTION_FP8 set to the forced mode while an fp8_registers / fp8_widened call runs."""
+    return scoped_env("MSA_PAGED_ATTENTION_FP8", FP8_MODES.get(cache_kind))
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -231,11 +232,13 @@ class Run:
         return C.host_time(calls, **kw)
 
     def kernel_ms(self, call, reps=5):
-        """Mean per-call device time of the index and attention kernels (torch profiler)."""
+        """Mean per-call device time of the index and attention kernels (torch profiler). Launched
+        without PDL: a kernel launched early under PDL waits for its predecessor inside its own span
+        (griddepcontrol.wait), which would count the predecessor's time twice."""
         if self.dev != "cuda":
             return None, None
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with scoped_env("MSA_PAGED_PDL", "0"), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 call()
             self.sync()
@@ -402,7 +405,7 @@ class Run:
 
     def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
         """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None.
-        fp8_registers: FP8 caches with MSA_PAGED_ATTENTION_FP8=registers for these calls only."""
+        fp8_registers / fp8_widened: FP8 caches with that attention mode forced for these calls only."""
         with cache_kind_env(cache_kind):
             return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
 

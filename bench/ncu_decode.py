@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=BD.parse_ints, default=[131072])
     p.add_argument("--q-len", type=int, default=1)
-    p.add_argument("--caches", default="bf16,fp8,fp8_registers")
+    p.add_argument("--caches", default="bf16,fp8_widened,fp8_registers")
     p.add_argument("--kv-layouts", default=",".join(BD.KV_LAYOUTS))
     args = p.parse_args(argv)
     import torch

@@ -339,12 +339,14 @@ void run_case_once(const Case& tc, bool capture) {
 }
 
 // Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA kernel and the
-// default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step; FP8 cases
-// also under the mma kernel's register mode (MSA_PAGED_ATTENTION_FP8=registers).
+// default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step; FP8 cases run
+// the mma kernel in both its modes (MSA_PAGED_ATTENTION_FP8: widening into 16-bit tiles, and the
+// register mode), whichever the default would pick for the case's query tile.
 void run_case(const Case& tc, bool capture = false) {
   MSA_SKIP_WITHOUT_GPU();
   for (const char* kernel : {"ffma", "mma"}) {
     testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_KERNEL", kernel);
+    testing::ScopedKernelEnv fp8_mode("MSA_PAGED_ATTENTION_FP8", "widened");
     run_case_once(tc, capture);
   }
   if (tc.fp8) {
