@@ -126,6 +126,9 @@ def build_parser():
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--mem-fraction", type=float, default=0.85, help="of free GPU memory a case may use")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="PagedOptions.num_workers of every msa plan (SMs the schedule fills; 0 = all): more "
+                        "workers, more attention key splits")
     p.add_argument("--compare-pdl", action="store_true",
                    help="also time msa calls with MSA_PAGED_PDL=0 (ms_median_no_pdl, ms_graph_no_pdl)")
     return p
@@ -167,7 +170,7 @@ class Run:
             "torch": torch.__version__, "cuda": getattr(torch.version, "cuda", None),
             "timestamp": C.utc_timestamp(),
             "config": dict(self.shape, caches=self.caches, kv_layouts=self.layouts, methods=self.methods,
-                           warmup=args.warmup, iters=args.iters,
+                           warmup=args.warmup, iters=args.iters, num_workers=args.num_workers,
                            smoke=bool(args.smoke), l2_bytes=self.l2,
                            msa_module=getattr(msa, "__file__", None),
                            # kernel choices (MSA_PAGED_ATTENTION_KERNEL, MSA_PAGED_INDEX_KERNEL, ...)
@@ -327,7 +330,7 @@ class Run:
     def msa_call(self, st, dense):
         msa, torch = self.msa, self.torch
         plan = msa.paged.plan(self.cfg, st["q_lens"], st["kv_lens"], dtype="bfloat16", device=self.dev,
-                              dense=dense)
+                              dense=dense, num_workers=self.args.num_workers)
         ws = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=self.dev)
         qi = None if dense else st["qi"]
         topk = None if dense else st["topk"]
@@ -434,7 +437,7 @@ class Run:
                 t.update(ms_median_no_pdl=t0["ms_median"], ms_graph_no_pdl=g0.get("ms_graph"))
             idx_ms, att_ms = self.kernel_ms(call)
             ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
-            row = dict(method=method, cache=cache_kind, **base, **t,
+            row = dict(method=method, cache=cache_kind, **base, **t, num_workers=self.args.num_workers,
                        index_ms=idx_ms, attention_ms=att_ms,
                        index_bytes=ib, attention_bytes=ab, attention_blocks=blocks,
                        index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,

@@ -430,11 +430,11 @@ def collect_decode(docs):
     """(device, batch, context, q_len, cache) -> (doc, msa_sparse row, {dense method: row}).
 
     The newest file that measured a case wins (one that only failed it replaces nothing); smoke runs
-    are skipped. The dense baselines run on bf16 caches only: every cache kind of a case is compared
+    are skipped, and so are schedule experiments (--num-workers). The dense baselines run on bf16 caches only: every cache kind of a case is compared
     with the bf16 dense rows of the same file."""
     out = {}
     for doc in sorted(docs, key=lambda d: d.get("timestamp", "")):
-        if doc.get("config", {}).get("smoke"):
+        if doc.get("config", {}).get("smoke") or doc.get("config", {}).get("num_workers"):
             continue
         dense = {}
         for r in doc["rows"]:
