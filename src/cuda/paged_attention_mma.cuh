@@ -84,7 +84,7 @@ __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 12
 __host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8, MmaMode m) {
   return m == MmaMode::fp8_registers ? 0 : k_fp8 && v_fp8 ? 1 : mma_stages(m);
 }
-__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
+__host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, int64_t stage_cap, bool k_fp8, bool v_fp8,
                                              bool stage_pages, MmaMode mode, int ctas = 2) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
@@ -107,16 +107,16 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   s.mask = s.ml + mma_align(sizeof(float) * (2 * kMmaWarps * 16 + 2 * kMaxRows));
   s.list = s.mask + sizeof(uint32_t) * std::size_t(list_cap);
   // Per block of the CTA's split (sparse, stage_pages): its page id, then (FP8) its K and V scales.
-  const std::size_t staged = stage_pages ? std::size_t(list_cap) : 0;
+  const std::size_t staged = stage_pages ? std::size_t(stage_cap) : 0;
   s.pages = s.list + sizeof(int32_t) * std::size_t(list_cap);
   s.scales = s.pages + sizeof(int32_t) * staged;
   s.bytes = s.scales + (k_fp8 || v_fp8 ? 2 * sizeof(float) * staged : 0) + 128;  // + slack to align the base
   return s;
 }
 template <int D>
-inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, bool k_fp8, bool v_fp8,
+inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, int64_t stage_cap, bool k_fp8, bool v_fp8,
                                             bool stage_pages, MmaMode mode, int ctas = 2) {
-  return mma_smem(D, row_cap, list_cap, k_fp8, v_fp8, stage_pages, mode, ctas).bytes;
+  return mma_smem(D, row_cap, list_cap, stage_cap, k_fp8, v_fp8, stage_pages, mode, ctas).bytes;
 }
 
 // Eight FP8 codes widened exactly to T (no scale: the page scales go on S and P).
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) attention_mma_kernel(const At
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
   const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
   const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode, kCtas);
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, a.stage_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode, kCtas);
   const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8, kMode) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) attention_mma_kernel(const At
       const bool ok = pg >= 0 && pg < a.num_pages;  // an id outside the cache is not read
       bpage[i] = ok ? int32_t(pg) : -1;
       if (k_fp8) bscale[i] = ok ? a.k_scale[pg * a.ks_s0 + g * a.ks_s1] : 0.f;
-      if (v_fp8) bscale[a.list_cap + i] = ok ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 0.f;
+      if (v_fp8) bscale[a.stage_cap + i] = ok ? a.v_scale[pg * a.vs_s0 + g * a.vs_s1] : 0.f;
     }
     __syncthreads();
   }
@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) attention_mma_kernel(const At
         pos = int32_t(rules::block_begin(j, B) + off);
         sel = dense ? 0xffffffffu : mask[j];
         ksc = !k_fp8 ? 1.f : staged ? bscale[nb_in] : a.k_scale[pg * a.ks_s0 + g * a.ks_s1];
-        vsc = !v_fp8 ? 1.f : staged ? bscale[a.list_cap + nb_in] : a.v_scale[pg * a.vs_s0 + g * a.vs_s1];
+        vsc = !v_fp8 ? 1.f : staged ? bscale[a.stage_cap + nb_in] : a.v_scale[pg * a.vs_s0 + g * a.vs_s1];
       } else {
         atomicOr(&bad_page, 1);
       }

@@ -43,6 +43,7 @@ struct Layout {
   int64_t score_ld = 4;  // floats per (group, query) score row, a multiple of 4 (float4 loads)
   // Attention: queries per tile (tile rows = queries x G), tiles per request, key splits.
   int attn_tile_q = 1, attn_tiles = 1, splits = 1;
+  int64_t max_union = 1;  // blocks an attention tile attends to at most
   // Workspace (bytes from the 256-aligned base): scores, partials.
   std::size_t scores_offset = 0, partials_offset = 0, bytes = 0;
 };
@@ -67,13 +68,13 @@ inline Layout layout_of(const PagedPlan& plan) {
   l.attn_tile_q = std::max(1, std::min(kMaxTileQueries, kMaxRows / std::max(1, G)));
   l.attn_tiles = int(ceil_div(max_q, l.attn_tile_q));
   const int64_t units = int64_t(plan.batch) * l.attn_tiles * hkv;
-  const int64_t max_union =
+  l.max_union =
       plan.options.dense ? l.max_blocks
                          : std::min<int64_t>(l.max_blocks, int64_t(std::min(max_q, l.attn_tile_q)) * c.topk);
   // Rounded down: one more split than fits puts a second, mostly empty wave behind the first
   // (batch 32 x Hkv 4 at 3 splits ran 1.45 waves on the H100).
   const int64_t want = std::max<int64_t>(1, int64_t(kCtasPerWorker) * l.workers / std::max<int64_t>(1, units));
-  l.splits = int(std::max<int64_t>(1, std::min<int64_t>({want, max_union, kMaxSplits})));
+  l.splits = int(std::max<int64_t>(1, std::min<int64_t>({want, l.max_union, kMaxSplits})));
 
   const int64_t tq = plan.total_q;
   l.scores_offset = 0;

@@ -113,9 +113,10 @@ template <int D>
 std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, int ctas) {
   using namespace paged;
   const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode, ctas);
-  const std::size_t with = attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, true, mode, ctas);
+  const std::size_t with =
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, true, mode, ctas);
   const std::size_t without =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.k_fp8, a.v_fp8, false, mode, ctas);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, false, mode, ctas);
   const bool stage = paged_stage_pages_requested() && with + fixed <= smem_max &&
                      mma_ctas_per_sm(with + fixed, ctas) >= mma_ctas_per_sm(without + fixed, ctas);
   a.stage_pages = stage ? 1 : 0;
@@ -303,6 +304,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.bounds = bounds_of(plan);
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
+  aa.stage_cap = plan.options.dense ? 0 : lay.max_union;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
