@@ -61,16 +61,12 @@ struct MmaKeyMeta {
 // How the K / V tiles reach the tensor cores (see the top of this file).
 enum class MmaMode : int { sixteen_bit = 0, fp8_widened = 1, fp8_registers = 2 };
 
-// Chunks staged at once: one computed while the others are in flight. `ctas`: the kernel's launch
-// bound (CTAs an SM); the register mode at three CTAs an SM keeps three raw stages, so that three
-// CTAs' shared memory fits.
-__host__ __device__ constexpr int mma_stages(MmaMode m, int ctas = 2) {
-  return m == MmaMode::fp8_registers ? (ctas >= 3 ? 3 : 4) : 2;
-}
+// Chunks staged at once: one computed while the others are in flight.
+__host__ __device__ constexpr int mma_stages(MmaMode m) { return m == MmaMode::fp8_registers ? 4 : 2; }
 
 // The kernel's static shared memory (a MmaKeyMeta per stage, list_len), on top of the dynamic bytes.
-__host__ __device__ constexpr std::size_t mma_static_smem(MmaMode m, int ctas = 2) {
-  return std::size_t(mma_stages(m, ctas)) * sizeof(MmaKeyMeta) + 16;
+__host__ __device__ constexpr std::size_t mma_static_smem(MmaMode m) {
+  return std::size_t(mma_stages(m)) * sizeof(MmaKeyMeta) + 16;
 }
 
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
@@ -85,7 +81,7 @@ __host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8, MmaMode m
   return m == MmaMode::fp8_registers ? 0 : k_fp8 && v_fp8 ? 1 : mma_stages(m);
 }
 __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, int64_t stage_cap, bool k_fp8, bool v_fp8,
-                                             bool stage_pages, MmaMode mode, int ctas = 2) {
+                                             bool stage_pages, MmaMode mode) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
   s.q = 0;
@@ -95,7 +91,7 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
   const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
   // FP8 raw stages [stage][K, V][kMmaKeys * D codes] (fp8_tile_offset). The stages' MmaKeyMeta are
   // static shared memory.
-  const std::size_t raw_bytes = k_fp8 || v_fp8 ? std::size_t(mma_stages(mode, ctas)) * 2 * kMmaKeys * D : 0;
+  const std::size_t raw_bytes = k_fp8 || v_fp8 ? std::size_t(mma_stages(mode)) * 2 * kMmaKeys * D : 0;
   if (mode == MmaMode::fp8_registers) {  // the raw stages, then the slices' O, share one region
     s.raw = s.tiles;
     s.ml = s.tiles + mma_align(raw_bytes > combine_bytes ? raw_bytes : combine_bytes);
@@ -115,8 +111,8 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
 }
 template <int D>
 inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, int64_t stage_cap, bool k_fp8, bool v_fp8,
-                                            bool stage_pages, MmaMode mode, int ctas = 2) {
-  return mma_smem(D, row_cap, list_cap, stage_cap, k_fp8, v_fp8, stage_pages, mode, ctas).bytes;
+                                            bool stage_pages, MmaMode mode) {
+  return mma_smem(D, row_cap, list_cap, stage_cap, k_fp8, v_fp8, stage_pages, mode).bytes;
 }
 
 // Eight FP8 codes widened exactly to T (no scale: the page scales go on S and P).
@@ -312,13 +308,13 @@ __device__ __forceinline__ void mma_chunk(const void* K, const void* V, const Mm
 
 // kMode: sixteen_bit instances carry none of the FP8 code; fp8_widened serves every plan with an FP8
 // cache; fp8_registers plans whose K and V caches are both FP8.
-template <class T, int D, MmaMode kMode, int kCtas = 2>
-__global__ void __launch_bounds__(kThreads, kCtas) attention_mma_kernel(const AttentionArgs a) {
+template <class T, int D, MmaMode kMode>
+__global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
   wait_for_prior_grid_then_release_next();
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
   constexpr bool kAnyFp8 = kMode != MmaMode::sixteen_bit;
   constexpr bool kFp8Registers = kMode == MmaMode::fp8_registers;
-  constexpr int kStages = mma_stages(kMode, kCtas);
+  constexpr int kStages = mma_stages(kMode);
   constexpr int kVecs = D / 8;  // 16-byte vectors of a 16-bit row
   constexpr int kTile = kMmaKeys * D;
   constexpr int OP = D + 8;  // fp32 row pitch of the slice combine
@@ -327,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) attention_mma_kernel(const At
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
   const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
   const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, a.stage_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode, kCtas);
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, a.stage_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode);
   const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8, kMode) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]

@@ -77,13 +77,13 @@ bool paged_mma_requested() {
   return e == nullptr || std::string(e) != "ffma";
 }
 
-// CTAs of the mma attention (launch bound: `bound`) that fit on an SM with `bytes` of shared memory each.
-int mma_ctas_per_sm(std::size_t bytes, int bound) {
+// CTAs of the mma attention (launch bound: 2) that fit on an SM with `bytes` of shared memory each.
+int mma_ctas_per_sm(std::size_t bytes) {
   int dev = 0, per_sm = 0, reserved = 0;
   MSA_CUDA_CHECK(cudaGetDevice(&dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   MSA_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-  return int(std::min<std::size_t>(std::size_t(bound), std::size_t(per_sm) / (bytes + std::size_t(reserved))));
+  return int(std::min<std::size_t>(2, std::size_t(per_sm) / (bytes + std::size_t(reserved))));
 }
 
 // Whether an attention whose K and V caches are both FP8 reads its mma fragments from the raw FP8
@@ -110,15 +110,15 @@ bool paged_stage_pages_requested() {
 // ids costs 4 (FP8: 12) bytes per block of the longest request, so it is dropped where it does not fit
 // (FP8 near 1M tokens) or would cost a CTA per SM (bf16 at 512K: 1.6x the attention time on the H200).
 template <int D>
-std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, int ctas) {
+std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
   using namespace paged;
-  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode, ctas);
+  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode);
   const std::size_t with =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, true, mode, ctas);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, true, mode);
   const std::size_t without =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, false, mode, ctas);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, false, mode);
   const bool stage = paged_stage_pages_requested() && with + fixed <= smem_max &&
-                     mma_ctas_per_sm(with + fixed, ctas) >= mma_ctas_per_sm(without + fixed, ctas);
+                     mma_ctas_per_sm(with + fixed) >= mma_ctas_per_sm(without + fixed);
   a.stage_pages = stage ? 1 : 0;
   const std::size_t bytes = stage ? with : without;
   if (bytes + fixed > smem_max)
@@ -127,23 +127,13 @@ std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, int
   return bytes;
 }
 
-// The mma attention in `kMode` at `kCtasPerSm` CTAs an SM (its own record of the shared memory it was
-// allowed).
-template <class T, int D, paged::MmaMode kMode, int kCtasPerSm = 2>
+// The mma attention in `kMode` (its own record of the shared memory it was allowed).
+template <class T, int D, paged::MmaMode kMode>
 void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
   static SmemAllowed allowed;
-  const std::size_t bytes = mma_attention_smem<D>(aa, kMode, kCtasPerSm);
-  auto* kernel = paged::attention_mma_kernel<T, D, kMode, kCtasPerSm>;
-  allow_smem(kernel, bytes, "attention (mma)", allowed);
-  launch_chained(kernel, unsigned(ctas), paged::kThreads, bytes, stream, aa);
-}
-
-// MSA_PAGED_ATTENTION_CTAS=3: the FP8 register mode built for three CTAs an SM (168 registers, three
-// raw stages; ptxas: no spill) instead of two. Opt-in until measured; a schedule that fills three CTAs
-// an SM needs PagedOptions::num_workers = 1.5 x SMs (the plan's key splits assume two).
-bool paged_three_ctas_requested() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_CTAS");
-  return e != nullptr && std::string(e) == "3";
+  const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
+  allow_smem(paged::attention_mma_kernel<T, D, kMode>, bytes, "attention (mma)", allowed);
+  launch_chained(paged::attention_mma_kernel<T, D, kMode>, unsigned(ctas), paged::kThreads, bytes, stream, aa);
 }
 
 template <class T>
@@ -309,9 +299,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (paged_mma_requested()) {
-      if (aa.k_fp8 && aa.v_fp8 && paged_fp8_registers(aa.row_cap) && paged_three_ctas_requested())
-        launch_mma_attention<T, D, MmaMode::fp8_registers, 3>(aa, acta, stream);
-      else if (aa.k_fp8 && aa.v_fp8 && paged_fp8_registers(aa.row_cap))
+      if (aa.k_fp8 && aa.v_fp8 && paged_fp8_registers(aa.row_cap))
         launch_mma_attention<T, D, MmaMode::fp8_registers>(aa, acta, stream);
       else if (aa.k_fp8 || aa.v_fp8)
         launch_mma_attention<T, D, MmaMode::fp8_widened>(aa, acta, stream);
