@@ -512,7 +512,7 @@ def make_decode_table(cases, plot_link=None):
     return finish_table(lines, (
         f"One decode step (`msa.paged.run` over paged caches), {shapes}; MSA total = median of CUDA-event "
         "timings of the whole call, index / attention = the kernels' own device times (torch profiler, "
-        "mean of 5 calls). GB/s = bytes the kernel reads / its time; % of copy "
+        "mean of 5 calls, launched without PDL from 3912cbb on). GB/s = bytes the kernel reads / its time; % of copy "
         "bandwidth = that over the device's measured copy bandwidth (read + write bytes / time, in each "
         "file). The dense columns use bf16 caches for every row: paged dense = our paged kernel over "
         "every block; SDPA = PyTorch SDPA over contiguous K/V (GQA); FlashInfer = its paged decode on tensor "
