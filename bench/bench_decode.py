@@ -41,10 +41,13 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
-# Cache kinds beyond CACHES: FP8 caches with the attention's FP8 mode forced (MSA_PAGED_ATTENTION_FP8,
-# set around that kind's calls only); plain "fp8" takes the library's default for the query tile.
-FP8_MODES = {"fp8_registers": "registers", "fp8_widened": "widened"}
-ALL_CACHES = CACHES + list(FP8_MODES)
+# Cache kinds beyond CACHES: the same caches with an attention variant forced by its environment
+# variable (set around that kind's calls only): FP8 caches in either FP8 mode (plain "fp8" takes the
+# library's default for the query tile), bf16 caches through the three-stage pipeline.
+KIND_ENV = {"fp8_registers": ("MSA_PAGED_ATTENTION_FP8", "registers"),
+            "fp8_widened": ("MSA_PAGED_ATTENTION_FP8", "widened"),
+            "bf16_deep": ("MSA_PAGED_ATTENTION_STAGES", "3")}
+ALL_CACHES = CACHES + list(KIND_ENV)
 
 
 @contextlib.contextmanager
@@ -66,8 +69,9 @@ def scoped_env(var, value):
 
 
 def cache_kind_env(cache_kind):
-    """MSA_PAGED_ATTENTION_FP8 set to the forced mode while an fp8_registers / fp8_widened call runs."""
-    return scoped_env("MSA_PAGED_ATTENTION_FP8", FP8_MODES.get(cache_kind))
+    """The variable of a forced variant (KIND_ENV) set while that kind's calls run."""
+    var, value = KIND_ENV.get(cache_kind, (None, None))
+    return scoped_env(var, value)
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -290,7 +294,7 @@ class Run:
                 return msa.paged.head_major(torch.empty(num_pages, hkv, B, d, dtype=dtype, device=self.dev))
             return torch.empty(num_pages, B, hkv, d, dtype=dtype, device=self.dev)
 
-        if cache_kind == "bf16":
+        if not cache_kind.startswith("fp8"):  # bf16, bf16_deep
             k, v = kv_pages(bf), kv_pages(bf)
             k.copy_(rnd(num_pages, B, hkv, d))
             v.copy_(rnd(num_pages, B, hkv, d))
@@ -408,7 +412,7 @@ class Run:
 
     def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
         """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None.
-        fp8_registers / fp8_widened: FP8 caches with that attention mode forced for these calls only."""
+        fp8_registers / fp8_widened / bf16_deep: that attention variant forced for these calls only."""
         with cache_kind_env(cache_kind):
             return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
 

@@ -54,7 +54,9 @@ struct AttentionArgs {
   // neither). The same number sized the shared memory (attention_smem_bytes), so the staging
   // buffer behind them starts where the host counted it.
   int64_t list_cap;
-  int64_t stage_cap;  // mma kernel: staged page ids (and FP8 scales) a split holds: its blocks, at most the union
+  // mma kernel: entries of its block list and staged page ids (and FP8 scales): the blocks one tile
+  // can attend to, at most tile queries x k (sparse; 0 in dense mode).
+  int64_t union_cap;
   int hkv, G, Hq, block_size;
   float qscale;  // softmax scale x log2(e)
   int tile_q, tiles, splits;

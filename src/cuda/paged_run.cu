@@ -110,13 +110,13 @@ bool paged_stage_pages_requested() {
 // ids costs 4 (FP8: 12) bytes per block of the longest request, so it is dropped where it does not fit
 // (FP8 near 1M tokens) or would cost a CTA per SM (bf16 at 512K: 1.6x the attention time on the H200).
 template <int D>
-std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
+std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, bool deep = false) {
   using namespace paged;
-  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode);
+  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode, deep);
   const std::size_t with =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, true, mode);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, true, mode, deep);
   const std::size_t without =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.stage_cap, a.k_fp8, a.v_fp8, false, mode);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, false, mode, deep);
   const bool stage = paged_stage_pages_requested() && with + fixed <= smem_max &&
                      mma_ctas_per_sm(with + fixed) >= mma_ctas_per_sm(without + fixed);
   a.stage_pages = stage ? 1 : 0;
@@ -128,12 +128,29 @@ std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
 }
 
 // The mma attention in `kMode` (its own record of the shared memory it was allowed).
-template <class T, int D, paged::MmaMode kMode>
+template <class T, int D, paged::MmaMode kMode, bool kDeep = false>
 void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
   static SmemAllowed allowed;
-  const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
-  allow_smem(paged::attention_mma_kernel<T, D, kMode>, bytes, "attention (mma)", allowed);
-  launch_chained(paged::attention_mma_kernel<T, D, kMode>, unsigned(ctas), paged::kThreads, bytes, stream, aa);
+  const std::size_t bytes = mma_attention_smem<D>(aa, kMode, kDeep);
+  auto* kernel = paged::attention_mma_kernel<T, D, kMode, kDeep>;
+  allow_smem(kernel, bytes, "attention (mma)", allowed);
+  launch_chained(kernel, unsigned(ctas), paged::kThreads, bytes, stream, aa);
+}
+
+// MSA_PAGED_ATTENTION_STAGES=3: 16-bit caches through a third stage (two 32 KB chunks in flight while
+// one is computed) where that still fits two CTAs an SM (up to ~128K-token requests at D = 128).
+// Opt-in until measured: at 32 x 128K the two-stage kernel moves 72% of the copy bandwidth with one
+// chunk in flight per CTA while it computes, and neither more CTAs an SM nor more splits helped.
+bool paged_deep_pipeline_requested() {
+  const char* e = std::getenv("MSA_PAGED_ATTENTION_STAGES");
+  return e != nullptr && std::string(e) == "3";
+}
+
+template <int D>
+bool deep_pipeline_fits(const paged::AttentionArgs& aa) {
+  paged::AttentionArgs probe = aa;  // mma_attention_smem decides stage_pages in its argument
+  const std::size_t bytes = mma_attention_smem<D>(probe, paged::MmaMode::sixteen_bit, true);
+  return mma_ctas_per_sm(bytes + paged::mma_static_smem(paged::MmaMode::sixteen_bit, true)) >= 2;
 }
 
 template <class T>
@@ -294,7 +311,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.bounds = bounds_of(plan);
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
-  aa.stage_cap = plan.options.dense ? 0 : lay.max_union;
+  aa.union_cap = plan.options.dense ? 0 : lay.max_union;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
@@ -303,6 +320,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
         launch_mma_attention<T, D, MmaMode::fp8_registers>(aa, acta, stream);
       else if (aa.k_fp8 || aa.v_fp8)
         launch_mma_attention<T, D, MmaMode::fp8_widened>(aa, acta, stream);
+      else if (paged_deep_pipeline_requested() && deep_pipeline_fits<D>(aa))
+        launch_mma_attention<T, D, MmaMode::sixteen_bit, true>(aa, acta, stream);
       else
         launch_mma_attention<T, D, MmaMode::sixteen_bit>(aa, acta, stream);
       launched = true;
