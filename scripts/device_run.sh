@@ -32,7 +32,9 @@
 #               (scripts/setup_flashinfer.sh); without it that baseline is recorded as skipped
 #   decode_ncu  Nsight Compute on the paged attention kernel, one decode step per cache kind and K/V
 #               page layout (bench/ncu_decode.py, arguments from MSA_NCU_DECODE_ARGS): DRAM bytes and
-#               throughput, L2 hit rate, shared-memory bank conflicts; CSV into the bench folder
+#               throughput, L2 hit rate, shared-memory bank conflicts; CSV into the bench folder.
+#               MSA_NCU_SOURCE=1 adds the full set on one launch and prints its hottest SASS
+#               instructions by warp-stall samples (bench/ncu_hot_sass.py)
 # Choose with
 #   MSA_ONLY=step,step        only these (aliases: sanitizer = memcheck,racecheck; python = pybuild,pytest);
 #                             a step whose build is missing still gets that build first
@@ -46,7 +48,7 @@
 #   .gpubin): no build steps; ctest runs the GPU test binary directly on MSA_GPU_FILTER.
 # Files back in $OUT (the device returns at most 8): device_run.log (every step's output, in order),
 # steps.tsv (one line per step, written as it ends), summary.txt, bench/results/<name>.json (one per
-# benchmark that ran).
+# benchmark that ran; also copied beside the logs, with the ncu CSVs).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -359,6 +361,16 @@ step_decode_ncu() {
   # shellcheck disable=SC2086  # MSA_NCU_DECODE_ARGS is a word list on purpose
   ncu --csv --kernel-name regex:attention_mma_kernel --metrics "$metrics" \
     "$PY" bench/ncu_decode.py ${MSA_NCU_DECODE_ARGS:-} | tee "$BENCH_DIR/ncu_decode.csv"
+  [ "${MSA_NCU_SOURCE:-0}" = 1 ] || return 0
+  # Where the warps wait, per SASS instruction: the full set on one profiled launch (the first case of
+  # MSA_NCU_DECODE_ARGS), then its source page; the 40 instructions with the most stall samples.
+  local rep
+  rep=$(mktemp -d)/attention_source
+  # shellcheck disable=SC2086
+  ncu --set full --import-source yes --kernel-name regex:attention_mma_kernel --launch-skip 1 --launch-count 1 \
+    -o "$rep" "$PY" bench/ncu_decode.py ${MSA_NCU_DECODE_ARGS:-} >/dev/null &&
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$BENCH_DIR/ncu_attention_sass.csv" &&
+    "$PY" bench/ncu_hot_sass.py "$BENCH_DIR/ncu_attention_sass.csv"
 }
 export -f step_decode_ncu
 export -f step_gpu step_build step_ctest step_memcheck step_racecheck step_synccheck sass_counts \
@@ -464,6 +476,9 @@ selected cli && run_step cli 45 step_cli
   ls "$BENCH_DIR"/*.json 2>/dev/null | sed "s|^$OUT/|json: \$OUT/|"
   echo "logs: \$OUT/device_run.log, \$OUT/steps.tsv"
 } | tee "$SUMMARY"
+# The device tool does not return files nested too deep under the call's $OUT (when OUT is a
+# subfolder of it): the result files go beside the logs as well.
+cp "$BENCH_DIR"/*.json "$BENCH_DIR"/*.csv "$OUT"/ 2>/dev/null
 rm -rf "$WORK"
 FAILED=0
 for s in "${ORDER[@]}"; do case ${STATUS[$s]} in ok | skipped) ;; *) FAILED=1 ;; esac; done
