@@ -22,6 +22,7 @@
 #include "common/float_convert.h"
 #include "msa/error.h"
 #include "msa/ops.h"
+#include "expect_argument.h"
 #include "kernel_env.h"
 #include "msa/paged.h"
 #include "paged_compare.h"
@@ -318,15 +319,7 @@ void report_and_check(const char* policy, const Agreement& a) {
 TEST(PagedFp8, AgreesWithBf16CachesPageScales) { report_and_check("page amax", measure(ScalePolicy::page_amax)); }
 TEST(PagedFp8, AgreesWithBf16CachesHeadScales) { report_and_check("head amax", measure(ScalePolicy::head_amax)); }
 
-template <class F>
-void expect_arg(const char* argument, F f) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected ArgumentError naming " << argument;
-  } catch (const ArgumentError& e) {
-    EXPECT_EQ(e.argument(), argument) << e.what();
-  }
-}
+using testing::expect_arg;
 
 TEST(PagedFp8, ValidationOfScales) {
   PagedStep s(fp8_config(4, 2), {2, 1}, {20, 9}, DType::bf16, 3);

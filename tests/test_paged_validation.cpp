@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "expect_argument.h"
 #include "msa/error.h"
 #include "msa/paged.h"
 #include "paged_fixture.h"
@@ -15,15 +16,7 @@ using testing::PagedStep;
 
 Config tiny() { return testing::make_config(4, 2, 16, 8, 8, 3); }
 
-template <class F>
-void expect_arg(const char* argument, F f) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected ArgumentError naming " << argument;
-  } catch (const ArgumentError& e) {
-    EXPECT_EQ(e.argument(), argument) << e.what();
-  }
-}
+using testing::expect_arg;
 
 struct Step {
   PagedStep s{tiny(), {2, 1}, {20, 9}, DType::bf16, 11};

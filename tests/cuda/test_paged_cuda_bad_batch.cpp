@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cuda/device_tensor.h"
+#include "expect_argument.h"
 #include "kernel_env.h"
 #include "msa/error.h"
 #include "msa/paged.h"
@@ -146,14 +147,25 @@ TEST_P(PagedCudaBadPages, RowsThatReadThemAreNaN) {
   }
 }
 
+// Three requests (one decode token, chunks of 3 and 2 queries) over 6, 4 and 2 blocks.
+struct ThreeRequests {
+  static constexpr int B = 16;
+  const Config cfg = testing::make_config(16, 2, 64, 32, B, 4);
+  const std::vector<int32_t> q_lens = {1, 3, 2}, kv_lens = {5 * B + 3, 3 * B + 1, 2 * B};
+  PagedStep step(uint64_t seed) const {
+    return PagedStep(cfg, q_lens, kv_lens, DType::bf16, seed, 3, testing::KvLayout::token_major);
+  }
+};
+
 // The plan's lengths on the host, larger ones on the device: cu_seqlens_q past total_q and a kv_len
 // past the plan's longest.
 TEST(PagedCudaBadLengths, StayInsideTheBuffers) {
   MSA_SKIP_WITHOUT_GPU();
-  const Config cfg = testing::make_config(16, 2, 64, 32, 16, 4);
-  const int B = cfg.block_size;
-  const std::vector<int32_t> q_lens = {1, 3, 2}, kv_lens = {5 * B + 3, 3 * B + 1, 2 * B};
-  PagedStep s(cfg, q_lens, kv_lens, DType::bf16, /*seed=*/43, 3, testing::KvLayout::token_major);
+  const ThreeRequests three;
+  const Config& cfg = three.cfg;
+  const int B = ThreeRequests::B;
+  const std::vector<int32_t>&q_lens = three.q_lens, &kv_lens = three.kv_lens;
+  PagedStep s = three.step(/*seed=*/43);
   PagedOptions dense_opt;
   dense_opt.dense = true;
   const PagedPlan plans[2] = {paged_plan(cfg, q_lens.data(), kv_lens.data(), 3, DType::bf16, Device::cuda(0), {}),
@@ -195,26 +207,18 @@ TEST(PagedCudaBadLengths, StayInsideTheBuffers) {
       }
 }
 
-template <class F>
-void expect_arg(const char* argument, F f) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected ArgumentError naming " << argument;
-  } catch (const ArgumentError& e) {
-    EXPECT_EQ(e.argument(), argument) << e.what();
-  }
-}
+using testing::expect_arg;
 
 // The device batch read back and checked like the CPU's: a good batch passes, each bad tensor is
 // named; page tables with rows apart (a slice of a wider table) and with one row for all requests
 // (stride 0); refused inside a graph capture.
 TEST(PagedCudaCheckBatch, NamesTheBadTensor) {
   MSA_SKIP_WITHOUT_GPU();
-  const Config cfg = testing::make_config(16, 2, 64, 32, 16, 4);
-  const int B = cfg.block_size;
-  const std::vector<int32_t> q_lens = {1, 3, 2}, kv_lens = {5 * B + 3, 3 * B + 1, 2 * B};
-  PagedStep s(cfg, q_lens, kv_lens, DType::bf16, /*seed=*/47, 3, testing::KvLayout::token_major);
-  const PagedPlan plan = paged_plan(cfg, q_lens.data(), kv_lens.data(), 3, DType::bf16, Device::cuda(0), {});
+  const ThreeRequests three;
+  const int B = ThreeRequests::B;
+  PagedStep s = three.step(/*seed=*/47);
+  const PagedPlan plan =
+      paged_plan(three.cfg, three.q_lens.data(), three.kv_lens.data(), 3, DType::bf16, Device::cuda(0), {});
   StepOnDevice d(s, plan.workspace_bytes);
   const PagedBatch good{d.cu_q.view(), d.kv.view(), d.pt.view()};
   EXPECT_NO_THROW(paged_check_batch(plan, good, d.cache(), d.ctx));
