@@ -41,12 +41,16 @@ QUICK = dict(FULL, batches=[1, 32], contexts=[8192, 32768])
 SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], contexts=[256, 700],
              q_lens=[1, 4])
 CACHES = ["bf16", "fp8"]
-# Cache kinds beyond CACHES: the same caches with an attention variant forced by its environment
-# variable (set around that kind's calls only): FP8 caches in either FP8 mode (plain "fp8" takes the
-# library's default for the query tile), bf16 caches through the three-stage pipeline.
-KIND_ENV = {"fp8_registers": ("MSA_PAGED_ATTENTION_FP8", "registers"),
-            "fp8_widened": ("MSA_PAGED_ATTENTION_FP8", "widened"),
-            "bf16_deep": ("MSA_PAGED_ATTENTION_STAGES", "3")}
+# Cache kinds beyond CACHES: the same caches with attention variants forced by their environment
+# variables (set around that kind's calls only): FP8 caches in either FP8 mode (plain "fp8" takes the
+# library's default for the query tile), bf16 caches through the three-stage pipeline, and either
+# with the LSE merge fused into the attention.
+_FUSED = ("MSA_PAGED_ATTENTION_MERGE", "fused")
+_DEEP = ("MSA_PAGED_ATTENTION_STAGES", "3")
+KIND_ENV = {"fp8_registers": [("MSA_PAGED_ATTENTION_FP8", "registers")],
+            "fp8_widened": [("MSA_PAGED_ATTENTION_FP8", "widened")],
+            "bf16_deep": [_DEEP], "bf16_fused": [_FUSED], "bf16_deep_fused": [_DEEP, _FUSED],
+            "fp8_fused": [_FUSED]}
 ALL_CACHES = CACHES + list(KIND_ENV)
 
 
@@ -69,9 +73,11 @@ def scoped_env(var, value):
 
 
 def cache_kind_env(cache_kind):
-    """The variable of a forced variant (KIND_ENV) set while that kind's calls run."""
-    var, value = KIND_ENV.get(cache_kind, (None, None))
-    return scoped_env(var, value)
+    """The variables of a forced variant (KIND_ENV) set while that kind's calls run."""
+    stack = contextlib.ExitStack()
+    for var, value in KIND_ENV.get(cache_kind, []):
+        stack.enter_context(scoped_env(var, value))
+    return stack
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
@@ -294,7 +300,7 @@ class Run:
                 return msa.paged.head_major(torch.empty(num_pages, hkv, B, d, dtype=dtype, device=self.dev))
             return torch.empty(num_pages, B, hkv, d, dtype=dtype, device=self.dev)
 
-        if not cache_kind.startswith("fp8"):  # bf16, bf16_deep
+        if not cache_kind.startswith("fp8"):  # bf16 and its variants
             k, v = kv_pages(bf), kv_pages(bf)
             k.copy_(rnd(num_pages, B, hkv, d))
             v.copy_(rnd(num_pages, B, hkv, d))
@@ -412,7 +418,7 @@ class Run:
 
     def run_msa(self, batch, ctx, q_len, gen, cache_kind, dense, totals, layout="token_major"):
         """msa.paged.run on fresh paged caches of one kind and K / V layout; returns the median ms or None.
-        fp8_registers / fp8_widened / bf16_deep: that attention variant forced for these calls only."""
+        KIND_ENV's kinds: those attention variants forced for these calls only."""
         with cache_kind_env(cache_kind):
             return self.run_msa_calls(batch, ctx, q_len, gen, cache_kind, dense, totals, layout)
 

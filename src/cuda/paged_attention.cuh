@@ -48,6 +48,9 @@ struct AttentionArgs {
   int64_t l_s0, l_s1;
   float* part_o;   // [splits, total_q, Hq, D]
   float* part_ml;  // m then l: [2, splits, total_q, Hq]
+  // Fused merge (splits > 1, mma kernel): finished splits per (query tile, group), zero at the launch;
+  // the CTA of the last split merges the tile's rows. Null: merge_kernel runs after the attention.
+  int* split_done;
   int64_t max_blocks;
   PlanBounds bounds;  // total_q: rows of q / out / lse / topk
   // Entries of the shared block mask and list: max_blocks when sparse, 0 in dense mode (which has
@@ -101,6 +104,57 @@ __device__ void poison_tile(const AttentionArgs& a, int split, int64_t qfirst, i
       a.part_ml[int64_t(a.splits) * a.bounds.total_q * a.Hq + prow] = NAN;
     }
   }
+}
+
+// Combines the splits of one (query, head) row by their LSE (one warp; `row` = query * Hq + head).
+// The partials are read from L2 (ld.global.cg): in the fused merge other CTAs wrote them.
+template <class T, int D>
+__device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, int lane) {
+  const int64_t qrow = row / a.Hq;
+  const int head = int(row - qrow * a.Hq);
+  const int64_t stride = a.bounds.total_q * a.Hq;
+  const float* pm = a.part_ml;
+  const float* pl = a.part_ml + int64_t(a.splits) * stride;
+  float mmax = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) mmax = fmaxf(mmax, __ldcg(pm + s * stride + row));
+  float o[D / 32];
+#pragma unroll
+  for (int e = 0; e < D / 32; ++e) o[e] = 0.f;
+  float sum = 0.f;
+  if (mmax != -INFINITY)
+    for (int s = 0; s < a.splits; ++s) {
+      const float l = __ldcg(pl + s * stride + row);
+      if (l == 0.f) continue;
+      const float w = exp2f(__ldcg(pm + s * stride + row) - mmax);
+      sum += l * w;
+      const float* po = a.part_o + (s * stride + row) * D;
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) o[e] = fmaf(w, __ldcg(po + lane + 32 * e), o[e]);
+    }
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;
+  T* out = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1;
+#pragma unroll
+  for (int e = 0; e < D / 32; ++e) out[lane + 32 * e] = from_float<T>(o[e] * inv);
+  constexpr float kLn2 = 0.693147180559945309f;
+  if (lane == 0)
+    a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = sum == 0.f ? -INFINITY : (mmax + log2f(sum)) * kLn2;
+}
+
+// Fused merge, last statement of the mma attention kernel when a.split_done is set: the CTA that
+// finishes the last split of its (query tile, group) `unit` merges the tile's `rows` rows (query
+// qfirst + i / G, head g * G + i % G), so no merge kernel follows. Every thread fences its partial
+// writes before the count (release); the last CTA fences again before it reads the others' (acquire).
+template <class T, int D>
+__device__ __forceinline__ void merge_if_last_split(const AttentionArgs& a, int64_t unit, int64_t qfirst, int g, int rows) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.split_done + unit, 1) == a.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x >> 5; i < rows; i += blockDim.x >> 5)
+    merge_row<T, D>(a, (qfirst + i / a.G) * a.Hq + g * a.G + i % a.G, threadIdx.x & 31);
 }
 
 // The tile's blocks: the union of its queries' selections, each block with the bits of the
@@ -362,41 +416,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   if (bad_page) poison_tile<T, D>(a, split, qbase + q0, g, rows);
 }
 
-// Combines the splits of each (query, head) row by their LSE: one warp per row.
+// The LSE merge as its own kernel after the attention: one warp per row.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) merge_kernel(const AttentionArgs a) {
   wait_for_prior_grid_then_release_next();
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
   if (row >= a.bounds.total_q * a.Hq) return;
-  const int64_t qrow = row / a.Hq;
-  const int head = int(row - qrow * a.Hq);
-  const int64_t stride = a.bounds.total_q * a.Hq;
-  const float* pm = a.part_ml;
-  const float* pl = a.part_ml + int64_t(a.splits) * stride;
-  float mmax = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) mmax = fmaxf(mmax, pm[s * stride + row]);
-  float o[D / 32];
-#pragma unroll
-  for (int e = 0; e < D / 32; ++e) o[e] = 0.f;
-  float sum = 0.f;
-  if (mmax != -INFINITY)
-    for (int s = 0; s < a.splits; ++s) {
-      const float l = pl[s * stride + row];
-      if (l == 0.f) continue;
-      const float w = exp2f(pm[s * stride + row] - mmax);
-      sum += l * w;
-      const float* po = a.part_o + (s * stride + row) * D;
-#pragma unroll
-      for (int e = 0; e < D / 32; ++e) o[e] = fmaf(w, po[lane + 32 * e], o[e]);
-    }
-  const float inv = sum == 0.f ? 0.f : 1.f / sum;
-  T* out = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1;
-#pragma unroll
-  for (int e = 0; e < D / 32; ++e) out[lane + 32 * e] = from_float<T>(o[e] * inv);
-  constexpr float kLn2 = 0.693147180559945309f;
-  if (lane == 0)
-    a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = sum == 0.f ? -INFINITY : (mmax + log2f(sum)) * kLn2;
+  merge_row<T, D>(a, row, threadIdx.x & 31);
+}
+
+// Zeroes the fused merge's counters: the first kernel of a run that uses them (chained like the rest).
+template <class Count>
+__global__ void __launch_bounds__(kThreads) zero_counts_kernel(Count* counts, int64_t n) {
+  wait_for_prior_grid_then_release_next();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    counts[i] = 0;
 }
 
 }  // namespace paged

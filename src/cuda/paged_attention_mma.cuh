@@ -656,6 +656,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     }
   }
   if (bad_page) poison_tile<T, D>(a, split, qbase + q0, g, rows);  // set before the barrier above
+  if (a.split_done != nullptr) merge_if_last_split<T, D>(a, int64_t(blockIdx.x) / a.splits, qbase + q0, g, rows);
 }
 
 }  // namespace paged

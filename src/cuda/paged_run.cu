@@ -146,6 +146,13 @@ bool paged_deep_pipeline_requested() {
   return e != nullptr && std::string(e) == "3";
 }
 
+// MSA_PAGED_ATTENTION_MERGE=fused: with key splits, the CTA of a tile's last split merges the partials
+// (merge_if_last_split) instead of a merge kernel after the attention. Opt-in until measured.
+bool paged_fused_merge_requested() {
+  const char* e = std::getenv("MSA_PAGED_ATTENTION_MERGE");
+  return e != nullptr && std::string(e) == "fused";
+}
+
 template <int D>
 bool deep_pipeline_fits(const paged::AttentionArgs& aa) {
   paged::AttentionArgs probe = aa;  // mma_attention_smem decides stage_pages in its argument
@@ -173,6 +180,15 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   const int32_t* kv_lens = batch.kv_lens.ptr<const int32_t>();
   const int32_t* pt = batch.page_table.ptr<const int32_t>();
   const int64_t num_pages = cache.k.shape[0];
+  // Fused merge: its counters are zeroed first, in the same chain (a memset would sit between
+  // programmatically chained kernels).
+  int* split_done = lay.splits > 1 && paged_fused_merge_requested()
+                        ? reinterpret_cast<int*>(ws + lay.counters_offset) : nullptr;
+  if (split_done != nullptr) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(lay.attention_units, kThreads), 1024);
+    launch_chained(zero_counts_kernel<int>, unsigned(blocks), kThreads, 0, stream, split_done, lay.attention_units);
+    MSA_CUDA_CHECK_LAUNCH();
+  }
 
   if (!plan.options.dense) {
     float* scores = reinterpret_cast<float*>(ws + lay.scores_offset);
@@ -312,6 +328,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
   aa.union_cap = plan.options.dense ? 0 : lay.max_union;
+  aa.split_done = split_done;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   bool launched = false;
   if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
@@ -328,13 +345,14 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     }
   }
   if (!launched) {
+    aa.split_done = nullptr;  // the FFMA kernel leaves the merge to merge_kernel (fused, it spilled)
     const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
     static SmemAllowed attention_allowed;
     allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
     launch_chained(attention_kernel<T, D>, unsigned(acta), kThreads, asmem, stream, aa);
   }
   MSA_CUDA_CHECK_LAUNCH();
-  if (lay.splits > 1) {
+  if (lay.splits > 1 && aa.split_done == nullptr) {
     const int64_t rows = plan.total_q * c.num_q_heads;
     const int64_t per = kThreads / 32;
     launch_chained(merge_kernel<T, D>, unsigned((rows + per - 1) / per), kThreads, 0, stream, aa);
