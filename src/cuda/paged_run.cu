@@ -107,8 +107,9 @@ bool paged_stage_pages_requested() {
 }
 
 // Dynamic shared memory of the mma attention for `a`, deciding a.stage_pages: staging the split's page
-// ids costs 4 (FP8: 12) bytes per block of the longest request, so it is dropped where it does not fit
-// (FP8 near 1M tokens) or would cost a CTA per SM (bf16 at 512K: 1.6x the attention time on the H200).
+// ids costs 4 (FP8: 12) bytes per block a tile can attend to (a.union_cap), so it is dropped only
+// where it would not fit or would cost a CTA per SM (before the union sizing, when it cost that much
+// per block of the longest request, bf16 at 512K ran 1.6x slower on the H200 with it).
 template <int D>
 std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, bool deep = false) {
   using namespace paged;
