@@ -2,9 +2,9 @@
 // is launched with cudaLaunchAttributeProgrammaticStreamSerialization, so its CTAs may be scheduled
 // while the kernel before it in the stream is still finishing, and waits on the device
 // (griddepcontrol.wait) for that kernel's completion and memory before it touches global memory.
-// What it saves is the launch gap between dependent kernels (a few microseconds each), which is
-// most of a small decode step's overhead inside a CUDA graph. MSA_PAGED_PDL=0 launches them
-// without the attribute (plain stream order; the device waits then return at once).
+// Meant to save the launch gap between dependent kernels; on the H100 (4556bb3) the batch-1 decode
+// step's graph replay took the same time with and without it (0.047 / 0.046 ms). MSA_PAGED_PDL=0
+// launches without the attribute (plain stream order; the device waits then return at once).
 #pragma once
 
 #include <cuda_runtime.h>
