@@ -25,7 +25,7 @@ namespace paged {
 constexpr int kIndexKeys = 32;  // keys per shared-memory chunk: one per lane
 // Block score of a page id outside the cache. The device cannot throw as the CPU does; ranking such a
 // block first makes the attention read its page id, and the attention writes NaN for every row that
-// reads one (paged_attention.cuh, kPoisonedM), so a bad page table shows instead of being skipped.
+// reads one (paged_attention.cuh, poison_tile), so a bad page table shows instead of being skipped.
 constexpr float kBadPageScore = __builtin_huge_valf();
 
 struct IndexArgs {

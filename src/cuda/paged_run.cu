@@ -70,12 +70,16 @@ void allow_smem(Kernel kernel, std::size_t bytes, const char* what, SmemAllowed&
 
 int64_t byte_stride(const TensorView& t, int dim) { return t.stride[dim] * int64_t(dtype_size(t.dtype)); }
 
+// Whether the kernel-selection variable `var` is set to `value` (read at every run: tests and
+// benchmarks switch variants between calls).
+bool env_is(const char* var, const char* value) {
+  const char* e = std::getenv(var);
+  return e != nullptr && std::string(e) == value;
+}
+
 // The tensor-core attention kernel serves bf16/f16 by default (faster on the H100, docs/serving.md
 // "CUDA backend"); MSA_PAGED_ATTENTION_KERNEL=ffma keeps the FFMA kernel.
-bool paged_mma_requested() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_KERNEL");
-  return e == nullptr || std::string(e) != "ffma";
-}
+bool paged_mma_requested() { return !env_is("MSA_PAGED_ATTENTION_KERNEL", "ffma"); }
 
 // CTAs of the mma attention (launch bound: 2) that fit on an SM with `bytes` of shared memory each.
 int mma_ctas_per_sm(std::size_t bytes) {
@@ -93,18 +97,14 @@ int mma_ctas_per_sm(std::size_t bytes) {
 // slower at q_len 4 x G 16 (four m-tiles share each K/V word widening). MSA_PAGED_ATTENTION_FP8 =
 // registers / widened forces either (tests run both).
 bool paged_fp8_registers(int row_cap) {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_FP8");
-  if (e != nullptr && std::string(e) == "registers") return true;
-  if (e != nullptr && std::string(e) == "widened") return false;
+  if (env_is("MSA_PAGED_ATTENTION_FP8", "registers")) return true;
+  if (env_is("MSA_PAGED_ATTENTION_FP8", "widened")) return false;
   return row_cap <= 16;
 }
 
 // MSA_PAGED_ATTENTION_STAGE_PAGES=0 makes the mma attention read page ids per chunk (the path very
 // long requests take when staging them does not fit), so tests can run it at small sizes.
-bool paged_stage_pages_requested() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_STAGE_PAGES");
-  return e == nullptr || std::string(e) != "0";
-}
+bool paged_stage_pages_requested() { return !env_is("MSA_PAGED_ATTENTION_STAGE_PAGES", "0"); }
 
 // Dynamic shared memory of the mma attention for `a`, deciding a.stage_pages: staging the split's page
 // ids costs 4 (FP8: 12) bytes per block a tile can attend to (a.union_cap), so it is dropped only
@@ -142,23 +142,21 @@ void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t s
 // one is computed) where that still fits two CTAs an SM (up to ~128K-token requests at D = 128).
 // Opt-in until measured: at 32 x 128K the two-stage kernel moves 72% of the copy bandwidth with one
 // chunk in flight per CTA while it computes, and neither more CTAs an SM nor more splits helped.
-bool paged_deep_pipeline_requested() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_STAGES");
-  return e != nullptr && std::string(e) == "3";
-}
+bool paged_deep_pipeline_requested() { return env_is("MSA_PAGED_ATTENTION_STAGES", "3"); }
 
 // MSA_PAGED_ATTENTION_MERGE=fused: with key splits, the CTA of a tile's last split merges the partials
 // (merge_if_last_split) instead of a merge kernel after the attention. Opt-in until measured.
-bool paged_fused_merge_requested() {
-  const char* e = std::getenv("MSA_PAGED_ATTENTION_MERGE");
-  return e != nullptr && std::string(e) == "fused";
-}
+bool paged_fused_merge_requested() { return env_is("MSA_PAGED_ATTENTION_MERGE", "fused"); }
 
+// Whether the three-stage 16-bit kernel (without staged page ids, its smallest form) fits a block and
+// two CTAs an SM; mma_attention_smem then decides its staging as for any mode.
 template <int D>
 bool deep_pipeline_fits(const paged::AttentionArgs& aa) {
-  paged::AttentionArgs probe = aa;  // mma_attention_smem decides stage_pages in its argument
-  const std::size_t bytes = mma_attention_smem<D>(probe, paged::MmaMode::sixteen_bit, true);
-  return mma_ctas_per_sm(bytes + paged::mma_static_smem(paged::MmaMode::sixteen_bit, true)) >= 2;
+  using namespace paged;
+  const std::size_t bytes =
+      attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.union_cap, false, false, false, MmaMode::sixteen_bit, true) +
+      mma_static_smem(MmaMode::sixteen_bit, true);
+  return bytes <= std::size_t(max_smem_per_block()) && mma_ctas_per_sm(bytes) >= 2;
 }
 
 template <class T>
@@ -181,9 +179,11 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   const int32_t* kv_lens = batch.kv_lens.ptr<const int32_t>();
   const int32_t* pt = batch.page_table.ptr<const int32_t>();
   const int64_t num_pages = cache.k.shape[0];
-  // Fused merge: its counters are zeroed first, in the same chain (a memset would sit between
-  // programmatically chained kernels).
-  int* split_done = lay.splits > 1 && paged_fused_merge_requested()
+  // The tensor-core attention serves 16-bit queries unless the FFMA kernel is asked for; only it fuses
+  // the merge (fused, the FFMA kernel spilled). The fused merge's counters are zeroed first, in the
+  // same chain (a memset would sit between programmatically chained kernels).
+  const bool mma_attention = sizeof(T) == 2 && paged_mma_requested();
+  int* split_done = mma_attention && lay.splits > 1 && paged_fused_merge_requested()
                         ? reinterpret_cast<int*>(ws + lay.counters_offset) : nullptr;
   if (split_done != nullptr) {
     const int64_t blocks = std::min<int64_t>(ceil_div(lay.attention_units, kThreads), 1024);
@@ -331,9 +331,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.union_cap = plan.options.dense ? 0 : lay.max_union;
   aa.split_done = split_done;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
-  bool launched = false;
-  if constexpr (sizeof(T) == 2) {  // the default tensor-core kernel (paged_attention_mma.cuh), 16-bit only
-    if (paged_mma_requested()) {
+  if constexpr (sizeof(T) == 2) {  // the tensor-core kernel (paged_attention_mma.cuh), 16-bit only
+    if (mma_attention) {
       if (aa.k_fp8 && aa.v_fp8 && paged_fp8_registers(aa.row_cap))
         launch_mma_attention<T, D, MmaMode::fp8_registers>(aa, acta, stream);
       else if (aa.k_fp8 || aa.v_fp8)
@@ -342,11 +341,9 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
         launch_mma_attention<T, D, MmaMode::sixteen_bit, true>(aa, acta, stream);
       else
         launch_mma_attention<T, D, MmaMode::sixteen_bit>(aa, acta, stream);
-      launched = true;
     }
   }
-  if (!launched) {
-    aa.split_done = nullptr;  // the FFMA kernel leaves the merge to merge_kernel (fused, it spilled)
+  if (!mma_attention) {
     const std::size_t asmem = attention_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.stage_esize);
     static SmemAllowed attention_allowed;
     allow_smem(attention_kernel<T, D>, asmem, "attention", attention_allowed);
