@@ -43,14 +43,9 @@ SMOKE = dict(hq=8, hkv=2, d=64, di=32, block=16, topk=4, batches=[1, 3], context
 CACHES = ["bf16", "fp8"]
 # Cache kinds beyond CACHES: the same caches with attention variants forced by their environment
 # variables (set around that kind's calls only): FP8 caches in either FP8 mode (plain "fp8" takes the
-# library's default for the query tile), bf16 caches through the three-stage pipeline, and either
-# with the LSE merge fused into the attention.
-_FUSED = ("MSA_PAGED_ATTENTION_MERGE", "fused")
-_DEEP = ("MSA_PAGED_ATTENTION_STAGES", "3")
+# library's default for the query tile).
 KIND_ENV = {"fp8_registers": [("MSA_PAGED_ATTENTION_FP8", "registers")],
-            "fp8_widened": [("MSA_PAGED_ATTENTION_FP8", "widened")],
-            "bf16_deep": [_DEEP], "bf16_fused": [_FUSED], "bf16_deep_fused": [_DEEP, _FUSED],
-            "fp8_fused": [_FUSED]}
+            "fp8_widened": [("MSA_PAGED_ATTENTION_FP8", "widened")]}
 ALL_CACHES = CACHES + list(KIND_ENV)
 
 
@@ -249,22 +244,27 @@ class Run:
         without PDL: a kernel launched early under PDL waits for its predecessor inside its own span
         (griddepcontrol.wait), which would count the predecessor's time twice."""
         if self.dev != "cuda":
-            return None, None
+            return None, None, {}
         from torch.profiler import ProfilerActivity, profile
         with scoped_env("MSA_PAGED_PDL", "0"), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 call()
             self.sync()
         idx = att = 0.0
+        per_kernel = {}  # short kernel name -> mean ms a call: where the attention time goes (merge)
         for e in prof.events():
             if e.device_type is None or "CUDA" not in str(e.device_type):
                 continue  # host-side events (the launches)
             dt = e.time_range.elapsed_us()  # a kernel's own duration
-            if any(k in e.name for k in INDEX_KERNELS):
+            kind = next((k for k in INDEX_KERNELS + ATTENTION_KERNELS if k in e.name), None)
+            if kind is None:
+                continue
+            if kind in INDEX_KERNELS:
                 idx += dt
-            elif any(k in e.name for k in ATTENTION_KERNELS):
+            else:
                 att += dt
-        return idx / reps / 1e3, att / reps / 1e3  # us -> ms
+            per_kernel[kind] = per_kernel.get(kind, 0.0) + dt / reps / 1e3
+        return idx / reps / 1e3, att / reps / 1e3, per_kernel  # us -> ms
 
     def copy_bandwidth(self):
         torch = self.torch
@@ -445,10 +445,10 @@ class Run:
                     t0 = self.time_calls(calls)
                     g0 = self.graph_time(calls)
                 t.update(ms_median_no_pdl=t0["ms_median"], ms_graph_no_pdl=g0.get("ms_graph"))
-            idx_ms, att_ms = self.kernel_ms(call)
+            idx_ms, att_ms, kernels_ms = self.kernel_ms(call)
             ib, ab, blocks = self.bytes_read(st, batch, ctx, q_len, cache_kind, dense)
             row = dict(method=method, cache=cache_kind, **base, **t, num_workers=self.args.num_workers,
-                       index_ms=idx_ms, attention_ms=att_ms,
+                       index_ms=idx_ms, attention_ms=att_ms, kernels_ms=kernels_ms,
                        index_bytes=ib, attention_bytes=ab, attention_blocks=blocks,
                        index_gb_per_s=ib / (idx_ms * 1e-3) / 1e9 if idx_ms else None,
                        attention_gb_per_s=ab / (att_ms * 1e-3) / 1e9 if att_ms else None,

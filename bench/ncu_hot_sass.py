@@ -36,9 +36,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     with open(args.csv, newline="") as f:
         lines = [line for line in f if not line.startswith("==")]  # ncu's own messages
-    rows = list(csv.DictReader(lines))
+    # Each profiled kernel's table opens with a "Kernel Name" line, then its own header row.
+    sections, current = [], None
+    for line in lines:
+        if line.startswith('"Kernel Name"'):
+            current = {"name": next(csv.reader([line]))[1], "lines": []}
+            sections.append(current)
+        elif current is None:
+            current = {"name": "?", "lines": [line]}
+            sections.append(current)
+        else:
+            current["lines"].append(line)
+    status = 1
+    for section in sections:
+        status = min(status, report(section["name"], list(csv.DictReader(section["lines"])), args.top))
+    return status
+
+
+def report(name, rows, top):
+    print(f"== {name[:160]}")
     if not rows:
-        print(f"ncu_hot_sass: no rows in {args.csv}", file=sys.stderr)
+        print("ncu_hot_sass: no rows", file=sys.stderr)
         return 1
     headers = list(rows[0].keys())
     stall = find(headers, "Warp Stall Sampling (All", "Stall Sampling")
@@ -50,7 +68,7 @@ def main(argv=None):
         return 1
     total = sum(number(r[stall]) for r in rows) or 1.0
     print(f"== hot SASS ({len(rows)} instructions, {total:.0f} stall samples; column '{stall}')")
-    for r in sorted(rows, key=lambda r: -number(r[stall]))[:args.top]:
+    for r in sorted(rows, key=lambda r: -number(r[stall]))[:top]:
         ex = f" exec {number(r[executed]):.0f}" if executed else ""
         print(f"{100 * number(r[stall]) / total:5.1f}%  {r.get(address, '') if address else ''}  "
               f"{r[source].strip()[:90]}{ex}")

@@ -48,9 +48,6 @@ struct AttentionArgs {
   int64_t l_s0, l_s1;
   float* part_o;   // [splits, total_q, Hq, D]
   float* part_ml;  // m then l: [2, splits, total_q, Hq]
-  // Fused merge (splits > 1, mma kernel): finished splits per (query tile, group), zero at the launch;
-  // the CTA of the last split merges the tile's rows. Null: merge_kernel runs after the attention.
-  int* split_done;
   int64_t max_blocks;
   PlanBounds bounds;  // total_q: rows of q / out / lse / topk
   // Entries of the shared block mask and list: max_blocks when sparse, 0 in dense mode (which has
@@ -107,30 +104,51 @@ __device__ void poison_tile(const AttentionArgs& a, int split, int64_t qfirst, i
 }
 
 // Combines the splits of one (query, head) row by their LSE (one warp; `row` = query * Hq + head).
-// The partials are read from L2 (ld.global.cg): in the fused merge other CTAs wrote them.
+// Every split's m and l arrive in one round of loads (lane s % 32 holds split s) and the O loads of
+// all splits are issued back to back, so a row costs about two L2 round trips whatever the split
+// count (a loop of dependent loads per split cost ~1 us a split). A split with l == 0 contributes
+// nothing (its O is read but not used); a poisoned one (m = +inf, l = NaN) makes the row NaN.
 template <class T, int D>
 __device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, int lane) {
+  static_assert(kMaxSplits <= 64, "two splits per lane");
   const int64_t qrow = row / a.Hq;
   const int head = int(row - qrow * a.Hq);
   const int64_t stride = a.bounds.total_q * a.Hq;
   const float* pm = a.part_ml;
   const float* pl = a.part_ml + int64_t(a.splits) * stride;
-  float mmax = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) mmax = fmaxf(mmax, __ldcg(pm + s * stride + row));
+  float m_s[2], l_s[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = lane + 32 * i;
+    m_s[i] = s < a.splits ? pm[s * stride + row] : -INFINITY;
+    l_s[i] = s < a.splits ? pl[s * stride + row] : 0.f;
+  }
+  float mmax = fmaxf(m_s[0], m_s[1]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mmax = fmaxf(mmax, __shfl_xor_sync(0xffffffffu, mmax, off));
+  float w_s[2], sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const bool take = mmax != -INFINITY && l_s[i] != 0.f;
+    w_s[i] = take ? exp2f(m_s[i] - mmax) : 0.f;
+    if (take) sum += l_s[i] * w_s[i];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   float o[D / 32];
 #pragma unroll
   for (int e = 0; e < D / 32; ++e) o[e] = 0.f;
-  float sum = 0.f;
-  if (mmax != -INFINITY)
-    for (int s = 0; s < a.splits; ++s) {
-      const float l = __ldcg(pl + s * stride + row);
-      if (l == 0.f) continue;
-      const float w = exp2f(__ldcg(pm + s * stride + row) - mmax);
-      sum += l * w;
-      const float* po = a.part_o + (s * stride + row) * D;
+#pragma unroll 4
+  for (int s = 0; s < a.splits; ++s) {
+    const float w = __shfl_sync(0xffffffffu, s < 32 ? w_s[0] : w_s[1], s & 31);
+    const bool take = __shfl_sync(0xffffffffu, s < 32 ? l_s[0] : l_s[1], s & 31) != 0.f && mmax != -INFINITY;
+    const float* po = a.part_o + (s * stride + row) * D;
 #pragma unroll
-      for (int e = 0; e < D / 32; ++e) o[e] = fmaf(w, __ldcg(po + lane + 32 * e), o[e]);
+    for (int e = 0; e < D / 32; ++e) {
+      const float x = po[lane + 32 * e];
+      o[e] = take ? fmaf(w, x, o[e]) : o[e];  // a select: an unused split's O never reaches the row
     }
+  }
   const float inv = sum == 0.f ? 0.f : 1.f / sum;
   T* out = static_cast<T*>(a.out) + qrow * a.o_s0 + int64_t(head) * a.o_s1;
 #pragma unroll
@@ -140,21 +158,31 @@ __device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, i
     a.lse[qrow * a.l_s0 + int64_t(head) * a.l_s1] = sum == 0.f ? -INFINITY : (mmax + log2f(sum)) * kLn2;
 }
 
-// Fused merge, last statement of the mma attention kernel when a.split_done is set: the CTA that
-// finishes the last split of its (query tile, group) `unit` merges the tile's `rows` rows (query
-// qfirst + i / G, head g * G + i % G), so no merge kernel follows. Every thread fences its partial
-// writes before the count (release); the last CTA fences again before it reads the others' (acquire).
-template <class T, int D>
-__device__ __forceinline__ void merge_if_last_split(const AttentionArgs& a, int64_t unit, int64_t qfirst, int g, int rows) {
-  __shared__ int last;
-  __threadfence();
+// Ascending compaction of the mask's non-empty entries into list (and their number into *list_len),
+// each warp a contiguous range of whole ballots: count, then place after the warps before it (one
+// warp scanning them all took ~1.3k cycles at 128K, 8x that at 1M, on every CTA's path to its first
+// copy). Not inlined: inlined, it pushed the FFMA attention kernel past its register budget (spill).
+static __device__ __noinline__ void compact_blocks(const uint32_t* mask, int32_t* list, int* list_len, int nb) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ int warp_count[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per = (nb + 32 * kWarps - 1) / (32 * kWarps) * 32;
+  const int lo = warp * per, hi = min(nb, lo + per);
+  int n = 0;
+  for (int j0 = lo; j0 < hi; j0 += 32)
+    n += __popc(__ballot_sync(0xffffffffu, j0 + lane < hi && mask[j0 + lane] != 0u));
+  if (lane == 0) warp_count[warp] = n;
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.split_done + unit, 1) == a.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int i = threadIdx.x >> 5; i < rows; i += blockDim.x >> 5)
-    merge_row<T, D>(a, (qfirst + i / a.G) * a.Hq + g * a.G + i % a.G, threadIdx.x & 31);
+  n = 0;
+  for (int w = 0; w < warp; ++w) n += warp_count[w];
+  for (int j0 = lo; j0 < hi; j0 += 32) {
+    const int j = j0 + lane;
+    const bool on = j < hi && mask[j] != 0u;
+    const unsigned bal = __ballot_sync(0xffffffffu, on);
+    if (on) list[n + __popc(bal & ((1u << lane) - 1u))] = j;
+    n += __popc(bal);
+  }
+  if (warp == kWarps - 1 && lane == 0) *list_len = n;
 }
 
 // The tile's blocks: the union of its queries' selections, each block with the bits of the
@@ -162,9 +190,9 @@ __device__ __forceinline__ void merge_if_last_split(const AttentionArgs& a, int6
 // visible by position alone (neither array is used). Returns their number. Called by every thread
 // of the CTA (it synchronises); both attention kernels take their blocks from here.
 __device__ __forceinline__ int64_t tile_blocks(const AttentionArgs& a, uint32_t* mask, int32_t* list,
-                                               int* list_len, int g, int64_t qbase, int q0, int nq,
+                                               int* list_len, int r, int g, int64_t qbase, int q0, int nq,
                                                int64_t nb) {
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int t = threadIdx.x;
   const bool dense = a.topk == nullptr;
   if (!dense) {
     for (int64_t j = t; j < nb; j += kThreads) mask[j] = 0u;
@@ -172,20 +200,15 @@ __device__ __forceinline__ int64_t tile_blocks(const AttentionArgs& a, uint32_t*
     for (int i = t; i < nq * a.topk_k; i += kThreads) {
       const int qi = i / a.topk_k, slot = i - qi * a.topk_k;
       const int32_t j = a.topk[int64_t(g) * a.tk_s0 + (qbase + q0 + qi) * a.tk_s1 + slot];
-      if (j >= 0 && j < nb) atomicOr(&mask[j], 1u << qi);
+      if (j >= 0 && j < nb) {
+        atomicOr(&mask[j], 1u << qi);
+        // The block's page id is the next load on the CTA's path to its first K/V copy: start it
+        // towards L2 now, so its DRAM latency overlaps the compaction below.
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(a.page_table + int64_t(r) * a.pt_s0 + int64_t(j) * a.pt_s1));
+      }
     }
     __syncthreads();
-    if (warp == 0) {  // ascending compaction of the non-empty entries
-      int n = 0;
-      for (int64_t j0 = 0; j0 < nb; j0 += 32) {
-        const int64_t j = j0 + lane;
-        const bool on = j < nb && mask[j] != 0u;
-        const unsigned bal = __ballot_sync(0xffffffffu, on);
-        if (on) list[n + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
-        n += __popc(bal);
-      }
-      if (lane == 0) *list_len = n;
-    }
+    compact_blocks(mask, list, list_len, int(nb));
   }
   __syncthreads();
   return dense ? nb : *list_len;
@@ -246,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   }
 
   const bool dense = a.topk == nullptr;
-  const int64_t count = tile_blocks(a, mask, list, &list_len, g, qbase, q0, nq, nb);
+  const int64_t count = tile_blocks(a, mask, list, &list_len, qt.r, g, qbase, q0, nq, nb);
   const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
 
   float acc[RPT][4];
@@ -423,14 +446,6 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const AttentionArgs a) 
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (row >= a.bounds.total_q * a.Hq) return;
   merge_row<T, D>(a, row, threadIdx.x & 31);
-}
-
-// Zeroes the fused merge's counters: the first kernel of a run that uses them (chained like the rest).
-template <class Count>
-__global__ void __launch_bounds__(kThreads) zero_counts_kernel(Count* counts, int64_t n) {
-  wait_for_prior_grid_then_release_next();
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    counts[i] = 0;
 }
 
 }  // namespace paged

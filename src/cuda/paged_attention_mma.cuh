@@ -61,15 +61,13 @@ struct MmaKeyMeta {
 // How the K / V tiles reach the tensor cores (see the top of this file).
 enum class MmaMode : int { sixteen_bit = 0, fp8_widened = 1, fp8_registers = 2 };
 
-// Chunks staged at once: one computed while the others are in flight. `deep`: the 16-bit mode with a
-// third stage (two chunks in flight while one is computed), where it still fits two CTAs an SM.
-__host__ __device__ constexpr int mma_stages(MmaMode m, bool deep = false) {
-  return m == MmaMode::fp8_registers ? 4 : m == MmaMode::sixteen_bit && deep ? 3 : 2;
-}
+// Chunks staged at once: one computed while the others are in flight. A third 16-bit stage (two chunks
+// in flight) measured no faster on the H100 at 32 and 128 x 128K (7a2a04e), so 16-bit modes keep two.
+__host__ __device__ constexpr int mma_stages(MmaMode m) { return m == MmaMode::fp8_registers ? 4 : 2; }
 
 // The kernel's static shared memory (a MmaKeyMeta per stage, list_len), on top of the dynamic bytes.
-__host__ __device__ constexpr std::size_t mma_static_smem(MmaMode m, bool deep = false) {
-  return std::size_t(mma_stages(m, deep)) * sizeof(MmaKeyMeta) + 16;
+__host__ __device__ constexpr std::size_t mma_static_smem(MmaMode m) {
+  return std::size_t(mma_stages(m)) * sizeof(MmaKeyMeta) + 16;
 }
 
 // Byte offsets of the mma kernel's shared memory (host sizes it, device carves it).
@@ -80,21 +78,21 @@ __host__ __device__ inline std::size_t mma_align(std::size_t n) { return (n + 12
 // 16-bit tile stages: one a stage for 16-bit caches; one in all when both caches are FP8 and widened
 // (the copies land in the raw FP8 stages, and one 16-bit stage refilled each chunk keeps two CTAs an
 // SM); none in the register mode.
-__host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8, MmaMode m, bool deep = false) {
-  return m == MmaMode::fp8_registers ? 0 : k_fp8 && v_fp8 ? 1 : mma_stages(m, deep);
+__host__ __device__ inline int mma_tile_stages(bool k_fp8, bool v_fp8, MmaMode m) {
+  return m == MmaMode::fp8_registers ? 0 : k_fp8 && v_fp8 ? 1 : mma_stages(m);
 }
 __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap, int64_t union_cap, bool k_fp8, bool v_fp8,
-                                             bool stage_pages, MmaMode mode, bool deep = false) {
+                                             bool stage_pages, MmaMode mode) {
   MmaSmem s;
   const std::size_t rows_pad = std::size_t((row_cap + 15) / 16 * 16);
   s.q = 0;
   s.tiles = mma_align(rows_pad * D * 2);
   // [stage][K, V][kMmaKeys][D] 16-bit; after the key loop, the slices' O ([warp][16][D + 8] fp32).
-  const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8, mode, deep)) * 2 * kMmaKeys * D * 2;
+  const std::size_t tile_bytes = std::size_t(mma_tile_stages(k_fp8, v_fp8, mode)) * 2 * kMmaKeys * D * 2;
   const std::size_t combine_bytes = std::size_t(kMmaWarps) * 16 * (D + 8) * sizeof(float);
   // FP8 raw stages [stage][K, V][kMmaKeys * D codes] (fp8_tile_offset). The stages' MmaKeyMeta are
   // static shared memory.
-  const std::size_t raw_bytes = k_fp8 || v_fp8 ? std::size_t(mma_stages(mode, deep)) * 2 * kMmaKeys * D : 0;
+  const std::size_t raw_bytes = k_fp8 || v_fp8 ? std::size_t(mma_stages(mode)) * 2 * kMmaKeys * D : 0;
   if (mode == MmaMode::fp8_registers) {  // the raw stages, then the slices' O, share one region
     s.raw = s.tiles;
     s.ml = s.tiles + mma_align(raw_bytes > combine_bytes ? raw_bytes : combine_bytes);
@@ -114,8 +112,8 @@ __host__ __device__ inline MmaSmem mma_smem(int D, int row_cap, int64_t list_cap
 }
 template <int D>
 inline std::size_t attention_mma_smem_bytes(int row_cap, int64_t list_cap, int64_t union_cap, bool k_fp8, bool v_fp8,
-                                            bool stage_pages, MmaMode mode, bool deep = false) {
-  return mma_smem(D, row_cap, list_cap, union_cap, k_fp8, v_fp8, stage_pages, mode, deep).bytes;
+                                            bool stage_pages, MmaMode mode) {
+  return mma_smem(D, row_cap, list_cap, union_cap, k_fp8, v_fp8, stage_pages, mode).bytes;
 }
 
 // Eight FP8 codes widened exactly to T (no scale: the page scales go on S and P).
@@ -311,13 +309,13 @@ __device__ __forceinline__ void mma_chunk(const void* K, const void* V, const Mm
 
 // kMode: sixteen_bit instances carry none of the FP8 code; fp8_widened serves every plan with an FP8
 // cache; fp8_registers plans whose K and V caches are both FP8.
-template <class T, int D, MmaMode kMode, bool kDeep = false>
+template <class T, int D, MmaMode kMode>
 __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
   wait_for_prior_grid_then_release_next();
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
   constexpr bool kAnyFp8 = kMode != MmaMode::sixteen_bit;
   constexpr bool kFp8Registers = kMode == MmaMode::fp8_registers;
-  constexpr int kStages = mma_stages(kMode, kDeep);
+  constexpr int kStages = mma_stages(kMode);
   constexpr int kVecs = D / 8;  // 16-byte vectors of a 16-bit row
   constexpr int kTile = kMmaKeys * D;
   constexpr int OP = D + 8;  // fp32 row pitch of the slice combine
@@ -326,8 +324,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127));
   const bool any_fp8 = kAnyFp8 && (a.k_fp8 || a.v_fp8);
   const bool k_fp8 = kAnyFp8 && a.k_fp8, v_fp8 = kAnyFp8 && a.v_fp8;
-  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, a.union_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode, kDeep);
-  const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8, kMode, kDeep) == 1;
+  const MmaSmem L = mma_smem(D, a.row_cap, a.list_cap, a.union_cap, k_fp8, v_fp8, a.stage_pages != 0, kMode);
+  const bool one_tile_stage = mma_tile_stages(k_fp8, v_fp8, kMode) == 1;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + L.q);
   uint16_t* sT = reinterpret_cast<uint16_t*>(smem + L.tiles);  // [stage][K, V][kTile]
   unsigned char* sRaw = smem + L.raw;                           // [stage][K, V][kTile codes], swizzled
@@ -377,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
 
   const bool dense = a.topk == nullptr;
   if (t == 0) bad_page = 0;  // published by tile_blocks' barriers
-  const int64_t count = tile_blocks(a, mask, list, &list_len, g, qbase, q0, nq, nb);
+  const int64_t count = tile_blocks(a, mask, list, &list_len, r, g, qbase, q0, nq, nb);
   const int64_t b0 = count * split / a.splits, b1 = count * (split + 1) / a.splits;
   auto block_at = [&](int64_t bi) -> int64_t { return dense ? bi : int64_t(list[bi]); };
   // The split's keys end to end: B per block, the last block's up to the tile's last query.
@@ -656,7 +654,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
     }
   }
   if (bad_page) poison_tile<T, D>(a, split, qbase + q0, g, rows);  // set before the barrier above
-  if (a.split_done != nullptr) merge_if_last_split<T, D>(a, int64_t(blockIdx.x) / a.splits, qbase + q0, g, rows);
 }
 
 }  // namespace paged

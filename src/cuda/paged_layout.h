@@ -44,10 +44,8 @@ struct Layout {
   // Attention: queries per tile (tile rows = queries x G), tiles per request, key splits.
   int attn_tile_q = 1, attn_tiles = 1, splits = 1;
   int64_t max_union = 1;  // blocks an attention tile attends to at most
-  // Workspace (bytes from the 256-aligned base): scores, partials, then (splits > 1) one counter of
-  // finished splits per (query tile, group) for the fused merge.
-  std::size_t scores_offset = 0, partials_offset = 0, counters_offset = 0, bytes = 0;
-  int64_t attention_units = 0;  // (query tile, group) pairs: the attention grid over its splits
+  // Workspace (bytes from the 256-aligned base): scores, then the splits' partials.
+  std::size_t scores_offset = 0, partials_offset = 0, bytes = 0;
 };
 
 inline Layout layout_of(const PagedPlan& plan) {
@@ -88,10 +86,7 @@ inline Layout layout_of(const PagedPlan& plan) {
       l.splits > 1 ? sizeof(float) * std::size_t(l.splits) * std::size_t(tq) * std::size_t(c.num_q_heads) *
                          std::size_t(c.head_dim + 2)
                    : 0;
-  l.attention_units = units;
-  l.counters_offset = l.partials_offset + align_up(partial_bytes);
-  const std::size_t counter_bytes = l.splits > 1 ? sizeof(int32_t) * std::size_t(units) : 0;
-  l.bytes = l.counters_offset + align_up(counter_bytes) + kAlign;  // + slack to align the caller's base
+  l.bytes = l.partials_offset + align_up(partial_bytes) + kAlign;  // + slack to align the caller's base
   return l;
 }
 

@@ -111,13 +111,13 @@ bool paged_stage_pages_requested() { return !env_is("MSA_PAGED_ATTENTION_STAGE_P
 // where it would not fit or would cost a CTA per SM (before the union sizing, when it cost that much
 // per block of the longest request, bf16 at 512K ran 1.6x slower on the H200 with it).
 template <int D>
-std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, bool deep = false) {
+std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
   using namespace paged;
-  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode, deep);
+  const std::size_t smem_max = std::size_t(max_smem_per_block()), fixed = mma_static_smem(mode);
   const std::size_t with =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, true, mode, deep);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, true, mode);
   const std::size_t without =
-      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, false, mode, deep);
+      attention_mma_smem_bytes<D>(a.row_cap, a.list_cap, a.union_cap, a.k_fp8, a.v_fp8, false, mode);
   const bool stage = paged_stage_pages_requested() && with + fixed <= smem_max &&
                      mma_ctas_per_sm(with + fixed) >= mma_ctas_per_sm(without + fixed);
   a.stage_pages = stage ? 1 : 0;
@@ -129,34 +129,13 @@ std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode, boo
 }
 
 // The mma attention in `kMode` (its own record of the shared memory it was allowed).
-template <class T, int D, paged::MmaMode kMode, bool kDeep = false>
+template <class T, int D, paged::MmaMode kMode>
 void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
   static SmemAllowed allowed;
-  const std::size_t bytes = mma_attention_smem<D>(aa, kMode, kDeep);
-  auto* kernel = paged::attention_mma_kernel<T, D, kMode, kDeep>;
+  const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
+  auto* kernel = paged::attention_mma_kernel<T, D, kMode>;
   allow_smem(kernel, bytes, "attention (mma)", allowed);
   launch_chained(kernel, unsigned(ctas), paged::kThreads, bytes, stream, aa);
-}
-
-// MSA_PAGED_ATTENTION_STAGES=3: 16-bit caches through a third stage (two 32 KB chunks in flight while
-// one is computed) where that still fits two CTAs an SM (up to ~128K-token requests at D = 128).
-// Opt-in until measured: at 32 x 128K the two-stage kernel moves 72% of the copy bandwidth with one
-// chunk in flight per CTA while it computes, and neither more CTAs an SM nor more splits helped.
-bool paged_deep_pipeline_requested() { return env_is("MSA_PAGED_ATTENTION_STAGES", "3"); }
-
-// MSA_PAGED_ATTENTION_MERGE=fused: with key splits, the CTA of a tile's last split merges the partials
-// (merge_if_last_split) instead of a merge kernel after the attention. Opt-in until measured.
-bool paged_fused_merge_requested() { return env_is("MSA_PAGED_ATTENTION_MERGE", "fused"); }
-
-// Whether the three-stage 16-bit kernel (without staged page ids, its smallest form) fits a block and
-// two CTAs an SM; mma_attention_smem then decides its staging as for any mode.
-template <int D>
-bool deep_pipeline_fits(const paged::AttentionArgs& aa) {
-  using namespace paged;
-  const std::size_t bytes =
-      attention_mma_smem_bytes<D>(aa.row_cap, aa.list_cap, aa.union_cap, false, false, false, MmaMode::sixteen_bit, true) +
-      mma_static_smem(MmaMode::sixteen_bit, true);
-  return bytes <= std::size_t(max_smem_per_block()) && mma_ctas_per_sm(bytes) >= 2;
 }
 
 template <class T>
@@ -179,17 +158,8 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   const int32_t* kv_lens = batch.kv_lens.ptr<const int32_t>();
   const int32_t* pt = batch.page_table.ptr<const int32_t>();
   const int64_t num_pages = cache.k.shape[0];
-  // The tensor-core attention serves 16-bit queries unless the FFMA kernel is asked for; only it fuses
-  // the merge (fused, the FFMA kernel spilled). The fused merge's counters are zeroed first, in the
-  // same chain (a memset would sit between programmatically chained kernels).
+  // The tensor-core attention serves 16-bit queries unless the FFMA kernel is asked for.
   const bool mma_attention = sizeof(T) == 2 && paged_mma_requested();
-  int* split_done = mma_attention && lay.splits > 1 && paged_fused_merge_requested()
-                        ? reinterpret_cast<int*>(ws + lay.counters_offset) : nullptr;
-  if (split_done != nullptr) {
-    const int64_t blocks = std::min<int64_t>(ceil_div(lay.attention_units, kThreads), 1024);
-    launch_chained(zero_counts_kernel<int>, unsigned(blocks), kThreads, 0, stream, split_done, lay.attention_units);
-    MSA_CUDA_CHECK_LAUNCH();
-  }
 
   if (!plan.options.dense) {
     float* scores = reinterpret_cast<float*>(ws + lay.scores_offset);
@@ -329,7 +299,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
   aa.stage_esize = int(std::max(aa.k_fp8 ? std::size_t(1) : sizeof(T), aa.v_fp8 ? std::size_t(1) : sizeof(T)));
   aa.list_cap = plan.options.dense ? 0 : lay.max_blocks;
   aa.union_cap = plan.options.dense ? 0 : lay.max_union;
-  aa.split_done = split_done;
   const int64_t acta = int64_t(plan.batch) * lay.attn_tiles * c.num_kv_heads * lay.splits;
   if constexpr (sizeof(T) == 2) {  // the tensor-core kernel (paged_attention_mma.cuh), 16-bit only
     if (mma_attention) {
@@ -337,8 +306,6 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
         launch_mma_attention<T, D, MmaMode::fp8_registers>(aa, acta, stream);
       else if (aa.k_fp8 || aa.v_fp8)
         launch_mma_attention<T, D, MmaMode::fp8_widened>(aa, acta, stream);
-      else if (paged_deep_pipeline_requested() && deep_pipeline_fits<D>(aa))
-        launch_mma_attention<T, D, MmaMode::sixteen_bit, true>(aa, acta, stream);
       else
         launch_mma_attention<T, D, MmaMode::sixteen_bit>(aa, acta, stream);
     }
@@ -350,7 +317,7 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     launch_chained(attention_kernel<T, D>, unsigned(acta), kThreads, asmem, stream, aa);
   }
   MSA_CUDA_CHECK_LAUNCH();
-  if (lay.splits > 1 && aa.split_done == nullptr) {
+  if (lay.splits > 1) {
     const int64_t rows = plan.total_q * c.num_q_heads;
     const int64_t per = kThreads / 32;
     launch_chained(merge_kernel<T, D>, unsigned((rows + per - 1) / per), kThreads, 0, stream, aa);

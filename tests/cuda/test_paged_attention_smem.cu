@@ -2,8 +2,8 @@
 // benchmark's shape (Hq 64, Hkv 4, D 128, B 128, k 16): the regions are disjoint and in order, the
 // block list and staged page ids are sized by the tile's union (tile queries x k), not by the longest
 // request, and the two-CTA-per-SM claims of docs/serving.md hold for an H100 (228 KB an SM, 1 KB
-// reserved a CTA): the three-stage 16-bit pipeline fits two CTAs at 128K decode but not at 1M, and
-// FP8 staging fits two CTAs at 1M. Host only: runs without a GPU.
+// reserved a CTA): every mode fits two CTAs at 128K and at 1M decode, staged page ids included.
+// Host only: runs without a GPU.
 #include <gtest/gtest.h>
 
 #include <cstddef>
@@ -49,8 +49,8 @@ Caps caps_of(const PagedPlan& plan) {
   return {std::min(lay.attn_tile_q, std::max(1, plan.max_q_len)) * G, lay.max_blocks, lay.max_union};
 }
 
-int ctas_per_sm(const MmaSmem& s, MmaMode mode, bool deep) {
-  return int(kSmemPerSm / (s.bytes + mma_static_smem(mode, deep) + kReservedPerCta));
+int ctas_per_sm(const MmaSmem& s, MmaMode mode) {
+  return int(kSmemPerSm / (s.bytes + mma_static_smem(mode) + kReservedPerCta));
 }
 
 TEST(PagedAttentionSmem, RegionsAreDisjointAndSizedByTheUnion) {
@@ -60,40 +60,33 @@ TEST(PagedAttentionSmem, RegionsAreDisjointAndSizedByTheUnion) {
       ASSERT_EQ(c.union_cap, std::min<int64_t>(c.list_cap, int64_t(std::min(q_len, 4)) * 16))
           << "context " << context << " q_len " << q_len;
       for (MmaMode mode : {MmaMode::sixteen_bit, MmaMode::fp8_widened, MmaMode::fp8_registers})
-        for (bool deep : {false, true})
-          for (bool stage : {false, true}) {
-            const bool fp8 = mode != MmaMode::sixteen_bit;
-            const MmaSmem s = mma_smem(128, c.row_cap, c.list_cap, c.union_cap, fp8, fp8, stage, mode, deep);
-            SCOPED_TRACE(::testing::Message() << "context " << context << " q_len " << q_len << " mode "
-                                              << int(mode) << " deep " << deep << " stage " << stage);
-            EXPECT_GE(s.tiles, std::size_t(c.row_cap) * 128 * 2);  // Q rows, 16-bit
-            EXPECT_LE(s.tiles, s.raw);
-            EXPECT_LT(s.raw, s.ml + (fp8 ? 0 : 1));
-            EXPECT_LT(s.ml, s.mask);
-            EXPECT_EQ(s.list - s.mask, sizeof(uint32_t) * std::size_t(c.list_cap));  // a word per block id
-            EXPECT_EQ(s.pages - s.list, sizeof(int32_t) * std::size_t(c.union_cap));  // the union's blocks
-            EXPECT_EQ(s.scales - s.pages, stage ? sizeof(int32_t) * std::size_t(c.union_cap) : 0);
-            EXPECT_GE(s.bytes, s.scales + (fp8 && stage ? 2 * sizeof(float) * std::size_t(c.union_cap) : 0));
-          }
+        for (bool stage : {false, true}) {
+          const bool fp8 = mode != MmaMode::sixteen_bit;
+          const MmaSmem s = mma_smem(128, c.row_cap, c.list_cap, c.union_cap, fp8, fp8, stage, mode);
+          SCOPED_TRACE(::testing::Message() << "context " << context << " q_len " << q_len << " mode "
+                                            << int(mode) << " stage " << stage);
+          EXPECT_GE(s.tiles, std::size_t(c.row_cap) * 128 * 2);  // Q rows, 16-bit
+          EXPECT_LE(s.tiles, s.raw);
+          EXPECT_LT(s.raw, s.ml + (fp8 ? 0 : 1));
+          EXPECT_LT(s.ml, s.mask);
+          EXPECT_EQ(s.list - s.mask, sizeof(uint32_t) * std::size_t(c.list_cap));  // a word per block id
+          EXPECT_EQ(s.pages - s.list, sizeof(int32_t) * std::size_t(c.union_cap));  // the union's blocks
+          EXPECT_EQ(s.scales - s.pages, stage ? sizeof(int32_t) * std::size_t(c.union_cap) : 0);
+          EXPECT_GE(s.bytes, s.scales + (fp8 && stage ? 2 * sizeof(float) * std::size_t(c.union_cap) : 0));
+        }
     }
 }
 
 TEST(PagedAttentionSmem, TwoCtasAnSmWhereTheDocsSaySo) {
   const Caps at128k = caps_of(decode_plan(32, 131072, 1)), at1m = caps_of(decode_plan(32, 1 << 20, 1));
-  auto bytes = [](const Caps& c, MmaMode mode, bool deep, bool stage) {
+  auto bytes = [](const Caps& c, MmaMode mode, bool stage) {
     const bool fp8 = mode != MmaMode::sixteen_bit;
-    return mma_smem(128, c.row_cap, c.list_cap, c.union_cap, fp8, fp8, stage, mode, deep);
+    return mma_smem(128, c.row_cap, c.list_cap, c.union_cap, fp8, fp8, stage, mode);
   };
-  // Two-stage 16-bit and both FP8 modes, staged page ids included, at 128K and at 1M.
-  for (const Caps& c : {at128k, at1m}) {
-    EXPECT_EQ(ctas_per_sm(bytes(c, MmaMode::sixteen_bit, false, true), MmaMode::sixteen_bit, false), 2);
-    EXPECT_EQ(ctas_per_sm(bytes(c, MmaMode::fp8_registers, false, true), MmaMode::fp8_registers, false), 2);
-    EXPECT_EQ(ctas_per_sm(bytes(c, MmaMode::fp8_widened, false, true), MmaMode::fp8_widened, false), 2);
-  }
-  // The three-stage 16-bit pipeline: two CTAs at 128K, one at 1M (its block mask is 32 KB there), where
-  // paged_run.cu falls back to two stages.
-  EXPECT_EQ(ctas_per_sm(bytes(at128k, MmaMode::sixteen_bit, true, true), MmaMode::sixteen_bit, true), 2);
-  EXPECT_LT(ctas_per_sm(bytes(at1m, MmaMode::sixteen_bit, true, true), MmaMode::sixteen_bit, true), 2);
+  // 16-bit and both FP8 modes, staged page ids included, at 128K and at 1M.
+  for (const Caps& c : {at128k, at1m})
+    for (MmaMode mode : {MmaMode::sixteen_bit, MmaMode::fp8_registers, MmaMode::fp8_widened})
+      EXPECT_EQ(ctas_per_sm(bytes(c, mode, true), mode), 2) << "mode " << int(mode);
 }
 
 }  // namespace

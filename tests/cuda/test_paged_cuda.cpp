@@ -341,9 +341,7 @@ void run_case_once(const Case& tc, bool capture) {
 // Every case runs under both attention kernels (MSA_PAGED_ATTENTION_KERNEL): the FFMA kernel and the
 // default tensor-core "mma" kernel (f32 steps keep the FFMA one), each on a fresh step; FP8 cases run
 // the mma kernel in both its modes (MSA_PAGED_ATTENTION_FP8: widening into 16-bit tiles, and the
-// register mode), whichever the default would pick for the case's query tile; 16-bit cases also run
-// the mma kernel with its third stage (MSA_PAGED_ATTENTION_STAGES=3, where it fits) and with the
-// LSE merge fused into its last split's CTA (MSA_PAGED_ATTENTION_MERGE=fused).
+// register mode), whichever the default would pick for the case's query tile.
 void run_case(const Case& tc, bool capture = false) {
   MSA_SKIP_WITHOUT_GPU();
   for (const char* kernel : {"ffma", "mma"}) {
@@ -353,13 +351,6 @@ void run_case(const Case& tc, bool capture = false) {
   }
   if (tc.fp8) {
     testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_FP8", "registers");
-    run_case_once(tc, capture);
-  } else if (tc.dtype != DType::f32) {
-    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_STAGES", "3");
-    run_case_once(tc, capture);
-  }
-  if (tc.dtype != DType::f32) {
-    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_MERGE", "fused");
     run_case_once(tc, capture);
   }
 }

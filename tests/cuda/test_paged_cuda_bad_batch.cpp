@@ -3,7 +3,7 @@
 //  - page ids outside the cache: the rows that would read such a page come out NaN (out and lse), and
 //    every other request's rows are bitwise those of the same run with a valid table. Sparse (the
 //    index ranks a bad block first, so it is selected) and dense mode; one key split and many (the
-//    merge, as a kernel and fused into the attention); both attention kernels; the three index kernels.
+//    merge kernel); both attention kernels; the three index kernels.
 //  - device lengths unlike the plan's (larger cu_seqlens_q / kv_lens): append and run stay inside
 //    every buffer (the kernels clamp them to the plan's maxima); checked with guard rows after out,
 //    lse and topk, and by memcheck, which runs every PagedCuda* test.
@@ -137,12 +137,8 @@ class PagedCudaBadPages : public ::testing::TestWithParam<const char*> {
 
 TEST_P(PagedCudaBadPages, RowsThatReadThemAreNaN) {
   MSA_SKIP_WITHOUT_GPU();
-  // The mma kernel also with the merge fused into the last split's CTA (the FFMA kernel keeps the
-  // merge kernel either way).
-  for (const char* kernel : {"ffma", "mma", "mma fused"}) {
-    const bool fused = std::string(kernel) == "mma fused";
-    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_KERNEL", fused ? "mma" : kernel);
-    testing::ScopedKernelEnv merge("MSA_PAGED_ATTENTION_MERGE", fused ? "fused" : "kernel");
+  for (const char* kernel : {"ffma", "mma"}) {
+    testing::ScopedKernelEnv env("MSA_PAGED_ATTENTION_KERNEL", kernel);
     for (bool dense : {false, true})
       for (int workers : {1, 512}) {
         SCOPED_TRACE(std::string(kernel) + (dense ? " dense" : " sparse") + " workers " + std::to_string(workers));
