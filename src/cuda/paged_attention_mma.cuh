@@ -308,8 +308,11 @@ __device__ __forceinline__ void mma_chunk(const void* K, const void* V, const Mm
 }
 
 // kMode: sixteen_bit instances carry none of the FP8 code; fp8_widened serves every plan with an FP8
-// cache; fp8_registers plans whose K and V caches are both FP8.
-template <class T, int D, MmaMode kMode>
+// cache; fp8_registers plans whose K and V caches are both FP8. kOneTile: every query tile is one
+// m-tile (the host's row_cap <= 16, decode's usual case), so the four warps always split each chunk's
+// keys and the 32- and 64-key paths are compiled out: a smaller kernel whose once-run prologue and
+// epilogue miss the instruction cache less (ncu: "no instruction" was 39% of the epilogue's stalls).
+template <class T, int D, MmaMode kMode, bool kOneTile>
 __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const AttentionArgs a) {
   wait_for_prior_grid_then_release_next();
   static_assert(sizeof(T) == 2, "tensor-core products need 16-bit operands");
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
   const int64_t qbase = qt.qbase, kv = qt.kv;
   const int B = a.block_size, G = a.G;
   const int rows = nq * G;  // row = query * G + head in group
-  const int mtiles = (rows + 15) / 16;
+  const int mtiles = kOneTile ? 1 : (rows + 15) / 16;
   const int kslices = mtiles == 1 ? 4 : mtiles == 2 ? 2 : 1;  // warps sharing an m-tile
   const int mt = warp / kslices, ks = warp % kslices;
   const bool active = mt < mtiles;
@@ -561,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Attent
           mma_chunk<T, D, kSlice, kMode>(K, V, sMeta[st], k0, qf, o, m_run, l_run, row_ok, qbit, qpos,
                                          a.qscale, all_visible, k_fp8, v_fp8, lane);
       } else {
-        if (kslices == 4)
+        if (kOneTile || kslices == 4)
           mma_chunk<T, D, kMmaKeys / 4, kMode>(K, V, sMeta[st], ks * (kMmaKeys / 4), qf, o, m_run, l_run,
                                                row_ok, qbit, qpos, a.qscale, all_visible, k_fp8, v_fp8, lane);
         else if (kslices == 2)

@@ -128,14 +128,22 @@ std::size_t mma_attention_smem(paged::AttentionArgs& a, paged::MmaMode mode) {
   return bytes;
 }
 
-// The mma attention in `kMode` (its own record of the shared memory it was allowed).
-template <class T, int D, paged::MmaMode kMode>
-void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
+// The mma attention in `kMode`, its one-m-tile instance where every query tile is one m-tile (each
+// instance with its own record of the shared memory it was allowed).
+template <class T, int D, paged::MmaMode kMode, bool kOneTile>
+void launch_mma_attention_instance(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
   static SmemAllowed allowed;
   const std::size_t bytes = mma_attention_smem<D>(aa, kMode);
-  auto* kernel = paged::attention_mma_kernel<T, D, kMode>;
+  auto* kernel = paged::attention_mma_kernel<T, D, kMode, kOneTile>;
   allow_smem(kernel, bytes, "attention (mma)", allowed);
   launch_chained(kernel, unsigned(ctas), paged::kThreads, bytes, stream, aa);
+}
+template <class T, int D, paged::MmaMode kMode>
+void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
+  if (aa.row_cap <= 16)
+    launch_mma_attention_instance<T, D, kMode, true>(aa, ctas, stream);
+  else
+    launch_mma_attention_instance<T, D, kMode, false>(aa, ctas, stream);
 }
 
 template <class T>
