@@ -104,24 +104,37 @@ __device__ void poison_tile(const AttentionArgs& a, int split, int64_t qfirst, i
 }
 
 // Combines the splits of one (query, head) row by their LSE (one warp; `row` = query * Hq + head).
-// Every split's m and l arrive in one round of loads (lane s % 32 holds split s) and the O loads of
-// all splits are issued back to back, so a row costs about two L2 round trips whatever the split
-// count (a loop of dependent loads per split cost ~1 us a split). A split with l == 0 contributes
-// nothing (its O is read but not used); a poisoned one (m = +inf, l = NaN) makes the row NaN.
+// Lane s % 32 holds split s's m and l, and the O rows of kMergeRound splits are loaded before any is
+// used, so the loads of m, l and the first round go out together: about one L2 round trip a row up
+// to kMergeRound splits (a dependent loop over the splits cost ~0.7 us a split; batch 1 at 128K has
+// 16). A split with l == 0 contributes nothing (its O is read but selected away); a poisoned one
+// (m = +inf, l = NaN) makes the row NaN.
+constexpr int kMergeRound = 8;
 template <class T, int D>
 __device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, int lane) {
   static_assert(kMaxSplits <= 64, "two splits per lane");
   const int64_t qrow = row / a.Hq;
   const int head = int(row - qrow * a.Hq);
   const int64_t stride = a.bounds.total_q * a.Hq;
+  const int splits = a.splits;
   const float* pm = a.part_ml;
-  const float* pl = a.part_ml + int64_t(a.splits) * stride;
+  const float* pl = a.part_ml + int64_t(splits) * stride;
+  float x[kMergeRound][D / 32];  // the O rows of a round of splits
+  auto load_round = [&](int s0) {
+#pragma unroll
+    for (int u = 0; u < kMergeRound; ++u) {
+      const float* po = a.part_o + (min(s0 + u, splits - 1) * stride + row) * D;  // in bounds; unused past the end
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) x[u][e] = po[lane + 32 * e];
+    }
+  };
+  load_round(0);  // before m and l are combined: its loads need neither
   float m_s[2], l_s[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int s = lane + 32 * i;
-    m_s[i] = s < a.splits ? pm[s * stride + row] : -INFINITY;
-    l_s[i] = s < a.splits ? pl[s * stride + row] : 0.f;
+    m_s[i] = s < splits ? pm[s * stride + row] : -INFINITY;
+    l_s[i] = s < splits ? pl[s * stride + row] : 0.f;
   }
   float mmax = fmaxf(m_s[0], m_s[1]);
 #pragma unroll
@@ -138,15 +151,16 @@ __device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, i
   float o[D / 32];
 #pragma unroll
   for (int e = 0; e < D / 32; ++e) o[e] = 0.f;
-#pragma unroll 4
-  for (int s = 0; s < a.splits; ++s) {
-    const float w = __shfl_sync(0xffffffffu, s < 32 ? w_s[0] : w_s[1], s & 31);
-    const bool take = __shfl_sync(0xffffffffu, s < 32 ? l_s[0] : l_s[1], s & 31) != 0.f && mmax != -INFINITY;
-    const float* po = a.part_o + (s * stride + row) * D;
+  for (int s0 = 0; s0 < splits; s0 += kMergeRound) {
+    if (s0 > 0) load_round(s0);
 #pragma unroll
-    for (int e = 0; e < D / 32; ++e) {
-      const float x = po[lane + 32 * e];
-      o[e] = take ? fmaf(w, x, o[e]) : o[e];  // a select: an unused split's O never reaches the row
+    for (int u = 0; u < kMergeRound; ++u) {
+      const int s = s0 + u;
+      const float w = __shfl_sync(0xffffffffu, s < 32 ? w_s[0] : w_s[1], s & 31);
+      const float l = __shfl_sync(0xffffffffu, s < 32 ? l_s[0] : l_s[1], s & 31);
+      const bool take = s < splits && l != 0.f && mmax != -INFINITY;
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) o[e] = take ? fmaf(w, x[u][e], o[e]) : o[e];  // a select, not a product
     }
   }
   const float inv = sum == 0.f ? 0.f : 1.f / sum;
