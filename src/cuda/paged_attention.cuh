@@ -123,9 +123,10 @@ __device__ __forceinline__ void merge_row(const AttentionArgs& a, int64_t row, i
   auto load_round = [&](int s0) {
 #pragma unroll
     for (int u = 0; u < kMergeRound; ++u) {
-      const float* po = a.part_o + (min(s0 + u, splits - 1) * stride + row) * D;  // in bounds; unused past the end
+      const bool in = s0 + u < splits;  // past the last split: no load (2 splits read 2 rows, not 8)
+      const float* po = a.part_o + ((in ? s0 + u : 0) * stride + row) * D;
 #pragma unroll
-      for (int e = 0; e < D / 32; ++e) x[u][e] = po[lane + 32 * e];
+      for (int e = 0; e < D / 32; ++e) x[u][e] = in ? po[lane + 32 * e] : 0.f;
     }
   };
   load_round(0);  // before m and l are combined: its loads need neither
