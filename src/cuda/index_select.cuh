@@ -25,6 +25,13 @@ namespace index {
 constexpr int kSelectWarps = 8;
 constexpr int kListLanes = 32;  // k - 1 up to this many takes the ballot path
 
+// Whether select_topk_split_kernel (one CTA a row) serves `rows` rows of `ld` candidates on `workers`
+// SMs: rows fewer than the SMs (one warp a row would leave most of them idle) and long enough that
+// a warp scans several 1024-candidate segments; list path only.
+inline bool select_split_rows(int64_t rows, int64_t ld, int k, int workers) {
+  return k - 1 <= kListLanes && rows <= workers && ld >= 2048;
+}
+
 struct SelectArgs {
   const float* scores;  // [Hkv, total_q, ld] from stage 1
   const float* lses;    // same layout, or null when no selected LSE is asked for
@@ -150,14 +157,19 @@ __device__ __forceinline__ float warp_logsumexp(float m, float s) {
   return m + logf(s);
 }
 
-__global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const SelectArgs a) {
-  wait_for_prior_grid_then_release_next();
-  const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
-  if (row >= int64_t(a.num_kv_heads) * a.total_q) return;
+// One (group, query) row of the select: where its candidates are and where its picks go.
+struct SelectRow {
+  int64_t local;  // the row's local block (forced into slot n); candidates are 0 .. local - 1
+  int n;          // non-local picks
+  const float* scores;
+  const float* lses;  // or null
+  int32_t* out;       // k slots
+  float* selected_lse;  // or null
+};
+
+__device__ __forceinline__ SelectRow select_row(const SelectArgs& a, int64_t row) {
   const int g = int(row / a.total_q);
   const int64_t q = row - int64_t(g) * a.total_q;
-
   // Sequence of packed query q: the last b with cu_q[b] <= q.
   int lo = 0, hi = a.batch - 1;
   while (lo < hi) {
@@ -166,60 +178,153 @@ __global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const
   }
   const int64_t lq = a.cu_q[lo + 1] - a.cu_q[lo], lk = a.k_lens ? a.k_lens[lo] : a.cu_k[lo + 1] - a.cu_k[lo];
   const int64_t p = rules::query_position(lq, lk, q - a.cu_q[lo]);
-  int64_t local = rules::local_block(p, a.block_size);
-  if (local >= a.ld) local = a.ld - 1;  // only with a wrong max_seqlen_k hint: stay in bounds
-  const int n = rules::num_nonlocal_selected(local, a.k);
-  const float* srow = a.scores + row * a.ld;
-  const float* lrow = a.lses ? a.lses + row * a.ld : nullptr;
-  int32_t* out = a.topk + int64_t(g) * a.topk_s0 + q * a.topk_s1;
+  SelectRow r;
+  r.local = rules::local_block(p, a.block_size);
+  if (r.local >= a.ld) r.local = a.ld - 1;  // only with a wrong max_seqlen_k hint: stay in bounds
+  r.n = rules::num_nonlocal_selected(r.local, a.k);
+  r.scores = a.scores + row * a.ld;
+  r.lses = a.lses ? a.lses + row * a.ld : nullptr;
+  r.out = a.topk + int64_t(g) * a.topk_s0 + q * a.topk_s1;
+  r.selected_lse = a.lses ? a.selected_lse + int64_t(g) * a.lse_s0 + q * a.lse_s1 : nullptr;
+  return r;
+}
 
-  float lse_m = -INFINITY, lse_s = 0.f;
+// The list path's output (n <= kListLanes): lane i < n holds the pick of rank i; then the local
+// block, unused slots, and the selected LSE over the picks and the local block.
+__device__ __forceinline__ void finish_list(const SelectArgs& a, const SelectRow& r, int my_id, int lane) {
+  for (int slot = lane; slot < a.k; slot += 32)
+    r.out[slot] = slot < r.n ? my_id : slot == r.n ? int32_t(r.local) : rules::kUnusedSlot;
+  if (r.lses) {
+    float lse_m = -INFINITY, lse_s = 0.f;
+    if (lane < r.n) warp_logsumexp_add(r.lses[my_id], lse_m, lse_s);
+    if (lane == 0) warp_logsumexp_add(r.lses[r.local], lse_m, lse_s);
+    const float lse = warp_logsumexp(lse_m, lse_s);
+    if (lane == 0) *r.selected_lse = lse;
+  }
+}
+
+__global__ void __launch_bounds__(kSelectWarps * 32, 3) select_topk_kernel(const SelectArgs a) {
+  wait_for_prior_grid_then_release_next();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSelectWarps + (threadIdx.x >> 5);
+  if (row >= int64_t(a.num_kv_heads) * a.total_q) return;
+  const SelectRow r = select_row(a, row);
+  const int64_t local = r.local;
+  const int n = r.n;
+  const float* srow = r.scores;
+  const float* lrow = r.lses;
+  int32_t* out = r.out;
+
   if (n <= kListLanes) {
     float my_s = -INFINITY;
     int my_id = lane;  // n == local: every candidate is chosen, lane i takes block i
     if (n > 0 && n < local) select_ballot(srow, local, n, lane, my_s, my_id);
-    for (int slot = lane; slot < a.k; slot += 32) {
-      const int32_t id = slot < n ? my_id : slot == n ? int32_t(local) : rules::kUnusedSlot;
-      out[slot] = id;
-    }
-    if (lrow && lane < n) warp_logsumexp_add(lrow[my_id], lse_m, lse_s);
-  } else {
-    // k - 1 > 32: n rounds, each the warp's best among the candidates ranking after the last pick.
-    float prev_s = INFINITY;
-    int64_t prev_id = -1;
-    for (int r = 0; r < n; ++r) {
-      float best_s = -INFINITY;
-      int64_t best_id = -1;
-      for (int64_t j = lane; j < local; j += 32) {
-        const float s = srow[j];
-        const bool after = r == 0 || rules::ranks_before(prev_s, prev_id, s, j);
-        if (after && (best_id < 0 || rules::ranks_before(s, j, best_s, best_id))) {
-          best_s = s;
-          best_id = j;
-        }
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
-        const int64_t oid = __shfl_xor_sync(0xffffffffu, best_id, off);
-        if (oid >= 0 && (best_id < 0 || rules::ranks_before(os, oid, best_s, best_id))) {
-          best_s = os;
-          best_id = oid;
-        }
-      }
-      if (lane == 0) out[r] = int32_t(best_id);
-      if (lrow && lane == 0) warp_logsumexp_add(lrow[best_id], lse_m, lse_s);
-      prev_s = best_s;
-      prev_id = best_id;
-    }
-    for (int slot = n + lane; slot < a.k; slot += 32)
-      out[slot] = slot == n ? int32_t(local) : rules::kUnusedSlot;
+    finish_list(a, r, my_id, lane);
+    return;
   }
+  // k - 1 > 32: n rounds, each the warp's best among the candidates ranking after the last pick.
+  float lse_m = -INFINITY, lse_s = 0.f;
+  float prev_s = INFINITY;
+  int64_t prev_id = -1;
+  for (int rd = 0; rd < n; ++rd) {
+    float best_s = -INFINITY;
+    int64_t best_id = -1;
+    for (int64_t j = lane; j < local; j += 32) {
+      const float s = srow[j];
+      const bool after = rd == 0 || rules::ranks_before(prev_s, prev_id, s, j);
+      if (after && (best_id < 0 || rules::ranks_before(s, j, best_s, best_id))) {
+        best_s = s;
+        best_id = j;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
+      const int64_t oid = __shfl_xor_sync(0xffffffffu, best_id, off);
+      if (oid >= 0 && (best_id < 0 || rules::ranks_before(os, oid, best_s, best_id))) {
+        best_s = os;
+        best_id = oid;
+      }
+    }
+    if (lane == 0) out[rd] = int32_t(best_id);
+    if (lrow && lane == 0) warp_logsumexp_add(lrow[best_id], lse_m, lse_s);
+    prev_s = best_s;
+    prev_id = best_id;
+  }
+  for (int slot = n + lane; slot < a.k; slot += 32)
+    out[slot] = slot == n ? int32_t(local) : rules::kUnusedSlot;
   if (lrow) {
     if (lane == 0) warp_logsumexp_add(lrow[local], lse_m, lse_s);
     const float lse = warp_logsumexp(lse_m, lse_s);
-    if (lane == 0) a.selected_lse[int64_t(g) * a.lse_s0 + q * a.lse_s1] = lse;
+    if (lane == 0) *r.selected_lse = lse;
   }
+}
+
+// Ascending bitonic sort of (id, score) pairs by id across the warp (empty lanes: id INT_MAX).
+__device__ __forceinline__ void warp_sort_by_id(int& id, float& s, int lane) {
+#pragma unroll
+  for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const int oid = __shfl_xor_sync(0xffffffffu, id, j);
+      const float os = __shfl_xor_sync(0xffffffffu, s, j);
+      const bool ascending = (lane & k) == 0 || k == 32;
+      const bool keep_min = ((lane & j) == 0) == ascending;
+      if (keep_min ? oid < id : oid > id) {
+        id = oid;
+        s = os;
+      }
+    }
+}
+
+// Rows that are few and long (decode at long context: batch 1 at 1M is 4 rows of 8192 blocks, which
+// one warp each took 36 us on the H100): one CTA a row, each of its kWarps warps picks the best n of
+// a contiguous part of the candidates, then warp 0 picks the best n of those. Exact: the row's best n
+// are among the best n of the part each falls in. The parts' picks are laid out in id order, so
+// select_ballot's ties (by position) break by id as in select_topk_kernel, which lists the same picks
+// in the same order. List path only (k - 1 <= kListLanes; paged_run.cu checks).
+template <int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1) select_topk_split_kernel(const SelectArgs a) {
+  wait_for_prior_grid_then_release_next();
+  __shared__ __align__(16) float pick_s[kWarps * kListLanes + 4];  // + 4: select_ballot's float4 tail
+  __shared__ int pick_id[kWarps * kListLanes];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (int64_t(blockIdx.x) >= int64_t(a.num_kv_heads) * a.total_q) return;
+  const SelectRow r = select_row(a, blockIdx.x);
+  const int64_t local = r.local;
+  const int n = r.n;
+  if (n == 0 || n >= local) {  // nothing to choose between (as select_topk_kernel)
+    if (warp == 0) finish_list(a, r, lane, lane);
+    return;
+  }
+  // Part w: [w * per, (w + 1) * per), per a multiple of 4 (select_ballot's float4 loads stay aligned).
+  const int64_t per = (local + 4 * kWarps - 1) / (4 * kWarps) * 4;
+  const int64_t lo = min(local, warp * per), count = min(local, lo + per) - lo;
+  float my_s = -INFINITY;
+  int my_id = 0x7fffffff;
+  if (count > n) {
+    select_ballot(r.scores + lo, count, n, lane, my_s, my_id);
+    if (lane < n) my_id += int(lo);
+  } else if (lane < count) {
+    my_s = r.scores[lo + lane];
+    my_id = int(lo + lane);
+  }
+  if (lane >= min(int64_t(n), count)) my_id = 0x7fffffff, my_s = -INFINITY;
+  warp_sort_by_id(my_id, my_s, lane);
+  // Part w's picks (min(n, its count)) after those of the parts before it: positions follow ids.
+  int64_t at = 0;
+  for (int w = 0; w < warp; ++w) at += min(int64_t(n), min(local, (w + 1) * per) - min(local, w * per));
+  if (lane < min(int64_t(n), count)) {
+    pick_s[at + lane] = my_s;
+    pick_id[at + lane] = my_id;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  int64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += min(int64_t(n), min(local, (w + 1) * per) - min(local, w * per));
+  int pick = lane;  // total == n: every part's picks are chosen
+  if (total > n) select_ballot(pick_s, total, n, lane, my_s, pick);
+  finish_list(a, r, lane < n ? pick_id[pick] : 0, lane);
 }
 
 }  // namespace index

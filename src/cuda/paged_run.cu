@@ -243,9 +243,13 @@ void run_impl(const PagedPlan& plan, const PagedBatch& batch, const TensorView& 
     sa.topk_s1 = topk.stride[1];
     sa.selected_lse = nullptr;
     const int64_t select_rows = int64_t(c.num_kv_heads) * plan.total_q;
-    launch_chained(index::paged_select_topk_kernel,
-                   unsigned((select_rows + index::kSelectWarps - 1) / index::kSelectWarps), index::kSelectWarps * 32,
-                   0, stream, sa);
+    if (index::select_split_rows(select_rows, sa.ld, c.topk, lay.workers))
+      launch_chained(index::select_topk_split_kernel<index::kSelectWarps>, unsigned(select_rows),
+                     index::kSelectWarps * 32, 0, stream, sa);
+    else
+      launch_chained(index::paged_select_topk_kernel,
+                     unsigned((select_rows + index::kSelectWarps - 1) / index::kSelectWarps),
+                     index::kSelectWarps * 32, 0, stream, sa);
     MSA_CUDA_CHECK_LAUNCH();
   }
 

@@ -416,6 +416,20 @@ TEST_P(PagedCudaIndex, DecodeSingleTokenBatch1LongContext) {
   c.unit_dim_strides = true;
   run_case(c);
 }
+// Few, long index rows (10 rows of up to 2500 blocks, fewer than the SMs): the top-k select runs one
+// CTA a row (select_topk_split_kernel), each warp over a part of the row. The 165-token request has
+// 10 candidates for 7 picks, so its parts (4 candidates each) hold fewer than n and pass all of theirs.
+TEST_P(PagedCudaIndex, DecodeLongRowsSplitSelect) {
+  Case c;
+  c.name = "long rows, split select";
+  c.cfg = make_config(16, 2, 128, 64, 16, 8);
+  c.q_lens = {1, 1, 2, 1};
+  c.kv_lens = {40000, 165, 33000, 3};
+  run_case(c);
+  c.name += ", FP8";
+  c.fp8 = true;
+  run_case(c);
+}
 // Tensors on device 1 while device 0 is current: each call runs on the tensors' device and gives
 // device 0 back (skipped with fewer than two GPUs).
 TEST(PagedCuda, TensorsOnAnotherDeviceThanTheCurrentOne) {
