@@ -437,7 +437,9 @@ def collect_decode(docs):
         if doc.get("config", {}).get("smoke") or doc.get("config", {}).get("num_workers"):
             continue
         dense = {}
-        for r in doc["rows"]:
+        # Cases the bench skipped before running them (too large for the device's memory) are no rows.
+        rows = [r for r in doc["rows"] if not r.get("skipped")]
+        for r in rows:
             if r.get("method") in ("sdpa_dense", "msa_paged_dense") and r.get("cache", "bf16") == "bf16":
                 dense.setdefault((r.get("batch"), r.get("context"), r.get("q_len")), {})[r["method"]] = r
             elif r.get("method") == "flashinfer_dense" and ms_of(r) is not None and \
@@ -446,7 +448,7 @@ def collect_decode(docs):
                 case = dense.setdefault((r.get("batch"), r.get("context"), r.get("q_len")), {})
                 if ms_of(case.get("flashinfer_dense")) is None or ms_of(r) < ms_of(case["flashinfer_dense"]):
                     case["flashinfer_dense"] = r
-        for r in doc["rows"]:
+        for r in rows:
             if r.get("method") != "msa_sparse":
                 continue
             # Head-major K / V pages are their own rows; files before the layout option are token-major.
