@@ -355,6 +355,14 @@ void run_case(const Case& tc, bool capture = false) {
   }
 }
 
+// The case over caches in its query dtype, then over FP8 copies of them.
+void run_case_then_fp8(Case c) {
+  run_case(c);
+  c.name += ", FP8";
+  c.fp8 = true;
+  run_case(c);
+}
+
 // Random decode q_lens 1..16 under ragged kv lens (1, B-1, B, B+1, below k*B, long).
 Case decode_case(std::string name, Config cfg, uint64_t seed) {
   Case c;
@@ -425,10 +433,7 @@ TEST_P(PagedCudaIndex, DecodeLongRowsSplitSelect) {
   c.cfg = make_config(16, 2, 128, 64, 16, 8);
   c.q_lens = {1, 1, 2, 1};
   c.kv_lens = {40000, 165, 33000, 3};
-  run_case(c);
-  c.name += ", FP8";
-  c.fp8 = true;
-  run_case(c);
+  run_case_then_fp8(c);
 }
 // Tensors on device 1 while device 0 is current: each call runs on the tensors' device and gives
 // device 0 back (skipped with fewer than two GPUs).
@@ -437,9 +442,7 @@ TEST(PagedCuda, TensorsOnAnotherDeviceThanTheCurrentOne) {
   if (cudaGetDeviceCount(&n) != cudaSuccess || n < 2) GTEST_SKIP() << "needs two CUDA devices";
   Case c = decode_case("on cuda:1", make_config(16, 2, 128, 64, 16, 4), 31);
   c.device = 1;
-  run_case(c);
-  c.fp8 = true;
-  run_case(c);
+  run_case_then_fp8(c);
 }
 TEST(PagedCuda, DecodeGroup1Bf16) {  // up to 32 one-head queries a tile: two m-tiles of the mma kernel
   run_case(decode_case("Hq4/Hkv4 D128 bf16", make_config(4, 4, 128, 32, 16, 4), 22));
