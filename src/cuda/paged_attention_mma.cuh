@@ -45,6 +45,7 @@ namespace cuda {
 namespace paged {
 
 constexpr int kMmaKeys = 64;  // keys per staged chunk
+constexpr int kMmaTileRows = 16;  // rows of one m-tile (mma.sync m16n8k16)
 constexpr int kMmaWarps = kThreads / 32;
 
 // Per-key facts of a staged chunk, written by the thread that owns the key (t < kMmaKeys).
