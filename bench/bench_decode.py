@@ -76,7 +76,7 @@ def cache_kind_env(cache_kind):
 KV_LAYOUTS = ["token_major", "head_major"]
 # Substrings of the kernels' names: index_scores_kernel / index_scores_stream_kernel,
 # attention_kernel (FFMA) / attention_mma_kernel.
-INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_", "select_topk_kernel", "select_topk_split_kernel")
+INDEX_KERNELS = ("cumulative_kv_kernel", "index_scores_", "select_topk_")  # select_topk_: both select kernels
 ATTENTION_KERNELS = ("attention_kernel", "attention_mma_kernel", "merge_kernel")
 METHODS = ("msa_sparse", "sdpa_dense", "flashinfer_dense", "msa_paged_dense")  # the order within a case
 # FlashInfer's tensor-core backends, each timed (the faster is the baseline): fa2 (its FlashAttention-2

@@ -297,10 +297,17 @@ __global__ void __launch_bounds__(kWarps * 32, 1) select_topk_split_kernel(const
     if (warp == 0) finish_list(a, r, lane, lane);
     return;
   }
-  // Part w: [w * per, (w + 1) * per), per a multiple of 4 (select_ballot's float4 loads stay aligned).
+  // Part w: [w * per, (w + 1) * per), per a multiple of 4 (select_ballot's float4 loads stay aligned);
+  // it passes on min(n, its candidates) picks.
   const int64_t per = (local + 4 * kWarps - 1) / (4 * kWarps) * 4;
-  const int64_t lo = min(local, warp * per), count = min(local, lo + per) - lo;
-  float my_s = -INFINITY;
+  auto part_begin = [&](int w) { return min(local, w * per); };
+  auto picks_before = [&](int w) {  // picks of parts 0 .. w - 1
+    int64_t picks = 0;
+    for (int v = 0; v < w; ++v) picks += min(int64_t(n), part_begin(v + 1) - part_begin(v));
+    return picks;
+  };
+  const int64_t lo = part_begin(warp), count = part_begin(warp + 1) - lo;
+  float my_s = -INFINITY;  // lanes past the part's picks keep these
   int my_id = 0x7fffffff;
   if (count > n) {
     select_ballot(r.scores + lo, count, n, lane, my_s, my_id);
@@ -309,19 +316,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) select_topk_split_kernel(const
     my_s = r.scores[lo + lane];
     my_id = int(lo + lane);
   }
-  if (lane >= min(int64_t(n), count)) my_id = 0x7fffffff, my_s = -INFINITY;
   warp_sort_by_id(my_id, my_s, lane);
-  // Part w's picks (min(n, its count)) after those of the parts before it: positions follow ids.
-  int64_t at = 0;
-  for (int w = 0; w < warp; ++w) at += min(int64_t(n), min(local, (w + 1) * per) - min(local, w * per));
+  // This part's picks after those of the parts before it: positions follow ids.
+  const int64_t at = picks_before(warp);
   if (lane < min(int64_t(n), count)) {
     pick_s[at + lane] = my_s;
     pick_id[at + lane] = my_id;
   }
   __syncthreads();
   if (warp != 0) return;
-  int64_t total = 0;
-  for (int w = 0; w < kWarps; ++w) total += min(int64_t(n), min(local, (w + 1) * per) - min(local, w * per));
+  const int64_t total = picks_before(kWarps);
   int pick = lane;  // total == n: every part's picks are chosen
   if (total > n) select_ballot(pick_s, total, n, lane, my_s, pick);
   finish_list(a, r, lane < n ? pick_id[pick] : 0, lane);

@@ -46,6 +46,8 @@ namespace paged {
 
 constexpr int kMmaKeys = 64;  // keys per staged chunk
 constexpr int kMmaTileRows = 16;  // rows of one m-tile (mma.sync m16n8k16)
+// Whether every query tile of a plan whose tiles have at most `row_cap` rows is one m-tile.
+__host__ __device__ constexpr bool one_m_tile(int row_cap) { return row_cap <= kMmaTileRows; }
 constexpr int kMmaWarps = kThreads / 32;
 
 // Per-key facts of a staged chunk, written by the thread that owns the key (t < kMmaKeys).

@@ -99,7 +99,7 @@ int mma_ctas_per_sm(std::size_t bytes) {
 bool paged_fp8_registers(int row_cap) {
   if (env_is("MSA_PAGED_ATTENTION_FP8", "registers")) return true;
   if (env_is("MSA_PAGED_ATTENTION_FP8", "widened")) return false;
-  return row_cap <= paged::kMmaTileRows;
+  return paged::one_m_tile(row_cap);
 }
 
 // MSA_PAGED_ATTENTION_STAGE_PAGES=0 makes the mma attention read page ids per chunk (the path very
@@ -140,7 +140,7 @@ void launch_mma_attention_instance(paged::AttentionArgs& aa, int64_t ctas, cudaS
 }
 template <class T, int D, paged::MmaMode kMode>
 void launch_mma_attention(paged::AttentionArgs& aa, int64_t ctas, cudaStream_t stream) {
-  if (aa.row_cap <= paged::kMmaTileRows)
+  if (paged::one_m_tile(aa.row_cap))
     launch_mma_attention_instance<T, D, kMode, true>(aa, ctas, stream);
   else
     launch_mma_attention_instance<T, D, kMode, false>(aa, ctas, stream);
